@@ -1,0 +1,663 @@
+//! INT8 GEMM with exact INT32 accumulation (the three GEMMs of Zhu et al., CVPR 2020, Sec. 3).
+//!
+//! Codes lie in `[-127, 127]` (the quantizer never emits -128), so every product is at most
+//! `127^2` and a reduction of up to [`MAX_K_I8`] terms fits in `i32` exactly. Longer reductions
+//! (the weight gradient sums over batch x H x W) are split by the caller, which carries the partial
+//! sums in `i64`.
+//!
+//! The layout follows the GotoBLAS scheme: a block of A is packed into `MR`-row panels and each
+//! `NR`-column panel of B is packed once per block, both with K grouped by 4 so that one 32-bit
+//! lane holds the four bytes that one dot-product instruction consumes. Micro-kernels:
+//! - AVX-512 VNNI (`vpdpbusd` on zmm, 8x32 tile) and AVX-VNNI (`vpdpbusd` on ymm, 4x16 tile).
+//!   `vpdpbusd` multiplies unsigned by signed bytes, so A is packed as `a + 128` and the sum is
+//!   corrected by `128 * colsum(B)`; the instruction wraps rather than saturates, so the corrected
+//!   result is exact modulo 2^32 and therefore exact.
+//! - AVX2 (4x16 tile): `vpmaddubsw` saturates in `i16` for arbitrary bytes, so the kernel feeds it
+//!   `|a|` and `sign(a) * b` (`vpabsb`, `vpsignb`), whose pair sums stay below `2 * 127^2 < 2^15`,
+//!   then widens with `vpmaddwd`: exact.
+//! - Portable (4x16 tile): plain Rust with wrapping arithmetic, the same packing.
+
+use rayon::prelude::*;
+
+use super::{MatMut, MatRef, Parallelism, check_product};
+use crate::error::{CoreError, Result};
+
+/// The longest reduction one call may perform: `127^2 * MAX_K_I8 < 2^31`.
+pub const MAX_K_I8: usize = 131_072;
+
+/// Depth of one packed K block (a multiple of 4).
+const KC: usize = 1024;
+/// Rows of one packed A block (a multiple of every path's `MR`).
+const MC: usize = 256;
+
+/// An INT8 micro-kernel: multiplies a packed `MR x 4*kc4` A panel by a packed `4*kc4 x NR` B panel
+/// into a row-major `MR x NR` tile, overwriting it.
+type Kernel = unsafe fn(kc4: usize, a: *const u8, b: *const i8, out: *mut i32);
+
+/// The instruction set an INT8 GEMM runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Int8Path {
+    /// AVX-512 with VNNI (`vpdpbusd` on 512-bit registers).
+    Avx512Vnni,
+    /// AVX-VNNI (`vpdpbusd` on 256-bit registers, VEX-encoded).
+    AvxVnni,
+    /// AVX2 without VNNI (`vpmaddubsw` + `vpmaddwd`, kept exact).
+    Avx2,
+    /// Plain Rust, on any CPU.
+    Portable,
+}
+
+struct Geometry {
+    mr: usize,
+    nr: usize,
+    /// Whether A is packed as `a + 128` (for `vpdpbusd`'s unsigned operand).
+    offset: bool,
+    kernel: Kernel,
+}
+
+impl Int8Path {
+    /// Every path, fastest first.
+    pub const ALL: [Int8Path; 4] = [
+        Int8Path::Avx512Vnni,
+        Int8Path::AvxVnni,
+        Int8Path::Avx2,
+        Int8Path::Portable,
+    ];
+
+    /// Whether this CPU can run the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Int8Path::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Int8Path::AvxVnni => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Int8Path::Avx2 => is_x86_feature_detected!("avx2"),
+            Int8Path::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The paths this CPU can run, fastest first.
+    pub fn available() -> Vec<Int8Path> {
+        Self::ALL.into_iter().filter(|p| p.is_available()).collect()
+    }
+
+    /// The fastest path this CPU can run (detected once).
+    pub fn detect() -> Int8Path {
+        static BEST: std::sync::OnceLock<Int8Path> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Self::available()[0])
+    }
+
+    /// A short name for tables and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Path::Avx512Vnni => "avx512-vnni",
+            Int8Path::AvxVnni => "avx-vnni",
+            Int8Path::Avx2 => "avx2",
+            Int8Path::Portable => "portable",
+        }
+    }
+
+    fn geometry(self) -> Geometry {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Int8Path::Avx512Vnni => Geometry {
+                mr: 8,
+                nr: 32,
+                offset: true,
+                kernel: x86::kernel_avx512_vnni,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Int8Path::AvxVnni => Geometry {
+                mr: 4,
+                nr: 16,
+                offset: true,
+                kernel: x86::kernel_avx_vnni,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Int8Path::Avx2 => Geometry {
+                mr: 4,
+                nr: 16,
+                offset: false,
+                kernel: x86::kernel_avx2,
+            },
+            _ => Geometry {
+                mr: 4,
+                nr: 16,
+                offset: false,
+                kernel: kernel_portable,
+            },
+        }
+    }
+}
+
+/// `C = A * B`, or `C += A * B` when `accumulate`, over codes in `[-127, 127]`, on `path`.
+///
+/// The result is exact as long as the reduction depth is at most [`MAX_K_I8`] (checked) and, when
+/// accumulating, the accumulated values fit in `i32` (the caller's bound).
+pub fn gemm_i8(
+    path: Int8Path,
+    a: MatRef<i8>,
+    b: MatRef<i8>,
+    c: MatMut<i32>,
+    accumulate: bool,
+    par: Parallelism,
+) -> Result<()> {
+    check_product(&a, &b, &c)?;
+    if !path.is_available() {
+        return Err(CoreError::InvalidArgument {
+            what: "int8 gemm path",
+            why: format!(
+                "this cpu cannot run {}; use Int8Path::detect()",
+                path.name()
+            ),
+        });
+    }
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if k > MAX_K_I8 {
+        return Err(CoreError::InvalidArgument {
+            what: "int8 gemm depth",
+            why: format!(
+                "{k} exceeds {MAX_K_I8}, where i32 sums may overflow; split the reduction"
+            ),
+        });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let out = OutPtr {
+        ptr: c.data.as_mut_ptr(),
+        rs: c.row_stride,
+        cs: c.col_stride,
+    };
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c.data[i * out.rs + j * out.cs] = 0;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let g = path.geometry();
+    let n_panels = n.div_ceil(g.nr);
+    let mut packed_a = Vec::new();
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let overwrite = k0 == 0 && !accumulate;
+        for i0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - i0);
+            pack_a(&a, i0, mc, k0, kc, &g, &mut packed_a);
+            let block = Block {
+                a: &packed_a,
+                b: &b,
+                i0,
+                mc,
+                k0,
+                kc,
+                n,
+                overwrite,
+                out,
+            };
+            match par {
+                Parallelism::None => block.run(&g, 0..n_panels),
+                Parallelism::Rayon => {
+                    let tasks = (rayon::current_num_threads() * 2).min(n_panels).max(1);
+                    let per = n_panels.div_ceil(tasks);
+                    (0..n_panels.div_ceil(per))
+                        .into_par_iter()
+                        .for_each(|t| block.run(&g, t * per..((t + 1) * per).min(n_panels)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The output matrix as a raw pointer, so that tasks writing disjoint column panels can share it.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    ptr: *mut i32,
+    rs: usize,
+    cs: usize,
+}
+
+// SAFETY: tasks built on one `OutPtr` write disjoint elements (distinct column panels), and the
+// `MatMut` it came from stays mutably borrowed for the whole call.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; shared references only hand the pointer to tasks with disjoint columns.
+unsafe impl Sync for OutPtr {}
+
+/// One packed A block and the B columns it multiplies.
+struct Block<'a> {
+    a: &'a [u8],
+    b: &'a MatRef<'a, i8>,
+    i0: usize,
+    mc: usize,
+    k0: usize,
+    kc: usize,
+    n: usize,
+    overwrite: bool,
+    out: OutPtr,
+}
+
+impl Block<'_> {
+    /// Multiplies the block by B's column panels `panels`, writing into the output.
+    fn run(&self, g: &Geometry, panels: std::ops::Range<usize>) {
+        let kc4 = self.kc.div_ceil(4);
+        let mut packed_b = vec![0i8; kc4 * 4 * g.nr];
+        let mut colsum = vec![0i32; g.nr];
+        let mut tile = vec![0i32; g.mr * g.nr];
+        let a_panel = kc4 * 4 * g.mr;
+        for jp in panels {
+            let j0 = jp * g.nr;
+            let ncols = g.nr.min(self.n - j0);
+            pack_b(
+                self.b,
+                self.k0,
+                self.kc,
+                j0,
+                ncols,
+                g.nr,
+                &mut packed_b,
+                &mut colsum,
+            );
+            for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
+                let r0 = ip * g.mr;
+                let nrows = g.mr.min(self.mc - r0);
+                // SAFETY: `a` holds `kc4 * 4 * mr` bytes, `packed_b` `kc4 * 4 * nr` and `tile`
+                // `mr * nr`, the shapes the kernel reads and writes; the path's instruction sets
+                // were checked by `gemm_i8` before any kernel runs.
+                unsafe { (g.kernel)(kc4, a.as_ptr(), packed_b.as_ptr(), tile.as_mut_ptr()) };
+                for r in 0..nrows {
+                    let row = &tile[r * g.nr..r * g.nr + ncols];
+                    let i = self.i0 + r0 + r;
+                    for (j, &v) in row.iter().enumerate() {
+                        let v = if g.offset {
+                            v.wrapping_sub(colsum[j].wrapping_mul(128))
+                        } else {
+                            v
+                        };
+                        // SAFETY: `(i, j0 + j)` is inside the output view, whose extent was
+                        // checked against its slice; no other task writes this column panel.
+                        unsafe {
+                            let p = self.out.ptr.add(i * self.out.rs + (j0 + j) * self.out.cs);
+                            *p = if self.overwrite {
+                                v
+                            } else {
+                                (*p).wrapping_add(v)
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `i0..i0+mc`, columns `k0..k0+kc` of A into `MR`-row panels, K grouped by 4, zero
+/// padded, as `a + 128` for the VNNI paths.
+fn pack_a(
+    a: &MatRef<i8>,
+    i0: usize,
+    mc: usize,
+    k0: usize,
+    kc: usize,
+    g: &Geometry,
+    dst: &mut Vec<u8>,
+) {
+    let (mr, kc4) = (g.mr, kc.div_ceil(4));
+    let xor = if g.offset { 0x80u8 } else { 0 };
+    let panels = mc.div_ceil(mr);
+    dst.clear();
+    dst.resize(panels * kc4 * 4 * mr, xor);
+    for p in 0..panels {
+        let panel = &mut dst[p * kc4 * 4 * mr..(p + 1) * kc4 * 4 * mr];
+        for r in 0..mr.min(mc - p * mr) {
+            let i = i0 + p * mr + r;
+            if a.col_stride == 1 {
+                let row = &a.data[i * a.row_stride + k0..][..kc];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[((kk / 4) * mr + r) * 4 + kk % 4] = v as u8 ^ xor;
+                }
+            } else {
+                for kk in 0..kc {
+                    panel[((kk / 4) * mr + r) * 4 + kk % 4] = a.at(i, k0 + kk) as u8 ^ xor;
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `k0..k0+kc`, columns `j0..j0+ncols` of B into one `NR`-column panel, K grouped by 4,
+/// zero padded, and sums each column.
+fn pack_b(
+    b: &MatRef<i8>,
+    k0: usize,
+    kc: usize,
+    j0: usize,
+    ncols: usize,
+    nr: usize,
+    dst: &mut [i8],
+    colsum: &mut [i32],
+) {
+    dst.fill(0);
+    colsum.fill(0);
+    for kk in 0..kc {
+        let base = (kk / 4) * nr * 4 + kk % 4;
+        if b.col_stride == 1 {
+            let row = &b.data[(k0 + kk) * b.row_stride + j0..][..ncols];
+            for (j, &v) in row.iter().enumerate() {
+                dst[base + j * 4] = v;
+                colsum[j] += v as i32;
+            }
+        } else {
+            for j in 0..ncols {
+                let v = b.at(k0 + kk, j0 + j);
+                dst[base + j * 4] = v;
+                colsum[j] += v as i32;
+            }
+        }
+    }
+}
+
+/// The portable 4x16 micro-kernel.
+///
+/// # Safety
+/// `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes and `out` 64 values.
+unsafe fn kernel_portable(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+    const MR: usize = 4;
+    const NR: usize = 16;
+    // SAFETY: the caller guarantees these lengths.
+    let (a, b, out) = unsafe {
+        (
+            std::slice::from_raw_parts(a, kc4 * 4 * MR),
+            std::slice::from_raw_parts(b, kc4 * 4 * NR),
+            std::slice::from_raw_parts_mut(out, MR * NR),
+        )
+    };
+    let mut acc = [0i32; MR * NR];
+    for (a, b) in a.chunks_exact(4 * MR).zip(b.chunks_exact(4 * NR)) {
+        for r in 0..MR {
+            for j in 0..NR {
+                let mut s = 0i32;
+                for t in 0..4 {
+                    s = s.wrapping_add(
+                        (a[r * 4 + t] as i8 as i32).wrapping_mul(b[j * 4 + t] as i32),
+                    );
+                }
+                acc[r * NR + j] = acc[r * NR + j].wrapping_add(s);
+            }
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The AVX-512 VNNI 8x32 micro-kernel (A offset by 128).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F/BW and VNNI; `a` must hold `kc4 * 32` bytes, `b` `kc4 * 128`
+    /// bytes and `out` 256 values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn kernel_avx512_vnni(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+        let mut acc = [_mm512_setzero_si512(); 16];
+        for k in 0..kc4 {
+            // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
+            unsafe {
+                let b0 = _mm512_loadu_si512(b.add(k * 128).cast());
+                let b1 = _mm512_loadu_si512(b.add(k * 128 + 64).cast());
+                let ap = a.add(k * 32);
+                for r in 0..8 {
+                    let av = _mm512_set1_epi32(ap.add(r * 4).cast::<i32>().read_unaligned());
+                    acc[2 * r] = _mm512_dpbusd_epi32(acc[2 * r], av, b0);
+                    acc[2 * r + 1] = _mm512_dpbusd_epi32(acc[2 * r + 1], av, b1);
+                }
+            }
+        }
+        for (i, v) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 256 values; tile row `i / 2`, half `i % 2` starts at `16 * i`.
+            unsafe { _mm512_storeu_si512(out.add(16 * i).cast(), *v) };
+        }
+    }
+
+    /// The AVX-VNNI 4x16 micro-kernel (A offset by 128).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and AVX-VNNI; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64`
+    /// bytes and `out` 64 values.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(super) unsafe fn kernel_avx_vnni(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+        let mut acc = [_mm256_setzero_si256(); 8];
+        for k in 0..kc4 {
+            // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
+            unsafe {
+                let b0 = _mm256_loadu_si256(b.add(k * 64).cast());
+                let b1 = _mm256_loadu_si256(b.add(k * 64 + 32).cast());
+                let ap = a.add(k * 16);
+                for r in 0..4 {
+                    let av = _mm256_set1_epi32(ap.add(r * 4).cast::<i32>().read_unaligned());
+                    acc[2 * r] = _mm256_dpbusd_avx_epi32(acc[2 * r], av, b0);
+                    acc[2 * r + 1] = _mm256_dpbusd_avx_epi32(acc[2 * r + 1], av, b1);
+                }
+            }
+        }
+        for (i, v) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 64 values; tile row `i / 2`, half `i % 2` starts at `8 * i`.
+            unsafe { _mm256_storeu_si256(out.add(8 * i).cast(), *v) };
+        }
+    }
+
+    /// The AVX2 4x16 micro-kernel (A signed), exact through the `|a|`, `sign(a) * b` form.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes and `out`
+    /// 64 values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn kernel_avx2(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); 8];
+        for k in 0..kc4 {
+            // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
+            unsafe {
+                let b0 = _mm256_loadu_si256(b.add(k * 64).cast());
+                let b1 = _mm256_loadu_si256(b.add(k * 64 + 32).cast());
+                let ap = a.add(k * 16);
+                for r in 0..4 {
+                    let av = _mm256_set1_epi32(ap.add(r * 4).cast::<i32>().read_unaligned());
+                    let aa = _mm256_abs_epi8(av);
+                    let p0 = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(b0, av));
+                    let p1 = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(b1, av));
+                    acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(p0, ones));
+                    acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(p1, ones));
+                }
+            }
+        }
+        for (i, v) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 64 values; tile row `i / 2`, half `i % 2` starts at `8 * i`.
+            unsafe { _mm256_storeu_si256(out.add(8 * i).cast(), *v) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::reference::gemm_i8_i64;
+    use crate::rng::CounterRng;
+
+    fn codes(n: usize, seed: u64) -> Vec<i8> {
+        let rng = CounterRng::new(seed);
+        (0..n)
+            .map(|i| (rng.bits(i as u64) % 255) as i32 - 127)
+            .map(|v| v as i8)
+            .collect()
+    }
+
+    fn check(
+        path: Int8Path,
+        m: usize,
+        n: usize,
+        k: usize,
+        transpose_a: bool,
+        transpose_b: bool,
+        par: Parallelism,
+    ) {
+        let ad = codes(m * k, (m * 31 + k) as u64);
+        let bd = codes(k * n, (n * 17 + k) as u64);
+        let a = if transpose_a {
+            MatRef::row_major(&ad, k, m).unwrap().t()
+        } else {
+            MatRef::row_major(&ad, m, k).unwrap()
+        };
+        let b = if transpose_b {
+            MatRef::row_major(&bd, n, k).unwrap().t()
+        } else {
+            MatRef::row_major(&bd, k, n).unwrap()
+        };
+        let want = gemm_i8_i64(a, b);
+        let mut c = vec![7i32; m * n];
+        gemm_i8(
+            path,
+            a,
+            b,
+            MatMut::row_major(&mut c, m, n).unwrap(),
+            false,
+            par,
+        )
+        .unwrap();
+        for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+            assert_eq!(
+                got as i64, w,
+                "{path:?} {m}x{n}x{k} ta={transpose_a} tb={transpose_b} at {idx}"
+            );
+        }
+        // Accumulating adds onto what is there.
+        gemm_i8(
+            path,
+            a,
+            b,
+            MatMut::row_major(&mut c, m, n).unwrap(),
+            true,
+            par,
+        )
+        .unwrap();
+        for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+            assert_eq!(got as i64, 2 * w, "{path:?} accumulate at {idx}");
+        }
+    }
+
+    #[test]
+    fn every_available_path_is_exact_on_odd_and_strided_shapes() {
+        let paths = Int8Path::available();
+        assert!(paths.contains(&Int8Path::Portable));
+        for &path in &paths {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (3, 5, 7),
+                (8, 32, 4),
+                (9, 33, 5),
+                (17, 70, 131),
+                (64, 100, 1030),
+                (300, 45, 20),
+            ] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    check(path, m, n, k, ta, tb, Parallelism::None);
+                }
+                check(path, m, n, k, false, false, Parallelism::Rayon);
+            }
+        }
+    }
+
+    #[test]
+    fn every_available_path_is_exact_at_the_extreme_codes_and_full_depth() {
+        // All codes at +-127 over the longest allowed reduction: sums reach 127^2 * MAX_K_I8,
+        // right under i32::MAX, where a saturating or overflowing kernel would be caught.
+        let (m, n, k) = (9, 17, MAX_K_I8);
+        let a: Vec<i8> = (0..m * k)
+            .map(|i| if (i / k) % 2 == 0 { 127 } else { -127 })
+            .collect();
+        let b: Vec<i8> = (0..k * n)
+            .map(|i| if (i % n) % 3 == 0 { -127 } else { 127 })
+            .collect();
+        let (av, bv) = (
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&b, k, n).unwrap(),
+        );
+        let want = gemm_i8_i64(av, bv);
+        assert!(want.iter().all(|&w| w.abs() == 127 * 127 * k as i64));
+        for path in Int8Path::available() {
+            let mut c = vec![0i32; m * n];
+            gemm_i8(
+                path,
+                av,
+                bv,
+                MatMut::row_major(&mut c, m, n).unwrap(),
+                false,
+                Parallelism::Rayon,
+            )
+            .unwrap();
+            assert!(
+                c.iter().zip(&want).all(|(&g, &w)| g as i64 == w),
+                "{path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_square_matches_the_reference() {
+        check(
+            Int8Path::detect(),
+            257,
+            300,
+            1500,
+            false,
+            false,
+            Parallelism::Rayon,
+        );
+    }
+
+    #[test]
+    fn bad_shapes_and_depths_are_errors() {
+        let a = vec![0i8; 6];
+        let av = MatRef::row_major(&a, 2, 3).unwrap();
+        let mut c = vec![0i32; 4];
+        let err = gemm_i8(
+            Int8Path::Portable,
+            av,
+            av,
+            MatMut::row_major(&mut c, 2, 2).unwrap(),
+            false,
+            Parallelism::None,
+        );
+        assert!(err.is_err());
+        assert!(MatRef::new(&a, 2, 3, 4, 1).is_err());
+        let big = vec![0i8; MAX_K_I8 + 1];
+        let (x, y) = (
+            MatRef::row_major(&big, 1, MAX_K_I8 + 1).unwrap(),
+            MatRef::row_major(&big, MAX_K_I8 + 1, 1).unwrap(),
+        );
+        let mut one = vec![0i32; 1];
+        let err = gemm_i8(
+            Int8Path::Portable,
+            x,
+            y,
+            MatMut::row_major(&mut one, 1, 1).unwrap(),
+            false,
+            Parallelism::None,
+        );
+        assert!(err.unwrap_err().to_string().contains("split the reduction"));
+    }
+}

@@ -1,0 +1,21 @@
+//! `int8-core`: the mathematics of unified INT8 training (Zhu et al., "Towards Unified INT8
+//! Training for Convolutional Neural Network", CVPR 2020) and the CPU kernels that run it.
+//!
+//! - [`quant`]: symmetric linear INT8 quantization, nearest or stochastic rounding, per tensor or
+//!   per channel.
+//! - [`dsgc`]: Direction Sensitive Gradient Clipping, the per-layer clip-value search.
+//! - [`dclr`]: Deviation Counteractive Learning Rate scaling.
+//! - [`gemm`]: FP32 and exact INT8 matrix multiplication with run-time CPU dispatch.
+//! - [`conv`]: 2-D convolution forward, input gradient and weight gradient at both precisions.
+//!
+//! This crate knows nothing of autograd, models or files: `int8-nn` wraps it as layers.
+
+pub mod conv;
+pub mod dclr;
+pub mod dsgc;
+mod error;
+pub mod gemm;
+pub mod quant;
+pub mod rng;
+
+pub use error::{CoreError, Result};
