@@ -1,1 +1,109 @@
-fn main() {}
+//! `int8-bench`: FP32 and INT8 measured side by side, in one process, on the same cores.
+//!
+//! `cargo xtask bench` builds this in release mode and runs it; it prints a Markdown table and
+//! optionally writes JSON (a list of `{name, fp32_ms, int8_ms, speedup}` objects).
+
+mod kernels;
+mod timing;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Measure FP32 and INT8 side by side")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand, Debug)]
+enum What {
+    /// GEMM 1024^3 and every distinct conv layer of ResNet-20 and MobileNetV2 (CIFAR, batch 128),
+    /// forward + dX + dW with quantization included.
+    Kernels {
+        /// Also write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds of measurement per timed item.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Only rows whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// What was measured.
+    pub name: String,
+    /// FP32 median milliseconds.
+    pub fp32_ms: f64,
+    /// INT8 median milliseconds.
+    pub int8_ms: f64,
+    /// `fp32_ms / int8_ms`.
+    pub speedup: f64,
+}
+
+impl Row {
+    fn new(name: impl Into<String>, fp32_ms: f64, int8_ms: f64) -> Self {
+        Self {
+            name: name.into(),
+            fp32_ms,
+            int8_ms,
+            speedup: fp32_ms / int8_ms,
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.what {
+        What::Kernels {
+            json,
+            seconds,
+            filter,
+        } => {
+            println!("{}", kernels::machine_line());
+            let rows = kernels::run(
+                std::time::Duration::from_secs_f64(seconds),
+                filter.as_deref(),
+            )?;
+            write_json(json, &rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints the Markdown header; rows are printed as they are measured.
+pub fn print_header() {
+    println!("| name | fp32 ms | int8 ms | speedup |");
+    println!("| --- | ---: | ---: | ---: |");
+}
+
+/// Prints one Markdown row.
+pub fn print_row(r: &Row) {
+    println!(
+        "| {} | {:.3} | {:.3} | {:.2}x |",
+        r.name, r.fp32_ms, r.int8_ms, r.speedup
+    );
+}
+
+/// Writes the rows as JSON, atomically (a temporary file renamed into place).
+fn write_json(path: Option<PathBuf>, rows: &[Row]) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(rows)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}

@@ -1,1 +1,221 @@
-//! 2-D convolution.
+//! 2-D convolution in NCHW, forward, input gradient (dX) and weight gradient (dW), FP32 and INT8.
+//!
+//! The three products of a training step of a conv layer (Zhu et al., CVPR 2020, Sec. 3):
+//! `Y = W * X`, `dX = W^T * dY`, `dW = dY * X^T`. General convolutions lower to GEMMs per image and
+//! group through im2col (skipped for 1x1 stride-1 convolutions); depthwise convolutions run direct
+//! loops ([`depthwise`]). INT8 kernels take quantized codes, multiply them with exact INT32
+//! accumulation and apply the scales once at the end; the weight gradient, which sums over batch x
+//! H x W, accumulates each image's INT32 partial sums in `i64` so it never overflows.
+//! [`reference`] holds the naive f64 loops that define all of them.
+
+mod depthwise;
+mod fp32;
+mod im2col;
+mod int8;
+pub mod reference;
+
+pub use fp32::{conv2d_dw_f32, conv2d_dx_f32, conv2d_fwd_f32};
+pub use int8::{QView, conv2d_dw_i8, conv2d_dx_i8, conv2d_fwd_i8};
+
+use crate::error::{CoreError, Result};
+use crate::gemm::MAX_K_I8;
+
+/// The geometry of one convolution: input `n x c_in x h x w`, weight
+/// `c_out x (c_in / groups) x kh x kw`, output `n x c_out x out_h x out_w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (rows, columns).
+    pub stride: (usize, usize),
+    /// Zero padding (rows, columns), on both sides.
+    pub pad: (usize, usize),
+    /// Dilation (rows, columns).
+    pub dilation: (usize, usize),
+    /// Groups: input and output channels split into this many independent convolutions.
+    pub groups: usize,
+}
+
+impl ConvShape {
+    /// A square convolution with kernel `k`, stride `s`, padding `p`, no dilation, one group.
+    pub fn square(
+        n: usize,
+        c_in: usize,
+        hw: usize,
+        c_out: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+    ) -> Self {
+        Self {
+            n,
+            c_in,
+            h: hw,
+            w: hw,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: (s, s),
+            pad: (p, p),
+            dilation: (1, 1),
+            groups: 1,
+        }
+    }
+
+    /// The same shape with `groups` groups.
+    pub fn with_groups(self, groups: usize) -> Self {
+        Self { groups, ..self }
+    }
+
+    /// Checks that the shape is meaningful: positive sizes, channels divisible by the groups, a
+    /// kernel that fits the padded input, and a reduction short enough for exact INT8.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| {
+            Err(CoreError::InvalidArgument {
+                what: "convolution shape",
+                why,
+            })
+        };
+        let sizes = [
+            self.n,
+            self.c_in,
+            self.h,
+            self.w,
+            self.c_out,
+            self.kh,
+            self.kw,
+            self.groups,
+        ];
+        if sizes.contains(&0)
+            || [
+                self.stride.0,
+                self.stride.1,
+                self.dilation.0,
+                self.dilation.1,
+            ]
+            .contains(&0)
+        {
+            return bad(format!(
+                "{self:?} has a zero size, stride, dilation or group count"
+            ));
+        }
+        if self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+            return bad(format!(
+                "{} input and {} output channels do not split into {} groups",
+                self.c_in, self.c_out, self.groups
+            ));
+        }
+        let span_h = self.dilation.0 * (self.kh - 1) + 1;
+        let span_w = self.dilation.1 * (self.kw - 1) + 1;
+        if span_h > self.h + 2 * self.pad.0 || span_w > self.w + 2 * self.pad.1 {
+            return bad(format!(
+                "a {}x{} kernel (dilated span {span_h}x{span_w}) is larger than the padded {}x{} input",
+                self.kh, self.kw, self.h, self.w
+            ));
+        }
+        if self.k_group() > MAX_K_I8 || self.out_plane() > MAX_K_I8 {
+            return bad(format!(
+                "reductions of {} or {} terms exceed the exact int8 limit {MAX_K_I8}",
+                self.k_group(),
+                self.out_plane()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Output height (0 for a shape whose kernel does not fit; see [`ConvShape::validate`]).
+    pub fn out_h(&self) -> usize {
+        out_len(self.h, self.pad.0, self.dilation.0, self.kh, self.stride.0)
+    }
+
+    /// Output width (0 for a shape whose kernel does not fit).
+    pub fn out_w(&self) -> usize {
+        out_len(self.w, self.pad.1, self.dilation.1, self.kw, self.stride.1)
+    }
+
+    /// Output pixels per channel.
+    pub fn out_plane(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    /// Input pixels per channel.
+    pub fn in_plane(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Input channels per group.
+    pub fn c_in_group(&self) -> usize {
+        self.c_in / self.groups.max(1)
+    }
+
+    /// Output channels per group.
+    pub fn c_out_group(&self) -> usize {
+        self.c_out / self.groups.max(1)
+    }
+
+    /// The GEMM reduction depth of one group: `c_in_group * kh * kw`.
+    pub fn k_group(&self) -> usize {
+        self.c_in_group() * self.kh * self.kw
+    }
+
+    /// Elements of the input.
+    pub fn x_len(&self) -> usize {
+        self.n * self.c_in * self.in_plane()
+    }
+
+    /// Elements of the output.
+    pub fn y_len(&self) -> usize {
+        self.n * self.c_out * self.out_plane()
+    }
+
+    /// Elements of the weight.
+    pub fn w_len(&self) -> usize {
+        self.c_out * self.k_group()
+    }
+
+    /// Whether this is a depthwise convolution (one input and one output channel per group), which
+    /// runs the direct kernels.
+    pub fn is_depthwise(&self) -> bool {
+        self.groups == self.c_in && self.c_out == self.c_in && self.groups > 1
+    }
+
+    /// Whether im2col is the identity (1x1 kernel, stride 1, no padding).
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == (1, 1) && self.pad == (0, 0)
+    }
+
+    /// Multiply-accumulates of the forward pass (the same for dX and dW).
+    pub fn macs(&self) -> usize {
+        self.n * self.c_out * self.out_plane() * self.k_group()
+    }
+}
+
+/// Output length along one axis; total, so that sizes of invalid shapes can be computed (and
+/// reported) before validation.
+fn out_len(input: usize, pad: usize, dilation: usize, k: usize, stride: usize) -> usize {
+    let span = dilation * k.saturating_sub(1) + 1;
+    (input + 2 * pad)
+        .checked_sub(span)
+        .map_or(0, |v| v / stride.max(1) + 1)
+}
+
+/// Validates the shape and the lengths of the buffers named in `lens` (`(what, got, expected)`).
+fn check(shape: &ConvShape, lens: &[(&'static str, usize, usize)]) -> Result<()> {
+    shape.validate()?;
+    for &(what, got, expected) in lens {
+        crate::error::check_len(what, got, expected)?;
+    }
+    Ok(())
+}

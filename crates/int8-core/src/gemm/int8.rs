@@ -27,8 +27,9 @@ pub const MAX_K_I8: usize = 131_072;
 
 /// Depth of one packed K block (a multiple of 4).
 const KC: usize = 1024;
-/// Rows of one packed A block (a multiple of every path's `MR`).
-const MC: usize = 256;
+/// Rows of one packed A block (a multiple of every path's `MR`): 1 MiB of packed A at full depth,
+/// which stays in a 2 MiB L2 while every B panel is packed once and swept over all of it.
+const MC: usize = 1024;
 
 /// An INT8 micro-kernel: multiplies a packed `MR x 4*kc4` A panel by a packed `4*kc4 x NR` B panel
 /// into a row-major `MR x NR` tile, overwriting it.
@@ -196,7 +197,7 @@ pub fn gemm_i8(
         let overwrite = k0 == 0 && !accumulate;
         for i0 in (0..m).step_by(MC) {
             let mc = MC.min(m - i0);
-            pack_a(&a, i0, mc, k0, kc, &g, &mut packed_a);
+            pack_a(&a, i0, mc, k0, kc, &g, par, &mut packed_a);
             let block = Block {
                 a: &packed_a,
                 b: &b,
@@ -255,7 +256,7 @@ impl Block<'_> {
     fn run(&self, g: &Geometry, panels: std::ops::Range<usize>) {
         let kc4 = self.kc.div_ceil(4);
         let mut packed_b = vec![0i8; kc4 * 4 * g.nr];
-        let mut colsum = vec![0i32; g.nr];
+        let mut correction = vec![0i32; g.nr];
         let mut tile = vec![0i32; g.mr * g.nr];
         let a_panel = kc4 * 4 * g.mr;
         for jp in panels {
@@ -269,8 +270,12 @@ impl Block<'_> {
                 ncols,
                 g.nr,
                 &mut packed_b,
-                &mut colsum,
+                &mut correction,
             );
+            if !g.offset {
+                correction.fill(0);
+            }
+            let correction = &correction[..ncols];
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
                 let r0 = ip * g.mr;
                 let nrows = g.mr.min(self.mc - r0);
@@ -281,21 +286,38 @@ impl Block<'_> {
                 for r in 0..nrows {
                     let row = &tile[r * g.nr..r * g.nr + ncols];
                     let i = self.i0 + r0 + r;
-                    for (j, &v) in row.iter().enumerate() {
-                        let v = if g.offset {
-                            v.wrapping_sub(colsum[j].wrapping_mul(128))
-                        } else {
-                            v
+                    if self.out.cs == 1 {
+                        // SAFETY: row `i`, columns `j0..j0 + ncols` lie inside the output view,
+                        // contiguous since the column stride is 1, and no other task writes this
+                        // column panel.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                self.out.ptr.add(i * self.out.rs + j0),
+                                ncols,
+                            )
                         };
-                        // SAFETY: `(i, j0 + j)` is inside the output view, whose extent was
-                        // checked against its slice; no other task writes this column panel.
-                        unsafe {
-                            let p = self.out.ptr.add(i * self.out.rs + (j0 + j) * self.out.cs);
-                            *p = if self.overwrite {
-                                v
-                            } else {
-                                (*p).wrapping_add(v)
-                            };
+                        if self.overwrite {
+                            for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
+                                *d = v.wrapping_sub(c);
+                            }
+                        } else {
+                            for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
+                                *d = d.wrapping_add(v.wrapping_sub(c));
+                            }
+                        }
+                    } else {
+                        for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
+                            let v = v.wrapping_sub(c);
+                            // SAFETY: `(i, j0 + j)` is inside the output view, whose extent was
+                            // checked against its slice; no other task writes this column panel.
+                            unsafe {
+                                let p = self.out.ptr.add(i * self.out.rs + (j0 + j) * self.out.cs);
+                                *p = if self.overwrite {
+                                    v
+                                } else {
+                                    (*p).wrapping_add(v)
+                                };
+                            }
                         }
                     }
                 }
@@ -313,6 +335,7 @@ fn pack_a(
     k0: usize,
     kc: usize,
     g: &Geometry,
+    par: Parallelism,
     dst: &mut Vec<u8>,
 ) {
     let (mr, kc4) = (g.mr, kc.div_ceil(4));
@@ -320,14 +343,22 @@ fn pack_a(
     let panels = mc.div_ceil(mr);
     dst.clear();
     dst.resize(panels * kc4 * 4 * mr, xor);
-    for p in 0..panels {
-        let panel = &mut dst[p * kc4 * 4 * mr..(p + 1) * kc4 * 4 * mr];
+    let pack_panel = |(p, panel): (usize, &mut [u8])| {
         for r in 0..mr.min(mc - p * mr) {
             let i = i0 + p * mr + r;
             if a.col_stride == 1 {
+                // Whole groups of four bytes move as one 32-bit word.
                 let row = &a.data[i * a.row_stride + k0..][..kc];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[((kk / 4) * mr + r) * 4 + kk % 4] = v as u8 ^ xor;
+                let xor4 = u32::from_ne_bytes([xor; 4]);
+                let mut groups = row.chunks_exact(4);
+                for (k4, q) in groups.by_ref().enumerate() {
+                    let w =
+                        u32::from_ne_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]) ^ xor4;
+                    panel[(k4 * mr + r) * 4..][..4].copy_from_slice(&w.to_ne_bytes());
+                }
+                let k4 = kc / 4;
+                for (t, &v) in groups.remainder().iter().enumerate() {
+                    panel[(k4 * mr + r) * 4 + t] = v as u8 ^ xor;
                 }
             } else {
                 for kk in 0..kc {
@@ -335,11 +366,22 @@ fn pack_a(
                 }
             }
         }
+    };
+    match par {
+        Parallelism::None => dst
+            .chunks_mut(kc4 * 4 * mr)
+            .enumerate()
+            .for_each(pack_panel),
+        Parallelism::Rayon => dst
+            .par_chunks_mut(kc4 * 4 * mr)
+            .enumerate()
+            .for_each(pack_panel),
     }
 }
 
 /// Packs rows `k0..k0+kc`, columns `j0..j0+ncols` of B into one `NR`-column panel, K grouped by 4,
-/// zero padded, and sums each column.
+/// zero padded, and writes `128 * colsum` of each column into `correction` (what the VNNI paths'
+/// offset A adds to each output).
 fn pack_b(
     b: &MatRef<i8>,
     k0: usize,
@@ -348,25 +390,54 @@ fn pack_b(
     ncols: usize,
     nr: usize,
     dst: &mut [i8],
-    colsum: &mut [i32],
+    correction: &mut [i32],
 ) {
-    dst.fill(0);
-    colsum.fill(0);
-    for kk in 0..kc {
-        let base = (kk / 4) * nr * 4 + kk % 4;
-        if b.col_stride == 1 {
-            let row = &b.data[(k0 + kk) * b.row_stride + j0..][..ncols];
-            for (j, &v) in row.iter().enumerate() {
-                dst[base + j * 4] = v;
-                colsum[j] += v as i32;
+    let mut colsum = [0i32; 64];
+    let colsum = &mut colsum[..nr];
+    if ncols < nr || kc % 4 != 0 {
+        dst.fill(0);
+    }
+    if b.row_stride == 1 && b.col_stride != 1 {
+        // Column-major B (a transposed view): each column's four bytes of a group are adjacent.
+        for j in 0..ncols {
+            let col = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
+            let mut groups = col.chunks_exact(4);
+            for (k4, q) in groups.by_ref().enumerate() {
+                dst[(k4 * nr + j) * 4..][..4].copy_from_slice(q);
+                colsum[j] += q[0] as i32 + q[1] as i32 + q[2] as i32 + q[3] as i32;
             }
-        } else {
-            for j in 0..ncols {
-                let v = b.at(k0 + kk, j0 + j);
-                dst[base + j * 4] = v;
+            for (t, &v) in groups.remainder().iter().enumerate() {
+                dst[((kc / 4) * nr + j) * 4 + t] = v;
                 colsum[j] += v as i32;
             }
         }
+        for (c, s) in correction.iter_mut().zip(colsum.iter()) {
+            *c = s.wrapping_mul(128);
+        }
+        return;
+    }
+    let full = if b.col_stride == 1 { kc / 4 } else { 0 };
+    for k4 in 0..full {
+        // Four rows at a time: each output word gathers one byte from each row.
+        let rows: [&[i8]; 4] =
+            std::array::from_fn(|t| &b.data[(k0 + 4 * k4 + t) * b.row_stride + j0..][..ncols]);
+        let out = &mut dst[k4 * nr * 4..][..ncols * 4];
+        for (j, (o, s)) in out.chunks_exact_mut(4).zip(colsum.iter_mut()).enumerate() {
+            let q = [rows[0][j], rows[1][j], rows[2][j], rows[3][j]];
+            o.copy_from_slice(&q);
+            *s += q[0] as i32 + q[1] as i32 + q[2] as i32 + q[3] as i32;
+        }
+    }
+    for kk in 4 * full..kc {
+        let base = (kk / 4) * nr * 4 + kk % 4;
+        for j in 0..ncols {
+            let v = b.at(k0 + kk, j0 + j);
+            dst[base + j * 4] = v;
+            colsum[j] += v as i32;
+        }
+    }
+    for (c, s) in correction.iter_mut().zip(colsum.iter()) {
+        *c = s.wrapping_mul(128);
     }
 }
 

@@ -1,0 +1,162 @@
+//! FP32 convolution: im2col + GEMM per image and group on the `gemm` crate, depthwise direct.
+//! This is the baseline every INT8 speed-up is measured against, so it is made as fast as the
+//! INT8 path: images run in parallel, each with its own im2col buffer, and 1x1 convolutions skip
+//! im2col.
+
+use rayon::prelude::*;
+
+use super::im2col::{col2im_add, im2col, taps};
+use super::{ConvShape, check, depthwise};
+use crate::error::Result;
+use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
+
+/// Parallelism inside each image's GEMM: images already run in parallel unless there are fewer
+/// images than threads.
+pub(super) fn inner_parallelism(s: &ConvShape) -> Parallelism {
+    if s.n < rayon::current_num_threads() {
+        Parallelism::Rayon
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Forward: `y = conv(x, w)`, overwriting `y`.
+pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
+    check(
+        s,
+        &[
+            ("conv input", x.len(), s.x_len()),
+            ("conv weight", w.len(), s.w_len()),
+            ("conv output", y.len(), s.y_len()),
+        ],
+    )?;
+    if s.is_depthwise() {
+        depthwise::forward(s, x, w, y, |_, a| a);
+        return Ok(());
+    }
+    let taps = taps(s);
+    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    let par = inner_parallelism(s);
+    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    y.par_chunks_mut(s.c_out * p)
+        .zip(x.par_chunks(s.c_in * s.in_plane()))
+        .try_for_each_init(
+            || vec![0f32; col_len],
+            |col, (y, x)| {
+                for g in 0..s.groups {
+                    let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                    let b = if s.is_pointwise() {
+                        MatRef::row_major(xg, kg, p)?
+                    } else {
+                        im2col(s, &taps, xg, col);
+                        MatRef::row_major(col, kg, p)?
+                    };
+                    let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?;
+                    gemm_f32(
+                        a,
+                        b,
+                        MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?,
+                        false,
+                        par,
+                    )?;
+                }
+                Ok(())
+            },
+        )
+}
+
+/// Input gradient: `dx = conv_transpose(dy, w)`, overwriting `dx`.
+pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    check(
+        s,
+        &[
+            ("conv weight", w.len(), s.w_len()),
+            ("conv output gradient", dy.len(), s.y_len()),
+            ("conv input gradient", dx.len(), s.x_len()),
+        ],
+    )?;
+    if s.is_depthwise() {
+        depthwise::input_grad(s, w, dy, dx, |a| a);
+        return Ok(());
+    }
+    let taps = taps(s);
+    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    let par = inner_parallelism(s);
+    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    dx.par_chunks_mut(s.c_in * s.in_plane())
+        .zip(dy.par_chunks(s.c_out * p))
+        .try_for_each_init(
+            || vec![0f32; col_len],
+            |col, (dx, dy)| {
+                for g in 0..s.groups {
+                    let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?.t();
+                    let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                    let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                    if s.is_pointwise() {
+                        gemm_f32(a, b, MatMut::row_major(dxg, kg, p)?, false, par)?;
+                    } else {
+                        gemm_f32(a, b, MatMut::row_major(col, kg, p)?, false, par)?;
+                        dxg.fill(0.0);
+                        col2im_add(s, &taps, col, dxg);
+                    }
+                }
+                Ok(())
+            },
+        )
+}
+
+/// Weight gradient: `dw = sum over the batch of dy * im2col(x)^T`, overwriting `dw`.
+pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Result<()> {
+    check(
+        s,
+        &[
+            ("conv input", x.len(), s.x_len()),
+            ("conv output gradient", dy.len(), s.y_len()),
+            ("conv weight gradient", dw.len(), s.w_len()),
+        ],
+    )?;
+    if s.is_depthwise() {
+        depthwise::weight_grad(s, x, dy, dw, |v| v as f32);
+        return Ok(());
+    }
+    let taps = taps(s);
+    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    let par = inner_parallelism(s);
+    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    let total = x
+        .par_chunks(s.c_in * s.in_plane())
+        .zip(dy.par_chunks(s.c_out * p))
+        .try_fold(
+            || (vec![0f32; s.w_len()], vec![0f32; col_len]),
+            |(mut acc, mut col), (x, dy)| {
+                for g in 0..s.groups {
+                    let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                    let b = if s.is_pointwise() {
+                        MatRef::row_major(xg, kg, p)?.t()
+                    } else {
+                        im2col(s, &taps, xg, &mut col);
+                        MatRef::row_major(&col, kg, p)?.t()
+                    };
+                    let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                    gemm_f32(
+                        a,
+                        b,
+                        MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?,
+                        true,
+                        par,
+                    )?;
+                }
+                Ok((acc, col))
+            },
+        )
+        .map(|r| r.map(|(acc, _)| acc))
+        .try_reduce(
+            || vec![0f32; s.w_len()],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                Ok(a)
+            },
+        )?;
+    dw.copy_from_slice(&total);
+    Ok(())
+}

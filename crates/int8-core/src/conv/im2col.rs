@@ -1,0 +1,139 @@
+//! im2col and col2im: the data movement that lowers a convolution to a GEMM, for any element type
+//! (f32 for FP32, i8 codes for INT8, i32 sums for INT8's input gradient).
+
+use std::ops::{AddAssign, Range};
+
+use super::ConvShape;
+
+/// The output positions `o` in `0..out_len` whose input position `o * stride + offset` lies in
+/// `0..in_len`.
+pub(crate) fn valid(out_len: usize, in_len: usize, stride: usize, offset: isize) -> Range<usize> {
+    let lo = if offset >= 0 {
+        0
+    } else {
+        ((-offset) as usize).div_ceil(stride)
+    };
+    let last = in_len as isize - 1 - offset;
+    let hi = if last < 0 {
+        0
+    } else {
+        (last as usize / stride + 1).min(out_len)
+    };
+    lo.min(hi)..hi
+}
+
+/// One kernel tap `(i, j)` of one input channel: where it reads for every output row.
+#[derive(Debug, Clone)]
+pub(crate) struct Tap {
+    /// Output rows whose input row is inside the image.
+    pub rows: Range<usize>,
+    /// Output columns whose input column is inside the image.
+    pub cols: Range<usize>,
+    /// Input row of output row `oh` is `oh * stride_h + row_off`.
+    pub row_off: isize,
+    /// Input column of output column `ow` is `ow * stride_w + col_off`.
+    pub col_off: isize,
+}
+
+/// The taps of the kernel, row-major over `(i, j)`.
+pub(crate) fn taps(s: &ConvShape) -> Vec<Tap> {
+    let mut taps = Vec::with_capacity(s.kh * s.kw);
+    for i in 0..s.kh {
+        for j in 0..s.kw {
+            let row_off = (i * s.dilation.0) as isize - s.pad.0 as isize;
+            let col_off = (j * s.dilation.1) as isize - s.pad.1 as isize;
+            taps.push(Tap {
+                rows: valid(s.out_h(), s.h, s.stride.0, row_off),
+                cols: valid(s.out_w(), s.w, s.stride.1, col_off),
+                row_off,
+                col_off,
+            });
+        }
+    }
+    taps
+}
+
+/// Fills `col` (`k_group x out_plane`, row-major) from `x`, the `c_in_group x h x w` input of
+/// one image and group. Padding reads as zero.
+pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], col: &mut [T]) {
+    let (ow_n, p) = (s.out_w(), s.out_plane());
+    let (sh, sw) = s.stride;
+    for c in 0..s.c_in_group() {
+        let plane = &x[c * s.in_plane()..(c + 1) * s.in_plane()];
+        for (t, tap) in taps.iter().enumerate() {
+            let row = &mut col[(c * taps.len() + t) * p..][..p];
+            if tap.rows.len() < s.out_h() || tap.cols.len() < ow_n {
+                row.fill(T::default());
+            }
+            for oh in tap.rows.clone() {
+                let ih = (oh * sh) as isize + tap.row_off;
+                let src = &plane[ih as usize * s.w..][..s.w];
+                let dst = &mut row[oh * ow_n..][tap.cols.clone()];
+                let start = (tap.cols.start * sw) as isize + tap.col_off;
+                if sw == 1 {
+                    dst.copy_from_slice(&src[start as usize..][..dst.len()]);
+                } else {
+                    for (k, d) in dst.iter_mut().enumerate() {
+                        *d = src[start as usize + k * sw];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col` (`k_group x out_plane`) back into `x` (`c_in_group x h x w`): the transpose of
+/// [`im2col`], used for the input gradient.
+pub(crate) fn col2im_add<T: Copy + AddAssign>(s: &ConvShape, taps: &[Tap], col: &[T], x: &mut [T]) {
+    let (ow_n, p) = (s.out_w(), s.out_plane());
+    let (sh, sw) = s.stride;
+    for c in 0..s.c_in_group() {
+        let plane = &mut x[c * s.in_plane()..(c + 1) * s.in_plane()];
+        for (t, tap) in taps.iter().enumerate() {
+            let row = &col[(c * taps.len() + t) * p..][..p];
+            for oh in tap.rows.clone() {
+                let ih = (oh * sh) as isize + tap.row_off;
+                let dst = &mut plane[ih as usize * s.w..][..s.w];
+                let src = &row[oh * ow_n..][tap.cols.clone()];
+                let start = ((tap.cols.start * sw) as isize + tap.col_off) as usize;
+                if sw == 1 {
+                    for (d, &v) in dst[start..][..src.len()].iter_mut().zip(src) {
+                        *d += v;
+                    }
+                } else {
+                    for (k, &v) in src.iter().enumerate() {
+                        dst[start + k * sw] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_ranges_match_brute_force() {
+        for out_len in 1..9 {
+            for in_len in 1..9 {
+                for stride in 1..4 {
+                    for offset in -4isize..5 {
+                        let want: Vec<usize> = (0..out_len)
+                            .filter(|&o| {
+                                let i = (o * stride) as isize + offset;
+                                i >= 0 && (i as usize) < in_len
+                            })
+                            .collect();
+                        let got: Vec<usize> = valid(out_len, in_len, stride, offset).collect();
+                        assert_eq!(
+                            got, want,
+                            "out {out_len} in {in_len} stride {stride} offset {offset}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
