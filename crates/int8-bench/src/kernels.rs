@@ -3,7 +3,12 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use int8_core::conv::{
+    ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
+};
+use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
+use int8_core::quant::{Granularity, Rounding, quantize, quantize_with_clip};
 use int8_core::rng::CounterRng;
 
 use crate::timing::median_ms;
@@ -20,11 +25,7 @@ pub fn machine_line() -> String {
         })
         .unwrap_or_else(|| "unknown cpu".into());
     let paths: Vec<_> = Int8Path::available().iter().map(|p| p.name()).collect();
-    format!(
-        "cpu: {cpu}; threads: {}; int8 paths: {}",
-        rayon::current_num_threads(),
-        paths.join(", ")
-    )
+    format!("cpu: {cpu}; threads: {}; int8 paths: {}", rayon::current_num_threads(), paths.join(", "))
 }
 
 fn random_f32(n: usize, seed: u64) -> Vec<f32> {
@@ -34,9 +35,7 @@ fn random_f32(n: usize, seed: u64) -> Vec<f32> {
 
 fn random_codes(n: usize, seed: u64) -> Vec<i8> {
     let rng = CounterRng::new(seed);
-    (0..n)
-        .map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8)
-        .collect()
+    (0..n).map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8).collect()
 }
 
 /// Runs every row whose name contains `filter`, printing each as it completes.
@@ -52,6 +51,16 @@ pub fn run(budget: Duration, filter: Option<&str>) -> Result<Vec<Row>> {
         for row in gemm_rows(budget)? {
             push(row);
         }
+    }
+    for (name, shape) in resnet20_convs(128).into_iter().chain(mobilenetv2_convs(128)) {
+        if keep(&name) {
+            push(conv_row(&name, &shape, budget)?);
+        }
+    }
+    // The layer the FP32 baseline is compared with PyTorch on (0.166 s fwd+bwd with 2 threads).
+    let name = "pytorch-check 3x3 64->64 128x64x32x32";
+    if keep(name) {
+        push(conv_row(name, &ConvShape::square(128, 64, 32, 64, 3, 1, 1), budget)?);
     }
     Ok(rows)
 }
@@ -85,11 +94,7 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
             )
             .unwrap()
         });
-        let suffix = if path == Int8Path::detect() {
-            String::new()
-        } else {
-            format!(" ({})", path.name())
-        };
+        let suffix = if path == Int8Path::detect() { String::new() } else { format!(" ({})", path.name()) };
         rows.push(Row::new(format!("gemm-1024{suffix}"), fp32, int8));
     }
     // rten-gemm's u8 x i8 kernel on the same problem, the reference point we must match or beat.
@@ -112,4 +117,87 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
     });
     rows.push(Row::new("gemm-1024 (rten-gemm u8xi8)", fp32, rten));
     Ok(rows)
+}
+
+/// Every distinct conv layer of CIFAR ResNet-20 (He et al. 2016, option A shortcuts: no 1x1
+/// projections) at batch `n`.
+pub fn resnet20_convs(n: usize) -> Vec<(String, ConvShape)> {
+    let mut layers =
+        vec![("resnet20 conv1 3->16 32x32 (fp32 in training)".to_string(), ConvShape::square(n, 3, 32, 16, 3, 1, 1))];
+    for (c_in, c_out, hw, stride) in
+        [(16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1)]
+    {
+        let out = hw / stride;
+        layers.push((
+            format!("resnet20 3x3 {c_in}->{c_out} s{stride} {out}x{out}"),
+            ConvShape::square(n, c_in, hw, c_out, 3, stride, 1),
+        ));
+    }
+    layers
+}
+
+/// Every distinct conv layer of MobileNetV2 (Sandler et al. 2018) with CIFAR strides (the stem and
+/// the second stage keep stride 1, so 32x32 inputs end at 4x4), at batch `n`.
+pub fn mobilenetv2_convs(n: usize) -> Vec<(String, ConvShape)> {
+    let mut layers: Vec<(String, ConvShape)> =
+        vec![("mobilenetv2 stem 3->32 32x32 (fp32 in training)".into(), ConvShape::square(n, 3, 32, 32, 3, 1, 1))];
+    let (mut c, mut hw) = (32, 32);
+    for (t, c_out, repeats, first_stride) in
+        [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    {
+        for r in 0..repeats {
+            let stride = if r == 0 { first_stride } else { 1 };
+            let hidden = c * t;
+            if t != 1 {
+                layers.push((
+                    format!("mobilenetv2 expand 1x1 {c}->{hidden} {hw}x{hw}"),
+                    ConvShape::square(n, c, hw, hidden, 1, 1, 0),
+                ));
+            }
+            let out = hw / stride;
+            layers.push((
+                format!("mobilenetv2 depthwise 3x3 {hidden} s{stride} {out}x{out}"),
+                ConvShape::square(n, hidden, hw, hidden, 3, stride, 1).with_groups(hidden),
+            ));
+            layers.push((
+                format!("mobilenetv2 project 1x1 {hidden}->{c_out} {out}x{out}"),
+                ConvShape::square(n, hidden, out, c_out, 1, 1, 0),
+            ));
+            (c, hw) = (c_out, out);
+        }
+    }
+    layers.push((format!("mobilenetv2 head 1x1 {c}->1280 {hw}x{hw}"), ConvShape::square(n, c, hw, 1280, 1, 1, 0)));
+    let mut seen = std::collections::HashSet::new();
+    layers.retain(|(_, s)| seen.insert(*s));
+    layers
+}
+
+/// One conv layer's training work, forward + dX + dW, at both precisions. INT8 includes
+/// quantizing X and W (per tensor, at max|.|), the DSGC clip state's per-step distance pass and
+/// quantizing dY at its clip value; the clip search itself runs every 100 steps, so a hundredth of
+/// its measured time is added.
+pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
+    let path = Int8Path::detect();
+    let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
+    let (mut y, mut dx, mut dw) = (vec![0f32; s.y_len()], vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
+    let fp32 = median_ms(budget, || {
+        conv2d_fwd_f32(s, &x, &w, &mut y).unwrap();
+        conv2d_dx_f32(s, &w, &dy, &mut dx).unwrap();
+        conv2d_dw_f32(s, &x, &dy, &mut dw).unwrap();
+    });
+    let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
+    clip.update("dy", &dy)?;
+    let search = median_ms(budget / 4, || {
+        search_clip("dy", &dy).unwrap();
+    });
+    let int8 = median_ms(budget, || {
+        let xq = quantize("x", &x, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
+        let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
+        conv2d_fwd_i8(path, s, (&xq).into(), (&wq).into(), &mut y).unwrap();
+        let c = clip.update("dy", &dy).unwrap();
+        let dyq = quantize_with_clip("dy", &dy, c.clip, Rounding::Nearest).unwrap();
+        conv2d_dx_i8(path, s, (&wq).into(), (&dyq).into(), &mut dx).unwrap();
+        conv2d_dw_i8(path, s, (&xq).into(), (&dyq).into(), &mut dw).unwrap();
+    }) + search / 100.0;
+    Ok(Row::new(name, fp32, int8))
 }

@@ -51,28 +51,16 @@ pub struct Row {
 
 impl Row {
     fn new(name: impl Into<String>, fp32_ms: f64, int8_ms: f64) -> Self {
-        Self {
-            name: name.into(),
-            fp32_ms,
-            int8_ms,
-            speedup: fp32_ms / int8_ms,
-        }
+        Self { name: name.into(), fp32_ms, int8_ms, speedup: fp32_ms / int8_ms }
     }
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.what {
-        What::Kernels {
-            json,
-            seconds,
-            filter,
-        } => {
+        What::Kernels { json, seconds, filter } => {
             println!("{}", kernels::machine_line());
-            let rows = kernels::run(
-                std::time::Duration::from_secs_f64(seconds),
-                filter.as_deref(),
-            )?;
+            let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
     }
@@ -87,10 +75,7 @@ pub fn print_header() {
 
 /// Prints one Markdown row.
 pub fn print_row(r: &Row) {
-    println!(
-        "| {} | {:.3} | {:.3} | {:.2}x |",
-        r.name, r.fp32_ms, r.int8_ms, r.speedup
-    );
+    println!("| {} | {:.3} | {:.3} | {:.2}x |", r.name, r.fp32_ms, r.int8_ms, r.speedup);
 }
 
 /// Writes the rows as JSON, atomically (a temporary file renamed into place).
@@ -102,8 +87,7 @@ fn write_json(path: Option<PathBuf>, rows: &[Row]) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(rows)?)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot move {} into place", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -15,10 +15,7 @@ pub struct Dclr {
 
 impl Default for Dclr {
     fn default() -> Self {
-        Self {
-            alpha: 20.0,
-            beta: 0.1,
-        }
+        Self { alpha: 20.0, beta: 0.1 }
     }
 }
 
@@ -42,10 +39,7 @@ mod tests {
         assert!((dclr.phi(0.1) - (-2.0f64).exp()).abs() < 1e-15);
         assert_eq!(dclr.phi(0.2), 0.1);
         assert_eq!(dclr.phi(1.0), 0.1);
-        let custom = Dclr {
-            alpha: 5.0,
-            beta: 0.5,
-        };
+        let custom = Dclr { alpha: 5.0, beta: 0.5 };
         assert!((custom.phi(0.1) - (-0.5f64).exp()).abs() < 1e-15);
         assert_eq!(custom.phi(1.0), 0.5);
     }

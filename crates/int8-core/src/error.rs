@@ -18,9 +18,7 @@ pub enum CoreError {
         index: usize,
     },
     /// A buffer does not have the length its shape implies.
-    #[error(
-        "{what} has {got} elements but its shape needs {expected}: pass a buffer of the right size"
-    )]
+    #[error("{what} has {got} elements but its shape needs {expected}: pass a buffer of the right size")]
     ShapeMismatch {
         /// Which buffer.
         what: &'static str,
@@ -44,13 +42,5 @@ pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
 /// Checks that `buf` has exactly `expected` elements.
 pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
-    if got == expected {
-        Ok(())
-    } else {
-        Err(CoreError::ShapeMismatch {
-            what,
-            expected,
-            got,
-        })
-    }
+    if got == expected { Ok(()) } else { Err(CoreError::ShapeMismatch { what, expected, got }) }
 }

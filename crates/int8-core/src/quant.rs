@@ -69,25 +69,18 @@ impl QTensor {
 
     /// Fraction of source values that were clipped.
     pub fn saturation_rate(&self) -> f32 {
-        if self.data.is_empty() {
-            0.0
-        } else {
-            self.saturated as f32 / self.data.len() as f32
-        }
+        if self.data.is_empty() { 0.0 } else { self.saturated as f32 / self.data.len() as f32 }
     }
 
     /// The dequantized tensor `q * s`.
     pub fn dequantize(&self) -> Vec<f32> {
         let len = self.channel_len().max(1);
         let mut out = vec![0.0; self.data.len()];
-        out.par_chunks_mut(len)
-            .zip(self.data.par_chunks(len))
-            .zip(&self.scales)
-            .for_each(|((o, q), &s)| {
-                for (o, &q) in o.iter_mut().zip(q) {
-                    *o = q as f32 * s;
-                }
-            });
+        out.par_chunks_mut(len).zip(self.data.par_chunks(len)).zip(&self.scales).for_each(|((o, q), &s)| {
+            for (o, &q) in o.iter_mut().zip(q) {
+                *o = q as f32 * s;
+            }
+        });
         out
     }
 }
@@ -98,84 +91,100 @@ pub fn scale_for_clip(clip: f32) -> f32 {
     clip / QMAX
 }
 
+/// Lanes of the elementwise loops: independent accumulators that the compiler keeps in one vector
+/// register each, since a single float accumulator is a serial dependency chain.
+pub(crate) const LANES: usize = 16;
+
+/// `(max |v|, all finite)` over `c`, vectorised.
+#[inline]
+fn max_abs_finite(c: &[f32]) -> (f32, bool) {
+    let (mut m, mut z) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut blocks = c.chunks_exact(LANES);
+    for b in blocks.by_ref() {
+        for l in 0..LANES {
+            m[l] = m[l].max(b[l].abs());
+            // `v * 0` is NaN exactly when `v` is NaN or infinite.
+            z[l] += b[l] * 0.0;
+        }
+    }
+    for &v in blocks.remainder() {
+        m[0] = m[0].max(v.abs());
+        z[0] += v * 0.0;
+    }
+    (m.iter().fold(0.0f32, |a, &b| a.max(b)), z.iter().sum::<f32>() == 0.0)
+}
+
 /// The largest magnitude in `x`, or an error naming `name` if `x` holds NaN or an infinity.
 pub fn max_abs(name: &str, x: &[f32]) -> Result<f32> {
-    let (amax, finite) = x
-        .par_chunks(CHUNK)
-        .map(|c| {
-            // Summing `v * 0` is NaN exactly when some `v` is NaN or infinite, and vectorises.
-            let (mut m, mut z) = (0.0f32, 0.0f32);
-            for &v in c {
-                m = m.max(v.abs());
-                z += v * 0.0;
-            }
-            (m, z == 0.0)
-        })
-        .reduce(|| (0.0, true), |a, b| (a.0.max(b.0), a.1 && b.1));
-    if finite {
-        Ok(amax)
-    } else {
-        Err(non_finite(name, x))
-    }
+    let (amax, finite) =
+        x.par_chunks(CHUNK).map(max_abs_finite).reduce(|| (0.0, true), |a, b| (a.0.max(b.0), a.1 && b.1));
+    if finite { Ok(amax) } else { Err(non_finite(name, x)) }
+}
+
+/// Rounds `t` (already clamped to `[-127, 127]`) to the nearest integer, ties to even, and returns
+/// it as `i8`. Adding `1.5 * 2^23` leaves the rounded integer in the low mantissa bits, which
+/// vectorises where a float-to-int cast does not; NaN gives an arbitrary code and is reported by
+/// the caller's finiteness check.
+#[inline(always)]
+pub(crate) fn round_code(t: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((t + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32) as i8
 }
 
 /// Builds the error for the first non-finite value of `x`.
 fn non_finite(name: &str, x: &[f32]) -> CoreError {
     let index = x.iter().position(|v| !v.is_finite()).unwrap_or(0);
-    CoreError::NonFinite {
-        name: name.to_string(),
-        value: x.get(index).copied().unwrap_or(f32::NAN),
-        index,
-    }
+    CoreError::NonFinite { name: name.to_string(), value: x.get(index).copied().unwrap_or(f32::NAN), index }
 }
 
 /// Quantizes `x` with clipping value `clip` into `out`, starting the stochastic stream at
 /// `offset`; returns how many values were clipped and whether all were finite. `clip <= 0` maps
 /// everything to zero.
-fn quantize_slice(
-    x: &[f32],
-    clip: f32,
-    rounding: Rounding,
-    offset: usize,
-    out: &mut [i8],
-) -> (usize, bool) {
+fn quantize_slice(x: &[f32], clip: f32, rounding: Rounding, offset: usize, out: &mut [i8]) -> (usize, bool) {
     let inv = if clip > 0.0 { QMAX / clip } else { 0.0 };
-    let mut saturated = 0usize;
-    // Summing `v * 0` is NaN exactly when some `v` is NaN or infinite; it rides along the same pass.
-    let mut z = 0.0f32;
+    let (mut sat, mut z) = ([0u32; LANES], [0.0f32; LANES]);
+    let n = x.len() / LANES * LANES;
     match rounding {
         Rounding::Nearest => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                let t = v * inv;
-                saturated += (v.abs() > clip) as usize;
-                z += v * 0.0;
-                *o = t.round_ties_even().clamp(-QMAX, QMAX) as i8;
+            for (o, b) in out[..n].chunks_exact_mut(LANES).zip(x[..n].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    let v = b[l];
+                    sat[l] += (v.abs() > clip) as u32;
+                    z[l] += v * 0.0;
+                    o[l] = round_code((v * inv).clamp(-QMAX, QMAX));
+                }
             }
         }
         Rounding::Stochastic { seed } => {
             let rng = CounterRng::new(seed);
-            for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-                let t = v * inv;
-                saturated += (v.abs() > clip) as usize;
-                z += v * 0.0;
-                let u = rng.uniform((offset + i) as u64);
-                *o = (t + u).floor().clamp(-QMAX, QMAX) as i8;
+            for (i, (o, b)) in out[..n].chunks_exact_mut(LANES).zip(x[..n].chunks_exact(LANES)).enumerate() {
+                for l in 0..LANES {
+                    let v = b[l];
+                    sat[l] += (v.abs() > clip) as u32;
+                    z[l] += v * 0.0;
+                    let u = rng.uniform((offset + i * LANES + l) as u64);
+                    o[l] = round_code((v * inv + u).floor().clamp(-QMAX, QMAX));
+                }
             }
         }
     }
-    (saturated, z == 0.0)
+    for (i, (o, &v)) in out[n..].iter_mut().zip(&x[n..]).enumerate() {
+        sat[0] += (v.abs() > clip) as u32;
+        z[0] += v * 0.0;
+        let t = v * inv;
+        let t = match rounding {
+            Rounding::Nearest => t,
+            Rounding::Stochastic { seed } => (t + CounterRng::new(seed).uniform((offset + n + i) as u64)).floor(),
+        };
+        *o = round_code(t.clamp(-QMAX, QMAX));
+    }
+    (sat.iter().map(|&c| c as usize).sum(), z.iter().sum::<f32>() == 0.0)
 }
 
 /// Quantizes `x` with a given clipping value (for example the DSGC clip of a gradient) into
 /// `out`, in parallel. Returns how many values were clipped, or an error naming `name` if `x` holds
 /// NaN or an infinity.
-pub fn quantize_into(
-    name: &str,
-    x: &[f32],
-    clip: f32,
-    rounding: Rounding,
-    out: &mut [i8],
-) -> Result<usize> {
+pub fn quantize_into(name: &str, x: &[f32], clip: f32, rounding: Rounding, out: &mut [i8]) -> Result<usize> {
     crate::error::check_len("quantized output", out.len(), x.len())?;
     if !clip.is_finite() || clip < 0.0 {
         return Err(CoreError::InvalidArgument {
@@ -189,22 +198,14 @@ pub fn quantize_into(
         .enumerate()
         .map(|(i, (o, c))| quantize_slice(c, clip, rounding, i * CHUNK, o))
         .reduce(|| (0, true), |a, b| (a.0 + b.0, a.1 && b.1));
-    if finite {
-        Ok(saturated)
-    } else {
-        Err(non_finite(name, x))
-    }
+    if finite { Ok(saturated) } else { Err(non_finite(name, x)) }
 }
 
 /// Quantizes `x` with a given clipping value into a new per-tensor [`QTensor`].
 pub fn quantize_with_clip(name: &str, x: &[f32], clip: f32, rounding: Rounding) -> Result<QTensor> {
     let mut data = vec![0i8; x.len()];
     let saturated = quantize_into(name, x, clip, rounding, &mut data)?;
-    Ok(QTensor {
-        data,
-        scales: vec![scale_for_clip(clip)],
-        saturated,
-    })
+    Ok(QTensor { data, scales: vec![scale_for_clip(clip)], saturated })
 }
 
 /// Quantizes `x` clipping at its own largest magnitude, per tensor or per channel (the outermost
@@ -222,13 +223,10 @@ pub fn quantize(
             quantize_with_clip(name, x, clip, rounding)
         }
         Granularity::PerChannel => {
-            if channels == 0 || x.len() % channels != 0 {
+            if channels == 0 || !x.len().is_multiple_of(channels) {
                 return Err(CoreError::InvalidArgument {
                     what: "channel count",
-                    why: format!(
-                        "{} elements of `{name}` do not split into {channels} channels",
-                        x.len()
-                    ),
+                    why: format!("{} elements of `{name}` do not split into {channels} channels", x.len()),
                 });
             }
             let len = x.len() / channels;
@@ -239,20 +237,13 @@ pub fn quantize(
                 .zip(x.par_chunks(len.max(1)))
                 .enumerate()
                 .map(|(ch, (o, c))| {
-                    let clip = c.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    (
-                        scale_for_clip(clip),
-                        quantize_slice(c, clip, rounding, ch * len, o).0,
-                    )
+                    let clip = max_abs_finite(c).0;
+                    (scale_for_clip(clip), quantize_slice(c, clip, rounding, ch * len, o).0)
                 })
                 .collect();
             let scales = results.iter().map(|r| r.0).collect();
             let saturated = results.iter().map(|r| r.1).sum();
-            Ok(QTensor {
-                data,
-                scales,
-                saturated,
-            })
+            Ok(QTensor { data, scales, saturated })
         }
     }
 }
@@ -262,9 +253,7 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 * 0.7311).sin() * 3.0) + 0.01 * i as f32)
-            .collect()
+        (0..n).map(|i| ((i as f32 * 0.7311).sin() * 3.0) + 0.01 * i as f32).collect()
     }
 
     #[test]
@@ -277,10 +266,7 @@ mod tests {
             let want = (v as f64 / s).round().clamp(-127.0, 127.0);
             // Ties and the f32 division may differ from f64 by one code at exact half-way points.
             assert!((q.data[i] as f64 - want).abs() <= 1.0, "element {i}");
-            assert!(
-                (q.data[i] as f64 * s - v as f64).abs() <= s * 0.5 + 1e-6 * c,
-                "element {i}"
-            );
+            assert!((q.data[i] as f64 * s - v as f64).abs() <= s * 0.5 + 1e-6 * c, "element {i}");
         }
         assert_eq!(q.saturated, 0);
         assert!(q.data.iter().any(|&v| v == 127 || v == -127));
@@ -315,21 +301,14 @@ mod tests {
         // Each code is floor or ceil, so the per-element standard error is <= s/2/sqrt(400) = s/40.
         let mut total_bias = 0.0;
         for (i, (&m, &v)) in mean.iter().zip(&x).enumerate() {
-            assert!(
-                (m - v as f64).abs() < 5.0 * s / 40.0,
-                "element {i}: mean {m} vs {v}"
-            );
+            assert!((m - v as f64).abs() < 5.0 * s / 40.0, "element {i}: mean {m} vs {v}");
             total_bias += m - v as f64;
         }
         // The average bias over 512 independent elements is tighter still.
         assert!((total_bias / x.len() as f64).abs() < 5.0 * s / 40.0 / (x.len() as f64).sqrt());
         // Nearest rounding of the same values is biased on most elements, which the test must see.
         let q = quantize_with_clip("x", &x, clip, Rounding::Nearest).unwrap();
-        let nearest_err: f64 = x
-            .iter()
-            .zip(&q.data)
-            .map(|(&v, &c)| (c as f64 * s - v as f64).abs())
-            .sum();
+        let nearest_err: f64 = x.iter().zip(&q.data).map(|(&v, &c)| (c as f64 * s - v as f64).abs()).sum();
         assert!(nearest_err / x.len() as f64 > s / 8.0);
     }
 
@@ -349,22 +328,11 @@ mod tests {
     #[test]
     fn per_channel_scales_follow_each_channel() {
         let channels = 4;
-        let x: Vec<f32> = (0..channels * 50)
-            .map(|i| ((i % 50) as f32 - 25.0) * (1 + i / 50) as f32)
-            .collect();
-        let q = quantize(
-            "w",
-            &x,
-            Granularity::PerChannel,
-            channels,
-            Rounding::Nearest,
-        )
-        .unwrap();
+        let x: Vec<f32> = (0..channels * 50).map(|i| ((i % 50) as f32 - 25.0) * (1 + i / 50) as f32).collect();
+        let q = quantize("w", &x, Granularity::PerChannel, channels, Rounding::Nearest).unwrap();
         assert_eq!(q.channels(), 4);
         for ch in 0..channels {
-            let amax = x[ch * 50..(ch + 1) * 50]
-                .iter()
-                .fold(0.0f32, |m, v| m.max(v.abs()));
+            let amax = x[ch * 50..(ch + 1) * 50].iter().fold(0.0f32, |m, v| m.max(v.abs()));
             assert!((q.scales[ch] - amax / 127.0).abs() <= 1e-6 * amax);
         }
         let back = q.dequantize();
@@ -379,19 +347,9 @@ mod tests {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut x = ramp(100_000);
             x[77_777] = bad;
-            let err = quantize(
-                "layer3.conv2.grad",
-                &x,
-                Granularity::PerTensor,
-                1,
-                Rounding::Nearest,
-            )
-            .unwrap_err();
+            let err = quantize("layer3.conv2.grad", &x, Granularity::PerTensor, 1, Rounding::Nearest).unwrap_err();
             let msg = err.to_string();
-            assert!(
-                msg.contains("layer3.conv2.grad") && msg.contains("77777"),
-                "{msg}"
-            );
+            assert!(msg.contains("layer3.conv2.grad") && msg.contains("77777"), "{msg}");
             assert!(quantize_with_clip("g", &x, 1.0, Rounding::Nearest).is_err());
             assert!(quantize("w", &x, Granularity::PerChannel, 10, Rounding::Nearest).is_err());
         }

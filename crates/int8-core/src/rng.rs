@@ -13,17 +13,13 @@ pub struct CounterRng {
 impl CounterRng {
     /// A stream for `seed`. Different seeds give independent-looking streams.
     pub fn new(seed: u64) -> Self {
-        Self {
-            key: mix(seed ^ 0x6A09_E667_F3BC_C909),
-        }
+        Self { key: mix(seed ^ 0x6A09_E667_F3BC_C909) }
     }
 
     /// The 64 random bits at position `index`.
     #[inline(always)]
     pub fn bits(&self, index: u64) -> u64 {
-        mix(self
-            .key
-            .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        mix(self.key.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
     }
 
     /// A uniform number in `[0, 1)` at position `index`, with 24 bits of resolution (every value is

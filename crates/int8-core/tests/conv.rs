@@ -2,8 +2,8 @@
 //! terms, INT8 exact on every instruction-set path this CPU can run.
 
 use int8_core::conv::{
-    ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32,
-    conv2d_fwd_i8, reference,
+    ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
+    reference,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::rng::CounterRng;
@@ -13,41 +13,19 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
     vec![
         ("3x3 s1 p1", sq(2, 3, 7, 5, 3, 1, 1)),
         ("3x3 s2 p1 odd", sq(2, 4, 9, 6, 3, 2, 1)),
-        (
-            "3x3 dilation 2",
-            ConvShape {
-                dilation: (2, 2),
-                pad: (2, 2),
-                ..sq(2, 3, 8, 4, 3, 1, 2)
-            },
-        ),
+        ("3x3 dilation 2", ConvShape { dilation: (2, 2), pad: (2, 2), ..sq(2, 3, 8, 4, 3, 1, 2) }),
         (
             "1x3 rect stride (1,2)",
-            ConvShape {
-                h: 5,
-                w: 8,
-                kh: 1,
-                kw: 3,
-                stride: (1, 2),
-                pad: (0, 1),
-                ..sq(2, 3, 5, 4, 3, 1, 1)
-            },
+            ConvShape { h: 5, w: 8, kh: 1, kw: 3, stride: (1, 2), pad: (0, 1), ..sq(2, 3, 5, 4, 3, 1, 1) },
         ),
         ("groups 2", sq(2, 4, 6, 6, 3, 1, 1).with_groups(2)),
         ("depthwise 3x3 s1", sq(2, 5, 7, 5, 3, 1, 1).with_groups(5)),
         ("depthwise 3x3 s2", sq(3, 4, 9, 4, 3, 2, 1).with_groups(4)),
         (
             "depthwise 5x5 dilated",
-            ConvShape {
-                dilation: (2, 1),
-                pad: (4, 2),
-                ..sq(2, 3, 9, 3, 5, 1, 2).with_groups(3)
-            },
+            ConvShape { dilation: (2, 1), pad: (4, 2), ..sq(2, 3, 9, 3, 5, 1, 2).with_groups(3) },
         ),
-        (
-            "depthwise multiplier 2",
-            sq(2, 3, 6, 6, 3, 1, 1).with_groups(3),
-        ),
+        ("depthwise multiplier 2", sq(2, 3, 6, 6, 3, 1, 1).with_groups(3)),
         ("pointwise 1x1", sq(3, 8, 6, 4, 1, 1, 0)),
         ("1x1 stride 2", sq(2, 4, 7, 6, 1, 2, 0)),
         ("batch 1", sq(1, 6, 10, 7, 3, 1, 1)),
@@ -63,9 +41,7 @@ fn floats(n: usize, seed: u64) -> Vec<f32> {
 
 fn codes(n: usize, seed: u64) -> Vec<i8> {
     let rng = CounterRng::new(seed);
-    (0..n)
-        .map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8)
-        .collect()
+    (0..n).map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8).collect()
 }
 
 fn f64s<T: Copy + Into<f64>>(v: &[T]) -> Vec<f64> {
@@ -80,51 +56,29 @@ fn abs(v: &[f64]) -> Vec<f64> {
 fn assert_close(what: &str, got: &[f32], want: &[f64], bound: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= 1e-5 * b + 1e-30,
-            "{what} at {i}: got {g}, want {w} (bound {b})"
-        );
+        assert!((g as f64 - w).abs() <= 1e-5 * b + 1e-30, "{what} at {i}: got {g}, want {w} (bound {b})");
     }
 }
 
 #[test]
 fn fp32_forward_and_gradients_match_f64() {
     for (name, s) in shapes() {
-        let (x, w, dy) = (
-            floats(s.x_len(), 1),
-            floats(s.w_len(), 2),
-            floats(s.y_len(), 3),
-        );
+        let (x, w, dy) = (floats(s.x_len(), 1), floats(s.w_len(), 2), floats(s.y_len(), 3));
         let (xd, wd, dyd) = (f64s(&x), f64s(&w), f64s(&dy));
         let mut y = vec![f32::NAN; s.y_len()];
         conv2d_fwd_f32(&s, &x, &w, &mut y).unwrap();
         let bound = reference::conv2d_fwd(&s, &abs(&xd), &abs(&wd));
-        assert_close(
-            &format!("{name} fwd"),
-            &y,
-            &reference::conv2d_fwd(&s, &xd, &wd),
-            &bound,
-        );
+        assert_close(&format!("{name} fwd"), &y, &reference::conv2d_fwd(&s, &xd, &wd), &bound);
 
         let mut dx = vec![f32::NAN; s.x_len()];
         conv2d_dx_f32(&s, &w, &dy, &mut dx).unwrap();
         let bound = reference::conv2d_dx(&s, &abs(&wd), &abs(&dyd));
-        assert_close(
-            &format!("{name} dx"),
-            &dx,
-            &reference::conv2d_dx(&s, &wd, &dyd),
-            &bound,
-        );
+        assert_close(&format!("{name} dx"), &dx, &reference::conv2d_dx(&s, &wd, &dyd), &bound);
 
         let mut dw = vec![f32::NAN; s.w_len()];
         conv2d_dw_f32(&s, &x, &dy, &mut dw).unwrap();
         let bound = reference::conv2d_dw(&s, &abs(&xd), &abs(&dyd));
-        assert_close(
-            &format!("{name} dw"),
-            &dw,
-            &reference::conv2d_dw(&s, &xd, &dyd),
-            &bound,
-        );
+        assert_close(&format!("{name} dw"), &dw, &reference::conv2d_dw(&s, &xd, &dyd), &bound);
     }
 }
 
@@ -134,31 +88,15 @@ fn int8_forward_and_gradients_are_exact_on_every_path() {
     let one = [1.0f32];
     for path in Int8Path::available() {
         for (name, s) in shapes() {
-            let (x, w, dy) = (
-                codes(s.x_len(), 4),
-                codes(s.w_len(), 5),
-                codes(s.y_len(), 6),
-            );
+            let (x, w, dy) = (codes(s.x_len(), 4), codes(s.w_len(), 5), codes(s.y_len(), 6));
             let (xq, wq, dyq) = (
-                QView {
-                    codes: &x,
-                    scales: &one,
-                },
-                QView {
-                    codes: &w,
-                    scales: &one,
-                },
-                QView {
-                    codes: &dy,
-                    scales: &one,
-                },
+                QView { codes: &x, scales: &one },
+                QView { codes: &w, scales: &one },
+                QView { codes: &dy, scales: &one },
             );
             let (xd, wd, dyd) = (f64s(&x), f64s(&w), f64s(&dy));
             let exact = |what: &str, got: &[f32], want: Vec<f64>| {
-                assert!(
-                    want.iter().all(|v| v.abs() < (1 << 24) as f64),
-                    "{name}: test sums too large for exact f32"
-                );
+                assert!(want.iter().all(|v| v.abs() < (1 << 24) as f64), "{name}: test sums too large for exact f32");
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g as f64, w, "{} {name} {what} at {i}", path.name());
                 }
@@ -179,85 +117,29 @@ fn int8_forward_and_gradients_are_exact_on_every_path() {
 #[test]
 fn int8_scales_apply_per_tensor_and_per_output_channel() {
     let s = ConvShape::square(2, 3, 6, 4, 3, 1, 1);
-    let (x, w, dy) = (
-        codes(s.x_len(), 7),
-        codes(s.w_len(), 8),
-        codes(s.y_len(), 9),
-    );
+    let (x, w, dy) = (codes(s.x_len(), 7), codes(s.w_len(), 8), codes(s.y_len(), 9));
     let (sx, sdy) = ([0.03f32], [0.002f32]);
     let sw = [0.5f32, 0.25, 0.125, 1.5];
     let path = Int8Path::detect();
     let mut y = vec![0.0; s.y_len()];
-    conv2d_fwd_i8(
-        path,
-        &s,
-        QView {
-            codes: &x,
-            scales: &sx,
-        },
-        QView {
-            codes: &w,
-            scales: &sw,
-        },
-        &mut y,
-    )
-    .unwrap();
+    conv2d_fwd_i8(path, &s, QView { codes: &x, scales: &sx }, QView { codes: &w, scales: &sw }, &mut y).unwrap();
     // Dequantize first, then convolve in f64: the same numbers.
     let xd: Vec<f64> = x.iter().map(|&v| v as f64 * sx[0] as f64).collect();
-    let wd: Vec<f64> = w
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| v as f64 * sw[i / s.k_group()] as f64)
-        .collect();
+    let wd: Vec<f64> = w.iter().enumerate().map(|(i, &v)| v as f64 * sw[i / s.k_group()] as f64).collect();
     let want = reference::conv2d_fwd(&s, &xd, &wd);
     for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= 1e-6 * w.abs().max(1.0),
-            "fwd at {i}: {g} vs {w}"
-        );
+        assert!((g as f64 - w).abs() <= 1e-6 * w.abs().max(1.0), "fwd at {i}: {g} vs {w}");
     }
     let mut dw = vec![0.0; s.w_len()];
-    conv2d_dw_i8(
-        path,
-        &s,
-        QView {
-            codes: &x,
-            scales: &sx,
-        },
-        QView {
-            codes: &dy,
-            scales: &sdy,
-        },
-        &mut dw,
-    )
-    .unwrap();
+    conv2d_dw_i8(path, &s, QView { codes: &x, scales: &sx }, QView { codes: &dy, scales: &sdy }, &mut dw).unwrap();
     let dyd: Vec<f64> = dy.iter().map(|&v| v as f64 * sdy[0] as f64).collect();
-    for (i, (&g, &w)) in dw
-        .iter()
-        .zip(&reference::conv2d_dw(&s, &xd, &dyd))
-        .enumerate()
-    {
-        assert!(
-            (g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3),
-            "dw at {i}: {g} vs {w}"
-        );
+    for (i, (&g, &w)) in dw.iter().zip(&reference::conv2d_dw(&s, &xd, &dyd)).enumerate() {
+        assert!((g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3), "dw at {i}: {g} vs {w}");
     }
     // The input gradient sums over output channels, so per-channel weight scales are refused.
     let mut dx = vec![0.0; s.x_len()];
-    let err = conv2d_dx_i8(
-        path,
-        &s,
-        QView {
-            codes: &w,
-            scales: &sw,
-        },
-        QView {
-            codes: &dy,
-            scales: &sdy,
-        },
-        &mut dx,
-    )
-    .unwrap_err();
+    let err = conv2d_dx_i8(path, &s, QView { codes: &w, scales: &sw }, QView { codes: &dy, scales: &sdy }, &mut dx)
+        .unwrap_err();
     assert!(err.to_string().contains("per tensor"), "{err}");
 }
 
@@ -265,10 +147,7 @@ fn int8_scales_apply_per_tensor_and_per_output_channel() {
 /// 4.2e9 in all, beyond i32. The batch sum must still be exact.
 #[test]
 fn int8_weight_gradient_does_not_overflow_over_a_large_batch() {
-    for s in [
-        ConvShape::square(64, 1, 64, 1, 1, 1, 0),
-        ConvShape::square(64, 1, 64, 2, 3, 1, 1),
-    ] {
+    for s in [ConvShape::square(64, 1, 64, 1, 1, 1, 0), ConvShape::square(64, 1, 64, 2, 3, 1, 1)] {
         let x = vec![127i8; s.x_len()];
         let dy = vec![127i8; s.y_len()];
         let one = [1.0f32];
@@ -276,20 +155,8 @@ fn int8_weight_gradient_does_not_overflow_over_a_large_batch() {
         assert!(want.iter().any(|&v| v > i32::MAX as f64));
         for path in Int8Path::available() {
             let mut dw = vec![0.0; s.w_len()];
-            conv2d_dw_i8(
-                path,
-                &s,
-                QView {
-                    codes: &x,
-                    scales: &one,
-                },
-                QView {
-                    codes: &dy,
-                    scales: &one,
-                },
-                &mut dw,
-            )
-            .unwrap();
+            conv2d_dw_i8(path, &s, QView { codes: &x, scales: &one }, QView { codes: &dy, scales: &one }, &mut dw)
+                .unwrap();
             for (&g, &w) in dw.iter().zip(&want) {
                 assert_eq!(g, w as f32, "{}", path.name());
             }
@@ -302,17 +169,8 @@ fn bad_shapes_and_buffers_are_clear_errors() {
     let ok = ConvShape::square(1, 4, 5, 4, 3, 1, 1);
     let cases = [
         (ConvShape { groups: 3, ..ok }, "groups"),
-        (
-            ConvShape::square(1, 4, 2, 4, 5, 1, 0),
-            "larger than the padded",
-        ),
-        (
-            ConvShape {
-                stride: (0, 1),
-                ..ok
-            },
-            "zero",
-        ),
+        (ConvShape::square(1, 4, 2, 4, 5, 1, 0), "larger than the padded"),
+        (ConvShape { stride: (0, 1), ..ok }, "zero"),
     ];
     for (s, needle) in cases {
         let err = s.validate().unwrap_err().to_string();
@@ -321,27 +179,15 @@ fn bad_shapes_and_buffers_are_clear_errors() {
         assert!(conv2d_fwd_f32(&s, &[0.0], &[0.0], &mut y).is_err());
     }
     let mut y = vec![0.0; ok.y_len()];
-    let err = conv2d_fwd_f32(
-        &ok,
-        &vec![0.0; ok.x_len() - 1],
-        &vec![0.0; ok.w_len()],
-        &mut y,
-    )
-    .unwrap_err();
+    let err = conv2d_fwd_f32(&ok, &vec![0.0; ok.x_len() - 1], &vec![0.0; ok.w_len()], &mut y).unwrap_err();
     assert!(err.to_string().contains("conv input"), "{err}");
     let x = vec![0i8; ok.x_len()];
     let w = vec![0i8; ok.w_len()];
     let err = conv2d_fwd_i8(
         Int8Path::Portable,
         &ok,
-        QView {
-            codes: &x,
-            scales: &[1.0, 2.0],
-        },
-        QView {
-            codes: &w,
-            scales: &[1.0],
-        },
+        QView { codes: &x, scales: &[1.0, 2.0] },
+        QView { codes: &w, scales: &[1.0] },
         &mut y,
     )
     .unwrap_err();

@@ -67,35 +67,32 @@ pub(crate) fn forward<T: Elem, O: Send>(
 ) {
     let taps = taps(s);
     let (p, ow_n, sw, kk) = (s.out_plane(), s.out_w(), s.stride.1, s.kh * s.kw);
-    out.par_chunks_mut(p)
-        .zip(x.par_chunks(s.in_plane()))
-        .enumerate()
-        .for_each_init(
-            || vec![T::Acc::default(); p],
-            |acc, (nc, (out, x))| {
-                let c = nc % s.c_in;
-                acc.fill(T::Acc::default());
-                for (t, tap) in taps.iter().enumerate() {
-                    let wv = w[c * kk + t].acc();
-                    rows(s, tap, |oh, ih, cols, iw0| {
-                        let src = &x[ih * s.w..(ih + 1) * s.w];
-                        let dst = &mut acc[oh * ow_n..][cols];
-                        if sw == 1 {
-                            for (d, &v) in dst.iter_mut().zip(&src[iw0..]) {
-                                *d += wv * v.acc();
-                            }
-                        } else {
-                            for (k, d) in dst.iter_mut().enumerate() {
-                                *d += wv * src[iw0 + k * sw].acc();
-                            }
+    out.par_chunks_mut(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
+        || vec![T::Acc::default(); p],
+        |acc, (nc, (out, x))| {
+            let c = nc % s.c_in;
+            acc.fill(T::Acc::default());
+            for (t, tap) in taps.iter().enumerate() {
+                let wv = w[c * kk + t].acc();
+                rows(s, tap, |oh, ih, cols, iw0| {
+                    let src = &x[ih * s.w..(ih + 1) * s.w];
+                    let dst = &mut acc[oh * ow_n..][cols];
+                    if sw == 1 {
+                        for (d, &v) in dst.iter_mut().zip(&src[iw0..]) {
+                            *d += wv * v.acc();
                         }
-                    });
-                }
-                for (o, &a) in out.iter_mut().zip(acc.iter()) {
-                    *o = finish(c, a);
-                }
-            },
-        );
+                    } else {
+                        for (k, d) in dst.iter_mut().enumerate() {
+                            *d += wv * src[iw0 + k * sw].acc();
+                        }
+                    }
+                });
+            }
+            for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                *o = finish(c, a);
+            }
+        },
+    );
 }
 
 /// Input gradient: `out[n, c] = finish(sum over taps of w[c, tap] * dy[n, c, ...] scattered)`.
@@ -108,35 +105,32 @@ pub(crate) fn input_grad<T: Elem, O: Send>(
 ) {
     let taps = taps(s);
     let (p, ow_n, sw, kk) = (s.out_plane(), s.out_w(), s.stride.1, s.kh * s.kw);
-    out.par_chunks_mut(s.in_plane())
-        .zip(dy.par_chunks(p))
-        .enumerate()
-        .for_each_init(
-            || vec![T::Acc::default(); s.in_plane()],
-            |acc, (nc, (out, dy))| {
-                let c = nc % s.c_in;
-                acc.fill(T::Acc::default());
-                for (t, tap) in taps.iter().enumerate() {
-                    let wv = w[c * kk + t].acc();
-                    rows(s, tap, |oh, ih, cols, iw0| {
-                        let src = &dy[oh * ow_n..][cols];
-                        let dst = &mut acc[ih * s.w..(ih + 1) * s.w];
-                        if sw == 1 {
-                            for (d, &v) in dst[iw0..].iter_mut().zip(src) {
-                                *d += wv * v.acc();
-                            }
-                        } else {
-                            for (k, &v) in src.iter().enumerate() {
-                                dst[iw0 + k * sw] += wv * v.acc();
-                            }
+    out.par_chunks_mut(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
+        || vec![T::Acc::default(); s.in_plane()],
+        |acc, (nc, (out, dy))| {
+            let c = nc % s.c_in;
+            acc.fill(T::Acc::default());
+            for (t, tap) in taps.iter().enumerate() {
+                let wv = w[c * kk + t].acc();
+                rows(s, tap, |oh, ih, cols, iw0| {
+                    let src = &dy[oh * ow_n..][cols];
+                    let dst = &mut acc[ih * s.w..(ih + 1) * s.w];
+                    if sw == 1 {
+                        for (d, &v) in dst[iw0..].iter_mut().zip(src) {
+                            *d += wv * v.acc();
                         }
-                    });
-                }
-                for (o, &a) in out.iter_mut().zip(acc.iter()) {
-                    *o = finish(a);
-                }
-            },
-        );
+                    } else {
+                        for (k, &v) in src.iter().enumerate() {
+                            dst[iw0 + k * sw] += wv * v.acc();
+                        }
+                    }
+                });
+            }
+            for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                *o = finish(a);
+            }
+        },
+    );
 }
 
 /// Weight gradient: `out[c, tap] = finish(sum over images of (sum over pixels dy * x))`, each

@@ -6,29 +6,21 @@
 use rayon::prelude::*;
 
 use super::im2col::{col2im_add, im2col, taps};
-use super::{ConvShape, check, depthwise};
+use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
 
 /// Parallelism inside each image's GEMM: images already run in parallel unless there are fewer
 /// images than threads.
 pub(super) fn inner_parallelism(s: &ConvShape) -> Parallelism {
-    if s.n < rayon::current_num_threads() {
-        Parallelism::Rayon
-    } else {
-        Parallelism::None
-    }
+    if s.n < rayon::current_num_threads() { Parallelism::Rayon } else { Parallelism::None }
 }
 
 /// Forward: `y = conv(x, w)`, overwriting `y`.
 pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
     check(
         s,
-        &[
-            ("conv input", x.len(), s.x_len()),
-            ("conv weight", w.len(), s.w_len()),
-            ("conv output", y.len(), s.y_len()),
-        ],
+        &[("conv input", x.len(), s.x_len()), ("conv weight", w.len(), s.w_len()), ("conv output", y.len(), s.y_len())],
     )?;
     if s.is_depthwise() {
         depthwise::forward(s, x, w, y, |_, a| a);
@@ -38,31 +30,23 @@ pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Res
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
-    y.par_chunks_mut(s.c_out * p)
-        .zip(x.par_chunks(s.c_in * s.in_plane()))
-        .try_for_each_init(
-            || vec![0f32; col_len],
-            |col, (y, x)| {
-                for g in 0..s.groups {
-                    let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                    let b = if s.is_pointwise() {
-                        MatRef::row_major(xg, kg, p)?
-                    } else {
-                        im2col(s, &taps, xg, col);
-                        MatRef::row_major(col, kg, p)?
-                    };
-                    let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?;
-                    gemm_f32(
-                        a,
-                        b,
-                        MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?,
-                        false,
-                        par,
-                    )?;
-                }
-                Ok(())
-            },
-        )
+    y.par_chunks_mut(s.c_out * p).zip(x.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
+        || vec![0f32; col_len],
+        |col, (y, x)| {
+            for g in 0..s.groups {
+                let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                let b = if s.is_pointwise() {
+                    MatRef::row_major(xg, kg, p)?
+                } else {
+                    im2col(s, &taps, xg, col);
+                    MatRef::row_major(col, kg, p)?
+                };
+                let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?;
+                gemm_f32(a, b, MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?, false, par)?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Input gradient: `dx = conv_transpose(dy, w)`, overwriting `dx`.
@@ -79,30 +63,31 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
         depthwise::input_grad(s, w, dy, dx, |a| a);
         return Ok(());
     }
+    if let Some(t) = dx_as_forward(s) {
+        return conv2d_fwd_f32(&t, dy, &flip_transpose(s, w), dx);
+    }
     let taps = taps(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
-    dx.par_chunks_mut(s.c_in * s.in_plane())
-        .zip(dy.par_chunks(s.c_out * p))
-        .try_for_each_init(
-            || vec![0f32; col_len],
-            |col, (dx, dy)| {
-                for g in 0..s.groups {
-                    let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?.t();
-                    let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                    if s.is_pointwise() {
-                        gemm_f32(a, b, MatMut::row_major(dxg, kg, p)?, false, par)?;
-                    } else {
-                        gemm_f32(a, b, MatMut::row_major(col, kg, p)?, false, par)?;
-                        dxg.fill(0.0);
-                        col2im_add(s, &taps, col, dxg);
-                    }
+    dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each_init(
+        || vec![0f32; col_len],
+        |col, (dx, dy)| {
+            for g in 0..s.groups {
+                let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?.t();
+                let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                if s.is_pointwise() {
+                    gemm_f32(a, b, MatMut::row_major(dxg, kg, p)?, false, par)?;
+                } else {
+                    gemm_f32(a, b, MatMut::row_major(col, kg, p)?, false, par)?;
+                    dxg.fill(0.0);
+                    col2im_add(s, &taps, col, dxg);
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Weight gradient: `dw = sum over the batch of dy * im2col(x)^T`, overwriting `dw`.
@@ -138,13 +123,7 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
                         MatRef::row_major(&col, kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    gemm_f32(
-                        a,
-                        b,
-                        MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?,
-                        true,
-                        par,
-                    )?;
+                    gemm_f32(a, b, MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?, true, par)?;
                 }
                 Ok((acc, col))
             },

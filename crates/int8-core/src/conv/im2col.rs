@@ -8,17 +8,9 @@ use super::ConvShape;
 /// The output positions `o` in `0..out_len` whose input position `o * stride + offset` lies in
 /// `0..in_len`.
 pub(crate) fn valid(out_len: usize, in_len: usize, stride: usize, offset: isize) -> Range<usize> {
-    let lo = if offset >= 0 {
-        0
-    } else {
-        ((-offset) as usize).div_ceil(stride)
-    };
+    let lo = if offset >= 0 { 0 } else { ((-offset) as usize).div_ceil(stride) };
     let last = in_len as isize - 1 - offset;
-    let hi = if last < 0 {
-        0
-    } else {
-        (last as usize / stride + 1).min(out_len)
-    };
+    let hi = if last < 0 { 0 } else { (last as usize / stride + 1).min(out_len) };
     lo.min(hi)..hi
 }
 
@@ -127,10 +119,7 @@ mod tests {
                             })
                             .collect();
                         let got: Vec<usize> = valid(out_len, in_len, stride, offset).collect();
-                        assert_eq!(
-                            got, want,
-                            "out {out_len} in {in_len} stride {stride} offset {offset}"
-                        );
+                        assert_eq!(got, want, "out {out_len} in {in_len} stride {stride} offset {offset}");
                     }
                 }
             }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
 use super::im2col::{col2im_add, im2col, taps};
-use super::{ConvShape, check, depthwise};
+use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
 use crate::error::{CoreError, Result};
 use crate::gemm::{Int8Path, MatMut, MatRef, gemm_i8};
 use crate::quant::QTensor;
@@ -27,10 +27,7 @@ pub struct QView<'a> {
 
 impl<'a> From<&'a QTensor> for QView<'a> {
     fn from(q: &'a QTensor) -> Self {
-        QView {
-            codes: &q.data,
-            scales: &q.scales,
-        }
+        QView { codes: &q.data, scales: &q.scales }
     }
 }
 
@@ -40,23 +37,14 @@ fn tensor_scale(what: &'static str, q: &QView) -> Result<f32> {
         [s] => Ok(*s),
         _ => Err(CoreError::InvalidArgument {
             what,
-            why: format!(
-                "needs one per-tensor scale, got {}; quantize it per tensor",
-                q.scales.len()
-            ),
+            why: format!("needs one per-tensor scale, got {}; quantize it per tensor", q.scales.len()),
         }),
     }
 }
 
 /// Forward: `y = (s_x * s_w[co]) * conv(xq, wq)`, overwriting `y`. The weight may have one scale
 /// or one per output channel.
-pub fn conv2d_fwd_i8(
-    path: Int8Path,
-    s: &ConvShape,
-    x: QView,
-    w: QView,
-    y: &mut [f32],
-) -> Result<()> {
+pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut [f32]) -> Result<()> {
     check(
         s,
         &[
@@ -85,46 +73,36 @@ pub fn conv2d_fwd_i8(
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
-    y.par_chunks_mut(s.c_out * p)
-        .zip(x.codes.par_chunks(s.c_in * s.in_plane()))
-        .try_for_each_init(
-            || (vec![0i8; col_len], vec![0i32; cog * p]),
-            |(col, acc), (y, x)| {
-                for g in 0..s.groups {
-                    let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                    let b = if s.is_pointwise() {
-                        MatRef::row_major(xg, kg, p)?
-                    } else {
-                        im2col(s, &taps, xg, col);
-                        MatRef::row_major(col, kg, p)?
-                    };
-                    let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?;
-                    gemm_i8(path, a, b, MatMut::row_major(acc, cog, p)?, false, par)?;
-                    for (co, (yrow, arow)) in y[g * cog * p..][..cog * p]
-                        .chunks_exact_mut(p)
-                        .zip(acc.chunks_exact(p))
-                        .enumerate()
-                    {
-                        let sc = scale(g * cog + co);
-                        for (o, &a) in yrow.iter_mut().zip(arow) {
-                            *o = a as f32 * sc;
-                        }
+    y.par_chunks_mut(s.c_out * p).zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
+        || (vec![0i8; col_len], vec![0i32; cog * p]),
+        |(col, acc), (y, x)| {
+            for g in 0..s.groups {
+                let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                let b = if s.is_pointwise() {
+                    MatRef::row_major(xg, kg, p)?
+                } else {
+                    im2col(s, &taps, xg, col);
+                    MatRef::row_major(col, kg, p)?
+                };
+                let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?;
+                gemm_i8(path, a, b, MatMut::row_major(acc, cog, p)?, false, par)?;
+                for (co, (yrow, arow)) in
+                    y[g * cog * p..][..cog * p].chunks_exact_mut(p).zip(acc.chunks_exact(p)).enumerate()
+                {
+                    let sc = scale(g * cog + co);
+                    for (o, &a) in yrow.iter_mut().zip(arow) {
+                        *o = a as f32 * sc;
                     }
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Input gradient: `dx = (s_w * s_dy) * conv_transpose(dyq, wq)`, overwriting `dx`. Both operands
 /// need one scale each.
-pub fn conv2d_dx_i8(
-    path: Int8Path,
-    s: &ConvShape,
-    w: QView,
-    dy: QView,
-    dx: &mut [f32],
-) -> Result<()> {
+pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut [f32]) -> Result<()> {
     check(
         s,
         &[
@@ -133,53 +111,45 @@ pub fn conv2d_dx_i8(
             ("conv input gradient", dx.len(), s.x_len()),
         ],
     )?;
-    let sc = tensor_scale("conv weight (for the input gradient)", &w)?
-        * tensor_scale("conv output gradient", &dy)?;
+    let sc = tensor_scale("conv weight (for the input gradient)", &w)? * tensor_scale("conv output gradient", &dy)?;
     if s.is_depthwise() {
         depthwise::input_grad(s, w.codes, dy.codes, dx, |a| a as f32 * sc);
         return Ok(());
+    }
+    if let Some(t) = dx_as_forward(s) {
+        let flipped = flip_transpose(s, w.codes);
+        return conv2d_fwd_i8(path, &t, dy, QView { codes: &flipped, scales: w.scales }, dx);
     }
     let taps = taps(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
-    dx.par_chunks_mut(s.c_in * s.in_plane())
-        .zip(dy.codes.par_chunks(s.c_out * p))
-        .try_for_each_init(
-            || (vec![0i32; col_len], vec![0i32; cig * s.in_plane()]),
-            |(col, acc), (dx, dy)| {
-                for g in 0..s.groups {
-                    let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t();
-                    let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    if s.is_pointwise() {
-                        gemm_i8(path, a, b, MatMut::row_major(acc, kg, p)?, false, par)?;
-                    } else {
-                        gemm_i8(path, a, b, MatMut::row_major(col, kg, p)?, false, par)?;
-                        acc.fill(0);
-                        // At most kh * kw columns land on one pixel, each below 127^2 * c_out_group.
-                        col2im_add(s, &taps, col, acc);
-                    }
-                    for (o, &a) in dx[g * cig * s.in_plane()..][..cig * s.in_plane()]
-                        .iter_mut()
-                        .zip(acc.iter())
-                    {
-                        *o = a as f32 * sc;
-                    }
+    dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each_init(
+        || (vec![0i32; col_len], vec![0i32; cig * s.in_plane()]),
+        |(col, acc), (dx, dy)| {
+            for g in 0..s.groups {
+                let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t();
+                let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                if s.is_pointwise() {
+                    gemm_i8(path, a, b, MatMut::row_major(acc, kg, p)?, false, par)?;
+                } else {
+                    gemm_i8(path, a, b, MatMut::row_major(col, kg, p)?, false, par)?;
+                    acc.fill(0);
+                    // At most kh * kw columns land on one pixel, each below 127^2 * c_out_group.
+                    col2im_add(s, &taps, col, acc);
                 }
-                Ok(())
-            },
-        )
+                for (o, &a) in dx[g * cig * s.in_plane()..][..cig * s.in_plane()].iter_mut().zip(acc.iter()) {
+                    *o = a as f32 * sc;
+                }
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Weight gradient: `dw = (s_dy * s_x) * sum over the batch of dyq * im2col(xq)^T`, overwriting
 /// `dw`. Each image's sums are exact in `i32`; the batch sum is carried in `i64`.
-pub fn conv2d_dw_i8(
-    path: Int8Path,
-    s: &ConvShape,
-    x: QView,
-    dy: QView,
-    dw: &mut [f32],
-) -> Result<()> {
+pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut [f32]) -> Result<()> {
     check(
         s,
         &[
@@ -188,8 +158,7 @@ pub fn conv2d_dw_i8(
             ("conv weight gradient", dw.len(), s.w_len()),
         ],
     )?;
-    let sc =
-        tensor_scale("conv input", &x)? as f64 * tensor_scale("conv output gradient", &dy)? as f64;
+    let sc = tensor_scale("conv input", &x)? as f64 * tensor_scale("conv output gradient", &dy)? as f64;
     if s.is_depthwise() {
         depthwise::weight_grad(s, x.codes, dy.codes, dw, |v| (v as f64 * sc) as f32);
         return Ok(());
@@ -203,13 +172,7 @@ pub fn conv2d_dw_i8(
         .par_chunks(s.c_in * s.in_plane())
         .zip(dy.codes.par_chunks(s.c_out * p))
         .try_fold(
-            || {
-                (
-                    vec![0i64; s.w_len()],
-                    vec![0i8; col_len],
-                    vec![0i32; cog * kg],
-                )
-            },
+            || (vec![0i64; s.w_len()], vec![0i8; col_len], vec![0i32; cog * kg]),
             |(mut wide, mut col, mut acc), (x, dy)| {
                 for g in 0..s.groups {
                     let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
@@ -220,14 +183,7 @@ pub fn conv2d_dw_i8(
                         MatRef::row_major(&col, kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    gemm_i8(
-                        path,
-                        a,
-                        b,
-                        MatMut::row_major(&mut acc, cog, kg)?,
-                        false,
-                        par,
-                    )?;
+                    gemm_i8(path, a, b, MatMut::row_major(&mut acc, cog, kg)?, false, par)?;
                     for (w, &a) in wide[g * cog * kg..][..cog * kg].iter_mut().zip(acc.iter()) {
                         *w += a as i64;
                     }

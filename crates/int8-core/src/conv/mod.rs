@@ -50,28 +50,8 @@ pub struct ConvShape {
 
 impl ConvShape {
     /// A square convolution with kernel `k`, stride `s`, padding `p`, no dilation, one group.
-    pub fn square(
-        n: usize,
-        c_in: usize,
-        hw: usize,
-        c_out: usize,
-        k: usize,
-        s: usize,
-        p: usize,
-    ) -> Self {
-        Self {
-            n,
-            c_in,
-            h: hw,
-            w: hw,
-            c_out,
-            kh: k,
-            kw: k,
-            stride: (s, s),
-            pad: (p, p),
-            dilation: (1, 1),
-            groups: 1,
-        }
+    pub fn square(n: usize, c_in: usize, hw: usize, c_out: usize, k: usize, s: usize, p: usize) -> Self {
+        Self { n, c_in, h: hw, w: hw, c_out, kh: k, kw: k, stride: (s, s), pad: (p, p), dilation: (1, 1), groups: 1 }
     }
 
     /// The same shape with `groups` groups.
@@ -82,36 +62,12 @@ impl ConvShape {
     /// Checks that the shape is meaningful: positive sizes, channels divisible by the groups, a
     /// kernel that fits the padded input, and a reduction short enough for exact INT8.
     pub fn validate(&self) -> Result<()> {
-        let bad = |why: String| {
-            Err(CoreError::InvalidArgument {
-                what: "convolution shape",
-                why,
-            })
-        };
-        let sizes = [
-            self.n,
-            self.c_in,
-            self.h,
-            self.w,
-            self.c_out,
-            self.kh,
-            self.kw,
-            self.groups,
-        ];
-        if sizes.contains(&0)
-            || [
-                self.stride.0,
-                self.stride.1,
-                self.dilation.0,
-                self.dilation.1,
-            ]
-            .contains(&0)
-        {
-            return bad(format!(
-                "{self:?} has a zero size, stride, dilation or group count"
-            ));
+        let bad = |why: String| Err(CoreError::InvalidArgument { what: "convolution shape", why });
+        let sizes = [self.n, self.c_in, self.h, self.w, self.c_out, self.kh, self.kw, self.groups];
+        if sizes.contains(&0) || [self.stride.0, self.stride.1, self.dilation.0, self.dilation.1].contains(&0) {
+            return bad(format!("{self:?} has a zero size, stride, dilation or group count"));
         }
-        if self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+        if !self.c_in.is_multiple_of(self.groups) || !self.c_out.is_multiple_of(self.groups) {
             return bad(format!(
                 "{} input and {} output channels do not split into {} groups",
                 self.c_in, self.c_out, self.groups
@@ -202,13 +158,47 @@ impl ConvShape {
     }
 }
 
+/// For a stride-1 convolution, the input gradient is itself a forward convolution of the output
+/// gradient with the flipped, transposed weight (see [`flip_transpose`]) and padding
+/// `dilation * (k - 1) - pad`. Returns that convolution's shape, or `None` where it does not apply
+/// (strided or depthwise convolutions, 1x1 convolutions that need no im2col, padding wider than
+/// the kernel's span).
+pub(crate) fn dx_as_forward(s: &ConvShape) -> Option<ConvShape> {
+    let span = (s.dilation.0 * (s.kh - 1), s.dilation.1 * (s.kw - 1));
+    if s.stride != (1, 1) || s.is_depthwise() || s.is_pointwise() || s.pad.0 > span.0 || s.pad.1 > span.1 {
+        return None;
+    }
+    Some(ConvShape {
+        c_in: s.c_out,
+        c_out: s.c_in,
+        h: s.out_h(),
+        w: s.out_w(),
+        pad: (span.0 - s.pad.0, span.1 - s.pad.1),
+        ..*s
+    })
+}
+
+/// The weight of [`dx_as_forward`]: `w'[ci][co_g][i][j] = w[g * cog + co_g][ci_g][kh-1-i][kw-1-j]`.
+pub(crate) fn flip_transpose<T: Copy + Default>(s: &ConvShape, w: &[T]) -> Vec<T> {
+    let (cig, cog, kk) = (s.c_in_group(), s.c_out_group(), s.kh * s.kw);
+    let mut out = vec![T::default(); w.len()];
+    for co in 0..s.c_out {
+        let (g, co_g) = (co / cog, co % cog);
+        for ci_g in 0..cig {
+            let ci = g * cig + ci_g;
+            for t in 0..kk {
+                out[(ci * cog + co_g) * kk + (kk - 1 - t)] = w[(co * cig + ci_g) * kk + t];
+            }
+        }
+    }
+    out
+}
+
 /// Output length along one axis; total, so that sizes of invalid shapes can be computed (and
 /// reported) before validation.
 fn out_len(input: usize, pad: usize, dilation: usize, k: usize, stride: usize) -> usize {
     let span = dilation * k.saturating_sub(1) + 1;
-    (input + 2 * pad)
-        .checked_sub(span)
-        .map_or(0, |v| v / stride.max(1) + 1)
+    (input + 2 * pad).checked_sub(span).map_or(0, |v| v / stride.max(1) + 1)
 }
 
 /// Validates the shape and the lengths of the buffers named in `lens` (`(what, got, expected)`).

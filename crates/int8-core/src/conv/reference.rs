@@ -17,10 +17,8 @@ fn for_each_mac(s: &ConvShape, mut f: impl FnMut(usize, usize, usize)) {
                         let c = g * cig + ci;
                         for i in 0..s.kh {
                             for j in 0..s.kw {
-                                let ih = (oh * s.stride.0 + i * s.dilation.0) as isize
-                                    - s.pad.0 as isize;
-                                let iw = (ow * s.stride.1 + j * s.dilation.1) as isize
-                                    - s.pad.1 as isize;
+                                let ih = (oh * s.stride.0 + i * s.dilation.0) as isize - s.pad.0 as isize;
+                                let iw = (ow * s.stride.1 + j * s.dilation.1) as isize - s.pad.1 as isize;
                                 if ih < 0 || iw < 0 || ih as usize >= s.h || iw as usize >= s.w {
                                     continue;
                                 }

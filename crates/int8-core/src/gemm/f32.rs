@@ -4,13 +4,7 @@ use super::{MatMut, MatRef, Parallelism, check_product};
 use crate::error::Result;
 
 /// `C = A * B`, or `C += A * B` when `accumulate`.
-pub fn gemm_f32(
-    a: MatRef<f32>,
-    b: MatRef<f32>,
-    c: MatMut<f32>,
-    accumulate: bool,
-    par: Parallelism,
-) -> Result<()> {
+pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: MatMut<f32>, accumulate: bool, par: Parallelism) -> Result<()> {
     check_product(&a, &b, &c)?;
     if c.rows == 0 || c.cols == 0 {
         return Ok(());

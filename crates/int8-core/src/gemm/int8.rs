@@ -58,12 +58,7 @@ struct Geometry {
 
 impl Int8Path {
     /// Every path, fastest first.
-    pub const ALL: [Int8Path; 4] = [
-        Int8Path::Avx512Vnni,
-        Int8Path::AvxVnni,
-        Int8Path::Avx2,
-        Int8Path::Portable,
-    ];
+    pub const ALL: [Int8Path; 4] = [Int8Path::Avx512Vnni, Int8Path::AvxVnni, Int8Path::Avx2, Int8Path::Portable];
 
     /// Whether this CPU can run the path.
     pub fn is_available(self) -> bool {
@@ -75,9 +70,7 @@ impl Int8Path {
                     && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(target_arch = "x86_64")]
-            Int8Path::AvxVnni => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni")
-            }
+            Int8Path::AvxVnni => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni"),
             #[cfg(target_arch = "x86_64")]
             Int8Path::Avx2 => is_x86_feature_detected!("avx2"),
             Int8Path::Portable => true,
@@ -110,32 +103,12 @@ impl Int8Path {
     fn geometry(self) -> Geometry {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Int8Path::Avx512Vnni => Geometry {
-                mr: 8,
-                nr: 32,
-                offset: true,
-                kernel: x86::kernel_avx512_vnni,
-            },
+            Int8Path::Avx512Vnni => Geometry { mr: 8, nr: 32, offset: true, kernel: x86::kernel_avx512_vnni },
             #[cfg(target_arch = "x86_64")]
-            Int8Path::AvxVnni => Geometry {
-                mr: 4,
-                nr: 16,
-                offset: true,
-                kernel: x86::kernel_avx_vnni,
-            },
+            Int8Path::AvxVnni => Geometry { mr: 4, nr: 16, offset: true, kernel: x86::kernel_avx_vnni },
             #[cfg(target_arch = "x86_64")]
-            Int8Path::Avx2 => Geometry {
-                mr: 4,
-                nr: 16,
-                offset: false,
-                kernel: x86::kernel_avx2,
-            },
-            _ => Geometry {
-                mr: 4,
-                nr: 16,
-                offset: false,
-                kernel: kernel_portable,
-            },
+            Int8Path::Avx2 => Geometry { mr: 4, nr: 16, offset: false, kernel: x86::kernel_avx2 },
+            _ => Geometry { mr: 4, nr: 16, offset: false, kernel: kernel_portable },
         }
     }
 }
@@ -156,29 +129,20 @@ pub fn gemm_i8(
     if !path.is_available() {
         return Err(CoreError::InvalidArgument {
             what: "int8 gemm path",
-            why: format!(
-                "this cpu cannot run {}; use Int8Path::detect()",
-                path.name()
-            ),
+            why: format!("this cpu cannot run {}; use Int8Path::detect()", path.name()),
         });
     }
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if k > MAX_K_I8 {
         return Err(CoreError::InvalidArgument {
             what: "int8 gemm depth",
-            why: format!(
-                "{k} exceeds {MAX_K_I8}, where i32 sums may overflow; split the reduction"
-            ),
+            why: format!("{k} exceeds {MAX_K_I8}, where i32 sums may overflow; split the reduction"),
         });
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let out = OutPtr {
-        ptr: c.data.as_mut_ptr(),
-        rs: c.row_stride,
-        cs: c.col_stride,
-    };
+    let out = OutPtr { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride };
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -198,17 +162,7 @@ pub fn gemm_i8(
         for i0 in (0..m).step_by(MC) {
             let mc = MC.min(m - i0);
             pack_a(&a, i0, mc, k0, kc, &g, par, &mut packed_a);
-            let block = Block {
-                a: &packed_a,
-                b: &b,
-                i0,
-                mc,
-                k0,
-                kc,
-                n,
-                overwrite,
-                out,
-            };
+            let block = Block { a: &packed_a, b: &b, i0, mc, k0, kc, n, overwrite, out };
             match par {
                 Parallelism::None => block.run(&g, 0..n_panels),
                 Parallelism::Rayon => {
@@ -262,16 +216,7 @@ impl Block<'_> {
         for jp in panels {
             let j0 = jp * g.nr;
             let ncols = g.nr.min(self.n - j0);
-            pack_b(
-                self.b,
-                self.k0,
-                self.kc,
-                j0,
-                ncols,
-                g.nr,
-                &mut packed_b,
-                &mut correction,
-            );
+            pack_b(self.b, self.k0, self.kc, j0, ncols, g.nr, &mut packed_b, &mut correction);
             if !g.offset {
                 correction.fill(0);
             }
@@ -290,12 +235,8 @@ impl Block<'_> {
                         // SAFETY: row `i`, columns `j0..j0 + ncols` lie inside the output view,
                         // contiguous since the column stride is 1, and no other task writes this
                         // column panel.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                self.out.ptr.add(i * self.out.rs + j0),
-                                ncols,
-                            )
-                        };
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(self.out.ptr.add(i * self.out.rs + j0), ncols) };
                         if self.overwrite {
                             for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
                                 *d = v.wrapping_sub(c);
@@ -312,11 +253,7 @@ impl Block<'_> {
                             // checked against its slice; no other task writes this column panel.
                             unsafe {
                                 let p = self.out.ptr.add(i * self.out.rs + (j0 + j) * self.out.cs);
-                                *p = if self.overwrite {
-                                    v
-                                } else {
-                                    (*p).wrapping_add(v)
-                                };
+                                *p = if self.overwrite { v } else { (*p).wrapping_add(v) };
                             }
                         }
                     }
@@ -352,8 +289,7 @@ fn pack_a(
                 let xor4 = u32::from_ne_bytes([xor; 4]);
                 let mut groups = row.chunks_exact(4);
                 for (k4, q) in groups.by_ref().enumerate() {
-                    let w =
-                        u32::from_ne_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]) ^ xor4;
+                    let w = u32::from_ne_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]) ^ xor4;
                     panel[(k4 * mr + r) * 4..][..4].copy_from_slice(&w.to_ne_bytes());
                 }
                 let k4 = kc / 4;
@@ -368,14 +304,8 @@ fn pack_a(
         }
     };
     match par {
-        Parallelism::None => dst
-            .chunks_mut(kc4 * 4 * mr)
-            .enumerate()
-            .for_each(pack_panel),
-        Parallelism::Rayon => dst
-            .par_chunks_mut(kc4 * 4 * mr)
-            .enumerate()
-            .for_each(pack_panel),
+        Parallelism::None => dst.chunks_mut(kc4 * 4 * mr).enumerate().for_each(pack_panel),
+        Parallelism::Rayon => dst.par_chunks_mut(kc4 * 4 * mr).enumerate().for_each(pack_panel),
     }
 }
 
@@ -394,21 +324,27 @@ fn pack_b(
 ) {
     let mut colsum = [0i32; 64];
     let colsum = &mut colsum[..nr];
-    if ncols < nr || kc % 4 != 0 {
+    if ncols < nr || !kc.is_multiple_of(4) {
         dst.fill(0);
     }
     if b.row_stride == 1 && b.col_stride != 1 {
-        // Column-major B (a transposed view): each column's four bytes of a group are adjacent.
+        // Column-major B (a transposed view): each column's four bytes of a group are adjacent, so
+        // packing is a transpose of 32-bit words, done in 4x4 blocks where possible.
+        let done = transpose_words_simd(b, k0, kc, j0, ncols, nr, dst);
+        for j in 0..ncols {
+            let col = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
+            colsum[j] = col.iter().map(|&v| v as i32).sum();
+        }
         for j in 0..ncols {
             let col = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
             let mut groups = col.chunks_exact(4);
             for (k4, q) in groups.by_ref().enumerate() {
-                dst[(k4 * nr + j) * 4..][..4].copy_from_slice(q);
-                colsum[j] += q[0] as i32 + q[1] as i32 + q[2] as i32 + q[3] as i32;
+                if j >= done.0 || k4 >= done.1 {
+                    dst[(k4 * nr + j) * 4..][..4].copy_from_slice(q);
+                }
             }
             for (t, &v) in groups.remainder().iter().enumerate() {
                 dst[((kc / 4) * nr + j) * 4 + t] = v;
-                colsum[j] += v as i32;
             }
         }
         for (c, s) in correction.iter_mut().zip(colsum.iter()) {
@@ -419,13 +355,16 @@ fn pack_b(
     let full = if b.col_stride == 1 { kc / 4 } else { 0 };
     for k4 in 0..full {
         // Four rows at a time: each output word gathers one byte from each row.
-        let rows: [&[i8]; 4] =
-            std::array::from_fn(|t| &b.data[(k0 + 4 * k4 + t) * b.row_stride + j0..][..ncols]);
+        let rows: [&[i8]; 4] = std::array::from_fn(|t| &b.data[(k0 + 4 * k4 + t) * b.row_stride + j0..][..ncols]);
+        for row in rows {
+            for (s, &v) in colsum.iter_mut().zip(row) {
+                *s += v as i32;
+            }
+        }
         let out = &mut dst[k4 * nr * 4..][..ncols * 4];
-        for (j, (o, s)) in out.chunks_exact_mut(4).zip(colsum.iter_mut()).enumerate() {
-            let q = [rows[0][j], rows[1][j], rows[2][j], rows[3][j]];
-            o.copy_from_slice(&q);
-            *s += q[0] as i32 + q[1] as i32 + q[2] as i32 + q[3] as i32;
+        let done = interleave4_simd(rows, out);
+        for j in done..ncols {
+            out[4 * j..4 * j + 4].copy_from_slice(&[rows[0][j], rows[1][j], rows[2][j], rows[3][j]]);
         }
     }
     for kk in 4 * full..kc {
@@ -439,6 +378,89 @@ fn pack_b(
     for (c, s) in correction.iter_mut().zip(colsum.iter()) {
         *c = s.wrapping_mul(128);
     }
+}
+
+/// Interleaves whole groups of 16 columns of four rows into `out` (`out[4j + t] = rows[t][j]`) with
+/// SSE2 byte and word unpacks; returns how many columns it did.
+#[cfg(target_arch = "x86_64")]
+fn interleave4_simd(rows: [&[i8]; 4], out: &mut [i8]) -> usize {
+    use std::arch::x86_64::*;
+    let n = rows[0].len() / 16 * 16;
+    for j in (0..n).step_by(16) {
+        // SAFETY: SSE2 is part of the x86_64 baseline; each row holds at least `j + 16` bytes and
+        // `out` at least `4 * (j + 16)`, since `n <= rows[t].len()` and `out.len() == 4 * len`.
+        unsafe {
+            let r: [__m128i; 4] = std::array::from_fn(|t| _mm_loadu_si128(rows[t].as_ptr().add(j).cast()));
+            let (a_lo, a_hi) = (_mm_unpacklo_epi8(r[0], r[1]), _mm_unpackhi_epi8(r[0], r[1]));
+            let (b_lo, b_hi) = (_mm_unpacklo_epi8(r[2], r[3]), _mm_unpackhi_epi8(r[2], r[3]));
+            let o = out.as_mut_ptr().add(4 * j);
+            _mm_storeu_si128(o.cast(), _mm_unpacklo_epi16(a_lo, b_lo));
+            _mm_storeu_si128(o.add(16).cast(), _mm_unpackhi_epi16(a_lo, b_lo));
+            _mm_storeu_si128(o.add(32).cast(), _mm_unpacklo_epi16(a_hi, b_hi));
+            _mm_storeu_si128(o.add(48).cast(), _mm_unpackhi_epi16(a_hi, b_hi));
+        }
+    }
+    n
+}
+
+/// Packs column-major B by transposing 4x4 blocks of 32-bit words (four columns by four groups of
+/// four K values) with SSE2; returns the columns and groups it covered, `(ncols / 4 * 4,
+/// kc / 16 * 4)`, leaving the rest to the caller.
+#[cfg(target_arch = "x86_64")]
+fn transpose_words_simd(
+    b: &MatRef<i8>,
+    k0: usize,
+    kc: usize,
+    j0: usize,
+    ncols: usize,
+    nr: usize,
+    dst: &mut [i8],
+) -> (usize, usize) {
+    use std::arch::x86_64::*;
+    let (jn, kn) = (ncols / 4 * 4, kc / 16 * 16);
+    for j in (0..jn).step_by(4) {
+        let cols: [&[i8]; 4] = std::array::from_fn(|t| &b.data[(j0 + j + t) * b.col_stride + k0..][..kc]);
+        for k in (0..kn).step_by(16) {
+            // SAFETY: SSE2 is part of the x86_64 baseline; each column slice holds `kc >= k + 16`
+            // bytes, and the four 16-byte stores land at groups `k / 4 .. k / 4 + 4`, columns
+            // `j .. j + 4` of a panel of `kc.div_ceil(4) * nr * 4` bytes.
+            unsafe {
+                let r: [__m128i; 4] = std::array::from_fn(|t| _mm_loadu_si128(cols[t].as_ptr().add(k).cast()));
+                let (t0, t1) = (_mm_unpacklo_epi32(r[0], r[1]), _mm_unpacklo_epi32(r[2], r[3]));
+                let (t2, t3) = (_mm_unpackhi_epi32(r[0], r[1]), _mm_unpackhi_epi32(r[2], r[3]));
+                let rows = [
+                    _mm_unpacklo_epi64(t0, t1),
+                    _mm_unpackhi_epi64(t0, t1),
+                    _mm_unpacklo_epi64(t2, t3),
+                    _mm_unpackhi_epi64(t2, t3),
+                ];
+                for (g, v) in rows.iter().enumerate() {
+                    _mm_storeu_si128(dst.as_mut_ptr().add(((k / 4 + g) * nr + j) * 4).cast(), *v);
+                }
+            }
+        }
+    }
+    (jn, kn / 4)
+}
+
+/// Elsewhere the caller's scalar loop does everything.
+#[cfg(not(target_arch = "x86_64"))]
+fn transpose_words_simd(
+    _b: &MatRef<i8>,
+    _k0: usize,
+    _kc: usize,
+    _j0: usize,
+    _ncols: usize,
+    _nr: usize,
+    _dst: &mut [i8],
+) -> (usize, usize) {
+    (0, 0)
+}
+
+/// Elsewhere the caller's scalar loop does every column.
+#[cfg(not(target_arch = "x86_64"))]
+fn interleave4_simd(_rows: [&[i8]; 4], _out: &mut [i8]) -> usize {
+    0
 }
 
 /// The portable 4x16 micro-kernel.
@@ -462,9 +484,7 @@ unsafe fn kernel_portable(kc4: usize, a: *const u8, b: *const i8, out: *mut i32)
             for j in 0..NR {
                 let mut s = 0i32;
                 for t in 0..4 {
-                    s = s.wrapping_add(
-                        (a[r * 4 + t] as i8 as i32).wrapping_mul(b[j * 4 + t] as i32),
-                    );
+                    s = s.wrapping_add((a[r * 4 + t] as i8 as i32).wrapping_mul(b[j * 4 + t] as i32));
                 }
                 acc[r * NR + j] = acc[r * NR + j].wrapping_add(s);
             }
@@ -571,60 +591,24 @@ mod tests {
 
     fn codes(n: usize, seed: u64) -> Vec<i8> {
         let rng = CounterRng::new(seed);
-        (0..n)
-            .map(|i| (rng.bits(i as u64) % 255) as i32 - 127)
-            .map(|v| v as i8)
-            .collect()
+        (0..n).map(|i| (rng.bits(i as u64) % 255) as i32 - 127).map(|v| v as i8).collect()
     }
 
-    fn check(
-        path: Int8Path,
-        m: usize,
-        n: usize,
-        k: usize,
-        transpose_a: bool,
-        transpose_b: bool,
-        par: Parallelism,
-    ) {
+    fn check(path: Int8Path, m: usize, n: usize, k: usize, transpose_a: bool, transpose_b: bool, par: Parallelism) {
         let ad = codes(m * k, (m * 31 + k) as u64);
         let bd = codes(k * n, (n * 17 + k) as u64);
-        let a = if transpose_a {
-            MatRef::row_major(&ad, k, m).unwrap().t()
-        } else {
-            MatRef::row_major(&ad, m, k).unwrap()
-        };
-        let b = if transpose_b {
-            MatRef::row_major(&bd, n, k).unwrap().t()
-        } else {
-            MatRef::row_major(&bd, k, n).unwrap()
-        };
+        let a =
+            if transpose_a { MatRef::row_major(&ad, k, m).unwrap().t() } else { MatRef::row_major(&ad, m, k).unwrap() };
+        let b =
+            if transpose_b { MatRef::row_major(&bd, n, k).unwrap().t() } else { MatRef::row_major(&bd, k, n).unwrap() };
         let want = gemm_i8_i64(a, b);
         let mut c = vec![7i32; m * n];
-        gemm_i8(
-            path,
-            a,
-            b,
-            MatMut::row_major(&mut c, m, n).unwrap(),
-            false,
-            par,
-        )
-        .unwrap();
+        gemm_i8(path, a, b, MatMut::row_major(&mut c, m, n).unwrap(), false, par).unwrap();
         for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
-            assert_eq!(
-                got as i64, w,
-                "{path:?} {m}x{n}x{k} ta={transpose_a} tb={transpose_b} at {idx}"
-            );
+            assert_eq!(got as i64, w, "{path:?} {m}x{n}x{k} ta={transpose_a} tb={transpose_b} at {idx}");
         }
         // Accumulating adds onto what is there.
-        gemm_i8(
-            path,
-            a,
-            b,
-            MatMut::row_major(&mut c, m, n).unwrap(),
-            true,
-            par,
-        )
-        .unwrap();
+        gemm_i8(path, a, b, MatMut::row_major(&mut c, m, n).unwrap(), true, par).unwrap();
         for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
             assert_eq!(got as i64, 2 * w, "{path:?} accumulate at {idx}");
         }
@@ -635,15 +619,9 @@ mod tests {
         let paths = Int8Path::available();
         assert!(paths.contains(&Int8Path::Portable));
         for &path in &paths {
-            for &(m, n, k) in &[
-                (1, 1, 1),
-                (3, 5, 7),
-                (8, 32, 4),
-                (9, 33, 5),
-                (17, 70, 131),
-                (64, 100, 1030),
-                (300, 45, 20),
-            ] {
+            for &(m, n, k) in
+                &[(1, 1, 1), (3, 5, 7), (8, 32, 4), (9, 33, 5), (17, 70, 131), (64, 100, 1030), (300, 45, 20)]
+            {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     check(path, m, n, k, ta, tb, Parallelism::None);
                 }
@@ -657,47 +635,21 @@ mod tests {
         // All codes at +-127 over the longest allowed reduction: sums reach 127^2 * MAX_K_I8,
         // right under i32::MAX, where a saturating or overflowing kernel would be caught.
         let (m, n, k) = (9, 17, MAX_K_I8);
-        let a: Vec<i8> = (0..m * k)
-            .map(|i| if (i / k) % 2 == 0 { 127 } else { -127 })
-            .collect();
-        let b: Vec<i8> = (0..k * n)
-            .map(|i| if (i % n) % 3 == 0 { -127 } else { 127 })
-            .collect();
-        let (av, bv) = (
-            MatRef::row_major(&a, m, k).unwrap(),
-            MatRef::row_major(&b, k, n).unwrap(),
-        );
+        let a: Vec<i8> = (0..m * k).map(|i| if (i / k) % 2 == 0 { 127 } else { -127 }).collect();
+        let b: Vec<i8> = (0..k * n).map(|i| if (i % n) % 3 == 0 { -127 } else { 127 }).collect();
+        let (av, bv) = (MatRef::row_major(&a, m, k).unwrap(), MatRef::row_major(&b, k, n).unwrap());
         let want = gemm_i8_i64(av, bv);
         assert!(want.iter().all(|&w| w.abs() == 127 * 127 * k as i64));
         for path in Int8Path::available() {
             let mut c = vec![0i32; m * n];
-            gemm_i8(
-                path,
-                av,
-                bv,
-                MatMut::row_major(&mut c, m, n).unwrap(),
-                false,
-                Parallelism::Rayon,
-            )
-            .unwrap();
-            assert!(
-                c.iter().zip(&want).all(|(&g, &w)| g as i64 == w),
-                "{path:?}"
-            );
+            gemm_i8(path, av, bv, MatMut::row_major(&mut c, m, n).unwrap(), false, Parallelism::Rayon).unwrap();
+            assert!(c.iter().zip(&want).all(|(&g, &w)| g as i64 == w), "{path:?}");
         }
     }
 
     #[test]
     fn large_square_matches_the_reference() {
-        check(
-            Int8Path::detect(),
-            257,
-            300,
-            1500,
-            false,
-            false,
-            Parallelism::Rayon,
-        );
+        check(Int8Path::detect(), 257, 300, 1500, false, false, Parallelism::Rayon);
     }
 
     #[test]
@@ -705,30 +657,16 @@ mod tests {
         let a = vec![0i8; 6];
         let av = MatRef::row_major(&a, 2, 3).unwrap();
         let mut c = vec![0i32; 4];
-        let err = gemm_i8(
-            Int8Path::Portable,
-            av,
-            av,
-            MatMut::row_major(&mut c, 2, 2).unwrap(),
-            false,
-            Parallelism::None,
-        );
+        let err =
+            gemm_i8(Int8Path::Portable, av, av, MatMut::row_major(&mut c, 2, 2).unwrap(), false, Parallelism::None);
         assert!(err.is_err());
         assert!(MatRef::new(&a, 2, 3, 4, 1).is_err());
         let big = vec![0i8; MAX_K_I8 + 1];
-        let (x, y) = (
-            MatRef::row_major(&big, 1, MAX_K_I8 + 1).unwrap(),
-            MatRef::row_major(&big, MAX_K_I8 + 1, 1).unwrap(),
-        );
+        let (x, y) =
+            (MatRef::row_major(&big, 1, MAX_K_I8 + 1).unwrap(), MatRef::row_major(&big, MAX_K_I8 + 1, 1).unwrap());
         let mut one = vec![0i32; 1];
-        let err = gemm_i8(
-            Int8Path::Portable,
-            x,
-            y,
-            MatMut::row_major(&mut one, 1, 1).unwrap(),
-            false,
-            Parallelism::None,
-        );
+        let err =
+            gemm_i8(Int8Path::Portable, x, y, MatMut::row_major(&mut one, 1, 1).unwrap(), false, Parallelism::None);
         assert!(err.unwrap_err().to_string().contains("split the reduction"));
     }
 }

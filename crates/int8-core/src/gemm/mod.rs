@@ -44,55 +44,25 @@ pub struct MatMut<'a, T> {
 }
 
 /// Checks that every element of a `rows x cols` view with these strides lies inside `len`.
-fn check_view(
-    what: &'static str,
-    len: usize,
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-) -> Result<()> {
+fn check_view(what: &'static str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let last = (rows - 1)
-        .checked_mul(rs)
-        .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
+    let last = (rows - 1).checked_mul(rs).and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
     match last {
         Some(last) if last < len => Ok(()),
         _ => Err(CoreError::InvalidArgument {
             what,
-            why: format!(
-                "a {rows}x{cols} view with strides ({rs}, {cs}) does not fit in {len} elements"
-            ),
+            why: format!("a {rows}x{cols} view with strides ({rs}, {cs}) does not fit in {len} elements"),
         }),
     }
 }
 
 impl<'a, T: Copy> MatRef<'a, T> {
     /// A view with explicit strides; errors if any element falls outside `data`.
-    pub fn new(
-        data: &'a [T],
-        rows: usize,
-        cols: usize,
-        row_stride: usize,
-        col_stride: usize,
-    ) -> Result<Self> {
-        check_view(
-            "matrix view",
-            data.len(),
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        )?;
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        })
+    pub fn new(data: &'a [T], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Result<Self> {
+        check_view("matrix view", data.len(), rows, cols, row_stride, col_stride)?;
+        Ok(Self { data, rows, cols, row_stride, col_stride })
     }
 
     /// A dense row-major `rows x cols` view.
@@ -131,34 +101,15 @@ impl<'a, T: Copy> MatRef<'a, T> {
 
 impl<'a, T: Copy> MatMut<'a, T> {
     /// A mutable view with explicit strides; errors if any element falls outside `data`.
-    pub fn new(
-        data: &'a mut [T],
-        rows: usize,
-        cols: usize,
-        row_stride: usize,
-        col_stride: usize,
-    ) -> Result<Self> {
-        check_view(
-            "output matrix view",
-            data.len(),
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        )?;
+    pub fn new(data: &'a mut [T], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Result<Self> {
+        check_view("output matrix view", data.len(), rows, cols, row_stride, col_stride)?;
         if rows > 1 && cols > 1 && (row_stride == 0 || col_stride == 0) {
             return Err(CoreError::InvalidArgument {
                 what: "output matrix view",
                 why: "a zero stride would alias outputs".into(),
             });
         }
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        })
+        Ok(Self { data, rows, cols, row_stride, col_stride })
     }
 
     /// A dense row-major `rows x cols` view.
@@ -179,18 +130,11 @@ impl<'a, T: Copy> MatMut<'a, T> {
 }
 
 /// Checks the shapes of `C = A * B`.
-fn check_product<A: Copy, B: Copy, C: Copy>(
-    a: &MatRef<A>,
-    b: &MatRef<B>,
-    c: &MatMut<C>,
-) -> Result<()> {
+fn check_product<A: Copy, B: Copy, C: Copy>(a: &MatRef<A>, b: &MatRef<B>, c: &MatMut<C>) -> Result<()> {
     if a.cols != b.rows || c.rows != a.rows || c.cols != b.cols {
         return Err(CoreError::InvalidArgument {
             what: "matrix product shapes",
-            why: format!(
-                "A is {}x{}, B is {}x{}, C is {}x{}",
-                a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
-            ),
+            why: format!("A is {}x{}, B is {}x{}, C is {}x{}", a.rows, a.cols, b.rows, b.cols, c.rows, c.cols),
         });
     }
     Ok(())
