@@ -33,33 +33,7 @@ pub fn cosine_distance(g: &[f32], clip: f32) -> f64 {
     let inv = QMAX / clip;
     let (gq, qq, gg) = g
         .par_chunks(CHUNK)
-        .map(|c| {
-            // Sixteen f32 lanes over blocks of 1024, carried across blocks in f64 to keep
-            // `1 - cos` accurate when it is small.
-            let (mut gq, mut qq, mut gg) = (0.0f64, 0.0f64, 0.0f64);
-            for block in c.chunks(1024) {
-                let (mut a, mut b, mut e) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
-                let mut lanes = block.chunks_exact(LANES);
-                for v in lanes.by_ref() {
-                    for l in 0..LANES {
-                        let q = round_code((v[l] * inv).clamp(-QMAX, QMAX)) as f32;
-                        a[l] += v[l] * q;
-                        b[l] += q * q;
-                        e[l] += v[l] * v[l];
-                    }
-                }
-                for &v in lanes.remainder() {
-                    let q = round_code((v * inv).clamp(-QMAX, QMAX)) as f32;
-                    a[0] += v * q;
-                    b[0] += q * q;
-                    e[0] += v * v;
-                }
-                gq += a.iter().map(|&x| x as f64).sum::<f64>();
-                qq += b.iter().map(|&x| x as f64).sum::<f64>();
-                gg += e.iter().map(|&x| x as f64).sum::<f64>();
-            }
-            (gq, qq, gg)
-        })
+        .map(|c| distance_terms(c, inv))
         .reduce(|| (0.0, 0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1, x.2 + y.2));
     if gg == 0.0 {
         return 0.0;
@@ -68,6 +42,35 @@ pub fn cosine_distance(g: &[f32], clip: f32) -> f64 {
         return 1.0;
     }
     (1.0 - gq / (gg.sqrt() * qq.sqrt())).max(0.0)
+}
+
+/// `(sum g*q, sum q*q, sum g*g)` over `c` for codes `q = round(g * inv)`: sixteen f32 lanes over
+/// blocks of 1024, carried across blocks in f64 to keep `1 - cos` accurate when it is small.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn distance_terms(c: &[f32], inv: f32) -> (f64, f64, f64) {
+    let (mut gq, mut qq, mut gg) = (0.0f64, 0.0f64, 0.0f64);
+    for block in c.chunks(1024) {
+        let (mut a, mut b, mut e) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        let mut lanes = block.chunks_exact(LANES);
+        for v in lanes.by_ref() {
+            for l in 0..LANES {
+                let q = round_code((v[l] * inv).clamp(-QMAX, QMAX)) as f32;
+                a[l] += v[l] * q;
+                b[l] += q * q;
+                e[l] += v[l] * v[l];
+            }
+        }
+        for &v in lanes.remainder() {
+            let q = round_code((v * inv).clamp(-QMAX, QMAX)) as f32;
+            a[0] += v * q;
+            b[0] += q * q;
+            e[0] += v * v;
+        }
+        gq += a.iter().map(|&x| x as f64).sum::<f64>();
+        qq += b.iter().map(|&x| x as f64).sum::<f64>();
+        gg += e.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    (gq, qq, gg)
 }
 
 /// The outcome of a clip search.

@@ -9,6 +9,11 @@
 //! - [`conv`]: 2-D convolution forward, input gradient and weight gradient at both precisions.
 //!
 //! This crate knows nothing of autograd, models or files: `int8-nn` wraps it as layers.
+//!
+//! Elementwise loops are compiled for AVX-512 and AVX2 besides the baseline with the
+//! `multiversion` attribute (`targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+//! "x86_64+avx2+fma")`), and the best version is chosen at run time: committed builds never use
+//! `target-cpu=native`, so without this they would run on 128-bit SSE2.
 
 pub mod conv;
 pub mod dclr;

@@ -96,7 +96,7 @@ pub fn scale_for_clip(clip: f32) -> f32 {
 pub(crate) const LANES: usize = 16;
 
 /// `(max |v|, all finite)` over `c`, vectorised.
-#[inline]
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn max_abs_finite(c: &[f32]) -> (f32, bool) {
     let (mut m, mut z) = ([0.0f32; LANES], [0.0f32; LANES]);
     let mut blocks = c.chunks_exact(LANES);
@@ -140,6 +140,7 @@ fn non_finite(name: &str, x: &[f32]) -> CoreError {
 /// Quantizes `x` with clipping value `clip` into `out`, starting the stochastic stream at
 /// `offset`; returns how many values were clipped and whether all were finite. `clip <= 0` maps
 /// everything to zero.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn quantize_slice(x: &[f32], clip: f32, rounding: Rounding, offset: usize, out: &mut [i8]) -> (usize, bool) {
     let inv = if clip > 0.0 { QMAX / clip } else { 0.0 };
     let (mut sat, mut z) = ([0u32; LANES], [0.0f32; LANES]);

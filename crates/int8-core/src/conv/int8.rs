@@ -31,6 +31,22 @@ impl<'a> From<&'a QTensor> for QView<'a> {
     }
 }
 
+/// `out = acc * scale`, elementwise.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn scale_into(out: &mut [f32], acc: &[i32], scale: f32) {
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = a as f32 * scale;
+    }
+}
+
+/// `wide += acc`, elementwise, widening to `i64`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn widen_add(wide: &mut [i64], acc: &[i32]) {
+    for (w, &a) in wide.iter_mut().zip(acc) {
+        *w += a as i64;
+    }
+}
+
 /// The single scale of a per-tensor quantized operand.
 fn tensor_scale(what: &'static str, q: &QView) -> Result<f32> {
     match q.scales {
@@ -89,10 +105,7 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
                 for (co, (yrow, arow)) in
                     y[g * cog * p..][..cog * p].chunks_exact_mut(p).zip(acc.chunks_exact(p)).enumerate()
                 {
-                    let sc = scale(g * cog + co);
-                    for (o, &a) in yrow.iter_mut().zip(arow) {
-                        *o = a as f32 * sc;
-                    }
+                    scale_into(yrow, arow, scale(g * cog + co));
                 }
             }
             Ok(())
@@ -138,9 +151,7 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
                     // At most kh * kw columns land on one pixel, each below 127^2 * c_out_group.
                     col2im_add(s, &taps, col, acc);
                 }
-                for (o, &a) in dx[g * cig * s.in_plane()..][..cig * s.in_plane()].iter_mut().zip(acc.iter()) {
-                    *o = a as f32 * sc;
-                }
+                scale_into(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], acc, sc);
             }
             Ok(())
         },
@@ -184,9 +195,7 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
                     gemm_i8(path, a, b, MatMut::row_major(&mut acc, cog, kg)?, false, par)?;
-                    for (w, &a) in wide[g * cog * kg..][..cog * kg].iter_mut().zip(acc.iter()) {
-                        *w += a as i64;
-                    }
+                    widen_add(&mut wide[g * cog * kg..][..cog * kg], &acc);
                 }
                 Ok((wide, col, acc))
             },

@@ -237,15 +237,7 @@ impl Block<'_> {
                         // column panel.
                         let dst =
                             unsafe { std::slice::from_raw_parts_mut(self.out.ptr.add(i * self.out.rs + j0), ncols) };
-                        if self.overwrite {
-                            for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
-                                *d = v.wrapping_sub(c);
-                            }
-                        } else {
-                            for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
-                                *d = d.wrapping_add(v.wrapping_sub(c));
-                            }
-                        }
+                        store_row(dst, row, correction, self.overwrite);
                     } else {
                         for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
                             let v = v.wrapping_sub(c);
@@ -259,6 +251,21 @@ impl Block<'_> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Stores one tile row into a contiguous output row, less the VNNI correction: `dst = v - c`, or
+/// `dst += v - c` when accumulating. Wrapping, since the corrected sum is exact modulo 2^32.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn store_row(dst: &mut [i32], row: &[i32], correction: &[i32], overwrite: bool) {
+    if overwrite {
+        for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
+            *d = v.wrapping_sub(c);
+        }
+    } else {
+        for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
+            *d = d.wrapping_add(v.wrapping_sub(c));
         }
     }
 }
