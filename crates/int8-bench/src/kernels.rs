@@ -201,3 +201,58 @@ pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
     }) + search / 100.0;
     Ok(Row::new(name, fp32, int8))
 }
+
+/// Runs one layer's work for `seconds` at `precision`, then prints the mean time of each part.
+pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
+    let Some((name, s)) =
+        resnet20_convs(128).into_iter().chain(mobilenetv2_convs(128)).find(|(n, _)| n.contains(layer))
+    else {
+        anyhow::bail!("no conv layer matches `{layer}`; see `int8-bench kernels` for the names");
+    };
+    let path = Int8Path::detect();
+    let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
+    let (mut y, mut dx, mut dw) = (vec![0f32; s.y_len()], vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
+    let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
+    let parts = ["quantize x", "quantize w", "forward", "clip state", "quantize dy", "dx", "dw"];
+    let mut totals = vec![0.0f64; parts.len()];
+    let (start, mut steps) = (std::time::Instant::now(), 0usize);
+    while start.elapsed().as_secs_f64() < seconds {
+        let mut t = std::time::Instant::now();
+        let mut lap = |i: usize| {
+            totals[i] += t.elapsed().as_secs_f64() * 1e3;
+            t = std::time::Instant::now();
+        };
+        if precision == "fp32" {
+            conv2d_fwd_f32(&s, &x, &w, &mut y)?;
+            lap(2);
+            conv2d_dx_f32(&s, &w, &dy, &mut dx)?;
+            lap(5);
+            conv2d_dw_f32(&s, &x, &dy, &mut dw)?;
+            lap(6);
+        } else {
+            let xq = quantize("x", &x, Granularity::PerTensor, 1, Rounding::Nearest)?;
+            lap(0);
+            let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest)?;
+            lap(1);
+            conv2d_fwd_i8(path, &s, (&xq).into(), (&wq).into(), &mut y)?;
+            lap(2);
+            let c = clip.update("dy", &dy)?;
+            lap(3);
+            let dyq = quantize_with_clip("dy", &dy, c.clip, Rounding::Nearest)?;
+            lap(4);
+            conv2d_dx_i8(path, &s, (&wq).into(), (&dyq).into(), &mut dx)?;
+            lap(5);
+            conv2d_dw_i8(path, &s, (&xq).into(), (&dyq).into(), &mut dw)?;
+            lap(6);
+        }
+        steps += 1;
+    }
+    println!("{name}, {precision}, {steps} steps, mean ms per part:");
+    for (part, total) in parts.iter().zip(&totals) {
+        if *total > 0.0 {
+            println!("  {part:12} {:8.3}", total / steps as f64);
+        }
+    }
+    println!("  {:12} {:8.3}", "total", totals.iter().sum::<f64>() / steps as f64);
+    Ok(())
+}

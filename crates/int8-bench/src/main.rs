@@ -34,6 +34,18 @@ enum What {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Run one conv layer's training work repeatedly at one precision, for a profiler, and print
+    /// the time of each part.
+    Profile {
+        /// The first kernels-bench conv row whose name contains this.
+        layer: String,
+        /// fp32 or int8.
+        #[arg(long, default_value = "int8")]
+        precision: String,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
 }
 
 /// One measured row.
@@ -63,6 +75,7 @@ fn main() -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
+        What::Profile { layer, precision, seconds } => kernels::profile(&layer, &precision, seconds)?,
     }
     Ok(())
 }

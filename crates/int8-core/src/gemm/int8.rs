@@ -319,6 +319,7 @@ fn pack_a(
 /// Packs rows `k0..k0+kc`, columns `j0..j0+ncols` of B into one `NR`-column panel, K grouped by 4,
 /// zero padded, and writes `128 * colsum` of each column into `correction` (what the VNNI paths'
 /// offset A adds to each output).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn pack_b(
     b: &MatRef<i8>,
     k0: usize,
@@ -344,13 +345,12 @@ fn pack_b(
         }
         for j in 0..ncols {
             let col = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
-            let mut groups = col.chunks_exact(4);
-            for (k4, q) in groups.by_ref().enumerate() {
-                if j >= done.0 || k4 >= done.1 {
-                    dst[(k4 * nr + j) * 4..][..4].copy_from_slice(q);
-                }
+            // Only the groups the transpose did not cover: all of them past its last column.
+            let first = if j < done.0 { done.1 } else { 0 };
+            for k4 in first..kc / 4 {
+                dst[(k4 * nr + j) * 4..][..4].copy_from_slice(&col[4 * k4..4 * k4 + 4]);
             }
-            for (t, &v) in groups.remainder().iter().enumerate() {
+            for (t, &v) in col[kc / 4 * 4..].iter().enumerate() {
                 dst[((kc / 4) * nr + j) * 4 + t] = v;
             }
         }
