@@ -13,7 +13,7 @@ use super::fp32::inner_parallelism;
 use super::im2col::{col2im_add, im2col, taps};
 use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
 use crate::error::{CoreError, Result};
-use crate::gemm::{Int8Path, MatMut, MatRef, gemm_i8};
+use crate::gemm::{Int8Path, MatMut, MatRef, gemm_i8, gemm_i8_scaled};
 use crate::quant::QTensor;
 
 /// A borrowed quantized tensor: codes in `[-127, 127]` and one scale, or one per outermost slice.
@@ -89,9 +89,10 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    let row_scales: Vec<f32> = (0..s.c_out).map(scale).collect();
     y.par_chunks_mut(s.c_out * p).zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
-        || (vec![0i8; col_len], vec![0i32; cog * p]),
-        |(col, acc), (y, x)| {
+        || vec![0i8; col_len],
+        |col, (y, x)| {
             for g in 0..s.groups {
                 let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
                 let b = if s.is_pointwise() {
@@ -101,12 +102,8 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
                     MatRef::row_major(col, kg, p)?
                 };
                 let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?;
-                gemm_i8(path, a, b, MatMut::row_major(acc, cog, p)?, false, par)?;
-                for (co, (yrow, arow)) in
-                    y[g * cog * p..][..cog * p].chunks_exact_mut(p).zip(acc.chunks_exact(p)).enumerate()
-                {
-                    scale_into(yrow, arow, scale(g * cog + co));
-                }
+                let out = MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?;
+                gemm_i8_scaled(path, a, b, out, &row_scales[g * cog..(g + 1) * cog], par)?;
             }
             Ok(())
         },

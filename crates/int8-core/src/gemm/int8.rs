@@ -126,33 +126,76 @@ pub fn gemm_i8(
     par: Parallelism,
 ) -> Result<()> {
     check_product(&a, &b, &c)?;
+    check_path_and_depth(path, a.cols)?;
+    if k_is_empty(&a, &b) {
+        if !accumulate {
+            for i in 0..c.rows {
+                for j in 0..c.cols {
+                    c.data[i * c.row_stride + j * c.col_stride] = 0;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let out = OutPtr::I32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride };
+    drive(path, &a, &b, out, accumulate, par);
+    Ok(())
+}
+
+/// `C = diag(row_scales) * (A * B)` in f32, over codes in `[-127, 127]`: the exact INT32 sums are
+/// dequantized as they leave the micro-kernel, with no INT32 matrix in between (when the
+/// reduction fits one packed block; deeper ones go through one).
+pub fn gemm_i8_scaled(
+    path: Int8Path,
+    a: MatRef<i8>,
+    b: MatRef<i8>,
+    c: MatMut<f32>,
+    row_scales: &[f32],
+    par: Parallelism,
+) -> Result<()> {
+    check_product(&a, &b, &c)?;
+    crate::error::check_len("gemm row scales", row_scales.len(), a.rows)?;
+    check_path_and_depth(path, a.cols)?;
+    if k_is_empty(&a, &b) || a.cols > KC {
+        let mut sums = vec![0i32; a.rows * b.cols];
+        gemm_i8(path, a, b, MatMut::row_major(&mut sums, a.rows, b.cols)?, false, par)?;
+        for i in 0..c.rows {
+            for j in 0..c.cols {
+                c.data[i * c.row_stride + j * c.col_stride] = sums[i * b.cols + j] as f32 * row_scales[i];
+            }
+        }
+        return Ok(());
+    }
+    let out = OutPtr::F32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride, scales: row_scales.as_ptr() };
+    drive(path, &a, &b, out, false, par);
+    Ok(())
+}
+
+/// Checks that the CPU runs `path` and that a reduction of depth `k` is exact in `i32`.
+fn check_path_and_depth(path: Int8Path, k: usize) -> Result<()> {
     if !path.is_available() {
         return Err(CoreError::InvalidArgument {
             what: "int8 gemm path",
             why: format!("this cpu cannot run {}; use Int8Path::detect()", path.name()),
         });
     }
-    let (m, n, k) = (a.rows, b.cols, a.cols);
     if k > MAX_K_I8 {
         return Err(CoreError::InvalidArgument {
             what: "int8 gemm depth",
             why: format!("{k} exceeds {MAX_K_I8}, where i32 sums may overflow; split the reduction"),
         });
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let out = OutPtr { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride };
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c.data[i * out.rs + j * out.cs] = 0;
-                }
-            }
-        }
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// Whether the product is empty or has no reduction (so the kernels have nothing to do).
+fn k_is_empty(a: &MatRef<i8>, b: &MatRef<i8>) -> bool {
+    a.cols == 0 || a.rows == 0 || b.cols == 0
+}
+
+/// Runs the packed kernels over the whole product (shapes and path already checked, `k > 0`).
+fn drive(path: Int8Path, a: &MatRef<i8>, b: &MatRef<i8>, out: OutPtr, accumulate: bool, par: Parallelism) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
     let g = path.geometry();
     let n_panels = n.div_ceil(g.nr);
     let mut packed_a = Vec::new();
@@ -161,8 +204,8 @@ pub fn gemm_i8(
         let overwrite = k0 == 0 && !accumulate;
         for i0 in (0..m).step_by(MC) {
             let mc = MC.min(m - i0);
-            pack_a(&a, i0, mc, k0, kc, &g, par, &mut packed_a);
-            let block = Block { a: &packed_a, b: &b, i0, mc, k0, kc, n, overwrite, out };
+            pack_a(a, i0, mc, k0, kc, &g, par, &mut packed_a);
+            let block = Block { a: &packed_a, b, i0, mc, k0, kc, n, overwrite, out };
             match par {
                 Parallelism::None => block.run(&g, 0..n_panels),
                 Parallelism::Rayon => {
@@ -175,19 +218,19 @@ pub fn gemm_i8(
             }
         }
     }
-    Ok(())
 }
 
 /// The output matrix as a raw pointer, so that tasks writing disjoint column panels can share it.
 #[derive(Clone, Copy)]
-struct OutPtr {
-    ptr: *mut i32,
-    rs: usize,
-    cs: usize,
+enum OutPtr {
+    /// INT32 sums, overwritten or accumulated.
+    I32 { ptr: *mut i32, rs: usize, cs: usize },
+    /// `scales[i] * sum` in f32, overwritten (the reduction fits one block).
+    F32 { ptr: *mut f32, rs: usize, cs: usize, scales: *const f32 },
 }
 
-// SAFETY: tasks built on one `OutPtr` write disjoint elements (distinct column panels), and the
-// `MatMut` it came from stays mutably borrowed for the whole call.
+// SAFETY: tasks built on one `OutPtr` write disjoint elements (distinct column panels) and only
+// read the scales; the views they came from stay borrowed for the whole call.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above; shared references only hand the pointer to tasks with disjoint columns.
 unsafe impl Sync for OutPtr {}
@@ -230,28 +273,57 @@ impl Block<'_> {
                 unsafe { (g.kernel)(kc4, a.as_ptr(), packed_b.as_ptr(), tile.as_mut_ptr()) };
                 for r in 0..nrows {
                     let row = &tile[r * g.nr..r * g.nr + ncols];
-                    let i = self.i0 + r0 + r;
-                    if self.out.cs == 1 {
-                        // SAFETY: row `i`, columns `j0..j0 + ncols` lie inside the output view,
-                        // contiguous since the column stride is 1, and no other task writes this
-                        // column panel.
-                        let dst =
-                            unsafe { std::slice::from_raw_parts_mut(self.out.ptr.add(i * self.out.rs + j0), ncols) };
-                        store_row(dst, row, correction, self.overwrite);
-                    } else {
-                        for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
-                            let v = v.wrapping_sub(c);
-                            // SAFETY: `(i, j0 + j)` is inside the output view, whose extent was
-                            // checked against its slice; no other task writes this column panel.
-                            unsafe {
-                                let p = self.out.ptr.add(i * self.out.rs + (j0 + j) * self.out.cs);
-                                *p = if self.overwrite { v } else { (*p).wrapping_add(v) };
-                            }
-                        }
-                    }
+                    // SAFETY: row `i`, columns `j0..j0 + ncols` lie inside the output view, whose
+                    // extent was checked against its slice, and no other task writes this column
+                    // panel; `scales` has one entry per row of A.
+                    unsafe { self.store(self.i0 + r0 + r, j0, row, correction) };
                 }
             }
         }
+    }
+
+    /// Writes tile row `row` (less `correction`) to output row `i` from column `j0`.
+    ///
+    /// # Safety
+    /// `(i, j0..j0 + row.len())` must lie inside the output, with no other task writing there.
+    unsafe fn store(&self, i: usize, j0: usize, row: &[i32], correction: &[i32]) {
+        match self.out {
+            OutPtr::I32 { ptr, rs, cs: 1 } => {
+                // SAFETY: the caller's contract; the column stride is 1, so the run is contiguous.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.add(i * rs + j0), row.len()) };
+                store_row(dst, row, correction, self.overwrite);
+            }
+            OutPtr::F32 { ptr, rs, cs: 1, scales } => {
+                // SAFETY: as above; `scales` has an entry per output row.
+                let (dst, scale) =
+                    unsafe { (std::slice::from_raw_parts_mut(ptr.add(i * rs + j0), row.len()), *scales.add(i)) };
+                store_row_scaled(dst, row, correction, scale);
+            }
+            OutPtr::I32 { ptr, rs, cs } => {
+                for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
+                    let v = v.wrapping_sub(c);
+                    // SAFETY: the caller's contract.
+                    unsafe {
+                        let p = ptr.add(i * rs + (j0 + j) * cs);
+                        *p = if self.overwrite { v } else { (*p).wrapping_add(v) };
+                    }
+                }
+            }
+            OutPtr::F32 { ptr, rs, cs, scales } => {
+                for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
+                    // SAFETY: the caller's contract.
+                    unsafe { *ptr.add(i * rs + (j0 + j) * cs) = v.wrapping_sub(c) as f32 * *scales.add(i) };
+                }
+            }
+        }
+    }
+}
+
+/// Stores one tile row, less the VNNI correction, dequantized: `dst = (v - c) * scale`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn store_row_scaled(dst: &mut [f32], row: &[i32], correction: &[i32], scale: f32) {
+    for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
+        *d = v.wrapping_sub(c) as f32 * scale;
     }
 }
 
@@ -652,6 +724,45 @@ mod tests {
             gemm_i8(path, av, bv, MatMut::row_major(&mut c, m, n).unwrap(), false, Parallelism::Rayon).unwrap();
             assert!(c.iter().zip(&want).all(|(&g, &w)| g as i64 == w), "{path:?}");
         }
+    }
+
+    #[test]
+    fn scaled_output_is_the_exact_sum_times_the_row_scale_on_every_path() {
+        for path in Int8Path::available() {
+            // Depths within one packed block (dequantized in the write-back) and beyond it.
+            for &(m, n, k) in &[(9, 33, 144), (16, 70, 1024), (5, 7, 1500)] {
+                let (ad, bd) = (codes(m * k, 21), codes(k * n, 22));
+                let (a, b) = (MatRef::row_major(&ad, m, k).unwrap(), MatRef::row_major(&bd, k, n).unwrap());
+                let scales: Vec<f32> = (0..m).map(|i| 0.001 * (i + 1) as f32).collect();
+                let want = gemm_i8_i64(a, b);
+                // Row-major output, and a transposed (strided) one.
+                let mut c = vec![f32::NAN; m * n];
+                gemm_i8_scaled(path, a, b, MatMut::row_major(&mut c, m, n).unwrap(), &scales, Parallelism::Rayon)
+                    .unwrap();
+                let mut ct = vec![f32::NAN; m * n];
+                gemm_i8_scaled(path, a, b, MatMut::new(&mut ct, m, n, 1, m).unwrap(), &scales, Parallelism::None)
+                    .unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let w = want[i * n + j] as i32 as f32 * scales[i];
+                        assert_eq!(c[i * n + j], w, "{path:?} {m}x{n}x{k} at ({i}, {j})");
+                        assert_eq!(ct[j * m + i], w, "{path:?} {m}x{n}x{k} transposed at ({i}, {j})");
+                    }
+                }
+            }
+        }
+        let a = vec![0i8; 6];
+        let av = MatRef::row_major(&a, 2, 3).unwrap();
+        let mut c = vec![0f32; 4];
+        let err = gemm_i8_scaled(
+            Int8Path::Portable,
+            av,
+            av.t(),
+            MatMut::row_major(&mut c, 2, 2).unwrap(),
+            &[1.0],
+            Parallelism::None,
+        );
+        assert!(err.unwrap_err().to_string().contains("row scales"));
     }
 
     #[test]
