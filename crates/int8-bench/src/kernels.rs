@@ -8,7 +8,7 @@ use int8_core::conv::{
 };
 use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
-use int8_core::quant::{Granularity, Rounding, quantize, quantize_with_clip};
+use int8_core::quant::{Granularity, Rounding, quantize};
 use int8_core::rng::CounterRng;
 
 use crate::timing::median_ms;
@@ -173,9 +173,9 @@ pub fn mobilenetv2_convs(n: usize) -> Vec<(String, ConvShape)> {
 }
 
 /// One conv layer's training work, forward + dX + dW, at both precisions. INT8 includes
-/// quantizing X and W (per tensor, at max|.|), the DSGC clip state's per-step distance pass and
-/// quantizing dY at its clip value; the clip search itself runs every 100 steps, so a hundredth of
-/// its measured time is added.
+/// quantizing X and W (per tensor, at max|.|) and quantizing dY at its DSGC clip value with the
+/// cosine distance measured in the same pass; the clip search itself runs every 100 steps, so a
+/// hundredth of its measured time is added.
 pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
     let path = Int8Path::detect();
     let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
@@ -194,8 +194,7 @@ pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
         let xq = quantize("x", &x, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
         let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
         conv2d_fwd_i8(path, s, (&xq).into(), (&wq).into(), &mut y).unwrap();
-        let c = clip.update("dy", &dy).unwrap();
-        let dyq = quantize_with_clip("dy", &dy, c.clip, Rounding::Nearest).unwrap();
+        let (dyq, _) = clip.quantize("dy", &dy, Rounding::Nearest).unwrap();
         conv2d_dx_i8(path, s, (&wq).into(), (&dyq).into(), &mut dx).unwrap();
         conv2d_dw_i8(path, s, (&xq).into(), (&dyq).into(), &mut dw).unwrap();
     }) + search / 100.0;
@@ -213,7 +212,7 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
     let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
     let (mut y, mut dx, mut dw) = (vec![0f32; s.y_len()], vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
     let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
-    let parts = ["quantize x", "quantize w", "forward", "clip state", "quantize dy", "dx", "dw"];
+    let parts = ["quantize x", "quantize w", "forward", "dsgc + q(dy)", "dx", "dw"];
     let mut totals = vec![0.0f64; parts.len()];
     let (start, mut steps) = (std::time::Instant::now(), 0usize);
     while start.elapsed().as_secs_f64() < seconds {
@@ -226,9 +225,9 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
             conv2d_fwd_f32(&s, &x, &w, &mut y)?;
             lap(2);
             conv2d_dx_f32(&s, &w, &dy, &mut dx)?;
-            lap(5);
+            lap(4);
             conv2d_dw_f32(&s, &x, &dy, &mut dw)?;
-            lap(6);
+            lap(5);
         } else {
             let xq = quantize("x", &x, Granularity::PerTensor, 1, Rounding::Nearest)?;
             lap(0);
@@ -236,14 +235,12 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
             lap(1);
             conv2d_fwd_i8(path, &s, (&xq).into(), (&wq).into(), &mut y)?;
             lap(2);
-            let c = clip.update("dy", &dy)?;
+            let (dyq, _) = clip.quantize("dy", &dy, Rounding::Nearest)?;
             lap(3);
-            let dyq = quantize_with_clip("dy", &dy, c.clip, Rounding::Nearest)?;
-            lap(4);
             conv2d_dx_i8(path, &s, (&wq).into(), (&dyq).into(), &mut dx)?;
-            lap(5);
+            lap(4);
             conv2d_dw_i8(path, &s, (&xq).into(), (&dyq).into(), &mut dw)?;
-            lap(6);
+            lap(5);
         }
         steps += 1;
     }

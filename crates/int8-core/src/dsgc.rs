@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::quant::{LANES, QMAX, max_abs, round_code};
+use crate::quant::{LANES, QMAX, QTensor, Rounding, max_abs, quantize_pass, round_code};
 
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
@@ -35,6 +35,12 @@ pub fn cosine_distance(g: &[f32], clip: f32) -> f64 {
         .par_chunks(CHUNK)
         .map(|c| distance_terms(c, inv))
         .reduce(|| (0.0, 0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1, x.2 + y.2));
+    distance_from_terms(gq, qq, gg)
+}
+
+/// `1 - cos(g, q)` from `sum g*q`, `sum q*q` and `sum g*g`: 0 for an all-zero gradient, 1 when
+/// every code is zero.
+fn distance_from_terms(gq: f64, qq: f64, gg: f64) -> f64 {
     if gg == 0.0 {
         return 0.0;
     }
@@ -191,6 +197,24 @@ impl ClipState {
         self.calls
     }
 
+    /// Chooses the clip value for gradient `g` as [`ClipState::update`] does and quantizes `g` with
+    /// it, measuring the cosine distance of the codes actually produced in the same pass. Between
+    /// searches this is one pass over the gradient where `update` and a separate quantization
+    /// take two.
+    pub fn quantize(&mut self, name: &str, g: &[f32], rounding: Rounding) -> Result<(QTensor, ClipUpdate)> {
+        let (clip, searched) = match self.mode {
+            ClipMode::MaxAbs => (max_abs(name, g)?, false),
+            ClipMode::Dsgc { interval } if self.clip.is_none() || self.calls.is_multiple_of(interval.max(1)) => {
+                (search_clip(name, g)?.clip, true)
+            }
+            ClipMode::Dsgc { .. } => (self.clip.unwrap_or(0.0), false),
+        };
+        self.calls += 1;
+        self.clip = Some(clip);
+        let (q, stats) = quantize_pass::<true>(name, g, clip, rounding)?;
+        Ok((q, ClipUpdate { clip, distance: distance_from_terms(stats.gq, stats.qq, stats.gg), searched }))
+    }
+
     /// Chooses the clip value for gradient `g`: a search when one is due, else the value in force.
     /// The distance at the chosen value is always measured (one pass), since DCLR needs it.
     pub fn update(&mut self, name: &str, g: &[f32]) -> Result<ClipUpdate> {
@@ -307,6 +331,42 @@ mod tests {
                 assert!(got.distance < cosine_distance(&g, amax), "{what}");
             }
         }
+    }
+
+    #[test]
+    fn fused_quantize_matches_update_then_quantize() {
+        let g = student_t(70_000, 3, 21);
+        for mode in [ClipMode::MaxAbs, ClipMode::Dsgc { interval: 2 }] {
+            let (mut fused, mut split) = (ClipState::new(mode), ClipState::new(mode));
+            for step in 0..4 {
+                let gs: Vec<f32> = g.iter().map(|v| v * (1.0 + step as f32)).collect();
+                let (q, up) = fused.quantize("g", &gs, Rounding::Nearest).unwrap();
+                let want = split.update("g", &gs).unwrap();
+                assert_eq!((up.clip, up.searched), (want.clip, want.searched), "{mode:?} step {step}");
+                assert!(
+                    (up.distance - want.distance).abs() < 1e-9,
+                    "{mode:?} step {step}: {} vs {}",
+                    up.distance,
+                    want.distance
+                );
+                assert_eq!(q, quantize_with_clip("g", &gs, want.clip, Rounding::Nearest).unwrap());
+            }
+        }
+        // With stochastic rounding the distance is that of the stochastic codes.
+        let mut state = ClipState::new(ClipMode::MaxAbs);
+        let (q, up) = state.quantize("g", &g, Rounding::Stochastic { seed: 3 }).unwrap();
+        let deq = q.dequantize();
+        let dot: f64 = g.iter().zip(&deq).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let (ng, nq) = (
+            g.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt(),
+            deq.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt(),
+        );
+        assert!((up.distance - (1.0 - dot / (ng * nq))).abs() < 1e-6);
+        let mut bad = g.clone();
+        bad[123] = f32::INFINITY;
+        assert!(
+            state.quantize("layer2.grad", &bad, Rounding::Nearest).unwrap_err().to_string().contains("layer2.grad")
+        );
     }
 
     #[test]

@@ -137,76 +137,134 @@ fn non_finite(name: &str, x: &[f32]) -> CoreError {
     CoreError::NonFinite { name: name.to_string(), value: x.get(index).copied().unwrap_or(f32::NAN), index }
 }
 
-/// Quantizes `x` with clipping value `clip` into `out`, starting the stochastic stream at
-/// `offset`; returns how many values were clipped and whether all were finite. `clip <= 0` maps
-/// everything to zero.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn quantize_slice(x: &[f32], clip: f32, rounding: Rounding, offset: usize, out: &mut [i8]) -> (usize, bool) {
-    let inv = if clip > 0.0 { QMAX / clip } else { 0.0 };
-    let (mut sat, mut z) = ([0u32; LANES], [0.0f32; LANES]);
-    let n = x.len() / LANES * LANES;
-    match rounding {
-        Rounding::Nearest => {
-            for (o, b) in out[..n].chunks_exact_mut(LANES).zip(x[..n].chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    let v = b[l];
-                    sat[l] += (v.abs() > clip) as u32;
-                    z[l] += v * 0.0;
-                    o[l] = round_code((v * inv).clamp(-QMAX, QMAX));
-                }
-            }
-        }
-        Rounding::Stochastic { seed } => {
-            let rng = CounterRng::new(seed);
-            for (i, (o, b)) in out[..n].chunks_exact_mut(LANES).zip(x[..n].chunks_exact(LANES)).enumerate() {
-                for l in 0..LANES {
-                    let v = b[l];
-                    sat[l] += (v.abs() > clip) as u32;
-                    z[l] += v * 0.0;
-                    let u = rng.uniform((offset + i * LANES + l) as u64);
-                    o[l] = round_code((v * inv + u).floor().clamp(-QMAX, QMAX));
-                }
-            }
-        }
-    }
-    for (i, (o, &v)) in out[n..].iter_mut().zip(&x[n..]).enumerate() {
-        sat[0] += (v.abs() > clip) as u32;
-        z[0] += v * 0.0;
-        let t = v * inv;
-        let t = match rounding {
-            Rounding::Nearest => t,
-            Rounding::Stochastic { seed } => (t + CounterRng::new(seed).uniform((offset + n + i) as u64)).floor(),
-        };
-        *o = round_code(t.clamp(-QMAX, QMAX));
-    }
-    (sat.iter().map(|&c| c as usize).sum(), z.iter().sum::<f32>() == 0.0)
+/// What one quantizing pass learns besides the codes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct PassStats {
+    /// Values beyond the clip value.
+    pub saturated: usize,
+    /// Whether every value was finite.
+    pub finite: bool,
+    /// `sum g * q` over the codes `q` (only when asked for).
+    pub gq: f64,
+    /// `sum q * q`.
+    pub qq: f64,
+    /// `sum g * g`.
+    pub gg: f64,
 }
 
-/// Quantizes `x` with a given clipping value (for example the DSGC clip of a gradient) into
-/// `out`, in parallel. Returns how many values were clipped, or an error naming `name` if `x` holds
-/// NaN or an infinity.
-pub fn quantize_into(name: &str, x: &[f32], clip: f32, rounding: Rounding, out: &mut [i8]) -> Result<usize> {
-    crate::error::check_len("quantized output", out.len(), x.len())?;
+impl PassStats {
+    fn merge(self, o: PassStats) -> PassStats {
+        PassStats {
+            saturated: self.saturated + o.saturated,
+            finite: self.finite && o.finite,
+            gq: self.gq + o.gq,
+            qq: self.qq + o.qq,
+            gg: self.gg + o.gg,
+        }
+    }
+}
+
+/// Quantizes `x` with clipping value `clip` into `out`, starting the stochastic stream at
+/// `offset`. Counts saturation and checks finiteness on the way; with `TERMS` it also sums the
+/// products that DSGC's cosine distance needs (in f32 lanes, carried in f64 every 1024 values),
+/// so the distance costs no pass of its own. `clip <= 0` maps everything to zero.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn quantize_slice<const TERMS: bool>(
+    x: &[f32],
+    clip: f32,
+    rounding: Rounding,
+    offset: usize,
+    out: &mut [i8],
+) -> PassStats {
+    let inv = if clip > 0.0 { QMAX / clip } else { 0.0 };
+    let (mut sat, mut z) = ([0u32; LANES], [0.0f32; LANES]);
+    let mut stats = PassStats::default();
+    let rng = match rounding {
+        Rounding::Nearest => None,
+        Rounding::Stochastic { seed } => Some(CounterRng::new(seed)),
+    };
+    for (b, (xb, ob)) in x.chunks(1024).zip(out.chunks_mut(1024)).enumerate() {
+        let (mut a, mut q2, mut e) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+        let base = offset + b * 1024;
+        let n = xb.len() / LANES * LANES;
+        for (i, (o, v)) in ob[..n].chunks_exact_mut(LANES).zip(xb[..n].chunks_exact(LANES)).enumerate() {
+            for l in 0..LANES {
+                let t = v[l] * inv;
+                let t = match rng {
+                    None => t,
+                    Some(r) => (t + r.uniform((base + i * LANES + l) as u64)).floor(),
+                };
+                let code = round_code(t.clamp(-QMAX, QMAX));
+                sat[l] += (v[l].abs() > clip) as u32;
+                z[l] += v[l] * 0.0;
+                o[l] = code;
+                if TERMS {
+                    let q = code as f32;
+                    a[l] += v[l] * q;
+                    q2[l] += q * q;
+                    e[l] += v[l] * v[l];
+                }
+            }
+        }
+        for (i, (o, &v)) in ob[n..].iter_mut().zip(&xb[n..]).enumerate() {
+            let t = v * inv;
+            let t = match rng {
+                None => t,
+                Some(r) => (t + r.uniform((base + n + i) as u64)).floor(),
+            };
+            let code = round_code(t.clamp(-QMAX, QMAX));
+            sat[0] += (v.abs() > clip) as u32;
+            z[0] += v * 0.0;
+            *o = code;
+            if TERMS {
+                let q = code as f32;
+                a[0] += v * q;
+                q2[0] += q * q;
+                e[0] += v * v;
+            }
+        }
+        if TERMS {
+            stats.gq += a.iter().map(|&v| v as f64).sum::<f64>();
+            stats.qq += q2.iter().map(|&v| v as f64).sum::<f64>();
+            stats.gg += e.iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+    stats.saturated = sat.iter().map(|&c| c as usize).sum();
+    stats.finite = z.iter().sum::<f32>() == 0.0;
+    stats
+}
+
+/// Quantizes `x` with clip value `clip` into a per-tensor [`QTensor`], in parallel, returning the
+/// pass's statistics too (with the distance terms when `TERMS`).
+pub(crate) fn quantize_pass<const TERMS: bool>(
+    name: &str,
+    x: &[f32],
+    clip: f32,
+    rounding: Rounding,
+) -> Result<(QTensor, PassStats)> {
     if !clip.is_finite() || clip < 0.0 {
         return Err(CoreError::InvalidArgument {
             what: "clip value",
             why: format!("{clip} for tensor `{name}`; it must be finite and >= 0"),
         });
     }
-    let (saturated, finite) = out
+    let mut data = vec![0i8; x.len()];
+    let stats = data
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
-        .map(|(i, (o, c))| quantize_slice(c, clip, rounding, i * CHUNK, o))
-        .reduce(|| (0, true), |a, b| (a.0 + b.0, a.1 && b.1));
-    if finite { Ok(saturated) } else { Err(non_finite(name, x)) }
+        .map(|(i, (o, c))| quantize_slice::<TERMS>(c, clip, rounding, i * CHUNK, o))
+        .reduce(|| PassStats { finite: true, ..Default::default() }, PassStats::merge);
+    if !stats.finite {
+        return Err(non_finite(name, x));
+    }
+    Ok((QTensor { data, scales: vec![scale_for_clip(clip)], saturated: stats.saturated }, stats))
 }
 
-/// Quantizes `x` with a given clipping value into a new per-tensor [`QTensor`].
+/// Quantizes `x` with a given clipping value (for example the DSGC clip of a gradient) into a
+/// per-tensor [`QTensor`], or an error naming `name` if `x` holds NaN or an infinity.
 pub fn quantize_with_clip(name: &str, x: &[f32], clip: f32, rounding: Rounding) -> Result<QTensor> {
-    let mut data = vec![0i8; x.len()];
-    let saturated = quantize_into(name, x, clip, rounding, &mut data)?;
-    Ok(QTensor { data, scales: vec![scale_for_clip(clip)], saturated })
+    Ok(quantize_pass::<false>(name, x, clip, rounding)?.0)
 }
 
 /// Quantizes `x` clipping at its own largest magnitude, per tensor or per channel (the outermost
@@ -239,7 +297,7 @@ pub fn quantize(
                 .enumerate()
                 .map(|(ch, (o, c))| {
                     let clip = max_abs_finite(c).0;
-                    (scale_for_clip(clip), quantize_slice(c, clip, rounding, ch * len, o).0)
+                    (scale_for_clip(clip), quantize_slice::<false>(c, clip, rounding, ch * len, o).saturated)
                 })
                 .collect();
             let scales = results.iter().map(|r| r.0).collect();
@@ -320,7 +378,7 @@ mod tests {
         let b = quantize_with_clip("x", &x, 2.0, Rounding::Stochastic { seed: 9 }).unwrap();
         assert_eq!(a, b);
         let mut serial = vec![0i8; x.len()];
-        quantize_slice(&x, 2.0, Rounding::Stochastic { seed: 9 }, 0, &mut serial);
+        quantize_slice::<false>(&x, 2.0, Rounding::Stochastic { seed: 9 }, 0, &mut serial);
         assert_eq!(a.data, serial);
         let c = quantize_with_clip("x", &x, 2.0, Rounding::Stochastic { seed: 10 }).unwrap();
         assert_ne!(a.data, c.data);
