@@ -83,6 +83,10 @@ pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], co
         let plane = &x[c * s.in_plane()..(c + 1) * s.in_plane()];
         for (t, tap) in taps.iter().enumerate() {
             let row = &mut col[(c * taps.len() + t) * p..][..p];
+            if (sh, sw) == (1, 1) && ow_n == s.w && !tap.rows.is_empty() && !tap.cols.is_empty() {
+                same_width_tap(ow_n, tap, plane, row);
+                continue;
+            }
             if tap.rows.len() < s.out_h() || tap.cols.len() < ow_n {
                 row.fill(T::default());
             }
@@ -98,6 +102,27 @@ pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], co
                         *d = src[start as usize + k * sw];
                     }
                 }
+            }
+        }
+    }
+}
+
+/// One tap of a stride-1 convolution whose output rows are as wide as its input rows: the source of
+/// output `(oh, ow)` is then a fixed distance from its destination, so the tap is one long copy,
+/// after which the border columns (which the copy filled from neighbouring rows) and the rows
+/// outside the image are zeroed.
+fn same_width_tap<T: Copy + Default>(width: usize, tap: &Tap, plane: &[T], row: &mut [T]) {
+    let (r0, r1) = (tap.rows.start, tap.rows.end);
+    let d0 = r0 * width + tap.cols.start;
+    let len = (r1 - r0 - 1) * width + tap.cols.len();
+    let s0 = ((r0 as isize + tap.row_off) as usize) * width + (tap.cols.start as isize + tap.col_off) as usize;
+    copy_run(&mut row[d0..d0 + len], &plane[s0..s0 + len]);
+    row[..r0 * width].fill(T::default());
+    row[r1 * width..].fill(T::default());
+    if tap.cols.len() < width {
+        for oh in r0..r1 {
+            for ow in (0..tap.cols.start).chain(tap.cols.end..width) {
+                row[oh * width + ow] = T::default();
             }
         }
     }

@@ -9,9 +9,10 @@
 //! `NR`-column panel of B is packed once per block, both with K grouped by 4 so that one 32-bit
 //! lane holds the four bytes that one dot-product instruction consumes. Micro-kernels:
 //! - AVX-512 VNNI (`vpdpbusd` on zmm, 8x32 tile) and AVX-VNNI (`vpdpbusd` on ymm, 4x16 tile).
-//!   `vpdpbusd` multiplies unsigned by signed bytes, so A is packed as `a + 128` and the sum is
-//!   corrected by `128 * colsum(B)`; the instruction wraps rather than saturates, so the corrected
-//!   result is exact modulo 2^32 and therefore exact.
+//!   `vpdpbusd` multiplies unsigned by signed bytes, so B is packed as `b + 128` (a free XOR while
+//!   interleaving) and each output row is corrected by `128 * rowsum(A)`, summed once while the
+//!   small A block is packed; the instruction wraps rather than saturates, so the corrected result
+//!   is exact modulo 2^32 and therefore exact.
 //! - AVX2 (4x16 tile): `vpmaddubsw` saturates in `i16` for arbitrary bytes, so the kernel feeds it
 //!   `|a|` and `sign(a) * b` (`vpabsb`, `vpsignb`), whose pair sums stay below `2 * 127^2 < 2^15`,
 //!   then widens with `vpmaddwd`: exact.
@@ -33,7 +34,7 @@ const MC: usize = 1024;
 
 /// An INT8 micro-kernel: multiplies a packed `MR x 4*kc4` A panel by a packed `4*kc4 x NR` B panel
 /// into a row-major `MR x NR` tile, overwriting it.
-type Kernel = unsafe fn(kc4: usize, a: *const u8, b: *const i8, out: *mut i32);
+type Kernel = unsafe fn(kc4: usize, a: *const i8, b: *const i8, out: *mut i32);
 
 /// The instruction set an INT8 GEMM runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,7 +52,8 @@ pub enum Int8Path {
 struct Geometry {
     mr: usize,
     nr: usize,
-    /// Whether A is packed as `a + 128` (for `vpdpbusd`'s unsigned operand).
+    /// Whether B is packed as `b + 128` (for `vpdpbusd`'s unsigned operand), so that outputs are
+    /// corrected by `128 * rowsum(A)`.
     offset: bool,
     kernel: Kernel,
 }
@@ -198,14 +200,14 @@ fn drive(path: Int8Path, a: &MatRef<i8>, b: &MatRef<i8>, out: OutPtr, accumulate
     let (m, n, k) = (a.rows, b.cols, a.cols);
     let g = path.geometry();
     let n_panels = n.div_ceil(g.nr);
-    let mut packed_a = Vec::new();
+    let (mut packed_a, mut row_corr) = (Vec::new(), Vec::new());
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let overwrite = k0 == 0 && !accumulate;
         for i0 in (0..m).step_by(MC) {
             let mc = MC.min(m - i0);
-            pack_a(a, i0, mc, k0, kc, &g, par, &mut packed_a);
-            let block = Block { a: &packed_a, b, i0, mc, k0, kc, n, overwrite, out };
+            pack_a(a, i0, mc, k0, kc, &g, par, &mut packed_a, &mut row_corr);
+            let block = Block { a: &packed_a, row_corr: &row_corr, b, i0, mc, k0, kc, n, overwrite, out };
             match par {
                 Parallelism::None => block.run(&g, 0..n_panels),
                 Parallelism::Rayon => {
@@ -237,7 +239,9 @@ unsafe impl Sync for OutPtr {}
 
 /// One packed A block and the B columns it multiplies.
 struct Block<'a> {
-    a: &'a [u8],
+    a: &'a [i8],
+    /// `128 * rowsum(A)` of each row of the block on the offset paths, else zero.
+    row_corr: &'a [i32],
     b: &'a MatRef<'a, i8>,
     i0: usize,
     mc: usize,
@@ -253,17 +257,13 @@ impl Block<'_> {
     fn run(&self, g: &Geometry, panels: std::ops::Range<usize>) {
         let kc4 = self.kc.div_ceil(4);
         let mut packed_b = vec![0i8; kc4 * 4 * g.nr];
-        let mut correction = vec![0i32; g.nr];
+        let xor = if g.offset { 0x80u8 as i8 } else { 0 };
         let mut tile = vec![0i32; g.mr * g.nr];
         let a_panel = kc4 * 4 * g.mr;
         for jp in panels {
             let j0 = jp * g.nr;
             let ncols = g.nr.min(self.n - j0);
-            pack_b(self.b, self.k0, self.kc, j0, ncols, g.nr, &mut packed_b, &mut correction);
-            if !g.offset {
-                correction.fill(0);
-            }
-            let correction = &correction[..ncols];
+            pack_b(self.b, self.k0, self.kc, j0, ncols, g.nr, xor, &mut packed_b);
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
                 let r0 = ip * g.mr;
                 let nrows = g.mr.min(self.mc - r0);
@@ -276,7 +276,7 @@ impl Block<'_> {
                     // SAFETY: row `i`, columns `j0..j0 + ncols` lie inside the output view, whose
                     // extent was checked against its slice, and no other task writes this column
                     // panel; `scales` has one entry per row of A.
-                    unsafe { self.store(self.i0 + r0 + r, j0, row, correction) };
+                    unsafe { self.store(self.i0 + r0 + r, j0, row, self.row_corr[r0 + r]) };
                 }
             }
         }
@@ -286,7 +286,7 @@ impl Block<'_> {
     ///
     /// # Safety
     /// `(i, j0..j0 + row.len())` must lie inside the output, with no other task writing there.
-    unsafe fn store(&self, i: usize, j0: usize, row: &[i32], correction: &[i32]) {
+    unsafe fn store(&self, i: usize, j0: usize, row: &[i32], correction: i32) {
         match self.out {
             OutPtr::I32 { ptr, rs, cs: 1 } => {
                 // SAFETY: the caller's contract; the column stride is 1, so the run is contiguous.
@@ -300,8 +300,8 @@ impl Block<'_> {
                 store_row_scaled(dst, row, correction, scale);
             }
             OutPtr::I32 { ptr, rs, cs } => {
-                for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
-                    let v = v.wrapping_sub(c);
+                for (j, &v) in row.iter().enumerate() {
+                    let v = v.wrapping_sub(correction);
                     // SAFETY: the caller's contract.
                     unsafe {
                         let p = ptr.add(i * rs + (j0 + j) * cs);
@@ -310,9 +310,9 @@ impl Block<'_> {
                 }
             }
             OutPtr::F32 { ptr, rs, cs, scales } => {
-                for (j, (&v, &c)) in row.iter().zip(correction).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
                     // SAFETY: the caller's contract.
-                    unsafe { *ptr.add(i * rs + (j0 + j) * cs) = v.wrapping_sub(c) as f32 * *scales.add(i) };
+                    unsafe { *ptr.add(i * rs + (j0 + j) * cs) = v.wrapping_sub(correction) as f32 * *scales.add(i) };
                 }
             }
         }
@@ -321,29 +321,29 @@ impl Block<'_> {
 
 /// Stores one tile row, less the VNNI correction, dequantized: `dst = (v - c) * scale`.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn store_row_scaled(dst: &mut [f32], row: &[i32], correction: &[i32], scale: f32) {
-    for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
-        *d = v.wrapping_sub(c) as f32 * scale;
+fn store_row_scaled(dst: &mut [f32], row: &[i32], correction: i32, scale: f32) {
+    for (d, &v) in dst.iter_mut().zip(row) {
+        *d = v.wrapping_sub(correction) as f32 * scale;
     }
 }
 
 /// Stores one tile row into a contiguous output row, less the VNNI correction: `dst = v - c`, or
 /// `dst += v - c` when accumulating. Wrapping, since the corrected sum is exact modulo 2^32.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn store_row(dst: &mut [i32], row: &[i32], correction: &[i32], overwrite: bool) {
+fn store_row(dst: &mut [i32], row: &[i32], correction: i32, overwrite: bool) {
     if overwrite {
-        for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
-            *d = v.wrapping_sub(c);
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = v.wrapping_sub(correction);
         }
     } else {
-        for ((d, &v), &c) in dst.iter_mut().zip(row).zip(correction) {
-            *d = d.wrapping_add(v.wrapping_sub(c));
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = d.wrapping_add(v.wrapping_sub(correction));
         }
     }
 }
 
 /// Packs rows `i0..i0+mc`, columns `k0..k0+kc` of A into `MR`-row panels, K grouped by 4, zero
-/// padded, as `a + 128` for the VNNI paths.
+/// padded, and writes each row's correction (`128 * rowsum` on the offset paths, else 0).
 fn pack_a(
     a: &MatRef<i8>,
     i0: usize,
@@ -352,82 +352,72 @@ fn pack_a(
     kc: usize,
     g: &Geometry,
     par: Parallelism,
-    dst: &mut Vec<u8>,
+    dst: &mut Vec<i8>,
+    row_corr: &mut Vec<i32>,
 ) {
     let (mr, kc4) = (g.mr, kc.div_ceil(4));
-    let xor = if g.offset { 0x80u8 } else { 0 };
     let panels = mc.div_ceil(mr);
     dst.clear();
-    dst.resize(panels * kc4 * 4 * mr, xor);
-    let pack_panel = |(p, panel): (usize, &mut [u8])| {
+    dst.resize(panels * kc4 * 4 * mr, 0);
+    row_corr.clear();
+    row_corr.resize(panels * mr, 0);
+    let pack_panel = |((p, panel), corr): ((usize, &mut [i8]), &mut [i32])| {
         for r in 0..mr.min(mc - p * mr) {
             let i = i0 + p * mr + r;
+            let mut sum = 0i32;
             if a.col_stride == 1 {
                 // Whole groups of four bytes move as one 32-bit word.
                 let row = &a.data[i * a.row_stride + k0..][..kc];
-                let xor4 = u32::from_ne_bytes([xor; 4]);
-                let mut groups = row.chunks_exact(4);
-                for (k4, q) in groups.by_ref().enumerate() {
-                    let w = u32::from_ne_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]) ^ xor4;
-                    panel[(k4 * mr + r) * 4..][..4].copy_from_slice(&w.to_ne_bytes());
+                let (groups, rest) = row.as_chunks::<4>();
+                for (k4, q) in groups.iter().enumerate() {
+                    panel[(k4 * mr + r) * 4..][..4].copy_from_slice(q);
                 }
-                let k4 = kc / 4;
-                for (t, &v) in groups.remainder().iter().enumerate() {
-                    panel[(k4 * mr + r) * 4 + t] = v as u8 ^ xor;
+                for (t, &v) in rest.iter().enumerate() {
+                    panel[(kc / 4 * mr + r) * 4 + t] = v;
                 }
+                sum = row.iter().map(|&v| v as i32).sum();
             } else {
                 for kk in 0..kc {
-                    panel[((kk / 4) * mr + r) * 4 + kk % 4] = a.at(i, k0 + kk) as u8 ^ xor;
+                    let v = a.at(i, k0 + kk);
+                    panel[((kk / 4) * mr + r) * 4 + kk % 4] = v;
+                    sum += v as i32;
                 }
             }
+            corr[r] = if g.offset { sum.wrapping_mul(128) } else { 0 };
         }
     };
     match par {
-        Parallelism::None => dst.chunks_mut(kc4 * 4 * mr).enumerate().for_each(pack_panel),
-        Parallelism::Rayon => dst.par_chunks_mut(kc4 * 4 * mr).enumerate().for_each(pack_panel),
+        Parallelism::None => dst.chunks_mut(kc4 * 4 * mr).enumerate().zip(row_corr.chunks_mut(mr)).for_each(pack_panel),
+        Parallelism::Rayon => {
+            dst.par_chunks_mut(kc4 * 4 * mr).enumerate().zip(row_corr.par_chunks_mut(mr)).for_each(pack_panel)
+        }
     }
 }
 
 /// Packs rows `k0..k0+kc`, columns `j0..j0+ncols` of B into one `NR`-column panel, K grouped by 4,
-/// zero padded, and writes `128 * colsum` of each column into `correction` (what the VNNI paths'
-/// offset A adds to each output).
+/// zero padded, every byte XORed with `xor` (`0x80` turns codes into `b + 128` for the VNNI
+/// paths).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn pack_b(
-    b: &MatRef<i8>,
-    k0: usize,
-    kc: usize,
-    j0: usize,
-    ncols: usize,
-    nr: usize,
-    dst: &mut [i8],
-    correction: &mut [i32],
-) {
-    let mut colsum = [0i32; 64];
-    let colsum = &mut colsum[..nr];
+fn pack_b(b: &MatRef<i8>, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]) {
     if ncols < nr || !kc.is_multiple_of(4) {
         dst.fill(0);
     }
     if b.row_stride == 1 && b.col_stride != 1 {
         // Column-major B (a transposed view): each column's four bytes of a group are adjacent, so
         // packing is a transpose of 32-bit words, done in 4x4 blocks where possible.
-        let done = transpose_words_simd(b, k0, kc, j0, ncols, nr, dst);
-        for j in 0..ncols {
-            let col = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
-            colsum[j] = col.iter().map(|&v| v as i32).sum();
-        }
+        let done = transpose_words_simd(b, k0, kc, j0, ncols, nr, xor, dst);
         for j in 0..ncols {
             let col = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
             // Only the groups the transpose did not cover: all of them past its last column.
             let first = if j < done.0 { done.1 } else { 0 };
             for k4 in first..kc / 4 {
-                dst[(k4 * nr + j) * 4..][..4].copy_from_slice(&col[4 * k4..4 * k4 + 4]);
+                for t in 0..4 {
+                    dst[(k4 * nr + j) * 4 + t] = col[4 * k4 + t] ^ xor;
+                }
             }
             for (t, &v) in col[kc / 4 * 4..].iter().enumerate() {
-                dst[((kc / 4) * nr + j) * 4 + t] = v;
+                dst[((kc / 4) * nr + j) * 4 + t] = v ^ xor;
             }
-        }
-        for (c, s) in correction.iter_mut().zip(colsum.iter()) {
-            *c = s.wrapping_mul(128);
         }
         return;
     }
@@ -435,41 +425,36 @@ fn pack_b(
     for k4 in 0..full {
         // Four rows at a time: each output word gathers one byte from each row.
         let rows: [&[i8]; 4] = std::array::from_fn(|t| &b.data[(k0 + 4 * k4 + t) * b.row_stride + j0..][..ncols]);
-        for row in rows {
-            for (s, &v) in colsum.iter_mut().zip(row) {
-                *s += v as i32;
-            }
-        }
         let out = &mut dst[k4 * nr * 4..][..ncols * 4];
-        let done = interleave4_simd(rows, out);
+        let done = interleave4_simd(rows, xor, out);
         for j in done..ncols {
-            out[4 * j..4 * j + 4].copy_from_slice(&[rows[0][j], rows[1][j], rows[2][j], rows[3][j]]);
+            for t in 0..4 {
+                out[4 * j + t] = rows[t][j] ^ xor;
+            }
         }
     }
     for kk in 4 * full..kc {
         let base = (kk / 4) * nr * 4 + kk % 4;
         for j in 0..ncols {
-            let v = b.at(k0 + kk, j0 + j);
-            dst[base + j * 4] = v;
-            colsum[j] += v as i32;
+            dst[base + j * 4] = b.at(k0 + kk, j0 + j) ^ xor;
         }
-    }
-    for (c, s) in correction.iter_mut().zip(colsum.iter()) {
-        *c = s.wrapping_mul(128);
     }
 }
 
 /// Interleaves whole groups of 16 columns of four rows into `out` (`out[4j + t] = rows[t][j]`) with
 /// SSE2 byte and word unpacks; returns how many columns it did.
 #[cfg(target_arch = "x86_64")]
-fn interleave4_simd(rows: [&[i8]; 4], out: &mut [i8]) -> usize {
+fn interleave4_simd(rows: [&[i8]; 4], xor: i8, out: &mut [i8]) -> usize {
     use std::arch::x86_64::*;
     let n = rows[0].len() / 16 * 16;
+    // SAFETY: SSE2 is part of the x86_64 baseline.
+    let x = unsafe { _mm_set1_epi8(xor) };
     for j in (0..n).step_by(16) {
         // SAFETY: SSE2 is part of the x86_64 baseline; each row holds at least `j + 16` bytes and
         // `out` at least `4 * (j + 16)`, since `n <= rows[t].len()` and `out.len() == 4 * len`.
         unsafe {
-            let r: [__m128i; 4] = std::array::from_fn(|t| _mm_loadu_si128(rows[t].as_ptr().add(j).cast()));
+            let r: [__m128i; 4] =
+                std::array::from_fn(|t| _mm_xor_si128(_mm_loadu_si128(rows[t].as_ptr().add(j).cast()), x));
             let (a_lo, a_hi) = (_mm_unpacklo_epi8(r[0], r[1]), _mm_unpackhi_epi8(r[0], r[1]));
             let (b_lo, b_hi) = (_mm_unpacklo_epi8(r[2], r[3]), _mm_unpackhi_epi8(r[2], r[3]));
             let o = out.as_mut_ptr().add(4 * j);
@@ -493,9 +478,12 @@ fn transpose_words_simd(
     j0: usize,
     ncols: usize,
     nr: usize,
+    xor: i8,
     dst: &mut [i8],
 ) -> (usize, usize) {
     use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of the x86_64 baseline.
+    let x = unsafe { _mm_set1_epi8(xor) };
     let (jn, kn) = (ncols / 4 * 4, kc / 16 * 16);
     for j in (0..jn).step_by(4) {
         let cols: [&[i8]; 4] = std::array::from_fn(|t| &b.data[(j0 + j + t) * b.col_stride + k0..][..kc]);
@@ -504,7 +492,8 @@ fn transpose_words_simd(
             // bytes, and the four 16-byte stores land at groups `k / 4 .. k / 4 + 4`, columns
             // `j .. j + 4` of a panel of `kc.div_ceil(4) * nr * 4` bytes.
             unsafe {
-                let r: [__m128i; 4] = std::array::from_fn(|t| _mm_loadu_si128(cols[t].as_ptr().add(k).cast()));
+                let r: [__m128i; 4] =
+                    std::array::from_fn(|t| _mm_xor_si128(_mm_loadu_si128(cols[t].as_ptr().add(k).cast()), x));
                 let (t0, t1) = (_mm_unpacklo_epi32(r[0], r[1]), _mm_unpacklo_epi32(r[2], r[3]));
                 let (t2, t3) = (_mm_unpackhi_epi32(r[0], r[1]), _mm_unpackhi_epi32(r[2], r[3]));
                 let rows = [
@@ -531,6 +520,7 @@ fn transpose_words_simd(
     _j0: usize,
     _ncols: usize,
     _nr: usize,
+    _xor: i8,
     _dst: &mut [i8],
 ) -> (usize, usize) {
     (0, 0)
@@ -538,7 +528,7 @@ fn transpose_words_simd(
 
 /// Elsewhere the caller's scalar loop does every column.
 #[cfg(not(target_arch = "x86_64"))]
-fn interleave4_simd(_rows: [&[i8]; 4], _out: &mut [i8]) -> usize {
+fn interleave4_simd(_rows: [&[i8]; 4], _xor: i8, _out: &mut [i8]) -> usize {
     0
 }
 
@@ -546,7 +536,7 @@ fn interleave4_simd(_rows: [&[i8]; 4], _out: &mut [i8]) -> usize {
 ///
 /// # Safety
 /// `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes and `out` 64 values.
-unsafe fn kernel_portable(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+unsafe fn kernel_portable(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
     const MR: usize = 4;
     const NR: usize = 16;
     // SAFETY: the caller guarantees these lengths.
@@ -563,7 +553,7 @@ unsafe fn kernel_portable(kc4: usize, a: *const u8, b: *const i8, out: *mut i32)
             for j in 0..NR {
                 let mut s = 0i32;
                 for t in 0..4 {
-                    s = s.wrapping_add((a[r * 4 + t] as i8 as i32).wrapping_mul(b[j * 4 + t] as i32));
+                    s = s.wrapping_add((a[r * 4 + t] as i32).wrapping_mul(b[j * 4 + t] as i32));
                 }
                 acc[r * NR + j] = acc[r * NR + j].wrapping_add(s);
             }
@@ -576,13 +566,14 @@ unsafe fn kernel_portable(kc4: usize, a: *const u8, b: *const i8, out: *mut i32)
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// The AVX-512 VNNI 8x32 micro-kernel (A offset by 128).
+    /// The AVX-512 VNNI 8x32 micro-kernel (B offset by 128: `vpdpbusd` takes it as the unsigned
+    /// operand and the broadcast A codes as the signed one).
     ///
     /// # Safety
     /// The CPU must support AVX-512F/BW and VNNI; `a` must hold `kc4 * 32` bytes, `b` `kc4 * 128`
     /// bytes and `out` 256 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn kernel_avx512_vnni(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+    pub(super) unsafe fn kernel_avx512_vnni(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
         let mut acc = [_mm512_setzero_si512(); 16];
         for k in 0..kc4 {
             // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
@@ -592,8 +583,8 @@ mod x86 {
                 let ap = a.add(k * 32);
                 for r in 0..8 {
                     let av = _mm512_set1_epi32(ap.add(r * 4).cast::<i32>().read_unaligned());
-                    acc[2 * r] = _mm512_dpbusd_epi32(acc[2 * r], av, b0);
-                    acc[2 * r + 1] = _mm512_dpbusd_epi32(acc[2 * r + 1], av, b1);
+                    acc[2 * r] = _mm512_dpbusd_epi32(acc[2 * r], b0, av);
+                    acc[2 * r + 1] = _mm512_dpbusd_epi32(acc[2 * r + 1], b1, av);
                 }
             }
         }
@@ -603,13 +594,13 @@ mod x86 {
         }
     }
 
-    /// The AVX-VNNI 4x16 micro-kernel (A offset by 128).
+    /// The AVX-VNNI 4x16 micro-kernel (B offset by 128, as above).
     ///
     /// # Safety
     /// The CPU must support AVX2 and AVX-VNNI; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64`
     /// bytes and `out` 64 values.
     #[target_feature(enable = "avx2,avxvnni")]
-    pub(super) unsafe fn kernel_avx_vnni(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+    pub(super) unsafe fn kernel_avx_vnni(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
         let mut acc = [_mm256_setzero_si256(); 8];
         for k in 0..kc4 {
             // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
@@ -619,8 +610,8 @@ mod x86 {
                 let ap = a.add(k * 16);
                 for r in 0..4 {
                     let av = _mm256_set1_epi32(ap.add(r * 4).cast::<i32>().read_unaligned());
-                    acc[2 * r] = _mm256_dpbusd_avx_epi32(acc[2 * r], av, b0);
-                    acc[2 * r + 1] = _mm256_dpbusd_avx_epi32(acc[2 * r + 1], av, b1);
+                    acc[2 * r] = _mm256_dpbusd_avx_epi32(acc[2 * r], b0, av);
+                    acc[2 * r + 1] = _mm256_dpbusd_avx_epi32(acc[2 * r + 1], b1, av);
                 }
             }
         }
@@ -636,7 +627,7 @@ mod x86 {
     /// The CPU must support AVX2; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes and `out`
     /// 64 values.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn kernel_avx2(kc4: usize, a: *const u8, b: *const i8, out: *mut i32) {
+    pub(super) unsafe fn kernel_avx2(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_si256(); 8];
         for k in 0..kc4 {
