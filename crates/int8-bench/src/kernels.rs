@@ -47,7 +47,7 @@ pub fn run(budget: Duration, filter: Option<&str>) -> Result<Vec<Row>> {
         print_row(&row);
         rows.push(row);
     };
-    if keep("gemm") {
+    if keep("gemm-1024") {
         for row in gemm_rows(budget)? {
             push(row);
         }

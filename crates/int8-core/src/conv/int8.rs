@@ -13,7 +13,7 @@ use super::fp32::inner_parallelism;
 use super::im2col::{col2im_add, im2col, taps};
 use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
 use crate::error::{CoreError, Result};
-use crate::gemm::{Int8Path, MatMut, MatRef, gemm_i8, gemm_i8_scaled};
+use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
 use crate::quant::QTensor;
 
 /// A borrowed quantized tensor: codes in `[-127, 127]` and one scale, or one per outermost slice.
@@ -90,10 +90,16 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
     let row_scales: Vec<f32> = (0..s.c_out).map(scale).collect();
+    // The weight is packed once per group and serves every image of the batch.
+    let packed = (0..s.groups)
+        .map(|g| {
+            PackedA::new(path, MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?, Parallelism::Rayon)
+        })
+        .collect::<Result<Vec<_>>>()?;
     y.par_chunks_mut(s.c_out * p).zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
         || vec![0i8; col_len],
         |col, (y, x)| {
-            for g in 0..s.groups {
+            for (g, a) in packed.iter().enumerate() {
                 let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
                 let b = if s.is_pointwise() {
                     MatRef::row_major(xg, kg, p)?
@@ -101,9 +107,8 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
                     im2col(s, &taps, xg, col);
                     MatRef::row_major(col, kg, p)?
                 };
-                let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?;
                 let out = MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?;
-                gemm_i8_scaled(path, a, b, out, &row_scales[g * cog..(g + 1) * cog], par)?;
+                gemm_i8_scaled_packed(a, b, out, &row_scales[g * cog..(g + 1) * cog], par)?;
             }
             Ok(())
         },

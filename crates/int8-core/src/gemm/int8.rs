@@ -140,7 +140,7 @@ pub fn gemm_i8(
         return Ok(());
     }
     let out = OutPtr::I32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride };
-    drive(path, &a, &b, out, accumulate, par);
+    drive(&PackedA::new(path, a, par)?, &b, out, accumulate, par);
     Ok(())
 }
 
@@ -156,11 +156,31 @@ pub fn gemm_i8_scaled(
     par: Parallelism,
 ) -> Result<()> {
     check_product(&a, &b, &c)?;
+    gemm_i8_scaled_packed(&PackedA::new(path, a, par)?, b, c, row_scales, par)
+}
+
+/// [`gemm_i8_scaled`] with A packed beforehand, so that one A (a conv layer's weight) serves many
+/// products (the images of a batch) without being packed again.
+pub fn gemm_i8_scaled_packed(
+    a: &PackedA,
+    b: MatRef<i8>,
+    c: MatMut<f32>,
+    row_scales: &[f32],
+    par: Parallelism,
+) -> Result<()> {
+    if a.depth != b.rows || c.rows != a.rows || c.cols != b.cols {
+        return Err(CoreError::InvalidArgument {
+            what: "matrix product shapes",
+            why: format!("A is {}x{}, B is {}x{}, C is {}x{}", a.rows, a.depth, b.rows, b.cols, c.rows, c.cols),
+        });
+    }
     crate::error::check_len("gemm row scales", row_scales.len(), a.rows)?;
-    check_path_and_depth(path, a.cols)?;
-    if k_is_empty(&a, &b) || a.cols > KC {
+    if a.rows == 0 || b.cols == 0 || a.depth == 0 || a.depth > KC {
         let mut sums = vec![0i32; a.rows * b.cols];
-        gemm_i8(path, a, b, MatMut::row_major(&mut sums, a.rows, b.cols)?, false, par)?;
+        let out = OutPtr::I32 { ptr: sums.as_mut_ptr(), rs: b.cols, cs: 1 };
+        if a.depth > 0 && a.rows > 0 && b.cols > 0 {
+            drive(a, &b, out, false, par);
+        }
         for i in 0..c.rows {
             for j in 0..c.cols {
                 c.data[i * c.row_stride + j * c.col_stride] = sums[i * b.cols + j] as f32 * row_scales[i];
@@ -169,8 +189,57 @@ pub fn gemm_i8_scaled(
         return Ok(());
     }
     let out = OutPtr::F32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride, scales: row_scales.as_ptr() };
-    drive(path, &a, &b, out, false, par);
+    drive(a, &b, out, false, par);
     Ok(())
+}
+
+/// A left operand packed once for one path's INT8 kernels, in blocks of [`KC`] x [`MC`], with
+/// each row's correction.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    path: Int8Path,
+    rows: usize,
+    depth: usize,
+    blocks: Vec<PackedBlock>,
+}
+
+#[derive(Debug, Clone)]
+struct PackedBlock {
+    i0: usize,
+    mc: usize,
+    k0: usize,
+    kc: usize,
+    data: Vec<i8>,
+    row_corr: Vec<i32>,
+}
+
+impl PackedA {
+    /// Packs `a` for `path` (errors if this CPU cannot run it or the depth exceeds [`MAX_K_I8`]).
+    pub fn new(path: Int8Path, a: MatRef<i8>, par: Parallelism) -> Result<Self> {
+        check_path_and_depth(path, a.cols)?;
+        let g = path.geometry();
+        let mut blocks = Vec::new();
+        for k0 in (0..a.cols).step_by(KC) {
+            let kc = KC.min(a.cols - k0);
+            for i0 in (0..a.rows).step_by(MC) {
+                let mc = MC.min(a.rows - i0);
+                let (mut data, mut row_corr) = (Vec::new(), Vec::new());
+                pack_a(&a, i0, mc, k0, kc, &g, par, &mut data, &mut row_corr);
+                blocks.push(PackedBlock { i0, mc, k0, kc, data, row_corr });
+            }
+        }
+        Ok(Self { path, rows: a.rows, depth: a.cols, blocks })
+    }
+
+    /// Rows of A.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of A (the reduction depth).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
 }
 
 /// Checks that the CPU runs `path` and that a reduction of depth `k` is exact in `i32`.
@@ -195,28 +264,34 @@ fn k_is_empty(a: &MatRef<i8>, b: &MatRef<i8>) -> bool {
     a.cols == 0 || a.rows == 0 || b.cols == 0
 }
 
-/// Runs the packed kernels over the whole product (shapes and path already checked, `k > 0`).
-fn drive(path: Int8Path, a: &MatRef<i8>, b: &MatRef<i8>, out: OutPtr, accumulate: bool, par: Parallelism) {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    let g = path.geometry();
+/// Runs the packed kernels over the whole product (shapes checked, `k > 0`); the blocks come in
+/// order of depth, so the first block of each row range overwrites unless accumulating.
+fn drive(a: &PackedA, b: &MatRef<i8>, out: OutPtr, accumulate: bool, par: Parallelism) {
+    let g = a.path.geometry();
+    let n = b.cols;
     let n_panels = n.div_ceil(g.nr);
-    let (mut packed_a, mut row_corr) = (Vec::new(), Vec::new());
-    for k0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - k0);
-        let overwrite = k0 == 0 && !accumulate;
-        for i0 in (0..m).step_by(MC) {
-            let mc = MC.min(m - i0);
-            pack_a(a, i0, mc, k0, kc, &g, par, &mut packed_a, &mut row_corr);
-            let block = Block { a: &packed_a, row_corr: &row_corr, b, i0, mc, k0, kc, n, overwrite, out };
-            match par {
-                Parallelism::None => block.run(&g, 0..n_panels),
-                Parallelism::Rayon => {
-                    let tasks = (rayon::current_num_threads() * 2).min(n_panels).max(1);
-                    let per = n_panels.div_ceil(tasks);
-                    (0..n_panels.div_ceil(per))
-                        .into_par_iter()
-                        .for_each(|t| block.run(&g, t * per..((t + 1) * per).min(n_panels)));
-                }
+    for blk in &a.blocks {
+        let overwrite = blk.k0 == 0 && !accumulate;
+        let block = Block {
+            a: &blk.data,
+            row_corr: &blk.row_corr,
+            b,
+            i0: blk.i0,
+            mc: blk.mc,
+            k0: blk.k0,
+            kc: blk.kc,
+            n,
+            overwrite,
+            out,
+        };
+        match par {
+            Parallelism::None => block.run(&g, 0..n_panels),
+            Parallelism::Rayon => {
+                let tasks = (rayon::current_num_threads() * 2).min(n_panels).max(1);
+                let per = n_panels.div_ceil(tasks);
+                (0..n_panels.div_ceil(per))
+                    .into_par_iter()
+                    .for_each(|t| block.run(&g, t * per..((t + 1) * per).min(n_panels)));
             }
         }
     }
