@@ -33,8 +33,13 @@ const KC: usize = 1024;
 const MC: usize = 1024;
 
 /// An INT8 micro-kernel: multiplies a packed `MR x 4*kc4` A panel by a packed `4*kc4 x NR` B panel
-/// into a row-major `MR x NR` tile, overwriting it.
-type Kernel = unsafe fn(kc4: usize, a: *const i8, b: *const i8, out: *mut i32);
+/// and stores the `MR x NR` tile at `out` with row stride `ldc`, less `corr[r]` on row `r`,
+/// overwriting it or, with `accumulate`, adding to it (wrapping).
+type Kernel =
+    unsafe fn(kc4: usize, a: *const i8, b: *const i8, out: *mut i32, ldc: usize, corr: *const i32, accumulate: bool);
+
+/// The correction for tiles that go through the temporary buffer (applied on the way out).
+const NO_CORRECTION: [i32; 8] = [0; 8];
 
 /// The instruction set an INT8 GEMM runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -342,10 +347,41 @@ impl Block<'_> {
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
                 let r0 = ip * g.mr;
                 let nrows = g.mr.min(self.mc - r0);
-                // SAFETY: `a` holds `kc4 * 4 * mr` bytes, `packed_b` `kc4 * 4 * nr` and `tile`
-                // `mr * nr`, the shapes the kernel reads and writes; the path's instruction sets
-                // were checked by `gemm_i8` before any kernel runs.
-                unsafe { (g.kernel)(kc4, a.as_ptr(), packed_b.as_ptr(), tile.as_mut_ptr()) };
+                if let OutPtr::I32 { ptr, rs, cs: 1 } = self.out
+                    && nrows == g.mr
+                    && ncols == g.nr
+                {
+                    // A full tile of a row-major INT32 output: the kernel stores it in place.
+                    // SAFETY: `a` holds `kc4 * 4 * mr` bytes and `packed_b` `kc4 * 4 * nr`; rows
+                    // `i0 + r0 ..+ mr`, columns `j0 ..+ nr` lie inside the output view (checked
+                    // against its slice) and belong to this task's column panel; `row_corr` has
+                    // an entry for each of the tile's rows; the path's instruction sets were
+                    // checked before any kernel runs.
+                    unsafe {
+                        (g.kernel)(
+                            kc4,
+                            a.as_ptr(),
+                            packed_b.as_ptr(),
+                            ptr.add((self.i0 + r0) * rs + j0),
+                            rs,
+                            self.row_corr[r0..].as_ptr(),
+                            !self.overwrite,
+                        )
+                    };
+                    continue;
+                }
+                // SAFETY: as above, with `tile` holding `mr * nr` values at row stride `nr`.
+                unsafe {
+                    (g.kernel)(
+                        kc4,
+                        a.as_ptr(),
+                        packed_b.as_ptr(),
+                        tile.as_mut_ptr(),
+                        g.nr,
+                        NO_CORRECTION.as_ptr(),
+                        false,
+                    )
+                };
                 for r in 0..nrows {
                     let row = &tile[r * g.nr..r * g.nr + ncols];
                     // SAFETY: row `i`, columns `j0..j0 + ncols` lie inside the output view, whose
@@ -437,35 +473,51 @@ fn pack_a(
     row_corr.clear();
     row_corr.resize(panels * mr, 0);
     let pack_panel = |((p, panel), corr): ((usize, &mut [i8]), &mut [i32])| {
-        for r in 0..mr.min(mc - p * mr) {
-            let i = i0 + p * mr + r;
-            let mut sum = 0i32;
-            if a.col_stride == 1 {
-                // Whole groups of four bytes move as one 32-bit word.
-                let row = &a.data[i * a.row_stride + k0..][..kc];
-                let (groups, rest) = row.as_chunks::<4>();
-                for (k4, q) in groups.iter().enumerate() {
-                    panel[(k4 * mr + r) * 4..][..4].copy_from_slice(q);
-                }
-                for (t, &v) in rest.iter().enumerate() {
-                    panel[(kc / 4 * mr + r) * 4 + t] = v;
-                }
-                sum = row.iter().map(|&v| v as i32).sum();
-            } else {
-                for kk in 0..kc {
-                    let v = a.at(i, k0 + kk);
-                    panel[((kk / 4) * mr + r) * 4 + kk % 4] = v;
-                    sum += v as i32;
-                }
-            }
-            corr[r] = if g.offset { sum.wrapping_mul(128) } else { 0 };
-        }
+        pack_a_panel(a, i0 + p * mr, mr.min(mc - p * mr), k0, kc, mr, g.offset, panel, corr);
     };
     match par {
         Parallelism::None => dst.chunks_mut(kc4 * 4 * mr).enumerate().zip(row_corr.chunks_mut(mr)).for_each(pack_panel),
         Parallelism::Rayon => {
             dst.par_chunks_mut(kc4 * 4 * mr).enumerate().zip(row_corr.par_chunks_mut(mr)).for_each(pack_panel)
         }
+    }
+}
+
+/// Packs `rows` rows of A from row `i0` into one `mr`-row panel and writes each row's correction.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn pack_a_panel(
+    a: &MatRef<i8>,
+    i0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    mr: usize,
+    offset: bool,
+    panel: &mut [i8],
+    corr: &mut [i32],
+) {
+    for r in 0..rows {
+        let i = i0 + r;
+        let mut sum = 0i32;
+        if a.col_stride == 1 {
+            // Whole groups of four bytes move as one 32-bit word.
+            let row = &a.data[i * a.row_stride + k0..][..kc];
+            let (groups, rest) = row.as_chunks::<4>();
+            for (k4, q) in groups.iter().enumerate() {
+                panel[(k4 * mr + r) * 4..][..4].copy_from_slice(q);
+            }
+            for (t, &v) in rest.iter().enumerate() {
+                panel[(kc / 4 * mr + r) * 4 + t] = v;
+            }
+            sum = row.iter().map(|&v| v as i32).sum();
+        } else {
+            for kk in 0..kc {
+                let v = a.at(i, k0 + kk);
+                panel[((kk / 4) * mr + r) * 4 + kk % 4] = v;
+                sum += v as i32;
+            }
+        }
+        corr[r] = if offset { sum.wrapping_mul(128) } else { 0 };
     }
 }
 
@@ -610,18 +662,21 @@ fn interleave4_simd(_rows: [&[i8]; 4], _xor: i8, _out: &mut [i8]) -> usize {
 /// The portable 4x16 micro-kernel.
 ///
 /// # Safety
-/// `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes and `out` 64 values.
-unsafe fn kernel_portable(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
+/// `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes, `corr` 4 values, and `out` a 4 x 16 tile
+/// at row stride `ldc`.
+unsafe fn kernel_portable(
+    kc4: usize,
+    a: *const i8,
+    b: *const i8,
+    out: *mut i32,
+    ldc: usize,
+    corr: *const i32,
+    accumulate: bool,
+) {
     const MR: usize = 4;
     const NR: usize = 16;
     // SAFETY: the caller guarantees these lengths.
-    let (a, b, out) = unsafe {
-        (
-            std::slice::from_raw_parts(a, kc4 * 4 * MR),
-            std::slice::from_raw_parts(b, kc4 * 4 * NR),
-            std::slice::from_raw_parts_mut(out, MR * NR),
-        )
-    };
+    let (a, b) = unsafe { (std::slice::from_raw_parts(a, kc4 * 4 * MR), std::slice::from_raw_parts(b, kc4 * 4 * NR)) };
     let mut acc = [0i32; MR * NR];
     for (a, b) in a.chunks_exact(4 * MR).zip(b.chunks_exact(4 * NR)) {
         for r in 0..MR {
@@ -634,21 +689,60 @@ unsafe fn kernel_portable(kc4: usize, a: *const i8, b: *const i8, out: *mut i32)
             }
         }
     }
-    out.copy_from_slice(&acc);
+    for r in 0..MR {
+        // SAFETY: the caller guarantees `corr` has MR values and `out` an MR x NR tile at `ldc`.
+        let (row, c) = unsafe { (std::slice::from_raw_parts_mut(out.add(r * ldc), NR), *corr.add(r)) };
+        for (o, &v) in row.iter_mut().zip(&acc[r * NR..(r + 1) * NR]) {
+            let v = v.wrapping_sub(c);
+            *o = if accumulate { o.wrapping_add(v) } else { v };
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Stores a 4 x 16 tile held as eight ymm registers (row `r` in `acc[2r]`, `acc[2r + 1]`) at
+    /// row stride `ldc`, less `corr[r]`, overwriting or adding.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `corr` must hold 4 values and `out` a 4 x 16 tile at `ldc`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_ymm_tile(acc: &[__m256i; 8], out: *mut i32, ldc: usize, corr: *const i32, accumulate: bool) {
+        for r in 0..4 {
+            // SAFETY: the caller's contract: row `r`, 16 values, starts at `r * ldc`.
+            unsafe {
+                let c = _mm256_set1_epi32(*corr.add(r));
+                let p = out.add(r * ldc);
+                let mut v0 = _mm256_sub_epi32(acc[2 * r], c);
+                let mut v1 = _mm256_sub_epi32(acc[2 * r + 1], c);
+                if accumulate {
+                    v0 = _mm256_add_epi32(v0, _mm256_loadu_si256(p.cast()));
+                    v1 = _mm256_add_epi32(v1, _mm256_loadu_si256(p.add(8).cast()));
+                }
+                _mm256_storeu_si256(p.cast(), v0);
+                _mm256_storeu_si256(p.add(8).cast(), v1);
+            }
+        }
+    }
+
     /// The AVX-512 VNNI 8x32 micro-kernel (B offset by 128: `vpdpbusd` takes it as the unsigned
     /// operand and the broadcast A codes as the signed one).
     ///
     /// # Safety
     /// The CPU must support AVX-512F/BW and VNNI; `a` must hold `kc4 * 32` bytes, `b` `kc4 * 128`
-    /// bytes and `out` 256 values.
+    /// bytes, `corr` 8 values and `out` an 8 x 32 tile at row stride `ldc`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn kernel_avx512_vnni(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
+    pub(super) unsafe fn kernel_avx512_vnni(
+        kc4: usize,
+        a: *const i8,
+        b: *const i8,
+        out: *mut i32,
+        ldc: usize,
+        corr: *const i32,
+        accumulate: bool,
+    ) {
         let mut acc = [_mm512_setzero_si512(); 16];
         for k in 0..kc4 {
             // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
@@ -663,9 +757,20 @@ mod x86 {
                 }
             }
         }
-        for (i, v) in acc.iter().enumerate() {
-            // SAFETY: `out` holds 256 values; tile row `i / 2`, half `i % 2` starts at `16 * i`.
-            unsafe { _mm512_storeu_si512(out.add(16 * i).cast(), *v) };
+        for r in 0..8 {
+            // SAFETY: `corr` has 8 values and row `r` of the tile, 32 values, starts at `r * ldc`.
+            unsafe {
+                let c = _mm512_set1_epi32(*corr.add(r));
+                let p = out.add(r * ldc);
+                let mut v0 = _mm512_sub_epi32(acc[2 * r], c);
+                let mut v1 = _mm512_sub_epi32(acc[2 * r + 1], c);
+                if accumulate {
+                    v0 = _mm512_add_epi32(v0, _mm512_loadu_si512(p.cast()));
+                    v1 = _mm512_add_epi32(v1, _mm512_loadu_si512(p.add(16).cast()));
+                }
+                _mm512_storeu_si512(p.cast(), v0);
+                _mm512_storeu_si512(p.add(16).cast(), v1);
+            }
         }
     }
 
@@ -673,9 +778,17 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX2 and AVX-VNNI; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64`
-    /// bytes and `out` 64 values.
+    /// bytes, `corr` 4 values and `out` a 4 x 16 tile at row stride `ldc`.
     #[target_feature(enable = "avx2,avxvnni")]
-    pub(super) unsafe fn kernel_avx_vnni(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
+    pub(super) unsafe fn kernel_avx_vnni(
+        kc4: usize,
+        a: *const i8,
+        b: *const i8,
+        out: *mut i32,
+        ldc: usize,
+        corr: *const i32,
+        accumulate: bool,
+    ) {
         let mut acc = [_mm256_setzero_si256(); 8];
         for k in 0..kc4 {
             // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
@@ -690,19 +803,25 @@ mod x86 {
                 }
             }
         }
-        for (i, v) in acc.iter().enumerate() {
-            // SAFETY: `out` holds 64 values; tile row `i / 2`, half `i % 2` starts at `8 * i`.
-            unsafe { _mm256_storeu_si256(out.add(8 * i).cast(), *v) };
-        }
+        // SAFETY: forwarded from the caller, whose contract `store_ymm_tile` shares.
+        unsafe { store_ymm_tile(&acc, out, ldc, corr, accumulate) };
     }
 
     /// The AVX2 4x16 micro-kernel (A signed), exact through the `|a|`, `sign(a) * b` form.
     ///
     /// # Safety
-    /// The CPU must support AVX2; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes and `out`
-    /// 64 values.
+    /// The CPU must support AVX2; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes, `corr` 4
+    /// values and `out` a 4 x 16 tile at row stride `ldc`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn kernel_avx2(kc4: usize, a: *const i8, b: *const i8, out: *mut i32) {
+    pub(super) unsafe fn kernel_avx2(
+        kc4: usize,
+        a: *const i8,
+        b: *const i8,
+        out: *mut i32,
+        ldc: usize,
+        corr: *const i32,
+        accumulate: bool,
+    ) {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_si256(); 8];
         for k in 0..kc4 {
@@ -721,10 +840,8 @@ mod x86 {
                 }
             }
         }
-        for (i, v) in acc.iter().enumerate() {
-            // SAFETY: `out` holds 64 values; tile row `i / 2`, half `i % 2` starts at `8 * i`.
-            unsafe { _mm256_storeu_si256(out.add(8 * i).cast(), *v) };
-        }
+        // SAFETY: forwarded from the caller, whose contract `store_ymm_tile` shares.
+        unsafe { store_ymm_tile(&acc, out, ldc, corr, accumulate) };
     }
 }
 
