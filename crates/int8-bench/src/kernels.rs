@@ -201,8 +201,36 @@ pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
     Ok(Row::new(name, fp32, int8))
 }
 
-/// Runs one layer's work for `seconds` at `precision`, then prints the mean time of each part.
+/// Runs one layer's work (or, for `gemm`, GEMM 1024^3) for `seconds` at `precision`, then prints
+/// the mean time of each part.
 pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
+    if layer == "gemm" {
+        let n = 1024;
+        let (af, bf, ai, bi) =
+            (random_f32(n * n, 1), random_f32(n * n, 2), random_codes(n * n, 3), random_codes(n * n, 4));
+        let (mut cf, mut ci) = (vec![0f32; n * n], vec![0i32; n * n]);
+        let (start, mut steps) = (std::time::Instant::now(), 0usize);
+        while start.elapsed().as_secs_f64() < seconds {
+            if precision == "fp32" {
+                gemm_f32(
+                    MatRef::row_major(&af, n, n)?,
+                    MatRef::row_major(&bf, n, n)?,
+                    MatMut::row_major(&mut cf, n, n)?,
+                    false,
+                    Parallelism::Rayon,
+                )?;
+            } else {
+                let (a, b) = (MatRef::row_major(&ai, n, n)?, MatRef::row_major(&bi, n, n)?);
+                gemm_i8(Int8Path::detect(), a, b, MatMut::row_major(&mut ci, n, n)?, false, Parallelism::Rayon)?;
+            }
+            steps += 1;
+        }
+        println!(
+            "gemm 1024^3, {precision}: {:.3} ms mean over {steps} runs",
+            start.elapsed().as_secs_f64() * 1e3 / steps as f64
+        );
+        return Ok(());
+    }
     let Some((name, s)) =
         resnet20_convs(128).into_iter().chain(mobilenetv2_convs(128)).find(|(n, _)| n.contains(layer))
     else {
