@@ -98,8 +98,8 @@ pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], co
                 if sw == 1 {
                     copy_run(dst, &src[start as usize..][..dst.len()]);
                 } else {
-                    for (k, d) in dst.iter_mut().enumerate() {
-                        *d = src[start as usize + k * sw];
+                    for (d, &v) in dst.iter_mut().zip(src[start as usize..].iter().step_by(sw)) {
+                        *d = v;
                     }
                 }
             }
@@ -147,8 +147,8 @@ pub(crate) fn col2im_add<T: Copy + AddAssign>(s: &ConvShape, taps: &[Tap], col: 
                         *d += v;
                     }
                 } else {
-                    for (k, &v) in src.iter().enumerate() {
-                        dst[start + k * sw] += v;
+                    for (d, &v) in dst[start..].iter_mut().step_by(sw).zip(src) {
+                        *d += v;
                     }
                 }
             }

@@ -13,7 +13,7 @@ use super::fp32::inner_parallelism;
 use super::im2col::{col2im_add, im2col, taps};
 use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
 use crate::error::{CoreError, Result};
-use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
+use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_packed, gemm_i8_scaled_packed};
 use crate::quant::QTensor;
 
 /// A borrowed quantized tensor: codes in `[-127, 127]` and one scale, or one per outermost slice.
@@ -139,16 +139,25 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    // The transposed weight is packed once per group and serves every image of the batch.
+    let packed = (0..s.groups)
+        .map(|g| {
+            PackedA::new(
+                path,
+                MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t(),
+                Parallelism::Rayon,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each_init(
         || (vec![0i32; col_len], vec![0i32; cig * s.in_plane()]),
         |(col, acc), (dx, dy)| {
-            for g in 0..s.groups {
-                let a = MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t();
+            for (g, a) in packed.iter().enumerate() {
                 let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
                 if s.is_pointwise() {
-                    gemm_i8(path, a, b, MatMut::row_major(acc, kg, p)?, false, par)?;
+                    gemm_i8_packed(a, b, MatMut::row_major(acc, kg, p)?, false, par)?;
                 } else {
-                    gemm_i8(path, a, b, MatMut::row_major(col, kg, p)?, false, par)?;
+                    gemm_i8_packed(a, b, MatMut::row_major(col, kg, p)?, false, par)?;
                     acc.fill(0);
                     // At most kh * kw columns land on one pixel, each below 127^2 * c_out_group.
                     col2im_add(s, &taps, col, acc);

@@ -133,8 +133,16 @@ pub fn gemm_i8(
     par: Parallelism,
 ) -> Result<()> {
     check_product(&a, &b, &c)?;
-    check_path_and_depth(path, a.cols)?;
-    if k_is_empty(&a, &b) {
+    gemm_i8_packed(&PackedA::new(path, a, par)?, b, c, accumulate, par)
+}
+
+/// [`gemm_i8`] with A packed beforehand ([`PackedA`]), so that one A serves many products.
+pub fn gemm_i8_packed(a: &PackedA, b: MatRef<i8>, c: MatMut<i32>, accumulate: bool, par: Parallelism) -> Result<()> {
+    check_packed_product(a, &b, c.rows, c.cols)?;
+    if a.rows == 0 || b.cols == 0 {
+        return Ok(());
+    }
+    if a.depth == 0 {
         if !accumulate {
             for i in 0..c.rows {
                 for j in 0..c.cols {
@@ -144,8 +152,18 @@ pub fn gemm_i8(
         }
         return Ok(());
     }
-    let out = OutPtr::I32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride };
-    drive(&PackedA::new(path, a, par)?, &b, out, accumulate, par);
+    drive(a, &b, OutPtr::I32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride }, accumulate, par);
+    Ok(())
+}
+
+/// Checks the shapes of `C = A * B` for a packed A and a `c_rows x c_cols` output.
+fn check_packed_product(a: &PackedA, b: &MatRef<i8>, c_rows: usize, c_cols: usize) -> Result<()> {
+    if a.depth != b.rows || c_rows != a.rows || c_cols != b.cols {
+        return Err(CoreError::InvalidArgument {
+            what: "matrix product shapes",
+            why: format!("A is {}x{}, B is {}x{}, C is {}x{}", a.rows, a.depth, b.rows, b.cols, c_rows, c_cols),
+        });
+    }
     Ok(())
 }
 
@@ -173,14 +191,10 @@ pub fn gemm_i8_scaled_packed(
     row_scales: &[f32],
     par: Parallelism,
 ) -> Result<()> {
-    if a.depth != b.rows || c.rows != a.rows || c.cols != b.cols {
-        return Err(CoreError::InvalidArgument {
-            what: "matrix product shapes",
-            why: format!("A is {}x{}, B is {}x{}, C is {}x{}", a.rows, a.depth, b.rows, b.cols, c.rows, c.cols),
-        });
-    }
+    check_packed_product(a, &b, c.rows, c.cols)?;
     crate::error::check_len("gemm row scales", row_scales.len(), a.rows)?;
     if a.rows == 0 || b.cols == 0 || a.depth == 0 || a.depth > KC {
+        // Reductions deeper than one block are summed in INT32 first, then dequantized once.
         let mut sums = vec![0i32; a.rows * b.cols];
         let out = OutPtr::I32 { ptr: sums.as_mut_ptr(), rs: b.cols, cs: 1 };
         if a.depth > 0 && a.rows > 0 && b.cols > 0 {
@@ -262,11 +276,6 @@ fn check_path_and_depth(path: Int8Path, k: usize) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Whether the product is empty or has no reduction (so the kernels have nothing to do).
-fn k_is_empty(a: &MatRef<i8>, b: &MatRef<i8>) -> bool {
-    a.cols == 0 || a.rows == 0 || b.cols == 0
 }
 
 /// Runs the packed kernels over the whole product (shapes checked, `k > 0`); the blocks come in

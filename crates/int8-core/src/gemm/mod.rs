@@ -10,7 +10,7 @@ mod int8;
 pub mod reference;
 
 pub use self::f32::gemm_f32;
-pub use self::int8::{Int8Path, MAX_K_I8, PackedA, gemm_i8, gemm_i8_scaled, gemm_i8_scaled_packed};
+pub use self::int8::{Int8Path, MAX_K_I8, PackedA, gemm_i8, gemm_i8_packed, gemm_i8_scaled, gemm_i8_scaled_packed};
 
 use crate::error::{CoreError, Result};
 
