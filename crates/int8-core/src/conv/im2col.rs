@@ -14,9 +14,10 @@ pub(crate) fn valid(out_len: usize, in_len: usize, stride: usize, offset: isize)
     lo.min(hi)..hi
 }
 
-/// Copies a short run (typically one output row) with explicit 16-byte moves. A plain copy of a
-/// run of unknown length becomes a call to `memmove` (loop-idiom recognition turns even a chunked
-/// loop back into one), and for runs of 16 to 128 bytes the call costs more than the copy.
+/// Copies a short run (typically one output row) with explicit 16-byte moves, the last one
+/// overlapping the previous so that no byte-by-byte tail remains. A plain copy of a run of unknown
+/// length becomes a call to `memmove` (loop-idiom recognition turns even a chunked loop back into
+/// one), and for runs of 16 to 128 bytes the call costs more than the copy.
 #[inline(always)]
 pub(crate) fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
     let src = &src[..dst.len()];
@@ -25,22 +26,67 @@ pub(crate) fn copy_run<T: Copy>(dst: &mut [T], src: &[T]) {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_storeu_si128};
         let bytes = std::mem::size_of_val(dst);
         let (d, s) = (dst.as_mut_ptr().cast::<u8>(), src.as_ptr().cast::<u8>());
-        let mut off = 0;
-        while off + 16 <= bytes {
-            // SAFETY: SSE2 is part of the x86_64 baseline; `off + 16 <= bytes`, the byte length of
-            // both slices (equal lengths of `T: Copy`), and the slices do not overlap (one is
-            // borrowed mutably).
-            unsafe { _mm_storeu_si128(d.add(off).cast::<__m128i>(), _mm_loadu_si128(s.add(off).cast::<__m128i>())) };
-            off += 16;
-        }
-        while off < bytes {
-            // SAFETY: `off < bytes`, inside both slices, as above.
-            unsafe { *d.add(off) = *s.add(off) };
-            off += 1;
+        if bytes >= 16 {
+            let mut off = 0;
+            loop {
+                // SAFETY: SSE2 is part of the x86_64 baseline; `off + 16 <= bytes`, the byte
+                // length of both slices (equal lengths of `T: Copy`), which do not overlap (one is
+                // borrowed mutably).
+                unsafe {
+                    _mm_storeu_si128(d.add(off).cast::<__m128i>(), _mm_loadu_si128(s.add(off).cast::<__m128i>()))
+                };
+                if off + 16 == bytes {
+                    break;
+                }
+                off = (off + 16).min(bytes - 16);
+            }
+            return;
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    dst.copy_from_slice(src);
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v;
+    }
+}
+
+/// An element type of im2col buffers whose `Default` value is all-zero bits, so that padding can
+/// be written as zero bytes.
+///
+/// # Safety
+/// `Self::default()` must be the all-zero bit pattern.
+pub(crate) unsafe trait ZeroDefault: Copy + Default {}
+
+// SAFETY: 0.0f32 is all-zero bits.
+unsafe impl ZeroDefault for f32 {}
+// SAFETY: 0i8 is all-zero bits.
+unsafe impl ZeroDefault for i8 {}
+// SAFETY: 0i32 is all-zero bits.
+unsafe impl ZeroDefault for i32 {}
+
+/// Zeroes a short run without a call to `memset` (see [`copy_run`]).
+#[inline(always)]
+fn zero_run<T: ZeroDefault>(dst: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_setzero_si128, _mm_storeu_si128};
+        let bytes = std::mem::size_of_val(dst);
+        if bytes >= 16 {
+            let d = dst.as_mut_ptr().cast::<u8>();
+            let mut off = 0;
+            loop {
+                // SAFETY: SSE2 is part of the x86_64 baseline; `off + 16 <= bytes`, inside `dst`;
+                // zero bytes are `T::default()` by `ZeroDefault`.
+                unsafe { _mm_storeu_si128(d.add(off).cast::<__m128i>(), _mm_setzero_si128()) };
+                if off + 16 == bytes {
+                    break;
+                }
+                off = (off + 16).min(bytes - 16);
+            }
+            return;
+        }
+    }
+    for d in dst {
+        *d = T::default();
+    }
 }
 
 /// One kernel tap `(i, j)` of one input channel: where it reads for every output row.
@@ -76,7 +122,7 @@ pub(crate) fn taps(s: &ConvShape) -> Vec<Tap> {
 
 /// Fills `col` (`k_group x out_plane`, row-major) from `x`, the `c_in_group x h x w` input of
 /// one image and group. Padding reads as zero.
-pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], col: &mut [T]) {
+pub(crate) fn im2col<T: ZeroDefault>(s: &ConvShape, taps: &[Tap], x: &[T], col: &mut [T]) {
     let (ow_n, p) = (s.out_w(), s.out_plane());
     let (sh, sw) = s.stride;
     for c in 0..s.c_in_group() {
@@ -88,7 +134,7 @@ pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], co
                 continue;
             }
             if tap.rows.len() < s.out_h() || tap.cols.len() < ow_n {
-                row.fill(T::default());
+                zero_run(row);
             }
             for oh in tap.rows.clone() {
                 let ih = (oh * sh) as isize + tap.row_off;
@@ -111,14 +157,14 @@ pub(crate) fn im2col<T: Copy + Default>(s: &ConvShape, taps: &[Tap], x: &[T], co
 /// output `(oh, ow)` is then a fixed distance from its destination, so the tap is one long copy,
 /// after which the border columns (which the copy filled from neighbouring rows) and the rows
 /// outside the image are zeroed.
-fn same_width_tap<T: Copy + Default>(width: usize, tap: &Tap, plane: &[T], row: &mut [T]) {
+fn same_width_tap<T: ZeroDefault>(width: usize, tap: &Tap, plane: &[T], row: &mut [T]) {
     let (r0, r1) = (tap.rows.start, tap.rows.end);
     let d0 = r0 * width + tap.cols.start;
     let len = (r1 - r0 - 1) * width + tap.cols.len();
     let s0 = ((r0 as isize + tap.row_off) as usize) * width + (tap.cols.start as isize + tap.col_off) as usize;
     copy_run(&mut row[d0..d0 + len], &plane[s0..s0 + len]);
-    row[..r0 * width].fill(T::default());
-    row[r1 * width..].fill(T::default());
+    zero_run(&mut row[..r0 * width]);
+    zero_run(&mut row[r1 * width..]);
     if tap.cols.len() < width {
         for oh in r0..r1 {
             for ow in (0..tap.cols.start).chain(tap.cols.end..width) {

@@ -189,13 +189,17 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    // One image adds at most `plane * 127^2` to each sum, so this many images add up exactly in
+    // INT32 (the GEMM accumulates them in place); the running total is widened to i64 between
+    // such groups. At 32x32 planes that is 130 images, so usually once per thread.
+    let per_i32 = (i32::MAX as usize / (p * 127 * 127)).max(1);
     let total = x
         .codes
         .par_chunks(s.c_in * s.in_plane())
         .zip(dy.codes.par_chunks(s.c_out * p))
         .try_fold(
-            || (vec![0i64; s.w_len()], vec![0i8; col_len], vec![0i32; cog * kg]),
-            |(mut wide, mut col, mut acc), (x, dy)| {
+            || (vec![0i64; s.w_len()], vec![0i8; col_len], vec![0i32; s.w_len()], 0usize),
+            |(mut wide, mut col, mut acc, mut held), (x, dy)| {
                 for g in 0..s.groups {
                     let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
                     let b = if s.is_pointwise() {
@@ -205,13 +209,25 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
                         MatRef::row_major(&col, kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    gemm_i8(path, a, b, MatMut::row_major(&mut acc, cog, kg)?, false, par)?;
-                    widen_add(&mut wide[g * cog * kg..][..cog * kg], &acc);
+                    let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
+                    gemm_i8(path, a, b, c, held > 0, par)?;
                 }
-                Ok((wide, col, acc))
+                held += 1;
+                if held == per_i32 {
+                    widen_add(&mut wide, &acc);
+                    held = 0;
+                }
+                Ok((wide, col, acc, held))
             },
         )
-        .map(|r| r.map(|(wide, _, _)| wide))
+        .map(|r| {
+            r.map(|(mut wide, _, acc, held)| {
+                if held > 0 {
+                    widen_add(&mut wide, &acc);
+                }
+                wide
+            })
+        })
         .try_reduce(
             || vec![0i64; s.w_len()],
             |mut a, b| {
