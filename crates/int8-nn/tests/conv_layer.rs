@@ -1,0 +1,195 @@
+//! The conv layer under candle's autograd, against independent references: the f64 convolution of
+//! `int8-core`, finite differences of it, and (for INT8) the FP32 layer.
+
+use candle_core::{Device, Tensor, Var};
+use int8_core::conv::{ConvShape, reference};
+use int8_core::dclr::Dclr;
+use int8_core::dsgc::{ClipMode, cosine_distance};
+use int8_core::rng::CounterRng;
+use int8_nn::conv::{Conv2d, ConvGeometry};
+use int8_nn::precision::{Int8Config, Precision};
+
+fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let rng = CounterRng::new(seed);
+    (0..n).map(|i| rng.uniform(i as u64) * 2.0 - 1.0).collect()
+}
+
+/// Laplace samples: the sharp, wide shape of real gradients.
+fn laplace(n: usize, seed: u64) -> Vec<f32> {
+    let rng = CounterRng::new(seed);
+    (0..n)
+        .map(|i| {
+            let u = rng.uniform_f64(i as u64) - 0.5;
+            (-u.signum() * (1.0 - 2.0 * u.abs()).max(1e-300).ln()) as f32 * 1e-3
+        })
+        .collect()
+}
+
+fn shape_of(x: &[usize], w: &[usize], g: ConvGeometry) -> ConvShape {
+    g.shape("test", x, w).unwrap()
+}
+
+fn var(data: Vec<f32>, dims: &[usize]) -> Var {
+    Var::from_tensor(&Tensor::from_vec(data, dims, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// Runs `sum(conv(x, w) * r)` forward and backward; returns `(y, dx, dw)`.
+fn run(layer: &Conv2d, x: &Var, r: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let y = layer.forward(x.as_tensor()).unwrap();
+    let rt = Tensor::from_vec(r.to_vec(), y.dims(), &Device::Cpu).unwrap();
+    let loss = (&y * &rt).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (flat(&y), flat(grads.get(x.as_tensor()).unwrap()), flat(grads.get(layer.weight().as_tensor()).unwrap()))
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn fp32_layer_matches_the_f64_reference_and_finite_differences() {
+    let cases = [
+        ([2, 3, 6, 6], [4, 3, 3, 3], ConvGeometry { padding: 1, ..Default::default() }),
+        ([2, 4, 7, 7], [6, 4, 3, 3], ConvGeometry { stride: 2, padding: 1, ..Default::default() }),
+        ([1, 4, 5, 5], [4, 2, 3, 3], ConvGeometry { padding: 1, groups: 2, ..Default::default() }),
+        ([2, 3, 5, 5], [3, 1, 3, 3], ConvGeometry { padding: 1, groups: 3, ..Default::default() }),
+    ];
+    for (xd, wd, g) in cases {
+        let s = shape_of(&xd, &wd, g);
+        let (xv, wv, r) = (uniform(s.x_len(), 1), uniform(s.w_len(), 2), uniform(s.y_len(), 3));
+        let layer = Conv2d::new("fp32", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+        let x = var(xv.clone(), &xd);
+        let (y, dx, dw) = run(&layer, &x, &r);
+        let close = |what: &str, got: &[f32], want: &[f64]| {
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+                assert!((a as f64 - b).abs() <= 1e-5 * scale, "{what} {xd:?} at {i}: {a} vs {b}");
+            }
+        };
+        close("y", &y, &reference::conv2d_fwd(&s, &f64s(&xv), &f64s(&wv)));
+        close("dx", &dx, &reference::conv2d_dx(&s, &f64s(&wv), &f64s(&r)));
+        close("dw", &dw, &reference::conv2d_dw(&s, &f64s(&xv), &f64s(&r)));
+        // Central differences of the f64 loss at a few inputs and weights.
+        let loss = |x: &[f64], w: &[f64]| -> f64 {
+            reference::conv2d_fwd(&s, x, w).iter().zip(&r).map(|(a, &b)| a * b as f64).sum()
+        };
+        let h = 1e-3;
+        for i in [0, s.x_len() / 3, s.x_len() - 1] {
+            let (mut xp, mut xm) = (f64s(&xv), f64s(&xv));
+            xp[i] += h;
+            xm[i] -= h;
+            let fd = (loss(&xp, &f64s(&wv)) - loss(&xm, &f64s(&wv))) / (2.0 * h);
+            assert!((fd - dx[i] as f64).abs() < 1e-4, "dx[{i}] {xd:?}: finite difference {fd} vs {}", dx[i]);
+        }
+        for i in [0, s.w_len() / 2, s.w_len() - 1] {
+            let (mut wp, mut wm) = (f64s(&wv), f64s(&wv));
+            wp[i] += h;
+            wm[i] -= h;
+            let fd = (loss(&f64s(&xv), &wp) - loss(&f64s(&xv), &wm)) / (2.0 * h);
+            assert!((fd - dw[i] as f64).abs() < 1e-4, "dw[{i}] {xd:?}: finite difference {fd} vs {}", dw[i]);
+        }
+    }
+}
+
+/// A layer-like setting: non-negative (post-ReLU) activations, small weights, and a sharp, wide
+/// upstream gradient.
+struct LayerLike {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    r: Vec<f32>,
+    xd: [usize; 4],
+    wd: [usize; 4],
+    g: ConvGeometry,
+}
+
+fn layer_like(n: usize) -> LayerLike {
+    let (xd, wd, g) = ([n, 16, 16, 16], [16, 16, 3, 3], ConvGeometry { padding: 1, ..Default::default() });
+    let s = shape_of(&xd, &wd, g);
+    let x: Vec<f32> = uniform(s.x_len(), 4).iter().map(|v| v.max(0.0)).collect();
+    let w: Vec<f32> = uniform(s.w_len(), 5).iter().map(|v| v * 0.1).collect();
+    LayerLike { x, w, r: laplace(s.y_len(), 6), xd, wd, g }
+}
+
+#[test]
+fn int8_gradients_track_fp32_with_dsgc() {
+    let LayerLike { x: xv, w: wv, r, xd, wd, g } = layer_like(8);
+    let fp32 = Conv2d::new("conv", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+    let int8 = Conv2d::new("conv", var(wv.clone(), &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+    let x = var(xv, &xd);
+    let (y32, dx32, dw32) = run(&fp32, &x, &r);
+    let (y8, dx8, dw8) = run(&int8, &x, &r);
+    eprintln!(
+        "int8 vs fp32 cosine: y {:.5}, dx {:.5}, dw {:.5}; stats {:?}",
+        cosine(&y8, &y32),
+        cosine(&dx8, &dx32),
+        cosine(&dw8, &dw32),
+        int8.stats()
+    );
+    assert!(cosine(&y8, &y32) >= 0.999, "forward cosine {}", cosine(&y8, &y32));
+    assert!(cosine(&dx8, &dx32) >= 0.99, "dx cosine {}", cosine(&dx8, &dx32));
+    assert!(cosine(&dw8, &dw32) >= 0.99, "dw cosine {}", cosine(&dw8, &dw32));
+    // The FP32 layer records nothing; the INT8 one records its step.
+    assert_eq!(fp32.stats().steps, 0);
+    let st = int8.stats();
+    assert_eq!(st.steps, 1);
+    assert!(st.searched, "DSGC searches on the first step");
+    assert!(st.clip > 0.0 && st.distance > 0.0 && st.distance < 0.05, "{st:?}");
+    assert_eq!(st.phi, Dclr::default().phi(st.distance));
+    assert!(
+        (0.0..=1.0).contains(&st.saturation_dy) && st.saturation_dy > 0.0,
+        "DSGC clips some of a Laplace gradient: {st:?}"
+    );
+    assert_eq!((st.saturation_x, st.saturation_w), (0.0, 0.0));
+}
+
+#[test]
+fn dsgc_distance_is_below_clipping_at_max_on_the_layer_gradient() {
+    let LayerLike { x: xv, w: wv, r, xd, wd, g } = layer_like(4);
+    let amax = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let maxclip = Precision::Int8(Int8Config { clip: ClipMode::MaxAbs, ..Default::default() });
+    let layers = [
+        Conv2d::new("dsgc", var(wv.clone(), &wd), g, Precision::Int8(Int8Config::default())).unwrap(),
+        Conv2d::new("max", var(wv, &wd), g, maxclip).unwrap(),
+    ];
+    let x = var(xv, &xd);
+    for l in &layers {
+        l.keep_grad(true);
+        run(l, &x, &r);
+    }
+    let (dsgc, max) = (layers[0].stats(), layers[1].stats());
+    assert_eq!(max.clip, amax);
+    assert!((max.distance - cosine_distance(&r, amax)).abs() < 1e-9);
+    assert!(dsgc.distance < max.distance, "dsgc {} vs clip-at-max {}", dsgc.distance, max.distance);
+    assert!(dsgc.clip < amax);
+    assert!(dsgc.phi > max.phi, "a closer gradient keeps more of its learning rate");
+    assert_eq!(layers[0].last_grad().as_deref(), Some(&r[..]));
+}
+
+#[test]
+fn a_non_finite_gradient_is_an_error_naming_the_layer() {
+    let LayerLike { x: xv, w: wv, mut r, xd, wd, g } = layer_like(2);
+    r[17] = f32::NAN;
+    let layer = Conv2d::new("layer1.0.conv1", var(wv, &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+    let x = var(xv, &xd);
+    let y = layer.forward(x.as_tensor()).unwrap();
+    let rt = Tensor::from_vec(r, y.dims(), &Device::Cpu).unwrap();
+    let err = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(err.contains("layer1.0.conv1.grad_output"), "{err}");
+}
+
+#[test]
+fn mismatched_channels_are_a_clear_error() {
+    let layer = Conv2d::new("stem", var(vec![0.0; 4 * 3 * 9], &[4, 3, 3, 3]), ConvGeometry::default(), Precision::Fp32)
+        .unwrap();
+    let x = Tensor::zeros((1, 5, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = layer.forward(&x).unwrap_err().to_string();
+    assert!(err.contains("stem") && err.contains("5 channels"), "{err}");
+}
