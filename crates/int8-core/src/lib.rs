@@ -7,6 +7,7 @@
 //! - [`dclr`]: Deviation Counteractive Learning Rate scaling.
 //! - [`gemm`]: FP32 and exact INT8 matrix multiplication with run-time CPU dispatch.
 //! - [`conv`]: 2-D convolution forward, input gradient and weight gradient at both precisions.
+//! - [`nn`]: FP32 kernels for batch norm, residual add + ReLU, pooling and the loss.
 //!
 //! This crate knows nothing of autograd, models or files: `int8-nn` wraps it as layers.
 //!
@@ -20,6 +21,7 @@ pub mod dclr;
 pub mod dsgc;
 mod error;
 pub mod gemm;
+pub mod nn;
 pub mod quant;
 pub mod rng;
 

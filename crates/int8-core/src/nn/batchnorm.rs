@@ -1,0 +1,316 @@
+//! Batch normalization over NCHW (Ioffe and Szegedy, 2015), per channel, with an optional ReLU
+//! fused into the same pass.
+//!
+//! Training normalises with the batch's mean and biased variance; evaluation with running
+//! statistics. Statistics are two-pass (mean, then squared deviations) and summed in f64, so they
+//! hold for large batches and offset data. Work runs in parallel over channels for the reductions
+//! and over `(image, channel)` planes for the elementwise passes.
+
+use rayon::prelude::*;
+
+use crate::error::{CoreError, Result};
+
+/// The batch statistics of one training forward pass, needed by the backward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Per-channel mean.
+    pub mean: Vec<f32>,
+    /// Per-channel `1 / sqrt(var + eps)`.
+    pub inv_std: Vec<f32>,
+    /// Per-channel biased variance (what training normalised with).
+    pub var: Vec<f32>,
+}
+
+/// Layout of an NCHW tensor for batch norm: `n` images, `c` channels, `hw` pixels each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NchwDims {
+    /// Images.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Pixels per channel plane.
+    pub hw: usize,
+}
+
+impl NchwDims {
+    fn len(&self) -> usize {
+        self.n * self.c * self.hw
+    }
+
+    fn check(&self, lens: &[(&'static str, usize, usize)]) -> Result<()> {
+        if self.n * self.hw == 0 {
+            return Err(CoreError::InvalidArgument {
+                what: "batch norm input",
+                why: format!("{self:?} has no values per channel"),
+            });
+        }
+        for &(what, got, expected) in lens {
+            crate::error::check_len(what, got, expected)?;
+        }
+        Ok(())
+    }
+
+    /// The planes of channel `ch`, one per image.
+    fn planes<'a>(&self, x: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> {
+        (0..self.n).map(move |i| &x[(i * self.c + ch) * self.hw..][..self.hw])
+    }
+}
+
+/// Sum of `f(v)` over a plane in sixteen f32 lanes, carried in f64.
+#[inline]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; 16];
+    let (chunks, rest) = v.as_chunks::<16>();
+    for ch in chunks {
+        for l in 0..16 {
+            acc[l] += f(ch[l]);
+        }
+    }
+    acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&x| f(x) as f64).sum::<f64>()
+}
+
+/// Training forward: `y = gamma * (x - mean) * inv_std + beta`, then `max(y, 0)` when `relu`.
+pub fn forward_train(
+    d: NchwDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<BatchStats> {
+    d.check(&[
+        ("batch norm input", x.len(), d.len()),
+        ("gamma", gamma.len(), d.c),
+        ("beta", beta.len(), d.c),
+        ("batch norm output", y.len(), d.len()),
+    ])?;
+    let m = (d.n * d.hw) as f64;
+    let stats: Vec<(f32, f32)> = (0..d.c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+            let mf = mean as f32;
+            let var = d.planes(x, ch).map(|p| lane_sum(p, |v| (v - mf) * (v - mf))).sum::<f64>() / m;
+            (mf, var as f32)
+        })
+        .collect();
+    let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
+    let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
+    let inv_std: Vec<f32> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] * inv_std[ch]).collect();
+    let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
+    affine(d, x, &scale, &shift, relu, y);
+    Ok(BatchStats { mean, inv_std, var })
+}
+
+/// Evaluation forward with running statistics.
+pub fn forward_eval(
+    d: NchwDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<()> {
+    d.check(&[
+        ("batch norm input", x.len(), d.len()),
+        ("gamma", gamma.len(), d.c),
+        ("beta", beta.len(), d.c),
+        ("running mean", running_mean.len(), d.c),
+        ("running variance", running_var.len(), d.c),
+        ("batch norm output", y.len(), d.len()),
+    ])?;
+    let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] / (running_var[ch] + eps).sqrt()).collect();
+    let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - running_mean[ch] * scale[ch]).collect();
+    affine(d, x, &scale, &shift, relu, y);
+    Ok(())
+}
+
+/// `y = x * scale[c] + shift[c]`, optionally clamped at zero, per plane in parallel.
+fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &mut [f32]) {
+    y.par_chunks_mut(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(p, (yp, xp))| {
+        let (a, b) = (scale[p % d.c], shift[p % d.c]);
+        if relu {
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = (v * a + b).max(0.0);
+            }
+        } else {
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = v * a + b;
+            }
+        }
+    });
+}
+
+/// Gradients of a training forward pass: returns `(dgamma, dbeta)` and writes `dx`. With a fused
+/// ReLU, `y` (the forward output) masks `dy` where it was clipped.
+pub fn backward(
+    d: NchwDims,
+    x: &[f32],
+    y: Option<&[f32]>,
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BatchStats,
+    dx: &mut [f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    d.check(&[
+        ("batch norm input", x.len(), d.len()),
+        ("batch norm output gradient", dy.len(), d.len()),
+        ("batch norm input gradient", dx.len(), d.len()),
+    ])?;
+    if let Some(y) = y {
+        crate::error::check_len("batch norm output", y.len(), d.len())?;
+    }
+    let m = (d.n * d.hw) as f32;
+    // Per channel: dbeta = sum(g), dgamma = sum(g * xhat), g = dy masked by the ReLU.
+    let sums: Vec<(f32, f32)> = (0..d.c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mean, inv) = (stats.mean[ch], stats.inv_std[ch]);
+            let (mut db, mut dg) = (0.0f64, 0.0f64);
+            for i in 0..d.n {
+                let off = (i * d.c + ch) * d.hw;
+                let (xp, gp) = (&x[off..off + d.hw], &dy[off..off + d.hw]);
+                match y {
+                    Some(y) => {
+                        let yp = &y[off..off + d.hw];
+                        for ((&xv, &g), &yv) in xp.iter().zip(gp).zip(yp) {
+                            let g = if yv > 0.0 { g } else { 0.0 };
+                            db += g as f64;
+                            dg += (g * (xv - mean) * inv) as f64;
+                        }
+                    }
+                    None => {
+                        db += lane_sum(gp, |g| g);
+                        for (&xv, &g) in xp.iter().zip(gp) {
+                            dg += (g * (xv - mean) * inv) as f64;
+                        }
+                    }
+                }
+            }
+            (dg as f32, db as f32)
+        })
+        .collect();
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.0).collect();
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.1).collect();
+    // dx = gamma * inv_std / m * (m * g - dbeta - xhat * dgamma).
+    dx.par_chunks_mut(d.hw).enumerate().for_each(|(p, dxp)| {
+        let ch = p % d.c;
+        let off = p * d.hw;
+        let (mean, inv) = (stats.mean[ch], stats.inv_std[ch]);
+        let k = gamma[ch] * inv / m;
+        let (db, dg) = (dbeta[ch], dgamma[ch]);
+        for (j, o) in dxp.iter_mut().enumerate() {
+            let g = match y {
+                Some(y) if y[off + j] <= 0.0 => 0.0,
+                _ => dy[off + j],
+            };
+            let xhat = (x[off + j] - mean) * inv;
+            *o = k * (m * g - db - xhat * dg);
+        }
+    });
+    Ok((dgamma, dbeta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::CounterRng;
+
+    fn data(n: usize, seed: u64, offset: f32) -> Vec<f32> {
+        let r = CounterRng::new(seed);
+        (0..n).map(|i| r.uniform(i as u64) * 4.0 - 2.0 + offset).collect()
+    }
+
+    /// The loss `sum(r * bn(x))` in f64, straight from the definition.
+    fn loss_f64(d: NchwDims, x: &[f64], gamma: &[f64], beta: &[f64], eps: f64, relu: bool, r: &[f32]) -> f64 {
+        let mut total = 0.0;
+        for ch in 0..d.c {
+            let idx: Vec<usize> =
+                (0..d.n).flat_map(|i| ((i * d.c + ch) * d.hw)..((i * d.c + ch) * d.hw + d.hw)).collect();
+            let m = idx.len() as f64;
+            let mean = idx.iter().map(|&k| x[k]).sum::<f64>() / m;
+            let var = idx.iter().map(|&k| (x[k] - mean).powi(2)).sum::<f64>() / m;
+            for &k in &idx {
+                let mut y = gamma[ch] * (x[k] - mean) / (var + eps).sqrt() + beta[ch];
+                if relu {
+                    y = y.max(0.0);
+                }
+                total += y * r[k] as f64;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn training_forward_and_backward_match_f64_and_finite_differences() {
+        let d = NchwDims { n: 3, c: 4, hw: 10 };
+        for relu in [false, true] {
+            // An offset of 100 checks the two-pass statistics.
+            let x = data(d.len(), 1, 100.0);
+            let (gamma, beta) = (data(d.c, 2, 1.0), data(d.c, 3, 0.0));
+            let r = data(d.len(), 4, 0.0);
+            let eps = 1e-5;
+            let mut y = vec![0.0; d.len()];
+            let st = forward_train(d, &x, &gamma, &beta, eps, relu, &mut y).unwrap();
+            // Forward against f64.
+            for ch in 0..d.c {
+                let vals: Vec<f64> = d.planes(&x, ch).flatten().map(|&v| v as f64).collect();
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                assert!((st.mean[ch] as f64 - mean).abs() < 1e-4, "mean");
+                assert!((st.var[ch] as f64 - var).abs() < 1e-3 * var, "var {} vs {var}", st.var[ch]);
+            }
+            let mut dx = vec![0.0; d.len()];
+            let (dgamma, dbeta) = backward(d, &x, relu.then_some(&y[..]), &r, &gamma, &st, &mut dx).unwrap();
+            let f = |x: &[f64], g: &[f64], b: &[f64]| loss_f64(d, x, g, b, eps as f64, relu, &r);
+            let (x64, g64, b64): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+                x.iter().map(|&v| v as f64).collect(),
+                gamma.iter().map(|&v| v as f64).collect(),
+                beta.iter().map(|&v| v as f64).collect(),
+            );
+            let h = 1e-4;
+            for i in [0, 7, 19, d.len() - 1] {
+                let (mut p, mut q) = (x64.clone(), x64.clone());
+                p[i] += h;
+                q[i] -= h;
+                let fd = (f(&p, &g64, &b64) - f(&q, &g64, &b64)) / (2.0 * h);
+                assert!((fd - dx[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "relu={relu} dx[{i}]: {fd} vs {}", dx[i]);
+            }
+            for ch in 0..d.c {
+                let (mut p, mut q) = (g64.clone(), g64.clone());
+                p[ch] += h;
+                q[ch] -= h;
+                let fd = (f(&x64, &p, &b64) - f(&x64, &q, &b64)) / (2.0 * h);
+                assert!(
+                    (fd - dgamma[ch] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                    "dgamma[{ch}]: {fd} vs {}",
+                    dgamma[ch]
+                );
+                let (mut p, mut q) = (b64.clone(), b64.clone());
+                p[ch] += h;
+                q[ch] -= h;
+                let fd = (f(&x64, &g64, &p) - f(&x64, &g64, &q)) / (2.0 * h);
+                assert!((fd - dbeta[ch] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "dbeta[{ch}]: {fd} vs {}", dbeta[ch]);
+            }
+        }
+    }
+
+    #[test]
+    fn eval_uses_running_statistics() {
+        let d = NchwDims { n: 2, c: 2, hw: 3 };
+        let x = data(d.len(), 5, 0.0);
+        let mut y = vec![0.0; d.len()];
+        forward_eval(d, &x, &[2.0, 1.0], &[0.5, -1.0], &[1.0, -1.0], &[4.0, 0.25], 0.0, false, &mut y).unwrap();
+        for (k, (&yv, &xv)) in y.iter().zip(&x).enumerate() {
+            let ch = (k / d.hw) % d.c;
+            let want = if ch == 0 { 2.0 * (xv - 1.0) / 2.0 + 0.5 } else { (xv + 1.0) / 0.5 - 1.0 };
+            assert!((yv - want).abs() < 1e-5);
+        }
+        assert!(forward_eval(d, &x, &[1.0], &[0.0, 0.0], &[0.0; 2], &[1.0; 2], 1e-5, false, &mut y).is_err());
+    }
+}

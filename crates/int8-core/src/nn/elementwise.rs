@@ -1,0 +1,77 @@
+//! Residual add fused with ReLU, and global average pooling: the elementwise glue of a ResNet.
+
+use rayon::prelude::*;
+
+use crate::error::{Result, check_len};
+
+const CHUNK: usize = 1 << 14;
+
+/// `y = max(a + b, 0)`, the end of a residual block, in one pass.
+pub fn add_relu(a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
+    check_len("residual add operand", b.len(), a.len())?;
+    check_len("residual add output", y.len(), a.len())?;
+    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((y, a), b)| {
+        for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+            *o = (u + v).max(0.0);
+        }
+    });
+    Ok(())
+}
+
+/// The gradient of [`add_relu`] for both operands: `dy` where the output `y` is positive, else 0.
+pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    check_len("relu output gradient", dy.len(), y.len())?;
+    check_len("relu input gradient", dx.len(), y.len())?;
+    dx.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((o, y), g)| {
+        for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
+            *o = if yv > 0.0 { gv } else { 0.0 };
+        }
+    });
+    Ok(())
+}
+
+/// Global average pooling: `y[p] = mean of x[p * hw .. (p + 1) * hw]` for each `(image, channel)`
+/// plane `p`.
+pub fn global_avg_pool(x: &[f32], hw: usize, y: &mut [f32]) -> Result<()> {
+    check_len("pooling input", x.len(), y.len() * hw)?;
+    y.par_iter_mut().zip(x.par_chunks(hw.max(1))).for_each(|(o, p)| {
+        *o = (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32;
+    });
+    Ok(())
+}
+
+/// The gradient of [`global_avg_pool`]: each plane gets `dy[p] / hw` everywhere.
+pub fn global_avg_pool_backward(dy: &[f32], hw: usize, dx: &mut [f32]) -> Result<()> {
+    check_len("pooling input gradient", dx.len(), dy.len() * hw)?;
+    dx.par_chunks_mut(hw.max(1)).zip(dy.par_iter()).for_each(|(p, &g)| p.fill(g / hw as f32));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_relu_and_its_gradient() {
+        let a = [1.0, -2.0, 0.5, -0.25];
+        let b = [0.5, 1.0, -1.0, 0.25];
+        let mut y = [9.0; 4];
+        add_relu(&a, &b, &mut y).unwrap();
+        assert_eq!(y, [1.5, 0.0, 0.0, 0.0]);
+        let mut dx = [9.0; 4];
+        relu_backward(&y, &[1.0, 2.0, 3.0, 4.0], &mut dx).unwrap();
+        assert_eq!(dx, [1.0, 0.0, 0.0, 0.0]);
+        assert!(add_relu(&a, &b[..3], &mut y).is_err());
+    }
+
+    #[test]
+    fn global_average_pooling_and_its_gradient() {
+        let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let mut y = [0.0; 3];
+        global_avg_pool(&x, 4, &mut y).unwrap();
+        assert_eq!(y, [1.5, 5.5, 9.5]);
+        let mut dx = [0.0; 12];
+        global_avg_pool_backward(&[4.0, 8.0, -4.0], 4, &mut dx).unwrap();
+        assert_eq!(dx, [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, -1.0, -1.0, -1.0, -1.0]);
+    }
+}

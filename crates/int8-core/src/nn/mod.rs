@@ -1,0 +1,8 @@
+//! FP32 kernels for the layers around the convolutions: batch norm (with an optional fused ReLU),
+//! residual add with ReLU, global average pooling and softmax cross-entropy. The paper keeps these
+//! in floating point; they are here because a fast FP32 around the INT8 convolutions is what
+//! makes the end-to-end comparison honest.
+
+pub mod batchnorm;
+pub mod elementwise;
+pub mod loss;
