@@ -2,12 +2,15 @@
 //! candle custom ops, with the per-layer INT8 state of Zhu et al., CVPR 2020 (DSGC clip values,
 //! DCLR multipliers, saturation statistics).
 //!
-//! Built so far: the conv layer ([`conv::Conv2d`]) at FP32 and INT8. To come (see the project's
-//! int8-nn issue): linear, batch norm, ReLU, pooling, residual add and loss ops, the layer
-//! policy, the optimizer with DCLR, and the ResNet-20 model.
+//! Built so far: the conv and linear layers ([`conv::Conv2d`], [`linear::Linear`]) at FP32 and
+//! INT8, and the FP32 layers around them ([`layers`]: batch norm with a fused ReLU, residual add +
+//! ReLU, global average pooling, cross-entropy). To come (see the project's int8-nn issue): max
+//! and average pooling, the layer policy, the optimizer with DCLR, and the ResNet-20 model.
 
 pub mod conv;
 mod error;
+pub mod layers;
+pub mod linear;
 mod ops;
 pub mod precision;
 pub mod stats;

@@ -1,6 +1,8 @@
 //! candle custom ops whose forward and backward run on `int8-core`'s kernels.
 
+pub(crate) mod basic;
 pub(crate) mod conv;
+pub(crate) mod linear;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout};

@@ -1,0 +1,160 @@
+//! The FP32 layers around the convolutions: batch norm (optionally fused with ReLU), the residual
+//! add + ReLU, global average pooling and the loss.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Tensor, Var};
+use int8_core::nn::batchnorm::BatchStats;
+
+use crate::error::{NnError, Result};
+use crate::ops::basic::{AddRelu, BatchNormTrain, CrossEntropyOp, GlobalAvgPool, values};
+
+/// Running statistics of a batch-norm layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningStats {
+    /// Running mean per channel.
+    pub mean: Vec<f32>,
+    /// Running unbiased variance per channel.
+    pub var: Vec<f32>,
+}
+
+/// Batch normalization over channels, with learnable scale and shift and running statistics
+/// (momentum 0.1, eps 1e-5, as PyTorch), optionally followed by a fused ReLU.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    name: String,
+    gamma: Var,
+    beta: Var,
+    running: Arc<Mutex<RunningStats>>,
+    eps: f32,
+    momentum: f32,
+    relu: bool,
+    training: AtomicBool,
+}
+
+impl BatchNorm2d {
+    /// A layer over `channels`, with `gamma = 1`, `beta = 0`, running mean 0 and variance 1.
+    pub fn new(name: impl Into<String>, channels: usize, relu: bool) -> Result<Self> {
+        let dev = candle_core::Device::Cpu;
+        Ok(Self {
+            name: name.into(),
+            gamma: Var::ones(channels, candle_core::DType::F32, &dev)?,
+            beta: Var::zeros(channels, candle_core::DType::F32, &dev)?,
+            running: Arc::new(Mutex::new(RunningStats { mean: vec![0.0; channels], var: vec![1.0; channels] })),
+            eps: 1e-5,
+            momentum: 0.1,
+            relu,
+            training: AtomicBool::new(true),
+        })
+    }
+
+    /// Switches between batch statistics (training) and running statistics (evaluation).
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if self.training.load(Ordering::Relaxed) {
+            let slot = Arc::new(Mutex::new(None));
+            let op = BatchNormTrain { name: self.name.clone(), eps: self.eps, relu: self.relu, stats: slot.clone() };
+            let y = x.apply_op3(self.gamma.as_tensor(), self.beta.as_tensor(), op)?;
+            let stats = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(st) = stats {
+                self.update_running(&st, x.elem_count() / st.mean.len().max(1));
+            }
+            Ok(y)
+        } else {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (g, b) = (values(self.gamma.as_tensor())?, values(self.beta.as_tensor())?);
+            let dims = x.dims().to_vec();
+            let d = match dims[..] {
+                [n, c, h, w] => int8_core::nn::batchnorm::NchwDims { n, c, hw: h * w },
+                _ => {
+                    return Err(NnError::BadInput {
+                        layer: self.name.clone(),
+                        why: format!("needs an NCHW input, got {dims:?}"),
+                    });
+                }
+            };
+            let mut y = vec![0f32; x.elem_count()];
+            int8_core::nn::batchnorm::forward_eval(
+                d,
+                &values(&x)?,
+                &g,
+                &b,
+                &running.mean,
+                &running.var,
+                self.eps,
+                self.relu,
+                &mut y,
+            )?;
+            Ok(Tensor::from_vec(y, x.shape(), x.device())?)
+        }
+    }
+
+    fn update_running(&self, st: &BatchStats, per_channel: usize) {
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.momentum;
+        let unbias = per_channel as f32 / (per_channel.max(2) - 1) as f32;
+        for c in 0..r.mean.len() {
+            r.mean[c] = (1.0 - m) * r.mean[c] + m * st.mean[c];
+            r.var[c] = (1.0 - m) * r.var[c] + m * st.var[c] * unbias;
+        }
+    }
+
+    /// The learnable scale.
+    pub fn gamma(&self) -> &Var {
+        &self.gamma
+    }
+
+    /// The learnable shift.
+    pub fn beta(&self) -> &Var {
+        &self.beta
+    }
+
+    /// A copy of the running statistics.
+    pub fn running(&self) -> RunningStats {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the running statistics (when loading a checkpoint).
+    pub fn set_running(&self, stats: RunningStats) {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+    }
+}
+
+/// `max(a + b, 0)`: the end of a residual block, one pass forward and back.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)?)
+}
+
+/// Global average pooling, `n x c x h x w` to `n x c`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GlobalAvgPool)?)
+}
+
+/// What a loss pass reports besides the loss tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossReport {
+    /// The mean loss.
+    pub loss: f64,
+    /// Correct top-1 predictions in the batch.
+    pub top1: usize,
+    /// Correct top-5 predictions in the batch.
+    pub top5: usize,
+}
+
+/// Mean softmax cross-entropy of `logits` (`batch x classes`) against `labels`: the scalar loss
+/// to call `backward` on, and the batch's loss and hits.
+pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<(Tensor, LossReport)> {
+    let slot = Arc::new(Mutex::new(None));
+    let loss = logits.contiguous()?.apply_op1(CrossEntropyOp { labels: labels.to_vec(), result: slot.clone() })?;
+    let result = slot.lock().unwrap_or_else(|e| e.into_inner());
+    let ce = result
+        .as_ref()
+        .ok_or_else(|| NnError::BadInput { layer: "loss".into(), why: "the loss was not computed".into() })?;
+    Ok((loss, LossReport { loss: ce.loss, top1: ce.top1, top5: ce.top5 }))
+}
