@@ -1,2 +1,73 @@
-//! `int8-zoo`: model structs by name, their parameter counts, and the TOML recipes under
-//! `zoo/recipes/`. Not yet written: see the project's zoo and trainer issue.
+//! `int8-zoo`: models as named structs with their layers as fields, built by name from a registry
+//! with a layer policy, so that precision is configuration, not code. Recipes (TOML) will live in
+//! `zoo/recipes/`.
+
+mod init;
+pub mod resnet_cifar;
+
+use candle_core::{Tensor, Var};
+use int8_nn::policy::LayerPolicy;
+use int8_nn::stats::LayerStats;
+use thiserror::Error;
+
+/// Errors of the zoo. Messages are lowercase and say what to do.
+#[derive(Debug, Error)]
+pub enum ZooError {
+    /// The registry has no model of this name.
+    #[error("unknown model `{0}`; `cargo xtask zoo` lists the models")]
+    UnknownModel(String),
+    /// Building or running a layer failed.
+    #[error(transparent)]
+    Nn(#[from] int8_nn::NnError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = ZooError> = std::result::Result<T, E>;
+
+/// A trainable parameter with what the optimizer needs to know about it.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Dotted name, as in checkpoints (`layer1.0.conv1.weight`).
+    pub name: String,
+    /// The variable.
+    pub var: Var,
+    /// Whether weight decay applies (not to batch-norm parameters and biases).
+    pub decay: bool,
+    /// The DCLR learning-rate multiplier of the layer it belongs to (1 for FP32 layers).
+    pub lr_scale: f64,
+}
+
+/// What every model offers the trainer.
+pub trait Model: Send + Sync + std::fmt::Debug {
+    /// The registry name.
+    fn name(&self) -> &str;
+    /// Logits for a batch of images.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Training (batch statistics) or evaluation (running statistics) mode.
+    fn set_training(&self, training: bool);
+    /// The parameters, with each INT8 layer's current DCLR multiplier.
+    fn params(&self) -> Vec<Param>;
+    /// The statistics of each INT8 layer, by layer name.
+    fn int8_stats(&self) -> Vec<(String, LayerStats)>;
+}
+
+/// The models the registry can build.
+pub const MODELS: &[&str] = &["resnet20", "resnet32", "resnet56"];
+
+/// Builds model `name` for `classes` classes with `policy`, initialised from `seed`.
+pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
+    match name {
+        "resnet20" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 3, classes, policy, seed)?)),
+        "resnet32" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 5, classes, policy, seed)?)),
+        "resnet56" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 9, classes, policy, seed)?)),
+        _ => Err(ZooError::UnknownModel(name.to_string())),
+    }
+}
+
+/// The number of trainable parameters of a model.
+pub fn param_count(model: &dyn Model) -> usize {
+    model.params().iter().map(|p| p.var.elem_count()).sum()
+}

@@ -119,8 +119,8 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Every distinct conv layer of CIFAR ResNet-20 (He et al. 2016, option A shortcuts: no 1x1
-/// projections) at batch `n`.
+/// Every distinct conv layer of CIFAR ResNet-20 (He et al. 2016) as the zoo builds it, with 1x1
+/// stride-2 projection shortcuts where a stage begins, at batch `n`.
 pub fn resnet20_convs(n: usize) -> Vec<(String, ConvShape)> {
     let mut layers =
         vec![("resnet20 conv1 3->16 32x32 (fp32 in training)".to_string(), ConvShape::square(n, 3, 32, 16, 3, 1, 1))];
@@ -132,6 +132,12 @@ pub fn resnet20_convs(n: usize) -> Vec<(String, ConvShape)> {
             format!("resnet20 3x3 {c_in}->{c_out} s{stride} {out}x{out}"),
             ConvShape::square(n, c_in, hw, c_out, 3, stride, 1),
         ));
+        if stride == 2 {
+            layers.push((
+                format!("resnet20 shortcut 1x1 {c_in}->{c_out} s2 {out}x{out}"),
+                ConvShape::square(n, c_in, hw, c_out, 1, 2, 0),
+            ));
+        }
     }
     layers
 }

@@ -105,6 +105,11 @@ impl BatchNorm2d {
         }
     }
 
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The learnable scale.
     pub fn gamma(&self) -> &Var {
         &self.gamma

@@ -12,6 +12,7 @@ mod error;
 pub mod layers;
 pub mod linear;
 mod ops;
+pub mod policy;
 pub mod precision;
 pub mod stats;
 

@@ -1,0 +1,200 @@
+//! ResNets for CIFAR (He et al., "Deep Residual Learning", CVPR 2016, Sec. 4.2): a 3x3 stem of 16
+//! channels, three stages of `n` basic blocks at 16, 32 and 64 channels (stride 2 entering the
+//! second and third), global average pooling and a linear classifier; depth `6n + 2` (ResNet-20:
+//! n = 3). Where a block changes shape its shortcut is a 1x1 stride-2 convolution with batch norm
+//! (option B), which gives ResNet-20 its 272,474 parameters; zero-padded identity shortcuts
+//! (option A) would give 269,722.
+
+use candle_core::Tensor;
+use int8_nn::conv::{Conv2d, ConvGeometry};
+use int8_nn::layers::{BatchNorm2d, add_relu, global_avg_pool};
+use int8_nn::linear::Linear;
+use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::precision::Precision;
+use int8_nn::stats::LayerStats;
+
+use crate::{Model, Param, Result, init};
+
+/// Builds convolutions with names, precisions from the policy and seeds of their own.
+struct Builder<'a> {
+    policy: &'a LayerPolicy,
+    seed: u64,
+    count: u64,
+}
+
+impl Builder<'_> {
+    fn conv(&mut self, name: &str, inp: usize, out: usize, k: usize, stride: usize, first: bool) -> Result<Conv2d> {
+        self.count += 1;
+        let w = init::conv_weight(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
+        let g = ConvGeometry { stride, padding: k / 2, ..Default::default() };
+        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
+    }
+}
+
+/// A basic block: two 3x3 convolutions with batch norm, and a shortcut.
+#[derive(Debug)]
+pub struct BasicBlock {
+    /// First 3x3 convolution (carries the block's stride).
+    pub conv1: Conv2d,
+    /// Batch norm with the ReLU fused.
+    pub bn1: BatchNorm2d,
+    /// Second 3x3 convolution.
+    pub conv2: Conv2d,
+    /// Batch norm before the residual add.
+    pub bn2: BatchNorm2d,
+    /// Projection shortcut (1x1 convolution and batch norm) where the shape changes.
+    pub shortcut: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl BasicBlock {
+    fn new(b: &mut Builder, name: &str, inp: usize, out: usize, stride: usize) -> Result<Self> {
+        let shortcut = if stride != 1 || inp != out {
+            let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
+            Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: b.conv(&format!("{name}.conv1"), inp, out, 3, stride, false)?,
+            bn1: BatchNorm2d::new(format!("{name}.bn1"), out, true)?,
+            conv2: b.conv(&format!("{name}.conv2"), out, out, 3, 1, false)?,
+            bn2: BatchNorm2d::new(format!("{name}.bn2"), out, false)?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x)?)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
+        let s = match &self.shortcut {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
+            None => x.clone(),
+        };
+        Ok(add_relu(&h, &s)?)
+    }
+
+    fn convs(&self) -> Vec<&Conv2d> {
+        let mut v = vec![&self.conv1, &self.conv2];
+        v.extend(self.shortcut.as_ref().map(|(c, _)| c));
+        v
+    }
+
+    fn bns(&self) -> Vec<&BatchNorm2d> {
+        let mut v = vec![&self.bn1, &self.bn2];
+        v.extend(self.shortcut.as_ref().map(|(_, b)| b));
+        v
+    }
+}
+
+/// A CIFAR ResNet of depth `6n + 2`.
+#[derive(Debug)]
+pub struct ResNetCifar {
+    name: String,
+    /// The 3x3 stem convolution (FP32 under the paper's policy).
+    pub conv1: Conv2d,
+    /// The stem's batch norm with the ReLU fused.
+    pub bn1: BatchNorm2d,
+    /// Stage 1: 16 channels at full resolution.
+    pub layer1: Vec<BasicBlock>,
+    /// Stage 2: 32 channels at half resolution.
+    pub layer2: Vec<BasicBlock>,
+    /// Stage 3: 64 channels at quarter resolution.
+    pub layer3: Vec<BasicBlock>,
+    /// The classifier (FP32 under the paper's policy).
+    pub fc: Linear,
+}
+
+impl ResNetCifar {
+    /// A network with `n` blocks per stage for `classes` classes.
+    pub fn new(name: &str, n: usize, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Self> {
+        let mut b = Builder { policy, seed, count: 0 };
+        let conv1 = b.conv("conv1", 3, 16, 3, 1, true)?;
+        let stage = |b: &mut Builder, idx: usize, inp: usize, out: usize, stride: usize| -> Result<Vec<BasicBlock>> {
+            (0..n)
+                .map(|i| {
+                    let (cin, s) = if i == 0 { (inp, stride) } else { (out, 1) };
+                    BasicBlock::new(b, &format!("layer{idx}.{i}"), cin, out, s)
+                })
+                .collect()
+        };
+        let layer1 = stage(&mut b, 1, 16, 16, 1)?;
+        let layer2 = stage(&mut b, 2, 16, 32, 2)?;
+        let layer3 = stage(&mut b, 3, 32, 64, 2)?;
+        let (w, bias) = init::linear(classes, 64, seed.wrapping_mul(1000).wrapping_add(999))?;
+        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear, false))?;
+        Ok(Self { name: name.to_string(), conv1, bn1: BatchNorm2d::new("bn1", 16, true)?, layer1, layer2, layer3, fc })
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = &BasicBlock> {
+        self.layer1.iter().chain(&self.layer2).chain(&self.layer3)
+    }
+
+    fn convs(&self) -> Vec<&Conv2d> {
+        std::iter::once(&self.conv1).chain(self.blocks().flat_map(|b| b.convs())).collect()
+    }
+
+    fn bns(&self) -> Vec<&BatchNorm2d> {
+        std::iter::once(&self.bn1).chain(self.blocks().flat_map(|b| b.bns())).collect()
+    }
+}
+
+impl Model for ResNetCifar {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.bn1.forward(&self.conv1.forward(x)?)?;
+        for block in self.blocks() {
+            h = block.forward(&h)?;
+        }
+        Ok(self.fc.forward(&global_avg_pool(&h)?)?)
+    }
+
+    fn set_training(&self, training: bool) {
+        for bn in self.bns() {
+            bn.set_training(training);
+        }
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let mut out = Vec::new();
+        for conv in self.convs() {
+            let lr_scale = match conv.precision() {
+                Precision::Int8(_) => conv.stats().phi,
+                Precision::Fp32 => 1.0,
+            };
+            out.push(Param {
+                name: format!("{}.weight", conv.name()),
+                var: conv.weight().clone(),
+                decay: true,
+                lr_scale,
+            });
+        }
+        for bn in self.bns() {
+            let name = bn.name();
+            out.push(Param { name: format!("{name}.gamma"), var: bn.gamma().clone(), decay: false, lr_scale: 1.0 });
+            out.push(Param { name: format!("{name}.beta"), var: bn.beta().clone(), decay: false, lr_scale: 1.0 });
+        }
+        let fc_scale = match self.fc.precision() {
+            Precision::Int8(_) => self.fc.stats().phi,
+            Precision::Fp32 => 1.0,
+        };
+        out.push(Param { name: "fc.weight".into(), var: self.fc.weight().clone(), decay: true, lr_scale: fc_scale });
+        out.push(Param { name: "fc.bias".into(), var: self.fc.bias().clone(), decay: false, lr_scale: fc_scale });
+        out
+    }
+
+    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
+        let mut out: Vec<(String, LayerStats)> = self
+            .convs()
+            .into_iter()
+            .filter(|c| matches!(c.precision(), Precision::Int8(_)))
+            .map(|c| (c.name().to_string(), c.stats()))
+            .collect();
+        if matches!(self.fc.precision(), Precision::Int8(_)) {
+            out.push(("fc".into(), self.fc.stats()));
+        }
+        out
+    }
+}

@@ -1,0 +1,56 @@
+//! The zoo's models: parameter counts against the reference implementations, the paper's layer
+//! policy, and a forward and backward pass.
+
+use candle_core::{Device, Tensor};
+use int8_nn::policy::LayerPolicy;
+use int8_nn::precision::Int8Config;
+use int8_zoo::{MODELS, build, param_count};
+
+#[test]
+fn resnet20_has_the_reference_parameter_count() {
+    let m = build("resnet20", 10, &LayerPolicy::fp32(), 0).unwrap();
+    assert_eq!(param_count(m.as_ref()), 272_474);
+    // Deeper CIFAR ResNets add 2 blocks per stage per 12 layers of depth.
+    let r32 = param_count(build("resnet32", 10, &LayerPolicy::fp32(), 0).unwrap().as_ref());
+    let r56 = param_count(build("resnet56", 10, &LayerPolicy::fp32(), 0).unwrap().as_ref());
+    assert_eq!(r32 - 272_474, r56 - r32 - (r32 - 272_474));
+    let names: Vec<String> = m.params().iter().map(|p| p.name.clone()).collect();
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "parameter names must be unique");
+    assert!(MODELS.contains(&"resnet20"));
+    assert!(build("resnet19", 10, &LayerPolicy::fp32(), 0).unwrap_err().to_string().contains("resnet19"));
+}
+
+#[test]
+fn the_paper_policy_keeps_the_stem_and_classifier_in_fp32() {
+    let m = build("resnet20", 10, &LayerPolicy::paper(Int8Config::default()), 0).unwrap();
+    let int8: Vec<String> = m.int8_stats().into_iter().map(|(n, _)| n).collect();
+    // 21 convolutions (stem, 18 in blocks, 2 projection shortcuts), all but the stem in INT8.
+    assert_eq!(int8.len(), 20);
+    assert!(!int8.iter().any(|n| n == "conv1" || n == "fc"));
+    assert!(int8.iter().any(|n| n == "layer2.0.shortcut.conv"));
+}
+
+#[test]
+fn resnet20_runs_forward_and_backward_at_both_precisions() {
+    for policy in [LayerPolicy::fp32(), LayerPolicy::paper(Int8Config::default())] {
+        let m = build("resnet20", 10, &policy, 1).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
+        let logits = m.forward(&x).unwrap();
+        assert_eq!(logits.dims(), &[4, 10]);
+        let (loss, _) = int8_nn::layers::cross_entropy(&logits, &[0, 1, 2, 3]).unwrap();
+        let grads = loss.backward().unwrap();
+        for p in m.params() {
+            let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", p.name));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm.is_finite() && norm > 0.0, "{}: gradient norm {norm}", p.name);
+        }
+        // After a step every INT8 layer has statistics, and DCLR's multipliers reach the params.
+        for (name, st) in m.int8_stats() {
+            assert_eq!(st.steps, 1, "{name}");
+            assert!(st.phi > 0.0 && st.phi <= 1.0, "{name}: {st:?}");
+        }
+    }
+}
