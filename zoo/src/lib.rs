@@ -5,7 +5,7 @@
 mod init;
 pub mod resnet_cifar;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use int8_nn::policy::LayerPolicy;
 use int8_nn::stats::LayerStats;
 use thiserror::Error;
@@ -27,18 +27,7 @@ pub enum ZooError {
 /// Shorthand for results of this crate.
 pub type Result<T, E = ZooError> = std::result::Result<T, E>;
 
-/// A trainable parameter with what the optimizer needs to know about it.
-#[derive(Debug, Clone)]
-pub struct Param {
-    /// Dotted name, as in checkpoints (`layer1.0.conv1.weight`).
-    pub name: String,
-    /// The variable.
-    pub var: Var,
-    /// Whether weight decay applies (not to batch-norm parameters and biases).
-    pub decay: bool,
-    /// The DCLR learning-rate multiplier of the layer it belongs to (1 for FP32 layers).
-    pub lr_scale: f64,
-}
+pub use int8_nn::optim::Param;
 
 /// What every model offers the trainer.
 pub trait Model: Send + Sync + std::fmt::Debug {
