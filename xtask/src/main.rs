@@ -26,10 +26,11 @@ enum Cmd {
         /// Write the JSON rows here instead of runs/bench/<bench>.json.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Seconds of measurement per timed item.
+        /// Seconds of measurement per timed item (the step bench takes ten times this per
+        /// precision).
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
-        /// Only rows whose name contains this.
+        /// Only rows whose name contains this (kernels bench).
         #[arg(long)]
         filter: Option<String>,
     },
@@ -59,12 +60,15 @@ enum Cmd {
 enum Bench {
     /// GEMM and every conv layer of ResNet-20 and MobileNetV2, forward + dX + dW.
     Kernels,
+    /// One ResNet-20 training step at batch 128.
+    Step,
 }
 
 impl Bench {
     fn name(self) -> &'static str {
         match self {
             Bench::Kernels => "kernels",
+            Bench::Step => "step",
         }
     }
 }
@@ -76,7 +80,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which, json, seconds, filter } => {
             let benches = match which {
                 Some(b) => vec![b],
-                None => vec![Bench::Kernels],
+                None => vec![Bench::Kernels, Bench::Step],
             };
             if json.is_some() && benches.len() > 1 {
                 bail!("--json names one file; pick one bench (for example `cargo xtask bench kernels --json FILE`)");
@@ -108,8 +112,8 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, seconds: f64, filter: Optio
     cmd.current_dir(root)
         .args(["run", "--release", "--quiet", "--package", "int8-bench", "--", bench.name(), "--json"])
         .arg(json)
-        .args(["--seconds", &seconds.to_string()]);
-    if let Some(f) = filter {
+        .args(["--seconds", &(if bench == Bench::Step { seconds * 10.0 } else { seconds }).to_string()]);
+    if let (Some(f), Bench::Kernels) = (filter, bench) {
         cmd.args(["--filter", f]);
     }
     eprintln!("building and running the {} bench in release mode...", bench.name());

@@ -4,6 +4,7 @@
 //! optionally writes JSON (a list of `{name, fp32_ms, int8_ms, speedup}` objects).
 
 mod kernels;
+mod step;
 mod timing;
 
 use std::path::PathBuf;
@@ -33,6 +34,15 @@ enum What {
         /// Only rows whose name contains this.
         #[arg(long)]
         filter: Option<String>,
+    },
+    /// One ResNet-20 training step (batch 128: forward, backward, update) at FP32 and INT8.
+    Step {
+        /// Also write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds of measurement per precision.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// Run one conv layer's training work repeatedly at one precision, for a profiler, and print
     /// the time of each part.
@@ -73,6 +83,11 @@ fn main() -> Result<()> {
         What::Kernels { json, seconds, filter } => {
             println!("{}", kernels::machine_line());
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
+            write_json(json, &rows)?;
+        }
+        What::Step { json, seconds } => {
+            println!("{}", kernels::machine_line());
+            let rows = step::run(std::time::Duration::from_secs_f64(seconds))?;
             write_json(json, &rows)?;
         }
         What::Profile { layer, precision, seconds } => kernels::profile(&layer, &precision, seconds)?,

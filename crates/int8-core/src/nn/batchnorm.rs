@@ -56,17 +56,100 @@ impl NchwDims {
     }
 }
 
-/// Sum of `f(v)` over a plane in sixteen f32 lanes, carried in f64.
-#[inline]
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+/// `(sum v, sum (v - mean)^2)` over a plane in sixteen f32 lanes, carried in f64; the second only
+/// when `mean` is given.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_moments(v: &[f32], mean: Option<f32>) -> f64 {
     let mut acc = [0.0f32; 16];
     let (chunks, rest) = v.as_chunks::<16>();
+    let m = mean.unwrap_or(0.0);
+    let sq = mean.is_some();
     for ch in chunks {
         for l in 0..16 {
-            acc[l] += f(ch[l]);
+            let d = ch[l] - m;
+            acc[l] += if sq { d * d } else { ch[l] };
         }
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&x| f(x) as f64).sum::<f64>()
+    let tail: f64 = rest.iter().map(|&x| if sq { ((x - m) * (x - m)) as f64 } else { x as f64 }).sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+}
+
+/// `(sum g, sum g * xhat)` over a plane, where `g` is `dy` masked by `y > 0` when `y` is given
+/// (the fused ReLU), in sixteen f32 lanes carried in f64.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_grad_sums(x: &[f32], dy: &[f32], y: Option<&[f32]>, mean: f32, inv: f32) -> (f64, f64) {
+    let (mut sb, mut sg) = ([0.0f32; 16], [0.0f32; 16]);
+    let n = x.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for l in 0..16 {
+            let k = i + l;
+            let g = match y {
+                Some(y) => {
+                    if y[k] > 0.0 {
+                        dy[k]
+                    } else {
+                        0.0
+                    }
+                }
+                None => dy[k],
+            };
+            sb[l] += g;
+            sg[l] += g * (x[k] - mean) * inv;
+        }
+    }
+    let (mut b, mut gsum) = (sb.iter().map(|&v| v as f64).sum::<f64>(), sg.iter().map(|&v| v as f64).sum::<f64>());
+    for k in n..x.len() {
+        let g = match y {
+            Some(y) if y[k] <= 0.0 => 0.0,
+            _ => dy[k],
+        };
+        b += g as f64;
+        gsum += (g * (x[k] - mean) * inv) as f64;
+    }
+    (b, gsum)
+}
+
+/// `dx = k * (m * g - dbeta - xhat * dgamma)` over a plane, `g` masked as above.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_dx(
+    dx: &mut [f32],
+    x: &[f32],
+    dy: &[f32],
+    y: Option<&[f32]>,
+    mean: f32,
+    inv: f32,
+    k: f32,
+    m: f32,
+    db: f32,
+    dg: f32,
+) {
+    match y {
+        Some(y) => {
+            for (((o, &xv), &g), &yv) in dx.iter_mut().zip(x).zip(dy).zip(y) {
+                let g = if yv > 0.0 { g } else { 0.0 };
+                *o = k * (m * g - db - (xv - mean) * inv * dg);
+            }
+        }
+        None => {
+            for ((o, &xv), &g) in dx.iter_mut().zip(x).zip(dy) {
+                *o = k * (m * g - db - (xv - mean) * inv * dg);
+            }
+        }
+    }
+}
+
+/// `y = x * a + b`, optionally clamped at zero, over a plane.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_affine(y: &mut [f32], x: &[f32], a: f32, b: f32, relu: bool) {
+    if relu {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (v * a + b).max(0.0);
+        }
+    } else {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * a + b;
+        }
+    }
 }
 
 /// Training forward: `y = gamma * (x - mean) * inv_std + beta`, then `max(y, 0)` when `relu`.
@@ -89,9 +172,9 @@ pub fn forward_train(
     let stats: Vec<(f32, f32)> = (0..d.c)
         .into_par_iter()
         .map(|ch| {
-            let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+            let mean = d.planes(x, ch).map(|p| plane_moments(p, None)).sum::<f64>() / m;
             let mf = mean as f32;
-            let var = d.planes(x, ch).map(|p| lane_sum(p, |v| (v - mf) * (v - mf))).sum::<f64>() / m;
+            let var = d.planes(x, ch).map(|p| plane_moments(p, Some(mf))).sum::<f64>() / m;
             (mf, var as f32)
         })
         .collect();
@@ -133,16 +216,7 @@ pub fn forward_eval(
 /// `y = x * scale[c] + shift[c]`, optionally clamped at zero, per plane in parallel.
 fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &mut [f32]) {
     y.par_chunks_mut(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(p, (yp, xp))| {
-        let (a, b) = (scale[p % d.c], shift[p % d.c]);
-        if relu {
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                *o = (v * a + b).max(0.0);
-            }
-        } else {
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                *o = v * a + b;
-            }
-        }
+        plane_affine(yp, xp, scale[p % d.c], shift[p % d.c], relu);
     });
 }
 
@@ -170,27 +244,13 @@ pub fn backward(
     let sums: Vec<(f32, f32)> = (0..d.c)
         .into_par_iter()
         .map(|ch| {
-            let (mean, inv) = (stats.mean[ch], stats.inv_std[ch]);
             let (mut db, mut dg) = (0.0f64, 0.0f64);
             for i in 0..d.n {
-                let off = (i * d.c + ch) * d.hw;
-                let (xp, gp) = (&x[off..off + d.hw], &dy[off..off + d.hw]);
-                match y {
-                    Some(y) => {
-                        let yp = &y[off..off + d.hw];
-                        for ((&xv, &g), &yv) in xp.iter().zip(gp).zip(yp) {
-                            let g = if yv > 0.0 { g } else { 0.0 };
-                            db += g as f64;
-                            dg += (g * (xv - mean) * inv) as f64;
-                        }
-                    }
-                    None => {
-                        db += lane_sum(gp, |g| g);
-                        for (&xv, &g) in xp.iter().zip(gp) {
-                            dg += (g * (xv - mean) * inv) as f64;
-                        }
-                    }
-                }
+                let r = (i * d.c + ch) * d.hw..(i * d.c + ch + 1) * d.hw;
+                let (b, g) =
+                    plane_grad_sums(&x[r.clone()], &dy[r.clone()], y.map(|y| &y[r]), stats.mean[ch], stats.inv_std[ch]);
+                db += b;
+                dg += g;
             }
             (dg as f32, db as f32)
         })
@@ -200,18 +260,10 @@ pub fn backward(
     // dx = gamma * inv_std / m * (m * g - dbeta - xhat * dgamma).
     dx.par_chunks_mut(d.hw).enumerate().for_each(|(p, dxp)| {
         let ch = p % d.c;
-        let off = p * d.hw;
-        let (mean, inv) = (stats.mean[ch], stats.inv_std[ch]);
-        let k = gamma[ch] * inv / m;
-        let (db, dg) = (dbeta[ch], dgamma[ch]);
-        for (j, o) in dxp.iter_mut().enumerate() {
-            let g = match y {
-                Some(y) if y[off + j] <= 0.0 => 0.0,
-                _ => dy[off + j],
-            };
-            let xhat = (x[off + j] - mean) * inv;
-            *o = k * (m * g - db - xhat * dg);
-        }
+        let r = p * d.hw..(p + 1) * d.hw;
+        let inv = stats.inv_std[ch];
+        let yp = y.map(|y| &y[r.clone()]);
+        plane_dx(dxp, &x[r.clone()], &dy[r], yp, stats.mean[ch], inv, gamma[ch] * inv / m, m, dbeta[ch], dgamma[ch]);
     });
     Ok((dgamma, dbeta))
 }

@@ -8,7 +8,7 @@ use int8_core::nn::batchnorm::{self, BatchStats, NchwDims};
 use int8_core::nn::elementwise;
 use int8_core::nn::loss::{CrossEntropy, softmax_cross_entropy};
 
-use super::f32_data;
+use super::{f32_data, with_values};
 use crate::error::to_candle;
 
 /// The flattened f32 contents of a tensor.
@@ -67,14 +67,24 @@ impl CustomOp3 for BatchNormTrain {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = nchw(&self.name, x.dims())?;
-        let (xv, gv, dy) = (values(x)?, values(gamma)?, values(grad)?);
-        let y = if self.relu { Some(values(res)?) } else { None };
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let Some(st) = stats.as_ref() else {
             candle_core::bail!("layer `{}`: backward ran without a training forward pass", self.name);
         };
-        let mut dx = vec![0f32; xv.len()];
-        let (dgamma, dbeta) = batchnorm::backward(d, &xv, y.as_deref(), &dy, &gv, st, &mut dx).map_err(to_candle)?;
+        let mut dx = vec![0f32; x.elem_count()];
+        let (dgamma, dbeta) = with_values(x, "batch norm input", |xv| {
+            with_values(gamma, "gamma", |gv| {
+                with_values(grad, "batch norm output gradient", |dy| {
+                    if self.relu {
+                        with_values(res, "batch norm output", |y| {
+                            batchnorm::backward(d, xv, Some(y), dy, gv, st, &mut dx).map_err(to_candle)
+                        })
+                    } else {
+                        batchnorm::backward(d, xv, None, dy, gv, st, &mut dx).map_err(to_candle)
+                    }
+                })
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dgamma, gamma.shape(), gamma.device())?),
@@ -115,9 +125,12 @@ impl CustomOp2 for AddRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (y, g) = (values(res)?, values(grad)?);
-        let mut d = vec![0f32; y.len()];
-        elementwise::relu_backward(&y, &g, &mut d).map_err(to_candle)?;
+        let mut d = vec![0f32; a.elem_count()];
+        with_values(res, "residual output", |y| {
+            with_values(grad, "residual output gradient", |g| {
+                elementwise::relu_backward(y, g, &mut d).map_err(to_candle)
+            })
+        })?;
         let d = Tensor::from_vec(d, a.shape(), a.device())?;
         Ok((Some(d.clone()), Some(d)))
     }

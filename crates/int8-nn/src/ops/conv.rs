@@ -13,7 +13,7 @@ use int8_core::conv::{
 use int8_core::gemm::Int8Path;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::f32_data;
+use super::{f32_data, with_values};
 use crate::error::to_candle;
 use crate::precision::Precision;
 use crate::stats::LayerState;
@@ -147,52 +147,55 @@ impl CustomOp2 for Conv2dOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let s = self.geometry.shape(&self.name, x.dims(), w.dims())?;
-        let g = grad.flatten_all()?.to_vec1::<f32>()?;
         let (mut dx, mut dw) = (vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
-        match self.precision {
-            Precision::Fp32 => {
-                let (xv, wv) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
-                conv2d_dx_f32(&s, &wv, &g, &mut dx).map_err(to_candle)?;
-                conv2d_dw_f32(&s, &xv, &g, &mut dw).map_err(to_candle)?;
-            }
-            Precision::Int8(cfg) => {
-                let dyq = {
-                    let mut st = self.state();
-                    let step = st.stats.steps;
-                    let (dyq, up) = st
-                        .clip
-                        .quantize(&format!("{}.grad_output", self.name), &g, cfg.grad_rounding.at_step(step))
-                        .map_err(to_candle)?;
-                    st.stats.steps = step + 1;
-                    st.stats.clip = up.clip;
-                    st.stats.distance = up.distance;
-                    st.stats.searched = up.searched;
-                    st.stats.phi = cfg.dclr.map_or(1.0, |d| d.phi(up.distance));
-                    st.stats.saturation_dy = dyq.saturation_rate();
-                    if st.keep_grad {
-                        st.last_grad = Some(g.clone());
-                    }
-                    dyq
-                };
-                let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(saved) = saved.as_ref() else {
-                    candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
-                };
-                // The input gradient sums over output channels, so it needs one weight scale.
-                let w_tensor_q;
-                let wq = if saved.w.channels() == 1 {
-                    &saved.w
-                } else {
-                    let wv = w.flatten_all()?.to_vec1::<f32>()?;
-                    w_tensor_q =
-                        quantize(&format!("{}.weight", self.name), &wv, Granularity::PerTensor, 1, Rounding::Nearest)
+        with_values(grad, "output gradient", |g| {
+            match self.precision {
+                Precision::Fp32 => with_values(x, "input", |xv| {
+                    with_values(w, "weight", |wv| {
+                        conv2d_dx_f32(&s, wv, g, &mut dx).map_err(to_candle)?;
+                        conv2d_dw_f32(&s, xv, g, &mut dw).map_err(to_candle)
+                    })
+                })?,
+                Precision::Int8(cfg) => {
+                    let dyq = {
+                        let mut st = self.state();
+                        let step = st.stats.steps;
+                        let (dyq, up) = st
+                            .clip
+                            .quantize(&format!("{}.grad_output", self.name), g, cfg.grad_rounding.at_step(step))
                             .map_err(to_candle)?;
-                    &w_tensor_q
-                };
-                conv2d_dx_i8(self.path, &s, wq.into(), (&dyq).into(), &mut dx).map_err(to_candle)?;
-                conv2d_dw_i8(self.path, &s, (&saved.x).into(), (&dyq).into(), &mut dw).map_err(to_candle)?;
+                        st.stats.steps = step + 1;
+                        st.stats.clip = up.clip;
+                        st.stats.distance = up.distance;
+                        st.stats.searched = up.searched;
+                        st.stats.phi = cfg.dclr.map_or(1.0, |d| d.phi(up.distance));
+                        st.stats.saturation_dy = dyq.saturation_rate();
+                        if st.keep_grad {
+                            st.last_grad = Some(g.to_vec());
+                        }
+                        dyq
+                    };
+                    let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(saved) = saved.as_ref() else {
+                        candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
+                    };
+                    // The input gradient sums over output channels, so it needs one weight scale.
+                    let w_tensor_q;
+                    let wq = if saved.w.channels() == 1 {
+                        &saved.w
+                    } else {
+                        w_tensor_q = with_values(w, "weight", |wv| {
+                            quantize(&format!("{}.weight", self.name), wv, Granularity::PerTensor, 1, Rounding::Nearest)
+                                .map_err(to_candle)
+                        })?;
+                        &w_tensor_q
+                    };
+                    conv2d_dx_i8(self.path, &s, wq.into(), (&dyq).into(), &mut dx).map_err(to_candle)?;
+                    conv2d_dw_i8(self.path, &s, (&saved.x).into(), (&dyq).into(), &mut dw).map_err(to_candle)?;
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
 }

@@ -17,3 +17,19 @@ pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_
         None => candle_core::bail!("{what} must be contiguous; call .contiguous() on it first"),
     }
 }
+
+/// Runs `f` on the f32 contents of `t`, borrowed from its storage without a copy when the tensor
+/// is contiguous on the cpu (the usual case in a backward pass), copied otherwise.
+pub(crate) fn with_values<R>(
+    t: &candle_core::Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), true) = (&*storage, layout.is_contiguous()) {
+            return f(f32_data(cpu, layout, what)?);
+        }
+    }
+    f(&t.flatten_all()?.to_vec1::<f32>()?)
+}

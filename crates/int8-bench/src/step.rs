@@ -1,0 +1,62 @@
+//! The step bench: one ResNet-20 training step (batch 128, forward + backward + SGD update) at
+//! FP32 and at INT8 (the paper's policy: DSGC, DCLR, first conv and FC in FP32), split into its
+//! phases. The input is random: only time is measured here.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use int8_nn::layers::cross_entropy;
+use int8_nn::optim::{Sgd, SgdConfig};
+use int8_nn::policy::LayerPolicy;
+use int8_nn::precision::Int8Config;
+use int8_zoo::Model;
+
+use crate::{Row, print_header, print_row};
+
+/// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up.
+fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -> Result<[f64; 3]> {
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+    let mut step = |t: &mut [f64; 3]| -> Result<()> {
+        let t0 = Instant::now();
+        let (loss, _) = cross_entropy(&model.forward(x)?, labels)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        sgd.step(&model.params(), &grads, 0.01)?;
+        let t3 = Instant::now();
+        t[0] += (t1 - t0).as_secs_f64() * 1e3;
+        t[1] += (t2 - t1).as_secs_f64() * 1e3;
+        t[2] += (t3 - t2).as_secs_f64() * 1e3;
+        Ok(())
+    };
+    step(&mut [0.0; 3])?;
+    let (start, mut n, mut t) = (Instant::now(), 0usize, [0.0; 3]);
+    while n < 3 || start.elapsed() < budget {
+        step(&mut t)?;
+        n += 1;
+    }
+    Ok(t.map(|v| v / n as f64))
+}
+
+/// Runs the bench and prints its rows.
+pub fn run(budget: Duration) -> Result<Vec<Row>> {
+    let batch = 128;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    let fp32 = int8_zoo::build("resnet20", 10, &LayerPolicy::fp32(), 0)?;
+    let int8 = int8_zoo::build("resnet20", 10, &LayerPolicy::paper(Int8Config::default()), 0)?;
+    let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
+    let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
+    print_header();
+    let rows = vec![
+        Row::new("resnet20-step-b128", f.iter().sum(), i.iter().sum()),
+        Row::new("resnet20-forward-b128", f[0], i[0]),
+        Row::new("resnet20-backward-b128", f[1], i[1]),
+        Row::new("resnet20-update-b128", f[2], i[2]),
+    ];
+    for r in &rows {
+        print_row(r);
+    }
+    Ok(rows)
+}
