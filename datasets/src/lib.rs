@@ -1,2 +1,40 @@
-//! `int8-datasets`: IDX, CIFAR binary, image-folder and detection formats, discovery, augmentation
-//! and batching. Not yet written: see the project's datasets issue.
+//! `int8-datasets`: reading the standard formats people already have on disk, never trusting a
+//! file. Built so far: image folders (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
+//! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue): IDX,
+//! CIFAR binary, detection formats, augmentation, the batching loader and the registry.
+
+pub mod archive;
+pub mod image_folder;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Errors of the datasets crate. Each names the file and says what is wrong.
+#[derive(Debug, Error)]
+pub enum DatasetError {
+    /// A file or folder could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A file's contents are not what its format requires.
+    #[error("{path}: {why}")]
+    Invalid {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = DatasetError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DatasetError {
+    let path = path.into();
+    move |source| DatasetError::Io { path, source }
+}

@@ -1,0 +1,70 @@
+//! ResNet-20 learns from real images at both precisions: a batch of CIFAR-10 training images
+//! (the JPEG q75 re-encoding in `../shared/datasets`), fitted for a few SGD steps.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use int8_datasets::archive::extract_tar_gz;
+use int8_datasets::image_folder::ImageFolder;
+use int8_nn::layers::cross_entropy;
+use int8_nn::optim::{Sgd, SgdConfig};
+use int8_nn::policy::LayerPolicy;
+use int8_nn::precision::Int8Config;
+
+/// The CIFAR-10 JPEG archive: `$INT8_CIFAR10_JPEG`, or `shared/datasets/` beside an ancestor of
+/// this crate (where every developer machine and CI run has it).
+fn cifar_archive() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("INT8_CIFAR10_JPEG") {
+        return Some(PathBuf::from(p));
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared/datasets/cifar10-jpeg.tar.gz"))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
+    let Some(archive) = cifar_archive() else {
+        eprintln!("skipped: no cifar10-jpeg.tar.gz found (set INT8_CIFAR10_JPEG to its path)");
+        return;
+    };
+    // The first 13 training images of each class: 130 real images, 128 used.
+    let dir = tempfile::tempdir().unwrap();
+    let keep = |p: &std::path::Path| {
+        p.components().nth(1).is_some_and(|c| c.as_os_str() == "train")
+            && p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u32>().ok()).is_some_and(|i| i < 13)
+    };
+    assert_eq!(extract_tar_gz(&archive, dir.path(), keep).unwrap(), 130);
+    let folder = ImageFolder::open(&dir.path().join("cifar10-jpeg/train")).unwrap();
+    assert_eq!(folder.classes.len(), 10);
+    // Interleave the classes so that the batch holds all ten.
+    let order: Vec<usize> = (0..13).flat_map(|i| (0..10).map(move |c| c * 13 + i)).take(128).collect();
+    let (mean, std) = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]);
+    let mut pixels = Vec::with_capacity(128 * 3 * 32 * 32);
+    let mut labels = Vec::with_capacity(128);
+    for &i in &order {
+        let (img, label) = folder.load(i, Some((32, 32))).unwrap();
+        pixels.extend(img.to_chw(mean, std));
+        labels.push(label);
+    }
+    let x = Tensor::from_vec(pixels, (128, 3, 32, 32), &Device::Cpu).unwrap();
+
+    for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
+        let model = int8_zoo::build("resnet20", 10, &policy, 0).unwrap();
+        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+        let mut losses = Vec::new();
+        for _ in 0..16 {
+            let (loss, report) = cross_entropy(&model.forward(&x).unwrap(), &labels).unwrap();
+            let grads = loss.backward().unwrap();
+            sgd.step(&model.params(), &grads, 0.05).unwrap();
+            losses.push(report.loss);
+        }
+        eprintln!("{what}: losses {:?}", losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>());
+        assert!(losses.iter().all(|l| l.is_finite()), "{what} diverged: {losses:?}");
+        // The mean of the last three steps is at least a quarter below that of the first three.
+        let (first, last) =
+            (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
+        assert!(last < 0.75 * first, "{what}: loss went from {first:.3} to {last:.3}");
+    }
+}
