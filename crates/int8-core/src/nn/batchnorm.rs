@@ -79,34 +79,39 @@ fn plane_moments(v: &[f32], mean: Option<f32>) -> f64 {
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn plane_grad_sums(x: &[f32], dy: &[f32], y: Option<&[f32]>, mean: f32, inv: f32) -> (f64, f64) {
     let (mut sb, mut sg) = ([0.0f32; 16], [0.0f32; 16]);
-    let n = x.len() / 16 * 16;
-    for i in (0..n).step_by(16) {
-        for l in 0..16 {
-            let k = i + l;
-            let g = match y {
-                Some(y) => {
-                    if y[k] > 0.0 {
-                        dy[k]
-                    } else {
-                        0.0
-                    }
+    let (xc, xr) = x.as_chunks::<16>();
+    let (dc, dr) = dy.as_chunks::<16>();
+    let mut tail = (0.0f64, 0.0f64);
+    match y {
+        Some(y) => {
+            let (yc, yr) = y.as_chunks::<16>();
+            for ((xv, dv), yv) in xc.iter().zip(dc).zip(yc) {
+                for l in 0..16 {
+                    let g = if yv[l] > 0.0 { dv[l] } else { 0.0 };
+                    sb[l] += g;
+                    sg[l] += g * (xv[l] - mean) * inv;
                 }
-                None => dy[k],
-            };
-            sb[l] += g;
-            sg[l] += g * (x[k] - mean) * inv;
+            }
+            for ((&xv, &g), &yv) in xr.iter().zip(dr).zip(yr) {
+                let g = if yv > 0.0 { g } else { 0.0 };
+                tail.0 += g as f64;
+                tail.1 += (g * (xv - mean) * inv) as f64;
+            }
+        }
+        None => {
+            for (xv, dv) in xc.iter().zip(dc) {
+                for l in 0..16 {
+                    sb[l] += dv[l];
+                    sg[l] += dv[l] * (xv[l] - mean) * inv;
+                }
+            }
+            for (&xv, &g) in xr.iter().zip(dr) {
+                tail.0 += g as f64;
+                tail.1 += (g * (xv - mean) * inv) as f64;
+            }
         }
     }
-    let (mut b, mut gsum) = (sb.iter().map(|&v| v as f64).sum::<f64>(), sg.iter().map(|&v| v as f64).sum::<f64>());
-    for k in n..x.len() {
-        let g = match y {
-            Some(y) if y[k] <= 0.0 => 0.0,
-            _ => dy[k],
-        };
-        b += g as f64;
-        gsum += (g * (x[k] - mean) * inv) as f64;
-    }
-    (b, gsum)
+    (sb.iter().map(|&v| v as f64).sum::<f64>() + tail.0, sg.iter().map(|&v| v as f64).sum::<f64>() + tail.1)
 }
 
 /// `dx = k * (m * g - dbeta - xhat * dgamma)` over a plane, `g` masked as above.
