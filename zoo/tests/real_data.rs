@@ -4,12 +4,15 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use int8_core::dsgc::{cosine_distance, search_clip};
 use int8_datasets::archive::extract_tar_gz;
 use int8_datasets::image_folder::ImageFolder;
 use int8_nn::layers::cross_entropy;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::LayerPolicy;
 use int8_nn::precision::Int8Config;
+use int8_zoo::Model;
+use int8_zoo::resnet_cifar::ResNetCifar;
 
 /// The CIFAR-10 JPEG archive: `$INT8_CIFAR10_JPEG`, or `shared/datasets/` beside an ancestor of
 /// this crate (where every developer machine and CI run has it).
@@ -51,7 +54,10 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
     let x = Tensor::from_vec(pixels, (128, 3, 32, 32), &Device::Cpu).unwrap();
 
     for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
-        let model = int8_zoo::build("resnet20", 10, &policy, 0).unwrap();
+        let model = ResNetCifar::new("resnet20", 3, 10, &policy, 0).unwrap();
+        // Keep the gradient that reaches a stage-2 convolution, for the DSGC checks below.
+        let probe = &model.layer2[1].conv1;
+        probe.keep_grad(true);
         let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
         let mut losses = Vec::new();
         for _ in 0..16 {
@@ -66,5 +72,22 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
         let (first, last) =
             (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
         assert!(last < 0.75 * first, "{what}: loss went from {first:.3} to {last:.3}");
+
+        if what == "int8" {
+            // On this real conv gradient, the DSGC search lands within 1% of the best of a dense
+            // 1000-point grid, and beats clipping at max|g|.
+            let g = probe.last_grad().expect("the probe layer kept its gradient");
+            let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let grid = (1..=1000).map(|i| cosine_distance(&g, amax * i as f32 / 1000.0)).fold(f64::INFINITY, f64::min);
+            let found = search_clip("layer2.1.conv1.grad_output", &g).unwrap();
+            eprintln!(
+                "real gradient: dsgc d={:.3e} at c={:.3e}, grid best {grid:.3e}, clip-at-max d={:.3e}",
+                found.distance,
+                found.clip,
+                cosine_distance(&g, amax)
+            );
+            assert!(found.distance <= grid * 1.01, "dsgc {} vs grid {grid}", found.distance);
+            assert!(found.distance < cosine_distance(&g, amax));
+        }
     }
 }
