@@ -8,6 +8,29 @@ use flate2::read::GzDecoder;
 
 use crate::{DatasetError, Result, io_err};
 
+/// Counts the regular files of `archive` for which `key` returns a key, by key, without
+/// extracting anything.
+pub fn count_tar_gz<K: Ord>(
+    archive: &Path,
+    mut key: impl FnMut(&Path) -> Option<K>,
+) -> Result<std::collections::BTreeMap<K, usize>> {
+    let file = std::fs::File::open(archive).map_err(io_err(archive))?;
+    let mut tar = tar::Archive::new(GzDecoder::new(std::io::BufReader::new(file)));
+    let mut counts = std::collections::BTreeMap::new();
+    for entry in tar.entries().map_err(io_err(archive))? {
+        let entry = entry.map_err(|e| DatasetError::Invalid {
+            path: archive.into(),
+            why: format!("not a readable tar.gz archive ({e}); re-download it"),
+        })?;
+        if entry.header().entry_type().is_file()
+            && let Some(k) = key(&entry.path().map_err(io_err(archive))?)
+        {
+            *counts.entry(k).or_insert(0) += 1;
+        }
+    }
+    Ok(counts)
+}
+
 /// Extracts the regular files of `archive` whose relative path passes `keep` into `dest`,
 /// refusing entries that would escape `dest`. Returns how many files were written.
 pub fn extract_tar_gz(archive: &Path, dest: &Path, mut keep: impl FnMut(&Path) -> bool) -> Result<usize> {
@@ -52,6 +75,33 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, mut keep: impl FnMut(&Path) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CIFAR-10 JPEG archive in `shared/datasets/` beside an ancestor of this crate.
+    fn cifar_archive() -> Option<std::path::PathBuf> {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .map(|a| a.join("shared/datasets/cifar10-jpeg.tar.gz"))
+            .find(|p| p.exists())
+    }
+
+    #[test]
+    fn cifar10_jpeg_archive_has_its_published_counts() {
+        let Some(a) = cifar_archive() else {
+            eprintln!("skipped: shared/datasets/cifar10-jpeg.tar.gz is absent");
+            return;
+        };
+        // Keys are (split, class) from `cifar10-jpeg/<split>/<class>/NNNN.jpg`.
+        let counts = count_tar_gz(&a, |p| {
+            let parts: Vec<String> = p.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            (parts.len() == 4 && parts[3].ends_with(".jpg")).then(|| (parts[1].clone(), parts[2].clone()))
+        })
+        .unwrap();
+        for (split, per_class) in [("train", 5_000), ("test", 1_000)] {
+            let classes: Vec<_> = counts.iter().filter(|((s, _), _)| s == split).collect();
+            assert_eq!(classes.len(), 10, "{split}");
+            assert!(classes.iter().all(|(_, n)| **n == per_class), "{split}: {classes:?}");
+        }
+    }
 
     fn archive(dir: &Path, entries: &[(&str, &[u8])]) -> std::path::PathBuf {
         let path = dir.join("a.tar.gz");

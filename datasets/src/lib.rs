@@ -1,9 +1,12 @@
 //! `int8-datasets`: reading the standard formats people already have on disk, never trusting a
-//! file. Built so far: image folders (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
-//! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue): IDX,
-//! CIFAR binary, detection formats, augmentation, the batching loader and the registry.
+//! file. Built so far: IDX (MNIST, Fashion-MNIST; raw or gzipped), CIFAR-10/100 binary batches,
+//! image folders (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
+//! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue):
+//! detection formats, augmentation, the batching loader and the registry.
 
 pub mod archive;
+pub mod cifar;
+pub mod idx;
 pub mod image_folder;
 
 use std::path::PathBuf;
