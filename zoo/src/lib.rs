@@ -4,6 +4,7 @@
 
 mod init;
 pub mod resnet_cifar;
+pub mod small_cnn;
 
 use candle_core::Tensor;
 use int8_nn::policy::LayerPolicy;
@@ -44,11 +45,12 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 }
 
 /// The models the registry can build.
-pub const MODELS: &[&str] = &["resnet20", "resnet32", "resnet56"];
+pub const MODELS: &[&str] = &["cnn-small", "resnet20", "resnet32", "resnet56"];
 
 /// Builds model `name` for `classes` classes with `policy`, initialised from `seed`.
 pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
     match name {
+        "cnn-small" => Ok(Box::new(small_cnn::SmallCnn::new(classes, policy, seed)?)),
         "resnet20" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 3, classes, policy, seed)?)),
         "resnet32" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 5, classes, policy, seed)?)),
         "resnet56" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 9, classes, policy, seed)?)),

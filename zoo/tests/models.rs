@@ -34,23 +34,25 @@ fn the_paper_policy_keeps_the_stem_and_classifier_in_fp32() {
 }
 
 #[test]
-fn resnet20_runs_forward_and_backward_at_both_precisions() {
-    for policy in [LayerPolicy::fp32(), LayerPolicy::paper(Int8Config::default())] {
-        let m = build("resnet20", 10, &policy, 1).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
-        let logits = m.forward(&x).unwrap();
-        assert_eq!(logits.dims(), &[4, 10]);
-        let (loss, _) = int8_nn::layers::cross_entropy(&logits, &[0, 1, 2, 3]).unwrap();
-        let grads = loss.backward().unwrap();
-        for p in m.params() {
-            let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", p.name));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm.is_finite() && norm > 0.0, "{}: gradient norm {norm}", p.name);
-        }
-        // After a step every INT8 layer has statistics, and DCLR's multipliers reach the params.
-        for (name, st) in m.int8_stats() {
-            assert_eq!(st.steps, 1, "{name}");
-            assert!(st.phi > 0.0 && st.phi <= 1.0, "{name}: {st:?}");
+fn models_run_forward_and_backward_at_both_precisions() {
+    for (name, input) in [("resnet20", (4, 3, 32, 32)), ("cnn-small", (4, 1, 28, 28))] {
+        for policy in [LayerPolicy::fp32(), LayerPolicy::paper(Int8Config::default())] {
+            let m = build(name, 10, &policy, 1).unwrap();
+            let x = Tensor::randn(0f32, 1.0, input, &Device::Cpu).unwrap();
+            let logits = m.forward(&x).unwrap();
+            assert_eq!(logits.dims(), &[4, 10]);
+            let (loss, _) = int8_nn::layers::cross_entropy(&logits, &[0, 1, 2, 3]).unwrap();
+            let grads = loss.backward().unwrap();
+            for p in m.params() {
+                let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", p.name));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm.is_finite() && norm > 0.0, "{}: gradient norm {norm}", p.name);
+            }
+            // After a step every INT8 layer has statistics, and DCLR's multipliers reach the params.
+            for (layer, st) in m.int8_stats() {
+                assert_eq!(st.steps, 1, "{name} {layer}");
+                assert!(st.phi > 0.0 && st.phi <= 1.0, "{name} {layer}: {st:?}");
+            }
         }
     }
 }

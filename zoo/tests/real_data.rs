@@ -91,3 +91,42 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
         }
     }
 }
+
+#[test]
+fn small_cnn_loss_falls_on_real_fashion_mnist_at_both_precisions() {
+    let dir = std::path::Path::new("/usr/share/datasets/fashion-mnist");
+    if !dir.exists() {
+        eprintln!("skipped: {} is absent (apt-get install -y dataset-fashion-mnist)", dir.display());
+        return;
+    }
+    let ds = int8_datasets::idx::read_idx_pair(
+        &dir.join("train-images-idx3-ubyte.gz"),
+        &dir.join("train-labels-idx1-ubyte.gz"),
+        10,
+    )
+    .unwrap();
+    // The first 256 training images, scaled to [0, 1] and normalised with Fashion-MNIST's
+    // mean and standard deviation.
+    let n = 256;
+    let pixels: Vec<f32> = ds.images.data[..n * 784].iter().map(|&v| (v as f32 / 255.0 - 0.2860) / 0.3530).collect();
+    let labels: Vec<u32> = ds.labels[..n].iter().map(|&l| l as u32).collect();
+    let x = Tensor::from_vec(pixels, (n, 1, 28, 28), &Device::Cpu).unwrap();
+    for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
+        let model = int8_zoo::build("cnn-small", 10, &policy, 0).unwrap();
+        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+        let mut losses = Vec::new();
+        for _ in 0..16 {
+            let (loss, report) = cross_entropy(&model.forward(&x).unwrap(), &labels).unwrap();
+            let grads = loss.backward().unwrap();
+            sgd.step(&model.params(), &grads, 0.05).unwrap();
+            losses.push(report.loss);
+        }
+        eprintln!("{what}: losses {:?}", losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>());
+        let (first, last) =
+            (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
+        assert!(
+            losses.iter().all(|l| l.is_finite()) && last < 0.75 * first,
+            "{what}: loss went from {first:.3} to {last:.3}"
+        );
+    }
+}

@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 use int8_core::nn::batchnorm::BatchStats;
 
 use crate::error::{NnError, Result};
-use crate::ops::basic::{AddRelu, BatchNormTrain, CrossEntropyOp, GlobalAvgPool, values};
+use crate::ops::basic::{AddRelu, AvgPool, BatchNormTrain, CrossEntropyOp, GlobalAvgPool, MaxPool, values};
 
 /// Running statistics of a batch-norm layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +139,16 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Global average pooling, `n x c x h x w` to `n x c`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GlobalAvgPool)?)
+}
+
+/// Max pooling with a `k x k` window, `stride` and zero padding `pad` (at most `k / 2`).
+pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(MaxPool { k, stride, pad, argmax: Mutex::new(Vec::new()) })?)
+}
+
+/// Average pooling with a `k x k` window, `stride` and zero padding `pad` (counted in the mean).
+pub fn avg_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(AvgPool { k, stride, pad })?)
 }
 
 /// What a loss pass reports besides the loss tensor.

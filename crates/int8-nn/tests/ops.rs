@@ -152,3 +152,29 @@ fn int8_linear_tracks_fp32() {
     let bad = Linear::new("fc", var(w, &[o, i]), var(vec![0.0; 3], &[3]), Precision::Fp32).unwrap_err();
     assert!(bad.to_string().contains("fc"));
 }
+
+#[test]
+fn pooling_gradients_match_finite_differences() {
+    use int8_nn::layers::{avg_pool2d, max_pool2d};
+    let base = uniform(2 * 2 * 5 * 5, 11, 1.0);
+    for (name, k, stride, pad) in [("max", 2, 2, 0), ("max", 3, 2, 1), ("avg", 3, 2, 1), ("avg", 2, 1, 0)] {
+        let pool = |t: &Tensor| {
+            if name == "max" { max_pool2d(t, k, stride, pad).unwrap() } else { avg_pool2d(t, k, stride, pad).unwrap() }
+        };
+        let x = var(base.clone(), &[2, 2, 5, 5]);
+        let y = pool(x.as_tensor());
+        let r = Tensor::from_vec(uniform(y.elem_count(), 12, 1.0), y.dims(), &Device::Cpu).unwrap();
+        let g = flat((&y * &r).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap());
+        let loss = |v: Vec<f32>| {
+            let t = Tensor::from_vec(v, (2, 2, 5, 5), &Device::Cpu).unwrap();
+            (&pool(&t) * &r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        for i in [0, 13, 37, base.len() - 1] {
+            let (mut p, mut q) = (base.clone(), base.clone());
+            p[i] += 1e-3;
+            q[i] -= 1e-3;
+            let fd = (loss(p) - loss(q)) / 2e-3;
+            assert!((fd - g[i] as f64).abs() < 1e-3, "{name} k{k} s{stride} p{pad} [{i}]: {fd} vs {}", g[i]);
+        }
+    }
+}

@@ -1,4 +1,5 @@
 //! FP32 kernels for the layers around the convolutions: batch norm (with an optional fused ReLU),
+//! max and average pooling,
 //! residual add with ReLU, global average pooling and softmax cross-entropy. The paper keeps these
 //! in floating point; they are here because a fast FP32 around the INT8 convolutions is what
 //! makes the end-to-end comparison honest.
@@ -6,3 +7,4 @@
 pub mod batchnorm;
 pub mod elementwise;
 pub mod loss;
+pub mod pool;

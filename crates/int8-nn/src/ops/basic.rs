@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use int8_core::nn::batchnorm::{self, BatchStats, NchwDims};
 use int8_core::nn::elementwise;
 use int8_core::nn::loss::{CrossEntropy, softmax_cross_entropy};
+use int8_core::nn::pool::{self, Pool2d};
 
 use super::{f32_data, with_values};
 use crate::error::to_candle;
@@ -192,5 +193,74 @@ impl CustomOp1 for CrossEntropyOp {
         let Some(ce) = result.as_ref() else { candle_core::bail!("cross-entropy backward ran without a forward pass") };
         let g: Vec<f32> = ce.grad.iter().map(|&v| v * scale).collect();
         Ok(Some(Tensor::from_vec(g, logits.shape(), logits.device())?))
+    }
+}
+
+/// Max pooling; keeps each output's argmax for the backward pass.
+#[derive(Debug)]
+pub(crate) struct MaxPool {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub argmax: Mutex<Vec<u32>>,
+}
+
+/// Average pooling.
+#[derive(Debug)]
+pub(crate) struct AvgPool {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+fn pool_geometry(dims: &[usize], k: usize, stride: usize, pad: usize) -> candle_core::Result<(Pool2d, [usize; 4])> {
+    let &[n, c, h, w] = dims else { candle_core::bail!("pooling needs an NCHW input, got {dims:?}") };
+    let p = Pool2d { planes: n * c, h, w, k, stride, pad };
+    Ok((p, [n, c, p.out_h(), p.out_w()]))
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (p, out) = pool_geometry(l.dims(), self.k, self.stride, self.pad)?;
+        let x = f32_data(s, l, "pooling input")?;
+        let n: usize = out.iter().product();
+        let (mut y, mut am) = (vec![0f32; n], vec![0u32; n]);
+        pool::max_pool(&p, x, &mut y, &mut am).map_err(to_candle)?;
+        *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = am;
+        Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (p, _) = pool_geometry(x.dims(), self.k, self.stride, self.pad)?;
+        let am = self.argmax.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dx = vec![0f32; x.elem_count()];
+        with_values(grad, "pooling output gradient", |g| {
+            pool::max_pool_backward(&p, g, &am, &mut dx).map_err(to_candle)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "avg-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (p, out) = pool_geometry(l.dims(), self.k, self.stride, self.pad)?;
+        let mut y = vec![0f32; out.iter().product()];
+        pool::avg_pool(&p, f32_data(s, l, "pooling input")?, &mut y).map_err(to_candle)?;
+        Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (p, _) = pool_geometry(x.dims(), self.k, self.stride, self.pad)?;
+        let mut dx = vec![0f32; x.elem_count()];
+        with_values(grad, "pooling output gradient", |g| pool::avg_pool_backward(&p, g, &mut dx).map_err(to_candle))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

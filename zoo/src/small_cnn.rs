@@ -1,0 +1,126 @@
+//! A small CNN for 28x28 grayscale images (MNIST, Fashion-MNIST), the model of the quick
+//! experiment: three 3x3 convolutions (32, 64, 128 channels) with batch norm and ReLU, max pooling
+//! after the first two, global average pooling and a linear classifier. Under the paper's policy
+//! the first convolution and the classifier stay FP32.
+
+use candle_core::Tensor;
+use int8_nn::conv::{Conv2d, ConvGeometry};
+use int8_nn::layers::{BatchNorm2d, global_avg_pool, max_pool2d};
+use int8_nn::linear::Linear;
+use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::precision::Precision;
+use int8_nn::stats::LayerStats;
+
+use crate::{Model, Param, Result, init};
+
+/// The small CNN.
+#[derive(Debug)]
+pub struct SmallCnn {
+    /// 1 -> 32, 28x28.
+    pub conv1: Conv2d,
+    /// Batch norm + ReLU.
+    pub bn1: BatchNorm2d,
+    /// 32 -> 64, 14x14.
+    pub conv2: Conv2d,
+    /// Batch norm + ReLU.
+    pub bn2: BatchNorm2d,
+    /// 64 -> 128, 7x7.
+    pub conv3: Conv2d,
+    /// Batch norm + ReLU.
+    pub bn3: BatchNorm2d,
+    /// 128 -> classes.
+    pub fc: Linear,
+}
+
+impl SmallCnn {
+    /// A network for `classes` classes.
+    pub fn new(classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Self> {
+        let g = ConvGeometry { padding: 1, ..Default::default() };
+        let conv = |name: &str, i: usize, o: usize, n: u64, first: bool| -> Result<Conv2d> {
+            let w = init::conv_weight(o, i, 3, seed.wrapping_mul(1000).wrapping_add(n))?;
+            Ok(Conv2d::new(name, w, g, policy.precision_for(name, LayerKind::Conv, first))?)
+        };
+        let (w, b) = init::linear(classes, 128, seed.wrapping_mul(1000).wrapping_add(999))?;
+        Ok(Self {
+            conv1: conv("conv1", 1, 32, 1, true)?,
+            bn1: BatchNorm2d::new("bn1", 32, true)?,
+            conv2: conv("conv2", 32, 64, 2, false)?,
+            bn2: BatchNorm2d::new("bn2", 64, true)?,
+            conv3: conv("conv3", 64, 128, 3, false)?,
+            bn3: BatchNorm2d::new("bn3", 128, true)?,
+            fc: Linear::new("fc", w, b, policy.precision_for("fc", LayerKind::Linear, false))?,
+        })
+    }
+
+    fn convs(&self) -> [&Conv2d; 3] {
+        [&self.conv1, &self.conv2, &self.conv3]
+    }
+
+    fn bns(&self) -> [&BatchNorm2d; 3] {
+        [&self.bn1, &self.bn2, &self.bn3]
+    }
+}
+
+impl Model for SmallCnn {
+    fn name(&self) -> &str {
+        "cnn-small"
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = max_pool2d(&self.bn1.forward(&self.conv1.forward(x)?)?, 2, 2, 0)?;
+        let h = max_pool2d(&self.bn2.forward(&self.conv2.forward(&h)?)?, 2, 2, 0)?;
+        let h = self.bn3.forward(&self.conv3.forward(&h)?)?;
+        Ok(self.fc.forward(&global_avg_pool(&h)?)?)
+    }
+
+    fn set_training(&self, training: bool) {
+        for bn in self.bns() {
+            bn.set_training(training);
+        }
+    }
+
+    fn params(&self) -> Vec<Param> {
+        let scale = |p: Precision, phi: f64| if matches!(p, Precision::Int8(_)) { phi } else { 1.0 };
+        let mut out: Vec<Param> = self
+            .convs()
+            .iter()
+            .map(|c| Param {
+                name: format!("{}.weight", c.name()),
+                var: c.weight().clone(),
+                decay: true,
+                lr_scale: scale(c.precision(), c.stats().phi),
+            })
+            .collect();
+        for bn in self.bns() {
+            out.push(Param {
+                name: format!("{}.gamma", bn.name()),
+                var: bn.gamma().clone(),
+                decay: false,
+                lr_scale: 1.0,
+            });
+            out.push(Param {
+                name: format!("{}.beta", bn.name()),
+                var: bn.beta().clone(),
+                decay: false,
+                lr_scale: 1.0,
+            });
+        }
+        let fc = scale(self.fc.precision(), self.fc.stats().phi);
+        out.push(Param { name: "fc.weight".into(), var: self.fc.weight().clone(), decay: true, lr_scale: fc });
+        out.push(Param { name: "fc.bias".into(), var: self.fc.bias().clone(), decay: false, lr_scale: fc });
+        out
+    }
+
+    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
+        let mut out: Vec<(String, LayerStats)> = self
+            .convs()
+            .iter()
+            .filter(|c| matches!(c.precision(), Precision::Int8(_)))
+            .map(|c| (c.name().to_string(), c.stats()))
+            .collect();
+        if matches!(self.fc.precision(), Precision::Int8(_)) {
+            out.push(("fc".into(), self.fc.stats()));
+        }
+        out
+    }
+}
