@@ -1,6 +1,7 @@
 //! `int8-datasets`: reading the standard formats people already have on disk, never trusting a
 //! file. Built so far: IDX (MNIST, Fashion-MNIST; raw or gzipped), CIFAR-10/100 binary batches,
-//! image folders (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
+//! the registry of known datasets with discovery and import, and image folders
+//! (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
 //! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue):
 //! detection formats, augmentation, the batching loader and the registry.
 
@@ -8,6 +9,7 @@ pub mod archive;
 pub mod cifar;
 pub mod idx;
 pub mod image_folder;
+pub mod registry;
 
 use std::path::PathBuf;
 

@@ -46,14 +46,34 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// List, fetch or import datasets (not built yet).
+    /// List, import or fetch datasets.
     Data {
-        /// Arguments for the data command.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        what: DataCmd,
+        /// Look here first (then $INT8_DATA_DIR, datasets/cache/, /usr/share/datasets/).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
     },
     /// List models and recipes (not built yet).
     Zoo,
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCmd {
+    /// Each known dataset and where it was found, or how to get it.
+    List,
+    /// Import a dataset from a local .tar.gz archive into datasets/cache/.
+    Import {
+        /// The dataset's name (see `data list`).
+        name: String,
+        /// The archive.
+        path: PathBuf,
+    },
+    /// Download a dataset from its canonical source.
+    Fetch {
+        /// The dataset's name.
+        name: String,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +93,18 @@ impl Bench {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes, without a backtrace: this is a command line.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
@@ -92,10 +123,53 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Sweep { .. } | Cmd::Train { .. } | Cmd::Data { .. } | Cmd::Zoo => bail!(
+        Cmd::Data { what, data_dir } => data(&root, what, data_dir.as_deref()),
+        Cmd::Sweep { .. } | Cmd::Train { .. } | Cmd::Zoo => bail!(
             "this command is not built yet: the trainer, datasets, zoo and sweep are open issues; \
-             what runs today is `cargo xtask bench` (FP32 vs INT8 kernels) and `cargo test --workspace`"
+             what runs today is `cargo xtask bench`, `cargo xtask data` and `cargo test --workspace`"
         ),
+    }
+}
+
+/// `cargo xtask data ...`.
+fn data(root: &Path, what: DataCmd, data_dir: Option<&Path>) -> Result<()> {
+    use int8_datasets::registry::{DATASETS, import, known, locate, search_dirs};
+    let cache = root.join("datasets/cache");
+    let dirs = search_dirs(data_dir, &cache);
+    match what {
+        DataCmd::List => {
+            println!("| dataset | status | what it is |");
+            println!("| --- | --- | --- |");
+            for ds in DATASETS {
+                let status = match locate(ds, &dirs) {
+                    Some(p) => format!("found: {}", p.display()),
+                    None => format!("missing: {}", ds.sources.first().copied().unwrap_or("no known source")),
+                };
+                println!("| {} | {status} | {} |", ds.name, ds.description);
+            }
+            println!(
+                "\nsearched, in order: {}",
+                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
+        DataCmd::Import { name, path } => {
+            let ds = known(&name)?;
+            if !path.is_file() {
+                bail!("{}: not a file; pass the dataset's .tar.gz archive", path.display());
+            }
+            eprintln!("importing {name} from {} (checking its checksum, then extracting)...", path.display());
+            let dest = import(ds, &path, &cache)?;
+            println!("{name}: {}", dest.display());
+            Ok(())
+        }
+        DataCmd::Fetch { name } => {
+            let ds = known(&name)?;
+            bail!(
+                "this build has no network client, so it cannot download {name}; get it from {} and run `cargo xtask data import {name} FILE`",
+                ds.sources.join(" or ")
+            )
+        }
     }
 }
 
