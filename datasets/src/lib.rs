@@ -1,14 +1,16 @@
 //! `int8-datasets`: reading the standard formats people already have on disk, never trusting a
 //! file. Built so far: IDX (MNIST, Fashion-MNIST; raw or gzipped), CIFAR-10/100 binary batches,
-//! the registry of known datasets with discovery and import, and image folders
+//! the registry of known datasets with discovery and import, the batching loader with CIFAR-style
+//! augmentation, and image folders
 //! (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
-//! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue):
-//! detection formats, augmentation, the batching loader and the registry.
+//! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue): detection
+//! formats, ImageNet-style augmentation, and `fetch` over the network.
 
 pub mod archive;
 pub mod cifar;
 pub mod idx;
 pub mod image_folder;
+pub mod loader;
 pub mod registry;
 
 use std::path::PathBuf;

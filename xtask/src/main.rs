@@ -82,6 +82,8 @@ enum Bench {
     Kernels,
     /// One ResNet-20 training step at batch 128.
     Step,
+    /// Whether the CIFAR-10 loader keeps up with INT8 training.
+    Data,
 }
 
 impl Bench {
@@ -89,6 +91,7 @@ impl Bench {
         match self {
             Bench::Kernels => "kernels",
             Bench::Step => "step",
+            Bench::Data => "data",
         }
     }
 }
@@ -111,7 +114,7 @@ fn run() -> Result<()> {
         Cmd::Bench { which, json, seconds, filter } => {
             let benches = match which {
                 Some(b) => vec![b],
-                None => vec![Bench::Kernels, Bench::Step],
+                None => vec![Bench::Kernels, Bench::Step, Bench::Data],
             };
             if json.is_some() && benches.len() > 1 {
                 bail!("--json names one file; pick one bench (for example `cargo xtask bench kernels --json FILE`)");
@@ -186,7 +189,7 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, seconds: f64, filter: Optio
     cmd.current_dir(root)
         .args(["run", "--release", "--quiet", "--package", "int8-bench", "--", bench.name(), "--json"])
         .arg(json)
-        .args(["--seconds", &(if bench == Bench::Step { seconds * 10.0 } else { seconds }).to_string()]);
+        .args(["--seconds", &(if bench == Bench::Kernels { seconds } else { seconds * 10.0 }).to_string()]);
     if let (Some(f), Bench::Kernels) = (filter, bench) {
         cmd.args(["--filter", f]);
     }

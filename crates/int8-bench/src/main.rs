@@ -3,6 +3,7 @@
 //! `cargo xtask bench` builds this in release mode and runs it; it prints a Markdown table and
 //! optionally writes JSON (a list of `{name, fp32_ms, int8_ms, speedup}` objects).
 
+mod data;
 mod kernels;
 mod step;
 mod timing;
@@ -41,6 +42,15 @@ enum What {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Seconds of measurement per precision.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Whether the loader keeps up with INT8 ResNet-20 training on CIFAR-10 (JPEG q75).
+    Data {
+        /// Also write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds of training steps.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
@@ -90,6 +100,12 @@ fn main() -> Result<()> {
             let rows = step::run(std::time::Duration::from_secs_f64(seconds))?;
             write_json(json, &rows)?;
         }
+        What::Data { json, seconds } => {
+            println!("{}", kernels::machine_line());
+            let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let rows = data::run(&workspace, std::time::Duration::from_secs_f64(seconds))?;
+            write_json(json, &rows)?;
+        }
         What::Profile { layer, precision, seconds } => kernels::profile(&layer, &precision, seconds)?,
     }
     Ok(())
@@ -107,7 +123,7 @@ pub fn print_row(r: &Row) {
 }
 
 /// Writes the rows as JSON, atomically (a temporary file renamed into place).
-fn write_json(path: Option<PathBuf>, rows: &[Row]) -> Result<()> {
+fn write_json<T: Serialize>(path: Option<PathBuf>, rows: &[T]) -> Result<()> {
     let Some(path) = path else { return Ok(()) };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
