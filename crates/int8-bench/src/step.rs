@@ -39,6 +39,24 @@ fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -
     Ok(t.map(|v| v / n as f64))
 }
 
+/// Per-op milliseconds per step over a few profiled steps, and the step's own time.
+fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::collections::BTreeMap<String, f64>, f64)> {
+    let steps = 3;
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+    int8_nn::profile::reset();
+    int8_nn::profile::set_enabled(true);
+    let t = Instant::now();
+    for _ in 0..steps {
+        let (loss, _) = cross_entropy(&model.forward(x)?, labels)?;
+        let grads = loss.backward()?;
+        sgd.step(&model.params(), &grads, 0.01)?;
+    }
+    let total = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    int8_nn::profile::set_enabled(false);
+    let ops = int8_nn::profile::report().into_iter().map(|(name, ms, _)| (name, ms / steps as f64)).collect();
+    Ok((ops, total))
+}
+
 /// Runs the bench and prints its rows.
 pub fn run(budget: Duration) -> Result<Vec<Row>> {
     let batch = 128;
@@ -58,5 +76,26 @@ pub fn run(budget: Duration) -> Result<Vec<Row>> {
     for r in &rows {
         print_row(r);
     }
+    // Where a step's time goes, per op (forward and backward), at each precision.
+    let (f_ops, f_total) = breakdown(fp32.as_ref(), &x, &labels)?;
+    let (i_ops, i_total) = breakdown(int8.as_ref(), &x, &labels)?;
+    let mut names: Vec<&String> = f_ops.keys().chain(i_ops.keys()).collect();
+    names.sort();
+    names.dedup();
+    let mut extra = Vec::new();
+    for name in names {
+        let (f, i) = (f_ops.get(name).copied().unwrap_or(0.0), i_ops.get(name).copied().unwrap_or(0.0));
+        extra.push(Row::new(format!("op {name}"), f, i));
+    }
+    extra.push(Row::new(
+        "op other (candle autograd, allocation, update)",
+        f_total - f_ops.values().sum::<f64>(),
+        i_total - i_ops.values().sum::<f64>(),
+    ));
+    for r in &extra {
+        print_row(r);
+    }
+    let mut rows = rows;
+    rows.extend(extra);
     Ok(rows)
 }

@@ -16,6 +16,7 @@ mod ops;
 pub mod optim;
 pub mod policy;
 pub mod precision;
+pub mod profile;
 pub mod stats;
 
 pub use error::{NnError, Result};

@@ -49,6 +49,7 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let d = nchw(&self.name, l1.dims())?;
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let gamma = f32_data(s2, l2, &format!("layer `{}` gamma", self.name))?;
@@ -67,6 +68,7 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::profile::span(self.name(), true);
         let d = nchw(&self.name, x.dims())?;
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let Some(st) = stats.as_ref() else {
@@ -110,6 +112,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         if l1.dims() != l2.dims() {
             candle_core::bail!("residual add of shapes {:?} and {:?}: they must match", l1.dims(), l2.dims());
         }
@@ -126,6 +129,7 @@ impl CustomOp2 for AddRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::profile::span(self.name(), true);
         let mut d = vec![0f32; a.elem_count()];
         with_values(res, "residual output", |y| {
             with_values(grad, "residual output gradient", |g| {
@@ -147,6 +151,7 @@ impl CustomOp1 for GlobalAvgPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let &[n, c, h, w] = l.dims() else {
             candle_core::bail!("global average pooling needs an NCHW input, got {:?}", l.dims());
         };
@@ -157,6 +162,7 @@ impl CustomOp1 for GlobalAvgPool {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = crate::profile::span(self.name(), true);
         let &[_, _, h, w] = x.dims() else { candle_core::bail!("global average pooling input must be NCHW") };
         let mut dx = vec![0f32; x.elem_count()];
         elementwise::global_avg_pool_backward(&values(grad)?, h * w, &mut dx).map_err(to_candle)?;
@@ -178,6 +184,7 @@ impl CustomOp1 for CrossEntropyOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let &[_, classes] = l.dims() else {
             candle_core::bail!("cross-entropy needs batch x classes logits, got {:?}", l.dims());
         };
@@ -188,6 +195,7 @@ impl CustomOp1 for CrossEntropyOp {
     }
 
     fn bwd(&self, logits: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = crate::profile::span(self.name(), true);
         let scale = grad.to_scalar::<f32>()?;
         let result = self.result.lock().unwrap_or_else(|e| e.into_inner());
         let Some(ce) = result.as_ref() else { candle_core::bail!("cross-entropy backward ran without a forward pass") };
@@ -225,6 +233,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let (p, out) = pool_geometry(l.dims(), self.k, self.stride, self.pad)?;
         let x = f32_data(s, l, "pooling input")?;
         let n: usize = out.iter().product();
@@ -235,6 +244,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = crate::profile::span(self.name(), true);
         let (p, _) = pool_geometry(x.dims(), self.k, self.stride, self.pad)?;
         let am = self.argmax.lock().unwrap_or_else(|e| e.into_inner());
         let mut dx = vec![0f32; x.elem_count()];
@@ -251,6 +261,7 @@ impl CustomOp1 for AvgPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let (p, out) = pool_geometry(l.dims(), self.k, self.stride, self.pad)?;
         let mut y = vec![0f32; out.iter().product()];
         pool::avg_pool(&p, f32_data(s, l, "pooling input")?, &mut y).map_err(to_candle)?;
@@ -258,6 +269,7 @@ impl CustomOp1 for AvgPool {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = crate::profile::span(self.name(), true);
         let (p, _) = pool_geometry(x.dims(), self.k, self.stride, self.pad)?;
         let mut dx = vec![0f32; x.elem_count()];
         with_values(grad, "pooling output gradient", |g| pool::avg_pool_backward(&p, g, &mut dx).map_err(to_candle))?;

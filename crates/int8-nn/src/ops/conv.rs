@@ -116,6 +116,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
         let s = self.geometry.shape(&self.name, l1.dims(), l2.dims())?;
@@ -146,6 +147,7 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::profile::span(self.name(), true);
         let s = self.geometry.shape(&self.name, x.dims(), w.dims())?;
         let (mut dx, mut dw) = (vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
         with_values(grad, "output gradient", |g| {

@@ -65,6 +65,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
         let (n, i, o) = dims(&self.name, l1.dims(), l2.dims(), l3.dims())?;
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
@@ -113,6 +114,7 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::profile::span(self.name(), true);
         let (n, i, o) = dims(&self.name, x.dims(), w.dims(), b.dims())?;
         let g = values(grad)?;
         let (mut dx, mut dw) = (vec![0f32; n * i], vec![0f32; o * i]);
