@@ -3,6 +3,7 @@
 //! `zoo/recipes/`.
 
 mod init;
+mod params;
 pub mod resnet_cifar;
 pub mod small_cnn;
 

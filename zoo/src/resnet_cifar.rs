@@ -10,10 +10,9 @@ use int8_nn::conv::{Conv2d, ConvGeometry};
 use int8_nn::layers::{BatchNorm2d, add_relu, global_avg_pool};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
-use int8_nn::precision::Precision;
 use int8_nn::stats::LayerStats;
 
-use crate::{Model, Param, Result, init};
+use crate::{Model, Param, Result, init, params};
 
 /// Builds convolutions with names, precisions from the policy and seeds of their own.
 struct Builder<'a> {
@@ -158,43 +157,10 @@ impl Model for ResNetCifar {
     }
 
     fn params(&self) -> Vec<Param> {
-        let mut out = Vec::new();
-        for conv in self.convs() {
-            let lr_scale = match conv.precision() {
-                Precision::Int8(_) => conv.stats().phi,
-                Precision::Fp32 => 1.0,
-            };
-            out.push(Param {
-                name: format!("{}.weight", conv.name()),
-                var: conv.weight().clone(),
-                decay: true,
-                lr_scale,
-            });
-        }
-        for bn in self.bns() {
-            let name = bn.name();
-            out.push(Param { name: format!("{name}.gamma"), var: bn.gamma().clone(), decay: false, lr_scale: 1.0 });
-            out.push(Param { name: format!("{name}.beta"), var: bn.beta().clone(), decay: false, lr_scale: 1.0 });
-        }
-        let fc_scale = match self.fc.precision() {
-            Precision::Int8(_) => self.fc.stats().phi,
-            Precision::Fp32 => 1.0,
-        };
-        out.push(Param { name: "fc.weight".into(), var: self.fc.weight().clone(), decay: true, lr_scale: fc_scale });
-        out.push(Param { name: "fc.bias".into(), var: self.fc.bias().clone(), decay: false, lr_scale: fc_scale });
-        out
+        params::params(&self.convs(), &self.bns(), &self.fc)
     }
 
     fn int8_stats(&self) -> Vec<(String, LayerStats)> {
-        let mut out: Vec<(String, LayerStats)> = self
-            .convs()
-            .into_iter()
-            .filter(|c| matches!(c.precision(), Precision::Int8(_)))
-            .map(|c| (c.name().to_string(), c.stats()))
-            .collect();
-        if matches!(self.fc.precision(), Precision::Int8(_)) {
-            out.push(("fc".into(), self.fc.stats()));
-        }
-        out
+        params::int8_stats(&self.convs(), &self.fc)
     }
 }

@@ -8,10 +8,9 @@ use int8_nn::conv::{Conv2d, ConvGeometry};
 use int8_nn::layers::{BatchNorm2d, global_avg_pool, max_pool2d};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
-use int8_nn::precision::Precision;
 use int8_nn::stats::LayerStats;
 
-use crate::{Model, Param, Result, init};
+use crate::{Model, Param, Result, init, params};
 
 /// The small CNN.
 #[derive(Debug)]
@@ -80,47 +79,10 @@ impl Model for SmallCnn {
     }
 
     fn params(&self) -> Vec<Param> {
-        let scale = |p: Precision, phi: f64| if matches!(p, Precision::Int8(_)) { phi } else { 1.0 };
-        let mut out: Vec<Param> = self
-            .convs()
-            .iter()
-            .map(|c| Param {
-                name: format!("{}.weight", c.name()),
-                var: c.weight().clone(),
-                decay: true,
-                lr_scale: scale(c.precision(), c.stats().phi),
-            })
-            .collect();
-        for bn in self.bns() {
-            out.push(Param {
-                name: format!("{}.gamma", bn.name()),
-                var: bn.gamma().clone(),
-                decay: false,
-                lr_scale: 1.0,
-            });
-            out.push(Param {
-                name: format!("{}.beta", bn.name()),
-                var: bn.beta().clone(),
-                decay: false,
-                lr_scale: 1.0,
-            });
-        }
-        let fc = scale(self.fc.precision(), self.fc.stats().phi);
-        out.push(Param { name: "fc.weight".into(), var: self.fc.weight().clone(), decay: true, lr_scale: fc });
-        out.push(Param { name: "fc.bias".into(), var: self.fc.bias().clone(), decay: false, lr_scale: fc });
-        out
+        params::params(&self.convs(), &self.bns(), &self.fc)
     }
 
     fn int8_stats(&self) -> Vec<(String, LayerStats)> {
-        let mut out: Vec<(String, LayerStats)> = self
-            .convs()
-            .iter()
-            .filter(|c| matches!(c.precision(), Precision::Int8(_)))
-            .map(|c| (c.name().to_string(), c.stats()))
-            .collect();
-        if matches!(self.fc.precision(), Precision::Int8(_)) {
-            out.push(("fc".into(), self.fc.stats()));
-        }
-        out
+        params::int8_stats(&self.convs(), &self.fc)
     }
 }

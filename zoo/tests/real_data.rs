@@ -26,6 +26,23 @@ fn cifar_archive() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Sixteen SGD steps on one batch; the mean loss of the last three steps must be at least a
+/// quarter below that of the first three, with no divergence.
+fn fit_and_check(what: &str, model: &dyn Model, x: &Tensor, labels: &[u32]) {
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+    let mut losses = Vec::new();
+    for _ in 0..16 {
+        let (loss, report) = cross_entropy(&model.forward(x).unwrap(), labels).unwrap();
+        let grads = loss.backward().unwrap();
+        sgd.step(&model.params(), &grads, 0.05).unwrap();
+        losses.push(report.loss);
+    }
+    eprintln!("{what}: losses {:?}", losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>());
+    assert!(losses.iter().all(|l| l.is_finite()), "{what} diverged: {losses:?}");
+    let (first, last) = (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
+    assert!(last < 0.75 * first, "{what}: loss went from {first:.3} to {last:.3}");
+}
+
 #[test]
 fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
     let Some(archive) = cifar_archive() else {
@@ -58,20 +75,7 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
         // Keep the gradient that reaches a stage-2 convolution, for the DSGC checks below.
         let probe = &model.layer2[1].conv1;
         probe.keep_grad(true);
-        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
-        let mut losses = Vec::new();
-        for _ in 0..16 {
-            let (loss, report) = cross_entropy(&model.forward(&x).unwrap(), &labels).unwrap();
-            let grads = loss.backward().unwrap();
-            sgd.step(&model.params(), &grads, 0.05).unwrap();
-            losses.push(report.loss);
-        }
-        eprintln!("{what}: losses {:?}", losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>());
-        assert!(losses.iter().all(|l| l.is_finite()), "{what} diverged: {losses:?}");
-        // The mean of the last three steps is at least a quarter below that of the first three.
-        let (first, last) =
-            (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
-        assert!(last < 0.75 * first, "{what}: loss went from {first:.3} to {last:.3}");
+        fit_and_check(what, &model, &x, &labels);
 
         if what == "int8" {
             // On this real conv gradient, the DSGC search lands within 1% of the best of a dense
@@ -113,20 +117,6 @@ fn small_cnn_loss_falls_on_real_fashion_mnist_at_both_precisions() {
     let x = Tensor::from_vec(pixels, (n, 1, 28, 28), &Device::Cpu).unwrap();
     for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
         let model = int8_zoo::build("cnn-small", 10, &policy, 0).unwrap();
-        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
-        let mut losses = Vec::new();
-        for _ in 0..16 {
-            let (loss, report) = cross_entropy(&model.forward(&x).unwrap(), &labels).unwrap();
-            let grads = loss.backward().unwrap();
-            sgd.step(&model.params(), &grads, 0.05).unwrap();
-            losses.push(report.loss);
-        }
-        eprintln!("{what}: losses {:?}", losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>());
-        let (first, last) =
-            (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
-        assert!(
-            losses.iter().all(|l| l.is_finite()) && last < 0.75 * first,
-            "{what}: loss went from {first:.3} to {last:.3}"
-        );
+        fit_and_check(what, model.as_ref(), &x, &labels);
     }
 }

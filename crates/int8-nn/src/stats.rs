@@ -1,6 +1,9 @@
 //! Per-layer quantization state and the statistics it exposes after each step.
 
 use int8_core::dsgc::{ClipMode, ClipState};
+use int8_core::quant::QTensor;
+
+use crate::precision::Int8Config;
 
 /// What one INT8 layer measured on its last step: cheap to read (a copy), for logs and for the
 /// optimizer's DCLR multiplier.
@@ -47,5 +50,25 @@ impl LayerState {
             keep_grad: false,
             last_grad: None,
         }
+    }
+}
+
+impl LayerState {
+    /// Quantizes one output gradient of layer `name` with its DSGC clip value (a search when one
+    /// is due) and records the step's statistics: clip, cosine distance, DCLR's `phi`, saturation,
+    /// and the gradient itself when kept.
+    pub fn quantize_grad(&mut self, name: &str, g: &[f32], cfg: &Int8Config) -> int8_core::Result<QTensor> {
+        let step = self.stats.steps;
+        let (dyq, up) = self.clip.quantize(&format!("{name}.grad_output"), g, cfg.grad_rounding.at_step(step))?;
+        self.stats.steps = step + 1;
+        self.stats.clip = up.clip;
+        self.stats.distance = up.distance;
+        self.stats.searched = up.searched;
+        self.stats.phi = cfg.dclr.map_or(1.0, |d| d.phi(up.distance));
+        self.stats.saturation_dy = dyq.saturation_rate();
+        if self.keep_grad {
+            self.last_grad = Some(g.to_vec());
+        }
+        Ok(dyq)
     }
 }

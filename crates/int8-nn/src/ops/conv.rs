@@ -159,24 +159,7 @@ impl CustomOp2 for Conv2dOp {
                     })
                 })?,
                 Precision::Int8(cfg) => {
-                    let dyq = {
-                        let mut st = self.state();
-                        let step = st.stats.steps;
-                        let (dyq, up) = st
-                            .clip
-                            .quantize(&format!("{}.grad_output", self.name), g, cfg.grad_rounding.at_step(step))
-                            .map_err(to_candle)?;
-                        st.stats.steps = step + 1;
-                        st.stats.clip = up.clip;
-                        st.stats.distance = up.distance;
-                        st.stats.searched = up.searched;
-                        st.stats.phi = cfg.dclr.map_or(1.0, |d| d.phi(up.distance));
-                        st.stats.saturation_dy = dyq.saturation_rate();
-                        if st.keep_grad {
-                            st.last_grad = Some(g.to_vec());
-                        }
-                        dyq
-                    };
+                    let dyq = self.state().quantize_grad(&self.name, g, &cfg).map_err(to_candle)?;
                     let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
                     let Some(saved) = saved.as_ref() else {
                         candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
