@@ -193,3 +193,19 @@ fn mismatched_channels_are_a_clear_error() {
     let err = layer.forward(&x).unwrap_err().to_string();
     assert!(err.contains("stem") && err.contains("5 channels"), "{err}");
 }
+
+#[test]
+fn per_channel_weights_still_track_fp32() {
+    let LayerLike { x: xv, w: wv, r, xd, wd, g } = layer_like(4);
+    // Give the output channels very different weight ranges, where per-channel scales matter.
+    let wv: Vec<f32> = wv.iter().enumerate().map(|(i, v)| v * (1 + i / (16 * 9)) as f32).collect();
+    let cfg = Int8Config { weight: int8_core::quant::Granularity::PerChannel, ..Default::default() };
+    let fp32 = Conv2d::new("conv", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+    let int8 = Conv2d::new("conv", var(wv, &wd), g, Precision::Int8(cfg)).unwrap();
+    let x = var(xv, &xd);
+    let (y32, dx32, dw32) = run(&fp32, &x, &r);
+    let (y8, dx8, dw8) = run(&int8, &x, &r);
+    for (what, a, b) in [("y", &y8, &y32), ("dx", &dx8, &dx32), ("dw", &dw8, &dw32)] {
+        assert!(cosine(a, b) >= 0.99, "{what} cosine {}", cosine(a, b));
+    }
+}

@@ -13,7 +13,7 @@ use int8_core::conv::{
 use int8_core::gemm::Int8Path;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::{f32_data, with_values};
+use super::{f32_data, per_tensor_weight, with_values};
 use crate::error::to_candle;
 use crate::precision::Precision;
 use crate::stats::LayerState;
@@ -164,18 +164,8 @@ impl CustomOp2 for Conv2dOp {
                     let Some(saved) = saved.as_ref() else {
                         candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
                     };
-                    // The input gradient sums over output channels, so it needs one weight scale.
-                    let w_tensor_q;
-                    let wq = if saved.w.channels() == 1 {
-                        &saved.w
-                    } else {
-                        w_tensor_q = with_values(w, "weight", |wv| {
-                            quantize(&format!("{}.weight", self.name), wv, Granularity::PerTensor, 1, Rounding::Nearest)
-                                .map_err(to_candle)
-                        })?;
-                        &w_tensor_q
-                    };
-                    conv2d_dx_i8(self.path, &s, wq.into(), (&dyq).into(), &mut dx).map_err(to_candle)?;
+                    let wq = per_tensor_weight(&self.name, &saved.w, w)?;
+                    conv2d_dx_i8(self.path, &s, (&*wq).into(), (&dyq).into(), &mut dx).map_err(to_candle)?;
                     conv2d_dw_i8(self.path, &s, (&saved.x).into(), (&dyq).into(), &mut dw).map_err(to_candle)?;
                 }
             }

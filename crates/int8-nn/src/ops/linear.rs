@@ -9,7 +9,7 @@ use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8_s
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
 use super::basic::values;
-use super::f32_data;
+use super::{f32_data, per_tensor_weight};
 use crate::error::to_candle;
 use crate::precision::Precision;
 use crate::stats::LayerState;
@@ -155,20 +155,7 @@ impl CustomOp3 for LinearOp {
                 let Some(saved) = saved.as_ref() else {
                     candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
                 };
-                let w_tensor_q;
-                let wq = if saved.w.channels() == 1 {
-                    &saved.w
-                } else {
-                    w_tensor_q = quantize(
-                        &format!("{}.weight", self.name),
-                        &values(w)?,
-                        Granularity::PerTensor,
-                        1,
-                        Rounding::Nearest,
-                    )
-                    .map_err(to_candle)?;
-                    &w_tensor_q
-                };
+                let wq = per_tensor_weight(&self.name, &saved.w, w)?;
                 let sdy = dyq.scales[0];
                 // dx = dy W, dW = dy^T x, each an exact INT8 product scaled once.
                 gemm_i8_scaled(

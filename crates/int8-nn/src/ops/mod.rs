@@ -33,3 +33,22 @@ pub(crate) fn with_values<R>(
     }
     f(&t.flatten_all()?.to_vec1::<f32>()?)
 }
+
+/// The weight codes an input gradient needs: the forward pass's codes when they have one scale,
+/// else `w` quantized again per tensor (the input gradient sums over output channels, so it cannot
+/// apply one scale per output channel).
+pub(crate) fn per_tensor_weight<'a>(
+    name: &str,
+    saved: &'a int8_core::quant::QTensor,
+    w: &candle_core::Tensor,
+) -> candle_core::Result<std::borrow::Cow<'a, int8_core::quant::QTensor>> {
+    use int8_core::quant::{Granularity, Rounding, quantize};
+    if saved.channels() == 1 {
+        return Ok(std::borrow::Cow::Borrowed(saved));
+    }
+    with_values(w, "weight", |wv| {
+        quantize(&format!("{name}.weight"), wv, Granularity::PerTensor, 1, Rounding::Nearest)
+            .map(std::borrow::Cow::Owned)
+            .map_err(crate::error::to_candle)
+    })
+}
