@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 use int8_core::nn::batchnorm::BatchStats;
 
 use crate::error::{NnError, Result};
-use crate::ops::basic::{AddRelu, AvgPool, BatchNormTrain, CrossEntropyOp, GlobalAvgPool, MaxPool, values};
+use crate::ops::basic::{AddRelu, AvgPool, BatchNormTrain, ClampRelu, CrossEntropyOp, GlobalAvgPool, MaxPool, values};
 
 /// Running statistics of a batch-norm layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +134,16 @@ impl BatchNorm2d {
 /// `max(a + b, 0)`: the end of a residual block, one pass forward and back.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)?)
+}
+
+/// ReLU, for where it cannot be fused into the batch norm or residual add before it.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(ClampRelu { cap: f32::INFINITY })?)
+}
+
+/// ReLU6, `min(max(x, 0), 6)`, as MobileNetV2 uses.
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(ClampRelu { cap: 6.0 })?)
 }
 
 /// Global average pooling, `n x c x h x w` to `n x c`.

@@ -178,3 +178,18 @@ fn pooling_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn relu_and_relu6_pass_gradients_only_inside_their_range() {
+    use int8_nn::layers::{relu, relu6};
+    let x = var(vec![-2.0, 0.5, 3.0, 5.9, 6.5, 9.0], &[6]);
+    for (name, want_y, want_g) in [
+        ("relu", vec![0.0, 0.5, 3.0, 5.9, 6.5, 9.0], vec![0.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("relu6", vec![0.0, 0.5, 3.0, 5.9, 6.0, 6.0], vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
+    ] {
+        let y = if name == "relu" { relu(x.as_tensor()).unwrap() } else { relu6(x.as_tensor()).unwrap() };
+        assert_eq!(flat(&y), want_y, "{name}");
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(flat(g.get(x.as_tensor()).unwrap()), want_g, "{name}");
+    }
+}

@@ -30,6 +30,29 @@ pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `y = min(max(x, 0), cap)`: ReLU (`cap` infinite) or ReLU6 (`cap = 6`).
+pub fn clamp_relu(x: &[f32], cap: f32, y: &mut [f32]) -> Result<()> {
+    check_len("relu output", y.len(), x.len())?;
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v.max(0.0).min(cap);
+        }
+    });
+    Ok(())
+}
+
+/// The gradient of [`clamp_relu`]: `dy` where the input was strictly inside `(0, cap)`, else 0.
+pub fn clamp_relu_backward(x: &[f32], cap: f32, dy: &[f32], dx: &mut [f32]) -> Result<()> {
+    check_len("relu output gradient", dy.len(), x.len())?;
+    check_len("relu input gradient", dx.len(), x.len())?;
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((o, x), g)| {
+        for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+            *o = if v > 0.0 && v < cap { gv } else { 0.0 };
+        }
+    });
+    Ok(())
+}
+
 /// Global average pooling: `y[p] = mean of x[p * hw .. (p + 1) * hw]` for each `(image, channel)`
 /// plane `p`.
 pub fn global_avg_pool(x: &[f32], hw: usize, y: &mut [f32]) -> Result<()> {
@@ -62,6 +85,19 @@ mod tests {
         relu_backward(&y, &[1.0, 2.0, 3.0, 4.0], &mut dx).unwrap();
         assert_eq!(dx, [1.0, 0.0, 0.0, 0.0]);
         assert!(add_relu(&a, &b[..3], &mut y).is_err());
+    }
+
+    #[test]
+    fn relu6_and_its_gradient() {
+        let x = [-1.0, 0.0, 3.0, 6.0, 7.5];
+        let mut y = [9.0; 5];
+        clamp_relu(&x, 6.0, &mut y).unwrap();
+        assert_eq!(y, [0.0, 0.0, 3.0, 6.0, 6.0]);
+        let mut dx = [9.0; 5];
+        clamp_relu_backward(&x, 6.0, &[1.0; 5], &mut dx).unwrap();
+        assert_eq!(dx, [0.0, 0.0, 1.0, 0.0, 0.0]);
+        clamp_relu(&x, f32::INFINITY, &mut y).unwrap();
+        assert_eq!(y, [0.0, 0.0, 3.0, 6.0, 7.5]);
     }
 
     #[test]

@@ -276,3 +276,34 @@ impl CustomOp1 for AvgPool {
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
+
+/// `min(max(x, 0), cap)`: ReLU with `cap` infinite, ReLU6 with `cap = 6`.
+#[derive(Debug)]
+pub(crate) struct ClampRelu {
+    pub cap: f32,
+}
+
+impl CustomOp1 for ClampRelu {
+    fn name(&self) -> &'static str {
+        if self.cap.is_finite() { "relu6" } else { "relu" }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = crate::profile::span(self.name(), false);
+        let x = f32_data(s, l, "relu input")?;
+        let mut y = vec![0f32; x.len()];
+        elementwise::clamp_relu(x, self.cap, &mut y).map_err(to_candle)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _t = crate::profile::span(self.name(), true);
+        let mut dx = vec![0f32; x.elem_count()];
+        with_values(x, "relu input", |xv| {
+            with_values(grad, "relu output gradient", |g| {
+                elementwise::clamp_relu_backward(xv, self.cap, g, &mut dx).map_err(to_candle)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
