@@ -3,6 +3,7 @@
 //! `zoo/recipes/`.
 
 mod init;
+pub mod mobilenetv2;
 mod params;
 pub mod resnet_cifar;
 pub mod small_cnn;
@@ -46,12 +47,14 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 }
 
 /// The models the registry can build.
-pub const MODELS: &[&str] = &["cnn-small", "resnet20", "resnet32", "resnet56"];
+pub const MODELS: &[&str] = &["cnn-small", "mobilenetv2", "mobilenetv2-cifar", "resnet20", "resnet32", "resnet56"];
 
 /// Builds model `name` for `classes` classes with `policy`, initialised from `seed`.
 pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
     match name {
         "cnn-small" => Ok(Box::new(small_cnn::SmallCnn::new(classes, policy, seed)?)),
+        "mobilenetv2" => Ok(Box::new(mobilenetv2::MobileNetV2::new(name, classes, false, policy, seed)?)),
+        "mobilenetv2-cifar" => Ok(Box::new(mobilenetv2::MobileNetV2::new(name, classes, true, policy, seed)?)),
         "resnet20" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 3, classes, policy, seed)?)),
         "resnet32" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 5, classes, policy, seed)?)),
         "resnet56" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 9, classes, policy, seed)?)),

@@ -20,6 +20,8 @@ fn resnet20_has_the_reference_parameter_count() {
     unique.dedup();
     assert_eq!(unique.len(), names.len(), "parameter names must be unique");
     assert!(MODELS.contains(&"resnet20"));
+    // torchvision's MobileNetV2 with 1000 classes.
+    assert_eq!(param_count(build("mobilenetv2", 1000, &LayerPolicy::fp32(), 0).unwrap().as_ref()), 3_504_872);
     assert!(build("resnet19", 10, &LayerPolicy::fp32(), 0).unwrap_err().to_string().contains("resnet19"));
 }
 
@@ -35,13 +37,16 @@ fn the_paper_policy_keeps_the_stem_and_classifier_in_fp32() {
 
 #[test]
 fn models_run_forward_and_backward_at_both_precisions() {
-    for (name, input) in [("resnet20", (4, 3, 32, 32)), ("cnn-small", (4, 1, 28, 28))] {
+    for (name, input) in
+        [("resnet20", (4, 3, 32, 32)), ("cnn-small", (4, 1, 28, 28)), ("mobilenetv2-cifar", (2, 3, 32, 32))]
+    {
         for policy in [LayerPolicy::fp32(), LayerPolicy::paper(Int8Config::default())] {
             let m = build(name, 10, &policy, 1).unwrap();
             let x = Tensor::randn(0f32, 1.0, input, &Device::Cpu).unwrap();
             let logits = m.forward(&x).unwrap();
-            assert_eq!(logits.dims(), &[4, 10]);
-            let (loss, _) = int8_nn::layers::cross_entropy(&logits, &[0, 1, 2, 3]).unwrap();
+            assert_eq!(logits.dims(), &[input.0, 10]);
+            let labels: Vec<u32> = (0..input.0 as u32).collect();
+            let (loss, _) = int8_nn::layers::cross_entropy(&logits, &labels).unwrap();
             let grads = loss.backward().unwrap();
             for p in m.params() {
                 let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", p.name));
