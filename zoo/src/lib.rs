@@ -2,10 +2,12 @@
 //! with a layer policy, so that precision is configuration, not code. Recipes (TOML) will live in
 //! `zoo/recipes/`.
 
+pub mod blocks;
 mod init;
 pub mod mobilenetv2;
 mod params;
 pub mod resnet_cifar;
+pub mod resnet_imagenet;
 pub mod small_cnn;
 
 use candle_core::Tensor;
@@ -47,7 +49,17 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 }
 
 /// The models the registry can build.
-pub const MODELS: &[&str] = &["cnn-small", "mobilenetv2", "mobilenetv2-cifar", "resnet20", "resnet32", "resnet56"];
+pub const MODELS: &[&str] = &[
+    "cnn-small",
+    "mobilenetv2",
+    "mobilenetv2-cifar",
+    "resnet18",
+    "resnet20",
+    "resnet32",
+    "resnet34",
+    "resnet50",
+    "resnet56",
+];
 
 /// Builds model `name` for `classes` classes with `policy`, initialised from `seed`.
 pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
@@ -55,6 +67,9 @@ pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Res
         "cnn-small" => Ok(Box::new(small_cnn::SmallCnn::new(classes, policy, seed)?)),
         "mobilenetv2" => Ok(Box::new(mobilenetv2::MobileNetV2::new(name, classes, false, policy, seed)?)),
         "mobilenetv2-cifar" => Ok(Box::new(mobilenetv2::MobileNetV2::new(name, classes, true, policy, seed)?)),
+        "resnet18" => Ok(Box::new(resnet_imagenet::ResNet::new(name, 18, classes, policy, seed)?)),
+        "resnet34" => Ok(Box::new(resnet_imagenet::ResNet::new(name, 34, classes, policy, seed)?)),
+        "resnet50" => Ok(Box::new(resnet_imagenet::ResNet::new(name, 50, classes, policy, seed)?)),
         "resnet20" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 3, classes, policy, seed)?)),
         "resnet32" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 5, classes, policy, seed)?)),
         "resnet56" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 9, classes, policy, seed)?)),

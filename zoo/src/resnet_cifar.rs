@@ -6,84 +6,15 @@
 //! (option A) would give 269,722.
 
 use candle_core::Tensor;
-use int8_nn::conv::{Conv2d, ConvGeometry};
-use int8_nn::layers::{BatchNorm2d, add_relu, global_avg_pool};
+use int8_nn::conv::Conv2d;
+use int8_nn::layers::{BatchNorm2d, global_avg_pool};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
 use int8_nn::stats::LayerStats;
 
+pub use crate::blocks::BasicBlock;
+use crate::blocks::Builder;
 use crate::{Model, Param, Result, init, params};
-
-/// Builds convolutions with names, precisions from the policy and seeds of their own.
-struct Builder<'a> {
-    policy: &'a LayerPolicy,
-    seed: u64,
-    count: u64,
-}
-
-impl Builder<'_> {
-    fn conv(&mut self, name: &str, inp: usize, out: usize, k: usize, stride: usize, first: bool) -> Result<Conv2d> {
-        self.count += 1;
-        let w = init::conv_weight(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
-        let g = ConvGeometry { stride, padding: k / 2, ..Default::default() };
-        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
-    }
-}
-
-/// A basic block: two 3x3 convolutions with batch norm, and a shortcut.
-#[derive(Debug)]
-pub struct BasicBlock {
-    /// First 3x3 convolution (carries the block's stride).
-    pub conv1: Conv2d,
-    /// Batch norm with the ReLU fused.
-    pub bn1: BatchNorm2d,
-    /// Second 3x3 convolution.
-    pub conv2: Conv2d,
-    /// Batch norm before the residual add.
-    pub bn2: BatchNorm2d,
-    /// Projection shortcut (1x1 convolution and batch norm) where the shape changes.
-    pub shortcut: Option<(Conv2d, BatchNorm2d)>,
-}
-
-impl BasicBlock {
-    fn new(b: &mut Builder, name: &str, inp: usize, out: usize, stride: usize) -> Result<Self> {
-        let shortcut = if stride != 1 || inp != out {
-            let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
-            Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?))
-        } else {
-            None
-        };
-        Ok(Self {
-            conv1: b.conv(&format!("{name}.conv1"), inp, out, 3, stride, false)?,
-            bn1: BatchNorm2d::new(format!("{name}.bn1"), out, true)?,
-            conv2: b.conv(&format!("{name}.conv2"), out, out, 3, 1, false)?,
-            bn2: BatchNorm2d::new(format!("{name}.bn2"), out, false)?,
-            shortcut,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?)?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
-        let s = match &self.shortcut {
-            Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
-            None => x.clone(),
-        };
-        Ok(add_relu(&h, &s)?)
-    }
-
-    fn convs(&self) -> Vec<&Conv2d> {
-        let mut v = vec![&self.conv1, &self.conv2];
-        v.extend(self.shortcut.as_ref().map(|(c, _)| c));
-        v
-    }
-
-    fn bns(&self) -> Vec<&BatchNorm2d> {
-        let mut v = vec![&self.bn1, &self.bn2];
-        v.extend(self.shortcut.as_ref().map(|(_, b)| b));
-        v
-    }
-}
 
 /// A CIFAR ResNet of depth `6n + 2`.
 #[derive(Debug)]

@@ -20,7 +20,10 @@ fn resnet20_has_the_reference_parameter_count() {
     unique.dedup();
     assert_eq!(unique.len(), names.len(), "parameter names must be unique");
     assert!(MODELS.contains(&"resnet20"));
-    // torchvision's MobileNetV2 with 1000 classes.
+    // torchvision's ImageNet ResNets and MobileNetV2 with 1000 classes.
+    for (name, want) in [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)] {
+        assert_eq!(param_count(build(name, 1000, &LayerPolicy::fp32(), 0).unwrap().as_ref()), want, "{name}");
+    }
     assert_eq!(param_count(build("mobilenetv2", 1000, &LayerPolicy::fp32(), 0).unwrap().as_ref()), 3_504_872);
     assert!(build("resnet19", 10, &LayerPolicy::fp32(), 0).unwrap_err().to_string().contains("resnet19"));
 }

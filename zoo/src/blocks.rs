@@ -1,0 +1,153 @@
+//! Building blocks shared by the zoo's residual networks: the convolution builder (names,
+//! policy precisions, seeds) and the basic and bottleneck residual blocks (He et al., CVPR 2016).
+
+use candle_core::Tensor;
+use int8_nn::conv::{Conv2d, ConvGeometry};
+use int8_nn::layers::{BatchNorm2d, add_relu};
+use int8_nn::policy::{LayerKind, LayerPolicy};
+
+use crate::{Result, init};
+
+/// Builds convolutions with names, precisions from the policy and seeds of their own.
+pub(crate) struct Builder<'a> {
+    pub policy: &'a LayerPolicy,
+    pub seed: u64,
+    pub count: u64,
+}
+
+impl Builder<'_> {
+    /// A `k x k` convolution with "same" padding, named, with its policy precision and own seed.
+    pub(crate) fn conv(
+        &mut self,
+        name: &str,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        first: bool,
+    ) -> Result<Conv2d> {
+        self.count += 1;
+        let w = init::conv_weight(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
+        let g = ConvGeometry { stride, padding: k / 2, ..Default::default() };
+        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
+    }
+}
+
+/// A basic block: two 3x3 convolutions with batch norm, and a shortcut.
+#[derive(Debug)]
+pub struct BasicBlock {
+    /// First 3x3 convolution (carries the block's stride).
+    pub conv1: Conv2d,
+    /// Batch norm with the ReLU fused.
+    pub bn1: BatchNorm2d,
+    /// Second 3x3 convolution.
+    pub conv2: Conv2d,
+    /// Batch norm before the residual add.
+    pub bn2: BatchNorm2d,
+    /// Projection shortcut (1x1 convolution and batch norm) where the shape changes.
+    pub shortcut: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl BasicBlock {
+    pub(crate) fn new(b: &mut Builder, name: &str, inp: usize, out: usize, stride: usize) -> Result<Self> {
+        let shortcut = if stride != 1 || inp != out {
+            let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
+            Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: b.conv(&format!("{name}.conv1"), inp, out, 3, stride, false)?,
+            bn1: BatchNorm2d::new(format!("{name}.bn1"), out, true)?,
+            conv2: b.conv(&format!("{name}.conv2"), out, out, 3, 1, false)?,
+            bn2: BatchNorm2d::new(format!("{name}.bn2"), out, false)?,
+            shortcut,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x)?)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
+        let s = match &self.shortcut {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
+            None => x.clone(),
+        };
+        Ok(add_relu(&h, &s)?)
+    }
+
+    pub(crate) fn convs(&self) -> Vec<&Conv2d> {
+        let mut v = vec![&self.conv1, &self.conv2];
+        v.extend(self.shortcut.as_ref().map(|(c, _)| c));
+        v
+    }
+
+    pub(crate) fn bns(&self) -> Vec<&BatchNorm2d> {
+        let mut v = vec![&self.bn1, &self.bn2];
+        v.extend(self.shortcut.as_ref().map(|(_, b)| b));
+        v
+    }
+}
+
+/// A bottleneck block (ResNet-50 and deeper): 1x1 reduce, 3x3 (carrying the stride), 1x1 expand
+/// by 4, each with batch norm, and a shortcut.
+#[derive(Debug)]
+pub struct Bottleneck {
+    /// 1x1 reduction.
+    pub conv1: Conv2d,
+    /// Batch norm with the ReLU fused.
+    pub bn1: BatchNorm2d,
+    /// 3x3 convolution.
+    pub conv2: Conv2d,
+    /// Batch norm with the ReLU fused.
+    pub bn2: BatchNorm2d,
+    /// 1x1 expansion.
+    pub conv3: Conv2d,
+    /// Batch norm before the residual add.
+    pub bn3: BatchNorm2d,
+    /// Projection shortcut where the shape changes.
+    pub shortcut: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl Bottleneck {
+    pub(crate) fn new(b: &mut Builder, name: &str, inp: usize, planes: usize, stride: usize) -> Result<Self> {
+        let out = planes * 4;
+        let shortcut = if stride != 1 || inp != out {
+            let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
+            Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: b.conv(&format!("{name}.conv1"), inp, planes, 1, 1, false)?,
+            bn1: BatchNorm2d::new(format!("{name}.bn1"), planes, true)?,
+            conv2: b.conv(&format!("{name}.conv2"), planes, planes, 3, stride, false)?,
+            bn2: BatchNorm2d::new(format!("{name}.bn2"), planes, true)?,
+            conv3: b.conv(&format!("{name}.conv3"), planes, out, 1, 1, false)?,
+            bn3: BatchNorm2d::new(format!("{name}.bn3"), out, false)?,
+            shortcut,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x)?)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
+        let h = self.bn3.forward(&self.conv3.forward(&h)?)?;
+        let s = match &self.shortcut {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
+            None => x.clone(),
+        };
+        Ok(add_relu(&h, &s)?)
+    }
+
+    pub(crate) fn convs(&self) -> Vec<&Conv2d> {
+        let mut v = vec![&self.conv1, &self.conv2, &self.conv3];
+        v.extend(self.shortcut.as_ref().map(|(c, _)| c));
+        v
+    }
+
+    pub(crate) fn bns(&self) -> Vec<&BatchNorm2d> {
+        let mut v = vec![&self.bn1, &self.bn2, &self.bn3];
+        v.extend(self.shortcut.as_ref().map(|(_, b)| b));
+        v
+    }
+}
