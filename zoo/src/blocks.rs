@@ -50,12 +50,7 @@ pub struct BasicBlock {
 
 impl BasicBlock {
     pub(crate) fn new(b: &mut Builder, name: &str, inp: usize, out: usize, stride: usize) -> Result<Self> {
-        let shortcut = if stride != 1 || inp != out {
-            let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
-            Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?))
-        } else {
-            None
-        };
+        let shortcut = projection(b, name, inp, out, stride)?;
         Ok(Self {
             conv1: b.conv(&format!("{name}.conv1"), inp, out, 3, stride, false)?,
             bn1: BatchNorm2d::new(format!("{name}.bn1"), out, true)?,
@@ -68,10 +63,7 @@ impl BasicBlock {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.bn1.forward(&self.conv1.forward(x)?)?;
         let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
-        let s = match &self.shortcut {
-            Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
-            None => x.clone(),
-        };
+        let s = shortcut_forward(&self.shortcut, x)?;
         Ok(add_relu(&h, &s)?)
     }
 
@@ -86,6 +78,30 @@ impl BasicBlock {
         v.extend(self.shortcut.as_ref().map(|(_, b)| b));
         v
     }
+}
+
+/// The projection shortcut of a block from `inp` to `out` channels at `stride`: a 1x1
+/// convolution with batch norm where the shape changes, none (identity) where it does not.
+fn projection(
+    b: &mut Builder,
+    name: &str,
+    inp: usize,
+    out: usize,
+    stride: usize,
+) -> Result<Option<(Conv2d, BatchNorm2d)>> {
+    if stride == 1 && inp == out {
+        return Ok(None);
+    }
+    let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
+    Ok(Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?)))
+}
+
+/// A block's shortcut applied to its input.
+fn shortcut_forward(shortcut: &Option<(Conv2d, BatchNorm2d)>, x: &Tensor) -> Result<Tensor> {
+    Ok(match shortcut {
+        Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
+        None => x.clone(),
+    })
 }
 
 /// A bottleneck block (ResNet-50 and deeper): 1x1 reduce, 3x3 (carrying the stride), 1x1 expand
@@ -111,12 +127,7 @@ pub struct Bottleneck {
 impl Bottleneck {
     pub(crate) fn new(b: &mut Builder, name: &str, inp: usize, planes: usize, stride: usize) -> Result<Self> {
         let out = planes * 4;
-        let shortcut = if stride != 1 || inp != out {
-            let conv = b.conv(&format!("{name}.shortcut.conv"), inp, out, 1, stride, false)?;
-            Some((conv, BatchNorm2d::new(format!("{name}.shortcut.bn"), out, false)?))
-        } else {
-            None
-        };
+        let shortcut = projection(b, name, inp, out, stride)?;
         Ok(Self {
             conv1: b.conv(&format!("{name}.conv1"), inp, planes, 1, 1, false)?,
             bn1: BatchNorm2d::new(format!("{name}.bn1"), planes, true)?,
@@ -132,10 +143,7 @@ impl Bottleneck {
         let h = self.bn1.forward(&self.conv1.forward(x)?)?;
         let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
         let h = self.bn3.forward(&self.conv3.forward(&h)?)?;
-        let s = match &self.shortcut {
-            Some((conv, bn)) => bn.forward(&conv.forward(x)?)?,
-            None => x.clone(),
-        };
+        let s = shortcut_forward(&self.shortcut, x)?;
         Ok(add_relu(&h, &s)?)
     }
 
