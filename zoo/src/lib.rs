@@ -11,6 +11,9 @@ pub mod resnet_imagenet;
 pub mod small_cnn;
 
 use candle_core::Tensor;
+use int8_nn::conv::Conv2d;
+use int8_nn::layers::BatchNorm2d;
+use int8_nn::linear::Linear;
 use int8_nn::policy::LayerPolicy;
 use int8_nn::stats::LayerStats;
 use thiserror::Error;
@@ -34,18 +37,45 @@ pub type Result<T, E = ZooError> = std::result::Result<T, E>;
 
 pub use int8_nn::optim::Param;
 
+/// A model's layers as the trainer sees them: every convolution, every batch norm, and the
+/// classifier.
+#[derive(Debug)]
+pub struct Layers<'a> {
+    /// The convolutions.
+    pub convs: Vec<&'a Conv2d>,
+    /// The batch norms.
+    pub bns: Vec<&'a BatchNorm2d>,
+    /// The classifier.
+    pub fc: &'a Linear,
+}
+
 /// What every model offers the trainer.
 pub trait Model: Send + Sync + std::fmt::Debug {
     /// The registry name.
     fn name(&self) -> &str;
     /// Logits for a batch of images.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The model's layers.
+    fn layers(&self) -> Layers<'_>;
+
     /// Training (batch statistics) or evaluation (running statistics) mode.
-    fn set_training(&self, training: bool);
+    fn set_training(&self, training: bool) {
+        for bn in self.layers().bns {
+            bn.set_training(training);
+        }
+    }
+
     /// The parameters, with each INT8 layer's current DCLR multiplier.
-    fn params(&self) -> Vec<Param>;
+    fn params(&self) -> Vec<Param> {
+        let l = self.layers();
+        params::params(&l.convs, &l.bns, l.fc)
+    }
+
     /// The statistics of each INT8 layer, by layer name.
-    fn int8_stats(&self) -> Vec<(String, LayerStats)>;
+    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
+        let l = self.layers();
+        params::int8_stats(&l.convs, l.fc)
+    }
 }
 
 /// The models the registry can build.

@@ -10,9 +10,8 @@ use int8_nn::conv::{Conv2d, ConvGeometry};
 use int8_nn::layers::{BatchNorm2d, global_avg_pool, relu6};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
-use int8_nn::stats::LayerStats;
 
-use crate::{Model, Param, Result, init, params};
+use crate::{Layers, Model, Result, init};
 
 /// A convolution followed by batch norm, with or without ReLU6.
 #[derive(Debug)]
@@ -160,21 +159,12 @@ impl Model for MobileNetV2 {
         Ok(self.classifier.forward(&global_avg_pool(&self.head.forward(&h)?)?)?)
     }
 
-    fn set_training(&self, training: bool) {
-        for cb in self.conv_bns() {
-            cb.bn.set_training(training);
-        }
-    }
-
-    fn params(&self) -> Vec<Param> {
+    fn layers(&self) -> Layers<'_> {
         let cbs = self.conv_bns();
-        let convs: Vec<&Conv2d> = cbs.iter().map(|c| &c.conv).collect();
-        let bns: Vec<&BatchNorm2d> = cbs.iter().map(|c| &c.bn).collect();
-        params::params(&convs, &bns, &self.classifier)
-    }
-
-    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
-        let convs: Vec<&Conv2d> = self.conv_bns().iter().map(|c| &c.conv).collect();
-        params::int8_stats(&convs, &self.classifier)
+        Layers {
+            convs: cbs.iter().map(|c| &c.conv).collect(),
+            bns: cbs.iter().map(|c| &c.bn).collect(),
+            fc: &self.classifier,
+        }
     }
 }

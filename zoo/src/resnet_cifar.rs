@@ -10,11 +10,10 @@ use int8_nn::conv::Conv2d;
 use int8_nn::layers::{BatchNorm2d, global_avg_pool};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
-use int8_nn::stats::LayerStats;
 
 pub use crate::blocks::BasicBlock;
 use crate::blocks::Builder;
-use crate::{Model, Param, Result, init, params};
+use crate::{Layers, Model, Result, init};
 
 /// A CIFAR ResNet of depth `6n + 2`.
 #[derive(Debug)]
@@ -81,17 +80,7 @@ impl Model for ResNetCifar {
         Ok(self.fc.forward(&global_avg_pool(&h)?)?)
     }
 
-    fn set_training(&self, training: bool) {
-        for bn in self.bns() {
-            bn.set_training(training);
-        }
-    }
-
-    fn params(&self) -> Vec<Param> {
-        params::params(&self.convs(), &self.bns(), &self.fc)
-    }
-
-    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
-        params::int8_stats(&self.convs(), &self.fc)
+    fn layers(&self) -> Layers<'_> {
+        Layers { convs: self.convs(), bns: self.bns(), fc: &self.fc }
     }
 }

@@ -8,9 +8,8 @@ use int8_nn::conv::{Conv2d, ConvGeometry};
 use int8_nn::layers::{BatchNorm2d, global_avg_pool, max_pool2d};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
-use int8_nn::stats::LayerStats;
 
-use crate::{Model, Param, Result, init, params};
+use crate::{Layers, Model, Result, init};
 
 /// The small CNN.
 #[derive(Debug)]
@@ -72,17 +71,7 @@ impl Model for SmallCnn {
         Ok(self.fc.forward(&global_avg_pool(&h)?)?)
     }
 
-    fn set_training(&self, training: bool) {
-        for bn in self.bns() {
-            bn.set_training(training);
-        }
-    }
-
-    fn params(&self) -> Vec<Param> {
-        params::params(&self.convs(), &self.bns(), &self.fc)
-    }
-
-    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
-        params::int8_stats(&self.convs(), &self.fc)
+    fn layers(&self) -> Layers<'_> {
+        Layers { convs: self.convs().to_vec(), bns: self.bns().to_vec(), fc: &self.fc }
     }
 }
