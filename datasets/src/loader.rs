@@ -63,6 +63,27 @@ impl InMemory {
         Ok(Self { pixels, labels, channels: 3, height: size.1, width: size.0 })
     }
 
+    /// The images at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let len = self.image_len();
+        Self {
+            pixels: indices.iter().flat_map(|&i| self.pixels[i * len..(i + 1) * len].iter().copied()).collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            ..*self
+        }
+    }
+
+    /// A CIFAR binary dataset (three 32x32 planes per image).
+    pub fn from_cifar(b: crate::cifar::CifarBatch) -> Self {
+        Self {
+            pixels: b.images,
+            labels: b.labels.iter().map(|&l| l as u32).collect(),
+            channels: 3,
+            height: 32,
+            width: 32,
+        }
+    }
+
     /// An MNIST-style dataset (one channel).
     pub fn from_idx(ds: IdxDataset) -> Self {
         let (h, w) = (ds.images.dims[1], ds.images.dims[2]);
@@ -177,6 +198,21 @@ pub fn epoch(
     epoch: u64,
     prefetch: usize,
 ) -> Result<Receiver<Batch>> {
+    epoch_from(ds, aug, batch, shuffle, seed, epoch, prefetch, 0)
+}
+
+/// As [`epoch`], starting after the first `skip` batches (a resumed run continues mid-epoch
+/// with exactly the batches it had not seen).
+pub fn epoch_from(
+    ds: Arc<InMemory>,
+    aug: Augment,
+    batch: usize,
+    shuffle: bool,
+    seed: u64,
+    epoch: u64,
+    prefetch: usize,
+    skip: usize,
+) -> Result<Receiver<Batch>> {
     if batch == 0 || ds.is_empty() {
         return Err(DatasetError::Invalid {
             path: "loader".into(),
@@ -188,7 +224,7 @@ pub fn epoch(
     std::thread::Builder::new()
         .name("int8-loader".into())
         .spawn(move || {
-            for chunk in order.chunks(batch) {
+            for chunk in order.chunks(batch).skip(skip) {
                 if tx.send(make_batch(&ds, &aug, chunk, seed, epoch)).is_err() {
                     break;
                 }
@@ -250,11 +286,13 @@ mod tests {
     fn an_epoch_delivers_every_sample_once_in_batches() {
         let ds = Arc::new(tiny());
         let aug = Augment { pad: 0, flip: false, mean: vec![0.0], std: vec![1.0] };
-        let batches: Vec<Batch> = epoch(ds, aug.clone(), 3, true, 9, 0, 2).unwrap().into_iter().collect();
+        let batches: Vec<Batch> = epoch(ds.clone(), aug.clone(), 3, true, 9, 0, 2).unwrap().into_iter().collect();
         assert_eq!(batches.iter().map(|b| b.labels.len()).collect::<Vec<_>>(), vec![3, 1]);
         let mut labels: Vec<u32> = batches.iter().flat_map(|b| b.labels.clone()).collect();
         labels.sort();
         assert_eq!(labels, vec![0, 1, 2, 3]);
+        let rest: Vec<Batch> = epoch_from(ds.clone(), aug.clone(), 3, true, 9, 0, 2, 1).unwrap().into_iter().collect();
+        assert_eq!(rest, batches[1..].to_vec(), "a resumed epoch delivers exactly the batches left");
         assert!(epoch(Arc::new(tiny()), aug, 0, true, 0, 0, 1).is_err());
     }
 }

@@ -72,6 +72,11 @@ pub fn known(name: &str) -> Result<&'static KnownDataset> {
     })
 }
 
+/// The workspace's own cache of imported datasets, `datasets/cache/`.
+pub fn workspace_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cache")
+}
+
 /// The folders searched, in order: `cli`, `$INT8_DATA_DIR`, `cache`, `/usr/share/datasets`.
 pub fn search_dirs(cli: Option<&Path>, cache: &Path) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = cli.map(Path::to_path_buf).into_iter().collect();

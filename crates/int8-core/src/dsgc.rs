@@ -192,6 +192,11 @@ impl ClipState {
         self.clip
     }
 
+    /// How the clip value is chosen.
+    pub fn mode(&self) -> ClipMode {
+        self.mode
+    }
+
     /// How many gradients this state has seen.
     pub fn calls(&self) -> u64 {
         self.calls

@@ -11,7 +11,7 @@ use crate::error::{NnError, Result};
 use crate::ops::conv::Conv2dOp;
 pub use crate::ops::conv::ConvGeometry;
 use crate::precision::Precision;
-use crate::stats::{LayerState, LayerStats};
+use crate::stats::{LayerState, LayerStats, QuantSnapshot};
 
 /// A 2-D convolution layer (no bias: the networks here follow each conv with batch norm).
 #[derive(Debug)]
@@ -73,6 +73,16 @@ impl Conv2d {
     /// The last step's statistics (all zero, with `phi = 1`, before the first INT8 step).
     pub fn stats(&self) -> LayerStats {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).stats
+    }
+
+    /// The INT8 state a checkpoint keeps.
+    pub fn quant_snapshot(&self) -> QuantSnapshot {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
+    }
+
+    /// Restores the INT8 state from a checkpoint.
+    pub fn restore_quant(&self, snap: QuantSnapshot) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).restore(snap);
     }
 
     /// Keeps (or stops keeping) a copy of each output gradient, for histograms.

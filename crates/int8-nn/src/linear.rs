@@ -9,7 +9,7 @@ use int8_core::gemm::Int8Path;
 use crate::error::{NnError, Result};
 use crate::ops::linear::LinearOp;
 use crate::precision::Precision;
-use crate::stats::{LayerState, LayerStats};
+use crate::stats::{LayerState, LayerStats, QuantSnapshot};
 
 /// `y = x w^T + b` over `batch x in` inputs.
 #[derive(Debug)]
@@ -78,5 +78,15 @@ impl Linear {
     /// The last step's statistics.
     pub fn stats(&self) -> LayerStats {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).stats
+    }
+
+    /// The INT8 state a checkpoint keeps.
+    pub fn quant_snapshot(&self) -> QuantSnapshot {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).snapshot()
+    }
+
+    /// Restores the INT8 state from a checkpoint.
+    pub fn restore_quant(&self, snap: QuantSnapshot) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).restore(snap);
     }
 }

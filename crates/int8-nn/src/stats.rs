@@ -53,7 +53,34 @@ impl LayerState {
     }
 }
 
+/// The part of a layer's INT8 state that a checkpoint must keep for a resumed run to continue
+/// exactly: the step count (it seeds stochastic rounding), the clip state's call count (it times
+/// the next DSGC search) and the clip value in force.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct QuantSnapshot {
+    /// Backward passes seen.
+    pub steps: u64,
+    /// Gradients the clip state has seen.
+    pub calls: u64,
+    /// The clip value in force, if one has been chosen.
+    pub clip: Option<f32>,
+}
+
 impl LayerState {
+    /// What a checkpoint keeps of this state.
+    pub fn snapshot(&self) -> QuantSnapshot {
+        QuantSnapshot { steps: self.stats.steps, calls: self.clip.calls(), clip: self.clip.clip() }
+    }
+
+    /// Restores a snapshot, keeping the clip mode this layer was built with.
+    pub fn restore(&mut self, snap: QuantSnapshot) {
+        self.clip = ClipState::restore(self.clip.mode(), snap.calls, snap.clip);
+        self.stats.steps = snap.steps;
+        if let Some(c) = snap.clip {
+            self.stats.clip = c;
+        }
+    }
+
     /// Quantizes one output gradient of layer `name` with its DSGC clip value (a search when one
     /// is due) and records the step's statistics: clip, cosine distance, DCLR's `phi`, saturation,
     /// and the gradient itself when kept.

@@ -1,0 +1,211 @@
+//! Checkpoints: one safetensors file holding the model's parameters, batch-norm running
+//! statistics and SGD momentum buffers as tensors, and the trainer's state (progress, metrics
+//! so far, each INT8 layer's DSGC clip state and step count) as JSON in the header's metadata.
+//! Files are written atomically, so a killed run always leaves a whole checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::Tensor;
+use int8_nn::optim::Sgd;
+use int8_nn::stats::QuantSnapshot;
+use int8_zoo::Model;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError, write_atomic};
+
+/// The metadata key holding the trainer's state.
+const STATE_KEY: &str = "int8-train.state";
+/// The prefix of momentum-buffer tensors.
+const MOMENTUM: &str = "optim.momentum.";
+
+/// One epoch's metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// The epoch (from 1).
+    pub epoch: usize,
+    /// Learning rate at the epoch's end.
+    pub lr: f64,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Training top-1 accuracy (%) over the epoch, on augmented images.
+    pub train_top1: f64,
+    /// Test loss, when evaluated.
+    pub test_loss: Option<f64>,
+    /// Test top-1 accuracy (%), when evaluated.
+    pub test_top1: Option<f64>,
+    /// Test top-5 accuracy (%), when evaluated.
+    pub test_top5: Option<f64>,
+    /// Training throughput over the epoch (images per second, data wait included).
+    pub images_per_s: f64,
+}
+
+/// A layer's INT8 state, as saved.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct QuantRecord {
+    /// Backward passes seen.
+    pub steps: u64,
+    /// Gradients the clip state has seen.
+    pub calls: u64,
+    /// The clip value in force.
+    pub clip: Option<f32>,
+}
+
+/// Where a run stands.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Whole epochs finished.
+    pub epochs_done: usize,
+    /// Batches finished inside the current epoch.
+    pub step_in_epoch: usize,
+    /// Training steps finished.
+    pub global_step: u64,
+    /// The best test top-1 (%) so far.
+    pub best_top1: f64,
+    /// Seconds spent training (not evaluating), over every session of the run.
+    pub train_seconds: f64,
+    /// Seconds of compute in timed steps (forward, backward, update), for the mean step time.
+    pub step_seconds: f64,
+    /// Steps timed.
+    pub steps_timed: u64,
+    /// Loss summed over the current epoch's finished batches (weighted by batch size).
+    pub epoch_loss_sum: f64,
+    /// Correct predictions in the current epoch so far.
+    pub epoch_hits: u64,
+    /// Images seen in the current epoch so far.
+    pub epoch_seen: u64,
+    /// Seconds of the current epoch so far.
+    pub epoch_seconds: f64,
+    /// Metrics of finished epochs.
+    pub history: Vec<EpochRecord>,
+    /// INT8 layers' states, by layer name.
+    pub quant: BTreeMap<String, QuantRecord>,
+    /// The resolved recipe the run was started with.
+    pub recipe: String,
+}
+
+/// Writes a checkpoint of `model`, `sgd` and `state` to `path`, atomically.
+pub fn save(path: &Path, model: &dyn Model, sgd: &Sgd, state: &TrainState) -> Result<()> {
+    let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for p in model.params() {
+        let t = p.var.as_tensor();
+        named.push((p.name.clone(), t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
+    }
+    for bn in model.layers().bns {
+        let r = bn.running();
+        named.push((format!("{}.running_mean", bn.name()), vec![r.mean.len()], r.mean));
+        named.push((format!("{}.running_var", bn.name()), vec![r.var.len()], r.var));
+    }
+    for (name, buf) in sgd.buffers() {
+        named.push((format!("{MOMENTUM}{name}"), vec![buf.len()], buf.clone()));
+    }
+    let mut state = state.clone();
+    let l = model.layers();
+    state.quant = l
+        .convs
+        .iter()
+        .map(|c| (c.name().to_string(), c.quant_snapshot()))
+        .chain(std::iter::once((l.fc.name().to_string(), l.fc.quant_snapshot())))
+        .map(|(n, s)| (n, QuantRecord { steps: s.steps, calls: s.calls, clip: s.clip }))
+        .collect();
+    let bytes: Vec<Vec<u8>> = named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views = named
+        .iter()
+        .zip(&bytes)
+        .map(|((n, shape, _), b)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| TrainError::Checkpoint { path: path.into(), why: format!("cannot lay out the tensors: {e}") })?;
+    let json = serde_json::to_string(&state).map_err(|e| TrainError::Checkpoint {
+        path: path.into(),
+        why: format!("cannot write the trainer state: {e}"),
+    })?;
+    let meta = HashMap::from([(STATE_KEY.to_string(), json)]);
+    let data = safetensors::serialize(views, Some(meta))
+        .map_err(|e| TrainError::Checkpoint { path: path.into(), why: format!("cannot serialise: {e}") })?;
+    write_atomic(path, &data)
+}
+
+/// A checkpoint read back.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Tensors by name: shape and values.
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The trainer's state, when the file has one (a checkpoint of this trainer).
+    pub state: Option<TrainState>,
+}
+
+/// Reads a checkpoint; a file that is not safetensors, or holds other than f32 tensors, is an
+/// error naming it.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
+    let bad = |why: String| TrainError::Checkpoint { path: path.into(), why };
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("is not a safetensors file ({e})")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("is not a safetensors file ({e})")))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor `{name}` is {:?}; the trainer reads f32 checkpoints", view.dtype())));
+        }
+        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        tensors.insert(name, (view.shape().to_vec(), values));
+    }
+    let state = match meta.metadata().as_ref().and_then(|m| m.get(STATE_KEY)) {
+        None => None,
+        Some(json) => {
+            Some(serde_json::from_str(json).map_err(|e| bad(format!("its trainer state cannot be read ({e})")))?)
+        }
+    };
+    Ok(Loaded { tensors, state })
+}
+
+/// Sets `model`'s parameters and batch-norm running statistics from `ck`. Every parameter must
+/// be present with its shape; the error names the first that is not.
+pub fn restore_weights(model: &dyn Model, ck: &Loaded, path: &Path) -> Result<()> {
+    let bad = |why: String| TrainError::Checkpoint { path: path.into(), why };
+    let get = |name: &str, dims: &[usize]| -> Result<&Vec<f32>> {
+        let (shape, values) = ck.tensors.get(name).ok_or_else(|| {
+            bad(format!("has no tensor `{name}`; was it written for another model ({})?", model.name()))
+        })?;
+        if shape != dims {
+            return Err(bad(format!("tensor `{name}` has shape {shape:?}, the model needs {dims:?}")));
+        }
+        Ok(values)
+    };
+    for p in model.params() {
+        let values = get(&p.name, p.var.dims())?;
+        p.var.set(&Tensor::from_vec(values.clone(), p.var.shape(), p.var.device())?)?;
+    }
+    for bn in model.layers().bns {
+        let c = bn.running().mean.len();
+        let mean = get(&format!("{}.running_mean", bn.name()), &[c])?.clone();
+        let var = get(&format!("{}.running_var", bn.name()), &[c])?.clone();
+        bn.set_running(int8_nn::layers::RunningStats { mean, var });
+    }
+    Ok(())
+}
+
+/// Restores everything a resumed run needs: weights, momentum buffers and INT8 layer states.
+pub fn restore_all(model: &dyn Model, sgd: &mut Sgd, ck: &Loaded, path: &Path) -> Result<TrainState> {
+    let state = ck.state.clone().ok_or_else(|| TrainError::Checkpoint {
+        path: path.into(),
+        why: "has no trainer state, so it cannot resume a run; use it as train.init instead".into(),
+    })?;
+    restore_weights(model, ck, path)?;
+    let buffers = ck
+        .tensors
+        .iter()
+        .filter_map(|(n, (_, v))| n.strip_prefix(MOMENTUM).map(|p| (p.to_string(), v.clone())))
+        .collect();
+    sgd.set_buffers(buffers);
+    let l = model.layers();
+    for c in &l.convs {
+        if let Some(q) = state.quant.get(c.name()) {
+            c.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
+        }
+    }
+    if let Some(q) = state.quant.get(l.fc.name()) {
+        l.fc.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
+    }
+    Ok(state)
+}

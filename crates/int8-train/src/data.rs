@@ -1,0 +1,152 @@
+//! A recipe's data: the training and test sets decoded into memory from wherever the registry
+//! finds them, optionally cut to a seeded random subset, with the dataset's normalisation.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use int8_datasets::cifar::{CifarKind, read_cifar};
+use int8_datasets::idx::read_idx_pair;
+use int8_datasets::image_folder::ImageFolder;
+use int8_datasets::loader::{Augment, InMemory, epoch_order};
+use int8_datasets::registry::{known, locate, search_dirs, workspace_cache};
+
+use crate::recipe::Recipe;
+use crate::{Result, TrainError};
+
+/// The data of one run.
+#[derive(Debug, Clone)]
+pub struct RunData {
+    /// Training images.
+    pub train: Arc<InMemory>,
+    /// Test images.
+    pub test: Arc<InMemory>,
+    /// Classes.
+    pub classes: usize,
+    /// Training augmentation (its `eval()` for testing).
+    pub augment: Augment,
+    /// Where the data was read from.
+    pub root: PathBuf,
+}
+
+const CIFAR_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+const CIFAR_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// A seeded random subset of `limit` images (all when `limit` is 0 or too large).
+fn limit(ds: InMemory, limit: usize, seed: u64) -> InMemory {
+    if limit == 0 || limit >= ds.len() {
+        return ds;
+    }
+    let order = epoch_order(ds.len(), seed, u64::MAX);
+    ds.subset(&order[..limit])
+}
+
+/// Finds dataset `name` (or the recipe's `data.root`) and returns its folder.
+fn find(name: &str, recipe_root: Option<&Path>, data_dir: Option<&Path>) -> Result<PathBuf> {
+    let ds = known(name).map_err(TrainError::Data)?;
+    let mut dirs = Vec::new();
+    if let Some(r) = recipe_root {
+        dirs.push(r.to_path_buf());
+        if let Some(parent) = r.parent() {
+            dirs.push(parent.to_path_buf());
+        }
+    }
+    dirs.extend(search_dirs(data_dir, &workspace_cache()));
+    locate(ds, &dirs).ok_or_else(|| TrainError::Recipe {
+        path: PathBuf::from(name),
+        why: format!(
+            "dataset not found in {}; get it with: {}",
+            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+            ds.sources.join(" or ")
+        ),
+    })
+}
+
+/// Loads the data a recipe names. `data_dir` is searched first (as `--data-dir`).
+pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
+    let d = &recipe.data;
+    let (root, train, test, classes, mean, std) = match recipe.dataset.as_str() {
+        "fashion-mnist" => {
+            let root = find("fashion-mnist", d.root.as_deref(), data_dir)?;
+            let read = |img: &str, lab: &str| -> Result<InMemory> {
+                Ok(InMemory::from_idx(read_idx_pair(&root.join(img), &root.join(lab), 10).map_err(TrainError::Data)?))
+            };
+            let train = read("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")?;
+            let test = read("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")?;
+            (root, train, test, 10, vec![0.2860], vec![0.3530])
+        }
+        "cifar10" => {
+            let root = find("cifar10", d.root.as_deref(), data_dir)?;
+            let mut train = int8_datasets::cifar::CifarBatch::default();
+            for i in 1..=5 {
+                let b = read_cifar(&root.join(format!("data_batch_{i}.bin")), CifarKind::Cifar10)
+                    .map_err(TrainError::Data)?;
+                train.images.extend(b.images);
+                train.labels.extend(b.labels);
+            }
+            let test = read_cifar(&root.join("test_batch.bin"), CifarKind::Cifar10).map_err(TrainError::Data)?;
+            (root, InMemory::from_cifar(train), InMemory::from_cifar(test), 10, CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
+        }
+        "cifar10-jpeg" | "image-folder" => {
+            let root = if recipe.dataset == "cifar10-jpeg" {
+                find("cifar10-jpeg", d.root.as_deref(), data_dir)?
+            } else {
+                d.root.clone().ok_or_else(|| TrainError::Recipe {
+                    path: "data.root".into(),
+                    why: "dataset = \"image-folder\" needs data.root, a folder with train/ and val/ (or test/)".into(),
+                })?
+            };
+            let train_folder = ImageFolder::open(&root.join("train")).map_err(TrainError::Data)?;
+            let test_dir = if root.join("val").is_dir() { root.join("val") } else { root.join("test") };
+            let test_folder = ImageFolder::open(&test_dir).map_err(TrainError::Data)?;
+            if test_folder.classes != train_folder.classes {
+                return Err(TrainError::Recipe {
+                    path: test_dir,
+                    why: "its class folders differ from train/'s; both splits need the same classes".into(),
+                });
+            }
+            let size = (d.size, d.size);
+            // Decode only the images the subset keeps: the folders are listed, then cut.
+            let cut = |f: ImageFolder, n: usize, seed: u64| -> ImageFolder {
+                if n == 0 || n >= f.items.len() {
+                    return f;
+                }
+                let order = epoch_order(f.items.len(), seed, u64::MAX);
+                let mut keep: Vec<usize> = order[..n].to_vec();
+                keep.sort_unstable();
+                ImageFolder { items: keep.iter().map(|&i| f.items[i].clone()).collect(), ..f }
+            };
+            let classes = train_folder.classes.len();
+            let train_folder = cut(train_folder, d.train_limit, recipe.train.seed);
+            let test_folder = cut(test_folder, d.test_limit, recipe.train.seed ^ 1);
+            let train = InMemory::from_image_folder(&train_folder, size).map_err(TrainError::Data)?;
+            let test = InMemory::from_image_folder(&test_folder, size).map_err(TrainError::Data)?;
+            let (mean, std) = if recipe.dataset == "cifar10-jpeg" {
+                (CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
+            } else {
+                (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec())
+            };
+            (root, train, test, classes, mean, std)
+        }
+        other => {
+            return Err(TrainError::Recipe {
+                path: PathBuf::from(other),
+                why: "is not a dataset the trainer reads; use fashion-mnist, cifar10, cifar10-jpeg or image-folder"
+                    .into(),
+            });
+        }
+    };
+    let train = limit(train, d.train_limit, recipe.train.seed);
+    let test = limit(test, d.test_limit, recipe.train.seed ^ 1);
+    let mean = d.mean.clone().unwrap_or(mean);
+    let std = d.std.clone().unwrap_or(std);
+    if mean.len() != train.channels {
+        return Err(TrainError::Recipe {
+            path: "data.mean".into(),
+            why: format!("has {} entries for {} channels", mean.len(), train.channels),
+        });
+    }
+    let augment = Augment { pad: d.pad, flip: d.flip, mean, std };
+    Ok(RunData { train: Arc::new(train), test: Arc::new(test), classes, augment, root })
+}

@@ -1,0 +1,476 @@
+//! Recipes: typed TOML describing one training run (model, data, schedule, optimizer and the
+//! quantization settings of Zhu et al., CVPR 2020), with unknown keys rejected, `--set key=value`
+//! overrides applied before typing, and checks that name the offending key.
+
+use std::path::{Path, PathBuf};
+
+use int8_core::dclr::Dclr;
+use int8_core::dsgc::ClipMode;
+use int8_core::quant::Granularity;
+use int8_nn::optim::{Schedule, ScheduleKind, SgdConfig};
+use int8_nn::policy::{LayerPolicy, Rule};
+use int8_nn::precision::{GradRounding, Int8Config};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError};
+
+/// One training run, as written in `zoo/recipes/<model>-<dataset>.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The model's registry name (`cargo xtask zoo` lists them).
+    pub model: String,
+    /// The dataset's registry name (`cargo xtask data list`), or `image-folder` with `data.root`.
+    pub dataset: String,
+    /// Where the data comes from and how it is augmented.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The loop: epochs, batch, seed, logging and checkpoints.
+    pub train: TrainConfig,
+    /// SGD and the learning-rate schedule.
+    pub optim: OptimConfig,
+    /// FP32 or INT8, and the paper's gradient treatment.
+    #[serde(default)]
+    pub quant: QuantConfig,
+}
+
+/// Data settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A folder holding the dataset, searched before the usual places.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Training images to use (a seeded random subset); 0 for all.
+    pub train_limit: usize,
+    /// Test images to use (a seeded random subset); 0 for all.
+    pub test_limit: usize,
+    /// Zero padding before the random crop (4 for CIFAR, 0 for none).
+    pub pad: usize,
+    /// Random horizontal flips.
+    pub flip: bool,
+    /// Per-channel mean after scaling to [0, 1]; the dataset's own when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation; the dataset's own when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub std: Option<Vec<f32>>,
+    /// Image side for image folders (images must already have it).
+    pub size: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { root: None, train_limit: 0, test_limit: 0, pad: 0, flip: false, mean: None, std: None, size: 32 }
+    }
+}
+
+/// Loop settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Training batch size.
+    pub batch: usize,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch: usize,
+    /// Seed of initialisation, shuffling, augmentation and stochastic rounding.
+    #[serde(default)]
+    pub seed: u64,
+    /// Evaluate every this many epochs (and always after the last).
+    #[serde(default = "one")]
+    pub eval_every: usize,
+    /// Also checkpoint every this many steps inside an epoch (0: at epoch ends only).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Log step scalars every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// Log weight and gradient histograms every this many steps (0: never).
+    #[serde(default = "default_histogram_every")]
+    pub histogram_every: usize,
+    /// Start from this checkpoint's weights (for example an FP32 model fine-tuned in INT8).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub init: Option<PathBuf>,
+}
+
+fn default_eval_batch() -> usize {
+    500
+}
+fn one() -> usize {
+    1
+}
+fn default_log_every() -> usize {
+    20
+}
+fn default_histogram_every() -> usize {
+    200
+}
+
+/// The learning-rate schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleName {
+    /// The base rate throughout.
+    Constant,
+    /// Times `gamma` every `step_every` epochs.
+    Step,
+    /// Times `gamma` at each of `milestones`.
+    Multistep,
+    /// Cosine to `min_lr` over the run.
+    Cosine,
+}
+
+/// SGD and schedule settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Base learning rate.
+    pub lr: f64,
+    /// Momentum.
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+    /// L2 weight decay (not on batch-norm parameters and biases).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// The schedule.
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleName,
+    /// Epochs at which `multistep` decays.
+    #[serde(default)]
+    pub milestones: Vec<f64>,
+    /// Decay factor of `step` and `multistep`.
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
+    /// Epochs between `step` decays.
+    #[serde(default = "default_step_every")]
+    pub step_every: f64,
+    /// The final rate of `cosine`.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Epochs of linear warmup.
+    #[serde(default)]
+    pub warmup_epochs: f64,
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_schedule() -> ScheduleName {
+    ScheduleName::Constant
+}
+fn default_gamma() -> f64 {
+    0.1
+}
+fn default_step_every() -> f64 {
+    30.0
+}
+
+/// A run's precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrecisionName {
+    /// Every layer FP32.
+    Fp32,
+    /// The layer policy's layers INT8 in forward and backward.
+    Int8,
+}
+
+impl std::fmt::Display for PrecisionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PrecisionName::Fp32 => "fp32",
+            PrecisionName::Int8 => "int8",
+        })
+    }
+}
+
+/// Rounding of gradient codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundingName {
+    /// To the nearest code.
+    Nearest,
+    /// Stochastic, seeded from the run's seed and the layer.
+    Stochastic,
+}
+
+/// Weight-scale granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightScale {
+    /// One scale per weight tensor (the paper).
+    PerTensor,
+    /// One scale per output channel.
+    PerChannel,
+}
+
+/// A layer rule: layers whose name matches `pattern` (with `*` wildcards) run at INT8 or FP32.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Layer-name pattern, such as `layer3.*`.
+    pub pattern: String,
+    /// Whether matching layers run in INT8.
+    pub int8: bool,
+}
+
+/// Quantization settings (Zhu et al., CVPR 2020).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantConfig {
+    /// FP32 or INT8.
+    pub precision: PrecisionName,
+    /// Direction sensitive gradient clipping (Sec. 4.1); off clips gradients at max|g|.
+    pub dsgc: bool,
+    /// Iterations between DSGC searches (the paper: about 100).
+    pub clip_interval: u64,
+    /// Deviation counteractive learning-rate scaling (Sec. 4.2).
+    pub dclr: bool,
+    /// DCLR's alpha (the paper: 20).
+    pub alpha: f64,
+    /// DCLR's floor beta (the paper: 0.1).
+    pub beta: f64,
+    /// Rounding of gradient codes.
+    pub grad_rounding: RoundingName,
+    /// Weight-scale granularity.
+    pub weights: WeightScale,
+    /// Run the first convolution in INT8 too (the paper keeps it FP32).
+    pub first_conv_int8: bool,
+    /// Run the classifier in INT8 too (the paper keeps it FP32).
+    pub linear_int8: bool,
+    /// Rules applied after those defaults; the last match wins.
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        Self {
+            precision: PrecisionName::Int8,
+            dsgc: true,
+            clip_interval: 100,
+            dclr: true,
+            alpha: 20.0,
+            beta: 0.1,
+            grad_rounding: RoundingName::Nearest,
+            weights: WeightScale::PerTensor,
+            first_conv_int8: false,
+            linear_int8: false,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Applies `key=value` to a TOML table: `key` is dotted (`optim.lr`), `value` is read as TOML
+/// (`0.05`, `true`, `[80, 120]`, `"cosine"`), or as a bare string when it is not valid TOML.
+pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
+    let bad = |why: String| TrainError::Recipe { path: PathBuf::from("--set"), why };
+    let (key, raw) =
+        set.split_once('=').ok_or_else(|| bad(format!("`{set}` must be key=value, e.g. optim.lr=0.05")))?;
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad(format!("`{key}` is not a dotted key such as optim.lr")));
+    }
+    let mut at = table;
+    for p in &parts[..parts.len() - 1] {
+        let next = at.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = next.as_table_mut().ok_or_else(|| bad(format!("`{key}`: `{p}` is a value, not a section")))?;
+    }
+    at.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Recipe {
+    /// Reads a recipe file, applies `sets` in order, types and checks it.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+        Self::parse(&text, path, sets)
+    }
+
+    /// Types and checks recipe text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self> {
+        let bad = |why: String| TrainError::Recipe { path: path.to_path_buf(), why };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        for s in sets {
+            apply_set(&mut table, s)?;
+        }
+        let recipe: Recipe =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| bad(e.message().to_string()))?;
+        recipe.check().map_err(bad)?;
+        Ok(recipe)
+    }
+
+    /// The resolved recipe as TOML, as saved beside a run's outputs.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot write the recipe as TOML: {e}\n"))
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if !int8_zoo::MODELS.contains(&self.model.as_str()) {
+            return Err(format!("unknown model `{}`; known: {}", self.model, int8_zoo::MODELS.join(", ")));
+        }
+        let t = &self.train;
+        if t.epochs == 0 || t.batch == 0 || t.eval_batch == 0 || t.eval_every == 0 {
+            return Err("train.epochs, train.batch, train.eval_batch and train.eval_every must be above 0".into());
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(format!("optim.lr must be a positive number, got {}", o.lr));
+        }
+        if !(0.0..1.0).contains(&o.momentum) || o.weight_decay < 0.0 {
+            return Err("optim.momentum must be in [0, 1) and optim.weight_decay at least 0".into());
+        }
+        if o.schedule == ScheduleName::Multistep && o.milestones.is_empty() {
+            return Err("optim.schedule = \"multistep\" needs optim.milestones, e.g. [80, 120]".into());
+        }
+        if o.schedule == ScheduleName::Step && o.step_every <= 0.0 {
+            return Err("optim.step_every must be above 0".into());
+        }
+        let q = &self.quant;
+        if q.clip_interval == 0 {
+            return Err("quant.clip_interval must be at least 1".into());
+        }
+        if !(q.beta > 0.0 && q.beta <= 1.0) || q.alpha < 0.0 {
+            return Err("quant.beta must be in (0, 1] and quant.alpha at least 0".into());
+        }
+        let d = &self.data;
+        if let (Some(m), Some(s)) = (&d.mean, &d.std)
+            && (m.len() != s.len() || s.iter().any(|&v| v <= 0.0))
+        {
+            return Err("data.mean and data.std must have one entry per channel, and std must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The layer policy: FP32 everywhere, or the paper's INT8 policy with this recipe's settings.
+    pub fn policy(&self) -> LayerPolicy {
+        let q = &self.quant;
+        if q.precision == PrecisionName::Fp32 {
+            return LayerPolicy::fp32();
+        }
+        let cfg = Int8Config {
+            weight: match q.weights {
+                WeightScale::PerTensor => Granularity::PerTensor,
+                WeightScale::PerChannel => Granularity::PerChannel,
+            },
+            grad_rounding: match q.grad_rounding {
+                RoundingName::Nearest => GradRounding::Nearest,
+                RoundingName::Stochastic => GradRounding::Stochastic { seed: self.train.seed ^ 0x5EED_0F6E_AD00 },
+            },
+            clip: if q.dsgc { ClipMode::Dsgc { interval: q.clip_interval } } else { ClipMode::MaxAbs },
+            dclr: q.dclr.then_some(Dclr { alpha: q.alpha, beta: q.beta }),
+        };
+        LayerPolicy {
+            int8: Some(cfg),
+            first_conv_int8: q.first_conv_int8,
+            linear_int8: q.linear_int8,
+            rules: q.rules.iter().map(|r| Rule { pattern: r.pattern.clone(), int8: r.int8 }).collect(),
+        }
+    }
+
+    /// SGD's settings.
+    pub fn sgd(&self) -> SgdConfig {
+        SgdConfig {
+            momentum: self.optim.momentum,
+            nesterov: self.optim.nesterov,
+            weight_decay: self.optim.weight_decay,
+        }
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> Schedule {
+        let o = &self.optim;
+        let kind = match o.schedule {
+            ScheduleName::Constant => ScheduleKind::Constant,
+            ScheduleName::Step => ScheduleKind::Step { every: o.step_every, gamma: o.gamma },
+            ScheduleName::Multistep => ScheduleKind::MultiStep { milestones: o.milestones.clone(), gamma: o.gamma },
+            ScheduleName::Cosine => ScheduleKind::Cosine { total: self.train.epochs as f64, min_lr: o.min_lr },
+        };
+        Schedule { base_lr: o.lr, kind, warmup: o.warmup_epochs }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+model = "cnn-small"
+dataset = "fashion-mnist"
+[train]
+epochs = 2
+batch = 64
+[optim]
+lr = 0.05
+"#;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<Recipe> {
+        Recipe::parse(text, Path::new("test.toml"), &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_are_the_papers_and_the_resolved_recipe_round_trips() {
+        let r = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(r.quant, QuantConfig::default());
+        assert_eq!((r.quant.alpha, r.quant.beta, r.quant.clip_interval), (20.0, 0.1, 100));
+        let p = r.policy();
+        assert!(!p.first_conv_int8 && !p.linear_int8);
+        assert_eq!(p.int8.unwrap().clip, ClipMode::Dsgc { interval: 100 });
+        let back = parse(&r.to_toml(), &[]).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn sets_override_typed_values_and_unknown_keys_are_named() {
+        let r = parse(
+            MINIMAL,
+            &["optim.lr=0.2", "quant.precision=fp32", "optim.schedule=multistep", "optim.milestones=[1, 1.5]"],
+        )
+        .unwrap();
+        assert_eq!(r.optim.lr, 0.2);
+        assert_eq!(r.quant.precision, PrecisionName::Fp32);
+        assert_eq!(r.policy(), LayerPolicy::fp32());
+        assert_eq!(r.schedule().lr(1.2), 0.2 * 0.1);
+        let err = parse(MINIMAL, &["optim.lrr=0.2"]).unwrap_err().to_string();
+        assert!(err.contains("lrr") && err.contains("test.toml"), "{err}");
+        let err = parse(&format!("{MINIMAL}\nbogus = 1\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = parse(MINIMAL, &["quant.precision=int4"]).unwrap_err().to_string();
+        assert!(err.contains("int4"), "{err}");
+        assert!(parse(MINIMAL, &["optim.lr"]).unwrap_err().to_string().contains("key=value"));
+        assert!(parse(MINIMAL, &["optim.lr=0.1.x"]).is_err(), "a string where a number belongs");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        for (set, key) in [
+            ("model=\"vgg99\"", "vgg99"),
+            ("train.epochs=0", "train.epochs"),
+            ("optim.lr=-1", "optim.lr"),
+            ("optim.schedule=multistep", "milestones"),
+            ("quant.beta=0", "quant.beta"),
+            ("quant.clip_interval=0", "clip_interval"),
+        ] {
+            let err = parse(MINIMAL, &[set]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn ablation_switches_reach_the_layer_config() {
+        let r = parse(MINIMAL, &["quant.dsgc=false", "quant.dclr=false", "quant.grad_rounding=stochastic"]).unwrap();
+        let cfg = r.policy().int8.unwrap();
+        assert_eq!(cfg.clip, ClipMode::MaxAbs);
+        assert_eq!(cfg.dclr, None);
+        assert!(matches!(cfg.grad_rounding, GradRounding::Stochastic { .. }));
+    }
+}

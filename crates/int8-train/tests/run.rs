@@ -1,0 +1,212 @@
+//! The trainer end to end on real data (Fashion-MNIST, a few hundred images): the TensorBoard
+//! files it writes are read back with TensorBoard's own reader, and a run killed and resumed
+//! ends exactly where an uninterrupted one does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use int8_train::TrainError;
+use int8_train::checkpoint;
+use int8_train::progress::ProgressMode;
+use int8_train::recipe::Recipe;
+use int8_train::run::{RunOptions, Summary, run};
+use serde_json::Value;
+
+const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+
+/// A two-epoch INT8 recipe over 512 training images, with DSGC searching every 2 steps and
+/// stochastic gradient rounding, so that resuming must restore the clip state and the
+/// rounding stream as well as weights and momentum.
+fn recipe(extra: &[&str]) -> Recipe {
+    assert!(
+        Path::new(FASHION).exists(),
+        "{FASHION} is missing: apt-get install -y dataset-fashion-mnist (the README's set-up does it)"
+    );
+    let text = r#"
+model = "cnn-small"
+dataset = "fashion-mnist"
+[data]
+train_limit = 512
+test_limit = 500
+pad = 2
+[train]
+epochs = 2
+batch = 64
+eval_batch = 250
+log_every = 2
+histogram_every = 5
+checkpoint_every = 3
+[optim]
+lr = 0.05
+weight_decay = 5e-4
+schedule = "cosine"
+[quant]
+clip_interval = 2
+grad_rounding = "stochastic"
+"#;
+    let sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    Recipe::parse(text, Path::new("test-recipe.toml"), &sets).unwrap()
+}
+
+fn opts(out: &Path) -> RunOptions {
+    RunOptions { progress: ProgressMode::Quiet, ..RunOptions::new(out) }
+}
+
+/// Runs on one thread, so that floating-point sums are in a fixed order and runs compare bit
+/// for bit.
+fn one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(f)
+}
+
+/// Every tag of a run folder, read by TensorBoard's `EventAccumulator`.
+fn read_events(dir: &Path) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/read_events.py");
+    let out = Command::new("python3").arg(&script).arg(dir).output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "TensorBoard's reader failed (install it with `pip install tensorboard`; the README's set-up does it):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn tensorboard_reads_every_tag_the_trainer_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(&[]);
+    let s: Summary = run(&r, &opts(dir.path())).unwrap();
+    assert_eq!((s.images, s.int8_layers, s.epochs), ((512, 500), 2, 2));
+    let ev = read_events(dir.path());
+    let scalars = ev["scalars"].as_object().unwrap();
+    let mut want: Vec<String> = ["train/loss", "train/top1", "train/lr", "train/images_per_s", "train/step_ms"]
+        .into_iter()
+        .chain(["epoch/train_loss", "epoch/train_top1", "epoch/images_per_s", "test/loss", "test/top1", "test/top5"])
+        .map(String::from)
+        .collect();
+    for layer in ["conv2", "conv3"] {
+        for what in ["clip", "cosine_distance", "phi", "saturation_x", "saturation_w", "saturation_dy"] {
+            want.push(format!("quant/{layer}/{what}"));
+        }
+    }
+    let mut got: Vec<String> = scalars.keys().cloned().collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    // 16 steps logged every 2 (and at step 1); the test curve has one point per epoch, and its
+    // last point is the summary's top-1.
+    assert_eq!(scalars["train/loss"].as_array().unwrap().len(), 9);
+    let top1 = scalars["test/top1"].as_array().unwrap();
+    assert_eq!(top1.len(), 2);
+    assert_eq!(top1[1][0], 16);
+    assert!((top1[1][1].as_f64().unwrap() - s.top1).abs() < 1e-4);
+    // DCLR's multiplier is exp(-20 d) floored at 0.1, as logged.
+    let (d, phi) = (&scalars["quant/conv2/cosine_distance"], &scalars["quant/conv2/phi"]);
+    for (d, p) in d.as_array().unwrap().iter().zip(phi.as_array().unwrap()) {
+        let want = (-20.0 * d[1].as_f64().unwrap()).exp().max(0.1);
+        assert!((p[1].as_f64().unwrap() - want).abs() < 1e-5, "phi {p} for distance {d}");
+    }
+    // Histograms of every parameter and of the INT8 layers' gradients, at steps 5, 10 and 15.
+    let hist = ev["histograms"].as_object().unwrap();
+    let mut names: Vec<&str> = hist.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grads/conv2.grad_output",
+            "grads/conv3.grad_output",
+            "weights/bn1.beta",
+            "weights/bn1.gamma",
+            "weights/bn2.beta",
+            "weights/bn2.gamma",
+            "weights/bn3.beta",
+            "weights/bn3.gamma",
+            "weights/conv1.weight",
+            "weights/conv2.weight",
+            "weights/conv3.weight",
+            "weights/fc.bias",
+            "weights/fc.weight",
+        ]
+    );
+    let conv2 = hist["weights/conv2.weight"].as_array().unwrap();
+    assert_eq!(conv2.iter().map(|p| p[0].as_i64().unwrap()).collect::<Vec<_>>(), vec![5, 10, 15]);
+    assert_eq!(conv2[0][1].as_f64().unwrap(), (64 * 32 * 9) as f64);
+    // The resolved recipe as text.
+    let text = &ev["tensors"]["recipe"][0][1];
+    assert!(text.as_str().unwrap().contains("model = \"cnn-small\""), "{text}");
+}
+
+/// Every tensor of a checkpoint, by name.
+fn tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    checkpoint::load(path).unwrap().tensors
+}
+
+#[test]
+fn a_killed_and_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
+    let r = recipe(&[]);
+    let straight = tempfile::tempdir().unwrap();
+    let s_straight = one_thread(|| run(&r, &opts(straight.path()))).unwrap();
+
+    let broken = tempfile::tempdir().unwrap();
+    // Killed after step 5, with no chance to save: the checkpoint of step 3 is what is left.
+    let mut o = opts(broken.path());
+    o.kill_at_step = Some(5);
+    assert!(matches!(one_thread(|| run(&r, &o)), Err(TrainError::Interrupted { step: 5, .. })));
+    assert_eq!(
+        checkpoint::load(&broken.path().join("checkpoints/last.safetensors")).unwrap().state.unwrap().global_step,
+        3
+    );
+    // Without --resume the folder is refused rather than overwritten.
+    let err = one_thread(|| run(&r, &opts(broken.path()))).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    // A different recipe cannot resume it.
+    let mut o = opts(broken.path());
+    o.resume = true;
+    let err = one_thread(|| run(&recipe(&["optim.lr=0.1"]), &o)).unwrap_err().to_string();
+    assert!(err.contains("different recipe"), "{err}");
+    // Resumed, then stopped as by Ctrl-C after the next step, with a checkpoint there (step 4).
+    o.stop.store(true, Ordering::Relaxed);
+    assert!(matches!(one_thread(|| run(&r, &o)), Err(TrainError::Interrupted { step: 4, .. })));
+    // Resumed again to the end.
+    o.stop.store(false, Ordering::Relaxed);
+    let s_broken = one_thread(|| run(&r, &o)).unwrap();
+
+    let (a, b) = (
+        tensors(&straight.path().join("checkpoints/last.safetensors")),
+        tensors(&broken.path().join("checkpoints/last.safetensors")),
+    );
+    assert_eq!(a.keys().collect::<std::collections::BTreeSet<_>>(), b.keys().collect());
+    for (name, ta) in &a {
+        assert_eq!(ta, &b[name], "tensor {name} differs after resuming");
+    }
+    assert!(a.keys().any(|k| k.starts_with("optim.momentum.")), "momentum is checkpointed");
+    let (qa, qb) = (
+        checkpoint::load(&straight.path().join("checkpoints/last.safetensors")).unwrap().state.unwrap(),
+        checkpoint::load(&broken.path().join("checkpoints/last.safetensors")).unwrap().state.unwrap(),
+    );
+    assert_eq!(qa.quant, qb.quant);
+    assert_eq!(qa.quant["conv2"].steps, 16);
+    let strip = |h: &[checkpoint::EpochRecord]| {
+        h.iter().map(|e| (e.epoch, e.train_loss, e.train_top1, e.test_loss, e.test_top1)).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&qa.history), strip(&qb.history));
+    assert_eq!((s_straight.top1, s_straight.best_top1), (s_broken.top1, s_broken.best_top1));
+    assert_eq!(s_straight.final_train_loss, s_broken.final_train_loss);
+    // A finished run resumed is left as it is.
+    assert_eq!(one_thread(|| run(&r, &o)).unwrap(), s_broken);
+
+    // TensorBoard sees one curve without doubled steps: the restart marks let it drop what the
+    // killed session logged past its checkpoint.
+    let ev = read_events(broken.path());
+    let loss: BTreeMap<i64, f64> = ev["scalars"]["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    let steps: Vec<i64> =
+        ev["scalars"]["train/loss"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+    assert_eq!(steps, loss.keys().copied().collect::<Vec<_>>(), "steps are unique and in order");
+    assert_eq!(steps, vec![1, 2, 4, 6, 8, 10, 12, 14, 16]);
+}
