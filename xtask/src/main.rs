@@ -1,14 +1,20 @@
 //! `cargo xtask`: the project's command line (see `../shared/ARCHITECTURE.md`).
 //!
-//! It knows nothing of kernels or math: benches run in the `int8-bench` binary, which this builds
-//! in release mode and spawns, collecting its Markdown table and JSON under `runs/bench/`.
+//! It knows nothing of kernels or math: benches run in the `int8-bench` binary and training runs
+//! in the `int8-train` binary, which this builds in release mode and spawns. `sweep` expands an
+//! experiment into runs and tabulates them (see [`sweep`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod sweep;
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask", about = "int8-train: INT8 training of CNNs, measured against FP32")]
@@ -34,13 +40,29 @@ enum Cmd {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// Run an experiment grid (not built yet).
+    /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
-        /// Arguments for the sweep.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// An experiment name from experiments/ or a path to one.
+        #[arg(default_value = "quick")]
+        experiment: String,
+        /// Output folder; runs/<experiment> when omitted.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Runs at once (each gets an equal share of the cores).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Print the plan and check every recipe, without running.
+        #[arg(long)]
+        dry_run: bool,
+        /// Override a recipe value in every run, e.g. --set train.epochs=1 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Look for datasets here first.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
-    /// Train one recipe (not built yet).
+    /// Train one recipe: `cargo xtask train RECIPE [--precision fp32|int8] [--out DIR] [--set k=v]
+    /// [--resume]` (see `cargo xtask train --help`).
     Train {
         /// Arguments for the trainer.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -54,7 +76,7 @@ enum Cmd {
         #[arg(long, global = true)]
         data_dir: Option<PathBuf>,
     },
-    /// List models and recipes (not built yet).
+    /// List the models (with parameter counts) and the recipes.
     Zoo,
 }
 
@@ -132,11 +154,89 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Data { what, data_dir } => data(&root, what, data_dir.as_deref()),
-        Cmd::Sweep { .. } | Cmd::Train { .. } | Cmd::Zoo => bail!(
-            "this command is not built yet: the trainer, datasets, zoo and sweep are open issues; \
-             what runs today is `cargo xtask bench`, `cargo xtask data` and `cargo test --workspace`"
-        ),
+        Cmd::Sweep { experiment, out, jobs, dry_run, sets, data_dir } => {
+            let path = if Path::new(&experiment).is_file() {
+                PathBuf::from(&experiment)
+            } else {
+                root.join("experiments").join(format!("{experiment}.toml"))
+            };
+            if !path.is_file() {
+                bail!("no experiment `{experiment}`: neither a file nor {}", path.display());
+            }
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep").to_string();
+            let out = out.unwrap_or_else(|| root.join("runs").join(stem));
+            if jobs == 0 {
+                bail!("--jobs must be at least 1");
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::Relaxed) {
+                    eprintln!("\nsecond Ctrl-C: leaving at once (running runs keep their last checkpoints)");
+                    std::process::exit(130);
+                }
+            })
+            .context("cannot install the Ctrl-C handler")?;
+            let opts = sweep::SweepOptions { experiment: path, out, jobs, dry_run, sets, data_dir };
+            sweep::sweep(&root, &opts, stop)
+        }
+        Cmd::Train { args } => {
+            let trainer = sweep::build_trainer(&root)?;
+            let status = Command::new(&trainer)
+                .args(&args)
+                .status()
+                .with_context(|| format!("cannot start {}", trainer.display()))?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
+            }
+            Ok(())
+        }
+        Cmd::Zoo => zoo(),
     }
+}
+
+/// `cargo xtask zoo`: every model with its parameter count, and every recipe.
+fn zoo() -> Result<()> {
+    use int8_nn::policy::LayerPolicy;
+    println!("| model | classes | parameters |\n| --- | ---: | ---: |");
+    for name in int8_zoo::MODELS {
+        let classes = if name.starts_with("resnet") && !["resnet18", "resnet34", "resnet50"].contains(name)
+            || name.ends_with("-cifar")
+            || *name == "cnn-small"
+        {
+            10
+        } else {
+            1000
+        };
+        let model = int8_zoo::build(name, classes, &LayerPolicy::fp32(), 0)?;
+        println!("| {name} | {classes} | {} |", group_digits(int8_zoo::param_count(model.as_ref())));
+    }
+    println!(
+        "\n| recipe | model | dataset | epochs | batch | lr | schedule |\n| --- | --- | --- | ---: | ---: | ---: | --- |"
+    );
+    for (name, path) in int8_zoo::recipes() {
+        match int8_train::recipe::Recipe::load(&path, &[]) {
+            Ok(r) => println!(
+                "| {name} | {} | {} | {} | {} | {} | {:?} |",
+                r.model, r.dataset, r.train.epochs, r.train.batch, r.optim.lr, r.optim.schedule
+            ),
+            Err(e) => println!("| {name} | invalid: {e} | | | | | |"),
+        }
+    }
+    println!("\ntrain one: cargo xtask train RECIPE [--precision fp32|int8]; recipes live in zoo/recipes/");
+    Ok(())
+}
+
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `cargo xtask data ...`.

@@ -86,6 +86,8 @@ fn real_main() -> Result<()> {
         Show::Json => ProgressMode::Json,
         Show::Quiet => ProgressMode::Quiet,
     };
+    // For tests of interrupted sweeps: exit as if killed after this step, with no checkpoint.
+    opts.kill_at_step = std::env::var("INT8_TRAIN_KILL_AT_STEP").ok().and_then(|v| v.parse().ok());
     let stop = opts.stop.clone();
     ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::Relaxed) {

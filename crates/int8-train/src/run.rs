@@ -326,7 +326,8 @@ impl Trainer<'_> {
                 }
                 progress.step(step, epoch + 1, epochs, report.loss);
                 if self.opts.kill_at_step == Some(step) {
-                    return Err(TrainError::Interrupted { step, checkpoint: PathBuf::from("(none: killed)") });
+                    let checkpoint = self.opts.out.join("checkpoints/last.safetensors");
+                    return Err(TrainError::Interrupted { step, checkpoint });
                 }
                 let mid_epoch = self.state.step_in_epoch < steps_per_epoch;
                 if self.opts.stop.load(Ordering::Relaxed) && mid_epoch {

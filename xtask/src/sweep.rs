@@ -1,0 +1,536 @@
+//! `cargo xtask sweep`: expands an experiment (`experiments/*.toml`) into runs over recipes x
+//! precision x ablation axes x seeds, runs each as its own trainer process (up to `--jobs` at
+//! once), skips finished runs and resumes interrupted ones, and writes `results.csv` and
+//! `results.md` with the INT8-minus-FP32 accuracy and the INT8/FP32 step-time ratio.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use int8_train::recipe::Recipe;
+use int8_train::run::{Summary, finished};
+use serde::{Deserialize, Serialize};
+
+/// An experiment file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// What it shows.
+    #[serde(default)]
+    pub description: String,
+    /// Recipe names (from `zoo/recipes`) or paths.
+    pub recipes: Vec<String>,
+    /// Precisions to run.
+    #[serde(default = "both")]
+    pub precisions: Vec<String>,
+    /// Seeds.
+    #[serde(default = "seed0")]
+    pub seeds: Vec<u64>,
+    /// `key=value` overrides for every run.
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Ablation axes.
+    #[serde(default)]
+    pub axis: Vec<Axis>,
+}
+
+fn both() -> Vec<String> {
+    vec!["fp32".into(), "int8".into()]
+}
+fn seed0() -> Vec<u64> {
+    vec![0]
+}
+
+/// One ablation axis: a recipe key and its values, or labelled groups of overrides.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Axis {
+    /// The label in run names and tables (`dsgc`).
+    pub name: String,
+    /// The recipe key the plain values set (`quant.dsgc`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The values: plain values for `key`, or `{ label = "...", set = ["k=v", ...] }`.
+    pub values: Vec<AxisValue>,
+    /// Whether the axis applies to INT8 runs only (FP32 runs take none of its values); by
+    /// default, axes over `quant.*` keys or with labelled overrides do.
+    #[serde(default)]
+    pub int8_only: Option<bool>,
+}
+
+/// A value of an axis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AxisValue {
+    /// A labelled group of overrides.
+    Labelled {
+        /// The label.
+        label: String,
+        /// Overrides.
+        set: Vec<String>,
+    },
+    /// A plain value of the axis's key.
+    Plain(toml::Value),
+}
+
+/// One run of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedRun {
+    /// Folder name under the sweep's output.
+    pub name: String,
+    /// The recipe file.
+    pub recipe: PathBuf,
+    /// The recipe's name.
+    pub recipe_name: String,
+    /// Overrides, in order.
+    pub sets: Vec<String>,
+    /// Axis labels (name, label), for the tables.
+    pub labels: Vec<(String, String)>,
+    /// `fp32` or `int8`.
+    pub precision: String,
+    /// Seed.
+    pub seed: u64,
+}
+
+fn value_label(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Boolean(true) => "on".into(),
+        toml::Value::Boolean(false) => "off".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A point of the axis grid: its (axis, label) pairs and its overrides.
+type Combo = (Vec<(String, String)>, Vec<String>);
+
+/// Expands an experiment into runs; `cli_sets` apply last.
+pub fn plan(exp: &Experiment, cli_sets: &[String]) -> Result<Vec<PlannedRun>> {
+    let mut runs = Vec::new();
+    for p in &exp.precisions {
+        if p != "fp32" && p != "int8" {
+            bail!("precision `{p}` is not fp32 or int8");
+        }
+    }
+    for recipe in &exp.recipes {
+        let path = int8_zoo::find_recipe(recipe).with_context(|| {
+            let names: Vec<String> = int8_zoo::recipes().into_iter().map(|r| r.0).collect();
+            format!("no recipe `{recipe}`; the zoo has: {}", names.join(", "))
+        })?;
+        let recipe_name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
+        for precision in &exp.precisions {
+            // The grid of axis values that apply at this precision.
+            let mut combos: Vec<Combo> = vec![(vec![], vec![])];
+            for axis in &exp.axis {
+                let labelled = axis.values.iter().any(|v| matches!(v, AxisValue::Labelled { .. }));
+                let int8_only =
+                    axis.int8_only.unwrap_or(labelled || axis.key.as_deref().is_some_and(|k| k.starts_with("quant.")));
+                if int8_only && precision == "fp32" {
+                    continue;
+                }
+                let mut next = Vec::new();
+                for (labels, sets) in &combos {
+                    for v in &axis.values {
+                        let (label, extra) = match v {
+                            AxisValue::Labelled { label, set } => (label.clone(), set.clone()),
+                            AxisValue::Plain(val) => {
+                                let key = axis.key.as_ref().with_context(|| {
+                                    format!("axis `{}` has plain values, so it needs a `key`", axis.name)
+                                })?;
+                                (value_label(val), vec![format!("{key}={val}")])
+                            }
+                        };
+                        let mut l = labels.clone();
+                        l.push((axis.name.clone(), label));
+                        let mut s = sets.clone();
+                        s.extend(extra);
+                        next.push((l, s));
+                    }
+                }
+                combos = next;
+            }
+            for (labels, axis_sets) in combos {
+                for &seed in &exp.seeds {
+                    let mut name = format!("{recipe_name}-{precision}");
+                    for (a, l) in &labels {
+                        name.push_str(&format!("-{a}_{l}"));
+                    }
+                    name.push_str(&format!("-s{seed}"));
+                    let mut sets = exp.set.clone();
+                    sets.extend(axis_sets.iter().cloned());
+                    sets.push(format!("quant.precision=\"{precision}\""));
+                    sets.push(format!("train.seed={seed}"));
+                    sets.extend(cli_sets.iter().cloned());
+                    runs.push(PlannedRun {
+                        name: name.replace(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)), "_"),
+                        recipe: path.clone(),
+                        recipe_name: recipe_name.clone(),
+                        sets,
+                        labels: labels.clone(),
+                        precision: precision.clone(),
+                        seed,
+                    });
+                }
+            }
+        }
+    }
+    let mut names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        bail!("two runs would share the folder `{}`; give the axes distinct labels", w[0]);
+    }
+    Ok(runs)
+}
+
+/// Options of `cargo xtask sweep`.
+#[derive(Debug)]
+pub struct SweepOptions {
+    /// The experiment file.
+    pub experiment: PathBuf,
+    /// The output folder.
+    pub out: PathBuf,
+    /// Runs at once.
+    pub jobs: usize,
+    /// Print the plan only.
+    pub dry_run: bool,
+    /// Overrides for every run.
+    pub sets: Vec<String>,
+    /// A data folder searched first.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The live state of one run, for the progress lines.
+#[derive(Debug, Clone, Default)]
+struct Live {
+    step: u64,
+    steps: u64,
+    epoch: u64,
+    epochs: u64,
+    loss: Option<f64>,
+    eta_s: Option<f64>,
+}
+
+/// Runs a sweep.
+pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<()> {
+    let text = std::fs::read_to_string(&opts.experiment)
+        .with_context(|| format!("cannot read the experiment {}", opts.experiment.display()))?;
+    let exp: Experiment =
+        toml::from_str(&text).with_context(|| format!("{}: not a valid experiment", opts.experiment.display()))?;
+    let runs = plan(&exp, &opts.sets).with_context(|| format!("{}", opts.experiment.display()))?;
+    // Type every recipe before anything runs, so that a typo fails in a second, not an hour in.
+    let mut resolved = Vec::new();
+    for r in &runs {
+        let recipe = Recipe::load(&r.recipe, &r.sets).with_context(|| format!("run {}", r.name))?;
+        resolved.push(recipe);
+    }
+    println!("{} runs in {} (jobs: {}):", runs.len(), opts.out.display(), opts.jobs);
+    for (r, recipe) in runs.iter().zip(&resolved) {
+        let state = match finished(&opts.out.join(&r.name)) {
+            Some(_) => "finished",
+            None if opts.out.join(&r.name).join("checkpoints/last.safetensors").exists() => "to resume",
+            None => "to run",
+        };
+        println!(
+            "  {:<48} {} {} epochs={} batch={} [{state}]",
+            r.name, recipe.model, recipe.dataset, recipe.train.epochs, recipe.train.batch
+        );
+    }
+    if opts.dry_run {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let plan_json = serde_json::json!({ "experiment": exp, "cli_set": opts.sets, "runs": runs });
+    write_atomic(&opts.out.join("plan.json"), serde_json::to_string_pretty(&plan_json)?.as_bytes())?;
+    std::fs::copy(&opts.experiment, opts.out.join("experiment.toml")).context("cannot copy the experiment")?;
+
+    let trainer = build_trainer(root)?;
+    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.jobs).max(1);
+    let todo: Vec<usize> = (0..runs.len()).filter(|&i| finished(&opts.out.join(&runs[i].name)).is_none()).collect();
+    let skipped = runs.len() - todo.len();
+    if skipped > 0 {
+        println!("{skipped} finished runs skipped");
+    }
+    let live: Arc<Mutex<HashMap<String, Live>>> = Arc::default();
+    let mut queue = todo.into_iter();
+    let mut active: Vec<(usize, Child, Instant)> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
+    let mut done = skipped;
+    let started = Instant::now();
+    let mut last_status = Instant::now();
+    let mut forwarded = false;
+    loop {
+        while active.len() < opts.jobs && !stop.load(Ordering::Relaxed) {
+            let Some(i) = queue.next() else { break };
+            let r = &runs[i];
+            let dir = opts.out.join(&r.name);
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("train.log"))
+                .with_context(|| format!("cannot open {}", dir.join("train.log").display()))?;
+            let mut cmd = Command::new(&trainer);
+            cmd.arg(&r.recipe).arg("--out").arg(&dir).args(["--resume", "--progress", "json"]);
+            for s in &r.sets {
+                cmd.arg("--set").arg(s);
+            }
+            if let Some(d) = &opts.data_dir {
+                cmd.arg("--data-dir").arg(d);
+            }
+            cmd.env("RAYON_NUM_THREADS", threads.to_string()).stdout(Stdio::piped()).stderr(log);
+            // Each run in its own process group: a Ctrl-C at the terminal reaches the sweep only,
+            // which passes it on once, so that each run stops with a checkpoint.
+            #[cfg(unix)]
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let mut child = cmd.spawn().with_context(|| format!("cannot start {}", trainer.display()))?;
+            let stdout = child.stdout.take().context("no stdout from the trainer")?;
+            let (live2, name) = (live.clone(), r.name.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        let l = Live {
+                            step: v["step"].as_u64().unwrap_or(0),
+                            steps: v["steps"].as_u64().unwrap_or(0),
+                            epoch: v["epoch"].as_u64().unwrap_or(0),
+                            epochs: v["epochs"].as_u64().unwrap_or(0),
+                            loss: v["loss"].as_f64(),
+                            eta_s: v["eta_s"].as_f64(),
+                        };
+                        live2.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), l);
+                    }
+                }
+            });
+            println!("[{}/{}] started {}", done + active.len() + 1, runs.len(), r.name);
+            active.push((i, child, Instant::now()));
+        }
+        if active.is_empty() {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) && !forwarded {
+            forwarded = true;
+            println!("stopping: each running run saves a checkpoint and exits; no new runs start");
+            for (_, child, _) in &active {
+                let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mut k = 0;
+        while k < active.len() {
+            let (i, child, t0) = &mut active[k];
+            if let Some(status) = child.try_wait()? {
+                let r = &runs[*i];
+                let dir = opts.out.join(&r.name);
+                done += 1;
+                match finished(&dir) {
+                    Some(s) if status.success() => println!(
+                        "[{done}/{}] finished {} in {}: top-1 {:.2}% (best {:.2}%), {:.1} ms/step",
+                        runs.len(),
+                        r.name,
+                        fmt_secs(t0.elapsed().as_secs_f64()),
+                        s.top1,
+                        s.best_top1,
+                        s.step_ms
+                    ),
+                    _ if stop.load(Ordering::Relaxed) => {
+                        println!("[{done}/{}] interrupted {} (its checkpoint resumes it)", runs.len(), r.name);
+                    }
+                    _ => {
+                        let tail = last_lines(&dir.join("train.log"), 3);
+                        println!("[{done}/{}] FAILED {} ({status}): {tail}", runs.len(), r.name);
+                        failed.push((r.name.clone(), tail));
+                    }
+                }
+                live.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.name);
+                active.remove(k);
+            } else {
+                k += 1;
+            }
+        }
+        if last_status.elapsed() >= Duration::from_secs(15) && !active.is_empty() {
+            let l = live.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, _, _) in &active {
+                let name = &runs[*i].name;
+                match l.get(name) {
+                    Some(p) => println!(
+                        "  {name}: epoch {}/{} step {}/{} loss {} eta {}",
+                        p.epoch,
+                        p.epochs,
+                        p.step,
+                        p.steps,
+                        p.loss.map_or("?".into(), |v| format!("{v:.3}")),
+                        p.eta_s.map_or("?".into(), fmt_secs)
+                    ),
+                    None => println!("  {name}: loading data and building the model"),
+                }
+            }
+            let left = runs.len() - done;
+            println!(
+                "  total: {done}/{} runs done, {left} left, {} elapsed",
+                runs.len(),
+                fmt_secs(started.elapsed().as_secs_f64())
+            );
+            last_status = Instant::now();
+        }
+    }
+    write_results(&opts.out, &runs, opts.jobs, threads)?;
+    if stop.load(Ordering::Relaxed) {
+        bail!("stopped by Ctrl-C; run the same command again to finish the sweep (finished runs are kept)");
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} runs failed (their train.log says why): {}",
+            failed.len(),
+            runs.len(),
+            failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Builds the trainer in release mode and returns its path.
+pub fn build_trainer(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the trainer in release mode...");
+    let status = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "--quiet", "--package", "int8-train", "--bin", "int8-train"])
+        .status()
+        .context("cannot start cargo to build the trainer")?;
+    if !status.success() {
+        bail!("building the trainer failed ({status}); the compiler's message is above");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    Ok(target.join("release").join(format!("int8-train{}", std::env::consts::EXE_SUFFIX)))
+}
+
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// `1h02m`, `3m05s` or `12s`.
+pub fn fmt_secs(s: f64) -> String {
+    int8_train::progress::format_secs(s)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    int8_train::write_atomic(path, bytes).map_err(anyhow::Error::from)
+}
+
+/// The exact header of `results.csv`.
+pub const CSV_HEADER: &str =
+    "run,model,dataset,precision,dsgc,dclr,seed,epochs,top1,best_top1,final_train_loss,train_seconds,step_ms";
+
+fn mean_std(v: &[f64]) -> (f64, Option<f64>) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = (v.len() > 1).then(|| (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+    (mean, std)
+}
+
+/// Writes `results.csv` and `results.md` from the finished runs' summaries.
+pub fn write_results(out: &Path, runs: &[PlannedRun], jobs: usize, threads: usize) -> Result<()> {
+    let rows: Vec<(&PlannedRun, Summary)> =
+        runs.iter().filter_map(|r| finished(&out.join(&r.name)).map(|s| (r, s))).collect();
+    let onoff = |r: &PlannedRun, v: bool| {
+        if r.precision == "fp32" {
+            "n/a"
+        } else if v {
+            "on"
+        } else {
+            "off"
+        }
+    };
+    let mut csv = format!("{CSV_HEADER}\n");
+    for (r, s) in &rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{:.2},{:.2},{:.4},{:.1},{:.2}\n",
+            r.name,
+            s.model,
+            s.dataset,
+            s.precision,
+            onoff(r, s.dsgc),
+            onoff(r, s.dclr),
+            s.seed,
+            s.epochs,
+            s.top1,
+            s.best_top1,
+            s.final_train_loss,
+            s.train_seconds,
+            s.step_ms
+        ));
+    }
+    write_atomic(&out.join("results.csv"), csv.as_bytes())?;
+
+    let mut md = String::from("# Results\n\n");
+    md.push_str(&format!(
+        "{} of {} runs finished. Runs ran {jobs} at a time with {threads} threads each; step_ms is the mean \
+         compute time of a training step (forward, backward, update).\n\n",
+        rows.len(),
+        runs.len()
+    ));
+    md.push_str("| run | model | dataset | precision | dsgc | dclr | seed | epochs | top-1 % | best top-1 % | final train loss | train s | step ms |\n");
+    md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    for (r, s) in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.1} | {:.2} |\n",
+            r.name,
+            s.model,
+            s.dataset,
+            s.precision,
+            onoff(r, s.dsgc),
+            onoff(r, s.dclr),
+            s.seed,
+            s.epochs,
+            s.top1,
+            s.best_top1,
+            s.final_train_loss,
+            s.train_seconds,
+            s.step_ms
+        ));
+    }
+    // INT8 against FP32, per recipe and INT8 ablation setting, paired by seed.
+    let mut groups: BTreeMap<(String, String), Vec<&(&PlannedRun, Summary)>> = BTreeMap::new();
+    for row in &rows {
+        if row.0.precision == "int8" {
+            let ablation = row.0.labels.iter().map(|(a, l)| format!("{a}={l}")).collect::<Vec<_>>().join(", ");
+            let ablation = if ablation.is_empty() { "default".to_string() } else { ablation };
+            groups.entry((row.0.recipe_name.clone(), ablation)).or_default().push(row);
+        }
+    }
+    md.push_str("\n## INT8 against FP32\n\nTop-1 difference (INT8 minus FP32, percentage points) over the seeds both precisions \
+                 finished, mean and standard deviation, and the ratio of mean step times.\n\n");
+    md.push_str("| recipe | INT8 setting | seeds | INT8 - FP32 top-1 (pp) | INT8 / FP32 step time |\n| --- | --- | ---: | ---: | ---: |\n");
+    for ((recipe, ablation), int8_rows) in &groups {
+        let fp32: HashMap<u64, &Summary> = rows
+            .iter()
+            .filter(|(r, _)| r.precision == "fp32" && &r.recipe_name == recipe)
+            .map(|(r, s)| (r.seed, s))
+            .collect();
+        let pairs: Vec<(&Summary, &Summary)> =
+            int8_rows.iter().filter_map(|(r, s)| fp32.get(&r.seed).map(|f| (s, *f))).collect();
+        if pairs.is_empty() {
+            md.push_str(&format!("| {recipe} | {ablation} | 0 | no FP32 run to compare | |\n"));
+            continue;
+        }
+        let diffs: Vec<f64> = pairs.iter().map(|(i, f)| i.top1 - f.top1).collect();
+        let (m, sd) = mean_std(&diffs);
+        let ratio = pairs.iter().map(|p| p.0.step_ms).sum::<f64>() / pairs.iter().map(|p| p.1.step_ms).sum::<f64>();
+        md.push_str(&format!(
+            "| {recipe} | {ablation} | {} | {m:+.2}{} | {ratio:.2} |\n",
+            pairs.len(),
+            sd.map_or(String::new(), |s| format!(" ± {s:.2}"))
+        ));
+    }
+    write_atomic(&out.join("results.md"), md.as_bytes())?;
+    println!("results: {} and {}", out.join("results.csv").display(), out.join("results.md").display());
+    std::io::stdout().flush().ok();
+    Ok(())
+}
