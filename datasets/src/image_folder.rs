@@ -18,6 +18,18 @@ pub struct RgbImage {
 }
 
 impl RgbImage {
+    /// The image as `3 x height x width` bytes (planar, as the loader stores images).
+    pub fn to_planar(&self) -> Vec<u8> {
+        let plane = self.width * self.height;
+        let mut planar = vec![0u8; 3 * plane];
+        for (p, px) in self.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                planar[c * plane + p] = px[c];
+            }
+        }
+        planar
+    }
+
     /// The image as `3 x height x width` floats, each channel normalised as
     /// `(v / 255 - mean[c]) / std[c]`.
     pub fn to_chw(&self, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
@@ -88,6 +100,22 @@ impl ImageFolder {
         Ok(Self { root: root.into(), classes, items })
     }
 
+    /// Decodes image `index`, resizes it (bilinear) so that its shorter side is `side`, and
+    /// crops the centre `side x side` square: ImageNet's evaluation transform.
+    pub fn load_center(&self, index: usize, side: usize) -> Result<(RgbImage, u32)> {
+        let (img, label) = self.load(index, None)?;
+        let (w, h) = (img.width as f64, img.height as f64);
+        let scale = side as f64 / w.min(h);
+        let (nw, nh) = (((w * scale).round() as u32).max(side as u32), ((h * scale).round() as u32).max(side as u32));
+        let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data).ok_or_else(|| {
+            DatasetError::Invalid { path: self.items[index].0.clone(), why: "decoded to a short buffer".into() }
+        })?;
+        let resized = image::imageops::resize(&buf, nw, nh, image::imageops::FilterType::Triangle);
+        let (x0, y0) = ((nw - side as u32) / 2, (nh - side as u32) / 2);
+        let crop = image::imageops::crop_imm(&resized, x0, y0, side as u32, side as u32).to_image();
+        Ok((RgbImage { width: side, height: side, data: crop.into_raw() }, label))
+    }
+
     /// Decodes image `index`, checking that it is `size` (width, height) when given.
     pub fn load(&self, index: usize, size: Option<(usize, usize)>) -> Result<(RgbImage, u32)> {
         let (path, label) = &self.items[index];
@@ -139,6 +167,11 @@ mod tests {
         assert_eq!(&img.data[..3], &[20, 10, 235]);
         let chw = img.to_chw([0.0; 3], [1.0; 3]);
         assert!((chw[0] - 20.0 / 255.0).abs() < 1e-6 && (chw[12] - 10.0 / 255.0).abs() < 1e-6);
+        // Resized so that the shorter side is 2, then the centre 2x2 square; a flat image stays
+        // flat.
+        let (small, _) = f.load_center(3, 2).unwrap();
+        assert_eq!((small.width, small.height), (2, 2));
+        assert!(small.data.chunks(3).all(|px| px == [40, 20, 215]), "{:?}", small.data);
         let err = f.load(3, Some((4, 3))).unwrap_err().to_string();
         assert!(err.contains("y.png") && err.contains("5x3"), "{err}");
     }

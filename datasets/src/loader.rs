@@ -48,19 +48,27 @@ impl InMemory {
             .into_par_iter()
             .map(|i| {
                 let (img, label) = folder.load(i, Some(size))?;
-                let plane = img.width * img.height;
-                let mut planar = vec![0u8; 3 * plane];
-                for (p, px) in img.data.chunks_exact(3).enumerate() {
-                    for c in 0..3 {
-                        planar[c * plane + p] = px[c];
-                    }
-                }
-                Ok((planar, label))
+                Ok((img.to_planar(), label))
             })
             .collect::<Result<_>>()?;
         let labels = decoded.iter().map(|d| d.1).collect();
         let pixels = decoded.into_iter().flat_map(|d| d.0).collect();
         Ok(Self { pixels, labels, channels: 3, height: size.1, width: size.0 })
+    }
+
+    /// Decodes every image of an image folder in parallel, each resized and centre-cropped to
+    /// `side x side` ([`ImageFolder::load_center`]).
+    pub fn from_image_folder_center(folder: &ImageFolder, side: usize) -> Result<Self> {
+        let decoded: Vec<(Vec<u8>, u32)> = (0..folder.items.len())
+            .into_par_iter()
+            .map(|i| {
+                let (img, label) = folder.load_center(i, side)?;
+                Ok((img.to_planar(), label))
+            })
+            .collect::<Result<_>>()?;
+        let labels = decoded.iter().map(|d| d.1).collect();
+        let pixels = decoded.into_iter().flat_map(|d| d.0).collect();
+        Ok(Self { pixels, labels, channels: 3, height: side, width: side })
     }
 
     /// The images at `indices`, in that order.

@@ -28,8 +28,34 @@ impl Builder<'_> {
     ) -> Result<Conv2d> {
         self.count += 1;
         let w = init::conv_weight(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
-        let g = ConvGeometry { stride, padding: k / 2, ..Default::default() };
+        let g = ConvGeometry { stride, padding: (k / 2, k / 2), ..Default::default() };
         Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
+    }
+}
+
+impl Builder<'_> {
+    /// A `kh x kw` convolution with explicit padding, named, with its policy precision and own
+    /// seed.
+    pub(crate) fn conv_rect(
+        &mut self,
+        name: &str,
+        inp: usize,
+        out: usize,
+        k: (usize, usize),
+        stride: usize,
+        padding: (usize, usize),
+        first: bool,
+    ) -> Result<Conv2d> {
+        self.count += 1;
+        let w = init::conv_weight_rect(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
+        let g = ConvGeometry { stride, padding, ..Default::default() };
+        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
+    }
+
+    /// A fresh seed for a layer that is not a convolution (a classifier, a dropout).
+    pub(crate) fn next_seed(&mut self) -> u64 {
+        self.count += 1;
+        self.seed.wrapping_mul(1000).wrapping_add(self.count)
     }
 }
 

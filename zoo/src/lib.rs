@@ -2,7 +2,9 @@
 //! with a layer policy, so that precision is configuration, not code. Recipes (TOML) live in
 //! `zoo/recipes/` and are read by the trainer.
 
+pub mod alexnet;
 pub mod blocks;
+pub mod inception;
 mod init;
 pub mod mobilenetv2;
 mod params;
@@ -12,7 +14,7 @@ pub mod small_cnn;
 
 use candle_core::Tensor;
 use int8_nn::conv::Conv2d;
-use int8_nn::layers::BatchNorm2d;
+use int8_nn::layers::{BatchNorm2d, Dropout};
 use int8_nn::linear::Linear;
 use int8_nn::policy::LayerPolicy;
 use int8_nn::stats::LayerStats;
@@ -37,16 +39,18 @@ pub type Result<T, E = ZooError> = std::result::Result<T, E>;
 
 pub use int8_nn::optim::Param;
 
-/// A model's layers as the trainer sees them: every convolution, every batch norm, and the
-/// classifier.
-#[derive(Debug)]
+/// A model's layers as the trainer sees them: every convolution, batch norm, fully connected
+/// layer (the classifier last) and dropout.
+#[derive(Debug, Default)]
 pub struct Layers<'a> {
     /// The convolutions.
     pub convs: Vec<&'a Conv2d>,
     /// The batch norms.
     pub bns: Vec<&'a BatchNorm2d>,
-    /// The classifier.
-    pub fc: &'a Linear,
+    /// The fully connected layers, the classifier last.
+    pub linears: Vec<&'a Linear>,
+    /// The dropouts.
+    pub dropouts: Vec<&'a Dropout>,
 }
 
 /// What every model offers the trainer.
@@ -60,27 +64,33 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 
     /// Training (batch statistics) or evaluation (running statistics) mode.
     fn set_training(&self, training: bool) {
-        for bn in self.layers().bns {
+        let l = self.layers();
+        for bn in l.bns {
             bn.set_training(training);
+        }
+        for d in l.dropouts {
+            d.set_training(training);
         }
     }
 
     /// The parameters, with each INT8 layer's current DCLR multiplier.
     fn params(&self) -> Vec<Param> {
         let l = self.layers();
-        params::params(&l.convs, &l.bns, l.fc)
+        params::params(&l.convs, &l.bns, &l.linears)
     }
 
     /// The statistics of each INT8 layer, by layer name.
     fn int8_stats(&self) -> Vec<(String, LayerStats)> {
         let l = self.layers();
-        params::int8_stats(&l.convs, l.fc)
+        params::int8_stats(&l.convs, &l.linears)
     }
 }
 
 /// The models the registry can build.
 pub const MODELS: &[&str] = &[
+    "alexnet",
     "cnn-small",
+    "inceptionv3",
     "mobilenetv2",
     "mobilenetv2-cifar",
     "resnet18",
@@ -94,7 +104,9 @@ pub const MODELS: &[&str] = &[
 /// Builds model `name` for `classes` classes with `policy`, initialised from `seed`.
 pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
     match name {
+        "alexnet" => Ok(Box::new(alexnet::AlexNet::new(classes, policy, seed)?)),
         "cnn-small" => Ok(Box::new(small_cnn::SmallCnn::new(classes, policy, seed)?)),
+        "inceptionv3" => Ok(Box::new(inception::InceptionV3::new(classes, policy, seed)?)),
         "mobilenetv2" => Ok(Box::new(mobilenetv2::MobileNetV2::new(name, classes, false, policy, seed)?)),
         "mobilenetv2-cifar" => Ok(Box::new(mobilenetv2::MobileNetV2::new(name, classes, true, policy, seed)?)),
         "resnet18" => Ok(Box::new(resnet_imagenet::ResNet::new(name, 18, classes, policy, seed)?)),

@@ -88,7 +88,7 @@ impl Builder<'_> {
     ) -> Result<ConvBn> {
         self.count += 1;
         let w = init::conv_weight(out, inp / groups, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
-        let g = ConvGeometry { stride, padding: k / 2, dilation: 1, groups };
+        let g = ConvGeometry { stride, padding: (k / 2, k / 2), dilation: 1, groups };
         let conv = Conv2d::new(
             format!("{name}.conv"),
             w,
@@ -164,7 +164,8 @@ impl Model for MobileNetV2 {
         Layers {
             convs: cbs.iter().map(|c| &c.conv).collect(),
             bns: cbs.iter().map(|c| &c.bn).collect(),
-            fc: &self.classifier,
+            linears: vec![&self.classifier],
+            dropouts: Vec::new(),
         }
     }
 }

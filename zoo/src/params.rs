@@ -15,40 +15,35 @@ fn lr_scale(precision: Precision, stats: LayerStats) -> f64 {
 }
 
 /// The parameters of a model made of these layers, in this order.
-pub(crate) fn params(convs: &[&Conv2d], bns: &[&BatchNorm2d], fc: &Linear) -> Vec<Param> {
-    let mut out: Vec<Param> = convs
-        .iter()
-        .map(|c| Param {
-            name: format!("{}.weight", c.name()),
-            var: c.weight().clone(),
-            decay: true,
-            lr_scale: lr_scale(c.precision(), c.stats()),
-        })
-        .collect();
+pub(crate) fn params(convs: &[&Conv2d], bns: &[&BatchNorm2d], linears: &[&Linear]) -> Vec<Param> {
+    let mut out = Vec::new();
+    for c in convs {
+        let scale = lr_scale(c.precision(), c.stats());
+        out.push(Param { name: format!("{}.weight", c.name()), var: c.weight().clone(), decay: true, lr_scale: scale });
+        if let Some(b) = c.bias() {
+            out.push(Param { name: format!("{}.bias", c.name()), var: b.clone(), decay: false, lr_scale: scale });
+        }
+    }
     for bn in bns {
         out.push(Param { name: format!("{}.gamma", bn.name()), var: bn.gamma().clone(), decay: false, lr_scale: 1.0 });
         out.push(Param { name: format!("{}.beta", bn.name()), var: bn.beta().clone(), decay: false, lr_scale: 1.0 });
     }
-    let fc_scale = lr_scale(fc.precision(), fc.stats());
-    out.push(Param {
-        name: format!("{}.weight", fc.name()),
-        var: fc.weight().clone(),
-        decay: true,
-        lr_scale: fc_scale,
-    });
-    out.push(Param { name: format!("{}.bias", fc.name()), var: fc.bias().clone(), decay: false, lr_scale: fc_scale });
+    for fc in linears {
+        let scale = lr_scale(fc.precision(), fc.stats());
+        out.push(Param {
+            name: format!("{}.weight", fc.name()),
+            var: fc.weight().clone(),
+            decay: true,
+            lr_scale: scale,
+        });
+        out.push(Param { name: format!("{}.bias", fc.name()), var: fc.bias().clone(), decay: false, lr_scale: scale });
+    }
     out
 }
 
 /// The statistics of the INT8 layers among these, by layer name.
-pub(crate) fn int8_stats(convs: &[&Conv2d], fc: &Linear) -> Vec<(String, LayerStats)> {
-    let mut out: Vec<(String, LayerStats)> = convs
-        .iter()
-        .filter(|c| matches!(c.precision(), Precision::Int8(_)))
-        .map(|c| (c.name().to_string(), c.stats()))
-        .collect();
-    if matches!(fc.precision(), Precision::Int8(_)) {
-        out.push((fc.name().to_string(), fc.stats()));
-    }
-    out
+pub(crate) fn int8_stats(convs: &[&Conv2d], linears: &[&Linear]) -> Vec<(String, LayerStats)> {
+    let convs = convs.iter().filter(|c| matches!(c.precision(), Precision::Int8(_))).map(|c| (c.name(), c.stats()));
+    let fcs = linears.iter().filter(|f| matches!(f.precision(), Precision::Int8(_))).map(|f| (f.name(), f.stats()));
+    convs.chain(fcs).map(|(n, s)| (n.to_string(), s)).collect()
 }

@@ -81,6 +81,6 @@ impl Model for ResNetCifar {
     }
 
     fn layers(&self) -> Layers<'_> {
-        Layers { convs: self.convs(), bns: self.bns(), fc: &self.fc }
+        Layers { convs: self.convs(), bns: self.bns(), linears: vec![&self.fc], ..Default::default() }
     }
 }

@@ -125,6 +125,6 @@ impl Model for ResNet {
     }
 
     fn layers(&self) -> Layers<'_> {
-        Layers { convs: self.convs(), bns: self.bns(), fc: &self.fc }
+        Layers { convs: self.convs(), bns: self.bns(), linears: vec![&self.fc], ..Default::default() }
     }
 }

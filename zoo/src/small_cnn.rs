@@ -33,7 +33,7 @@ pub struct SmallCnn {
 impl SmallCnn {
     /// A network for `classes` classes.
     pub fn new(classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Self> {
-        let g = ConvGeometry { padding: 1, ..Default::default() };
+        let g = ConvGeometry { padding: (1, 1), ..Default::default() };
         let conv = |name: &str, i: usize, o: usize, n: u64, first: bool| -> Result<Conv2d> {
             let w = init::conv_weight(o, i, 3, seed.wrapping_mul(1000).wrapping_add(n))?;
             Ok(Conv2d::new(name, w, g, policy.precision_for(name, LayerKind::Conv, first))?)
@@ -72,6 +72,6 @@ impl Model for SmallCnn {
     }
 
     fn layers(&self) -> Layers<'_> {
-        Layers { convs: self.convs().to_vec(), bns: self.bns().to_vec(), fc: &self.fc }
+        Layers { convs: self.convs().to_vec(), bns: self.bns().to_vec(), linears: vec![&self.fc], ..Default::default() }
     }
 }

@@ -25,6 +25,17 @@ fn resnet20_has_the_reference_parameter_count() {
         assert_eq!(param_count(build(name, 1000, &LayerPolicy::fp32(), 0).unwrap().as_ref()), want, "{name}");
     }
     assert_eq!(param_count(build("mobilenetv2", 1000, &LayerPolicy::fp32(), 0).unwrap().as_ref()), 3_504_872);
+    // torchvision's AlexNet (conv biases included) and Inception v3 without the auxiliary head.
+    assert_eq!(param_count(build("alexnet", 1000, &LayerPolicy::fp32(), 0).unwrap().as_ref()), 61_100_840);
+    let inception = build("inceptionv3", 1000, &LayerPolicy::fp32(), 0).unwrap();
+    assert_eq!(param_count(inception.as_ref()), 23_834_568);
+    // 94 convolutions, each with its batch norm; the stem convolution and the classifier FP32.
+    let l = inception.layers();
+    assert_eq!((l.convs.len(), l.bns.len(), l.linears.len()), (94, 94, 1));
+    let int8 = build("inceptionv3", 1000, &LayerPolicy::paper(Int8Config::default()), 0).unwrap();
+    let names: Vec<String> = int8.int8_stats().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 93);
+    assert!(!names.iter().any(|n| n == "Conv2d_1a_3x3.conv" || n == "fc"));
     assert!(build("resnet19", 10, &LayerPolicy::fp32(), 0).unwrap_err().to_string().contains("resnet19"));
 }
 

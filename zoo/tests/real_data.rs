@@ -120,3 +120,68 @@ fn small_cnn_loss_falls_on_real_fashion_mnist_at_both_precisions() {
         fit_and_check(what, model.as_ref(), &x, &labels);
     }
 }
+
+/// The ImageNet-sized models each take a training step on real photographs (CIFAR-10 images,
+/// resized and centre-cropped to the model's input side) at both precisions: the loss is finite,
+/// every parameter gets a finite gradient and moves, and every INT8 layer reports statistics.
+#[test]
+fn imagenet_models_take_a_training_step_on_real_images_at_both_precisions() {
+    let Some(archive) = cifar_archive() else {
+        eprintln!("skipped: no cifar10-jpeg.tar.gz found (set INT8_CIFAR10_JPEG to its path)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keep = |p: &std::path::Path| {
+        p.components().nth(1).is_some_and(|c| c.as_os_str() == "test")
+            && p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u32>().ok()).is_some_and(|i| i < 1)
+    };
+    assert_eq!(extract_tar_gz(&archive, dir.path(), keep).unwrap(), 10);
+    let folder = ImageFolder::open(&dir.path().join("cifar10-jpeg/test")).unwrap();
+    let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    for (name, side) in [("mobilenetv2", 224), ("resnet50", 224), ("alexnet", 224), ("inceptionv3", 299)] {
+        // Two images of different classes.
+        let mut pixels = Vec::new();
+        let mut labels = Vec::new();
+        for i in [0, 5] {
+            let (img, label) = folder.load_center(i, side).unwrap();
+            pixels.extend(img.to_chw(mean, std));
+            labels.push(label);
+        }
+        let x = Tensor::from_vec(pixels, (2, 3, side, side), &Device::Cpu).unwrap();
+        for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
+            let model = int8_zoo::build(name, 10, &policy, 0).unwrap();
+            let before: Vec<Vec<f32>> =
+                model.params().iter().map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+            let (loss, report) = cross_entropy(&model.forward(&x).unwrap(), &labels).unwrap();
+            assert!(report.loss.is_finite() && report.loss > 0.0, "{name} {what}: loss {}", report.loss);
+            let grads = loss.backward().unwrap();
+            let mut should_move = Vec::new();
+            for p in model.params() {
+                let g =
+                    grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{name} {what}: no gradient for {}", p.name));
+                let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(g.iter().all(|v| v.is_finite()), "{name} {what}: {} has a non-finite gradient", p.name);
+                // A value must move when its step (lr times its gradient) is well above its
+                // float spacing.
+                let w: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                should_move
+                    .push(p.decay || g.iter().zip(&w).any(|(g, w)| (0.01 * g).abs() > 1e-6 * w.abs().max(1e-30)));
+            }
+            let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+            sgd.step(&model.params(), &grads, 0.01).unwrap();
+            for ((p, b), should) in model.params().iter().zip(&before).zip(should_move) {
+                let now: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                assert!(now.iter().all(|v| v.is_finite()), "{name} {what}: {} is not finite", p.name);
+                if should {
+                    assert_ne!(now, *b, "{name} {what}: {} did not move", p.name);
+                }
+            }
+            let stats = model.int8_stats();
+            assert_eq!(stats.is_empty(), what == "fp32", "{name} {what}");
+            for (layer, st) in stats {
+                assert!(st.steps == 1 && st.distance.is_finite() && st.phi > 0.0, "{name} {layer}: {st:?}");
+            }
+            eprintln!("{name} {what}: loss {:.3}, {} INT8 layers", report.loss, model.int8_stats().len());
+        }
+    }
+}

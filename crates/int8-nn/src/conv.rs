@@ -18,6 +18,7 @@ use crate::stats::{LayerState, LayerStats, QuantSnapshot};
 pub struct Conv2d {
     name: String,
     weight: Var,
+    bias: Option<Var>,
     geometry: ConvGeometry,
     precision: Precision,
     state: Arc<Mutex<LayerState>>,
@@ -42,6 +43,7 @@ impl Conv2d {
         Ok(Self {
             name,
             weight,
+            bias: None,
             geometry,
             precision,
             state: Arc::new(Mutex::new(LayerState::new(clip))),
@@ -49,10 +51,31 @@ impl Conv2d {
         })
     }
 
+    /// Adds a bias (one per output channel), kept in FP32 and added after the convolution.
+    pub fn with_bias(mut self, bias: Var) -> Result<Self> {
+        if bias.dims() != [self.weight.dims()[0]] {
+            return Err(NnError::BadInput {
+                layer: self.name,
+                why: format!("the bias must have one value per output channel, got {:?}", bias.dims()),
+            });
+        }
+        self.bias = Some(bias);
+        Ok(self)
+    }
+
     /// Applies the layer to `x` (`n x c x h x w`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let op = Conv2dOp::new(self.name.clone(), self.geometry, self.precision, self.state.clone(), self.path);
-        Ok(x.contiguous()?.apply_op2(self.weight.as_tensor(), op)?)
+        let y = x.contiguous()?.apply_op2(self.weight.as_tensor(), op)?;
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => Ok(y.broadcast_add(&b.as_tensor().reshape((1, b.dims()[0], 1, 1))?)?),
+        }
+    }
+
+    /// The bias variable, if the layer has one.
+    pub fn bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
     }
 
     /// The layer's name.

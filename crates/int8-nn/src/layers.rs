@@ -1,7 +1,7 @@
 //! The FP32 layers around the convolutions: batch norm (optionally fused with ReLU), the residual
 //! add + ReLU, global average pooling and the loss.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Tensor, Var};
@@ -47,6 +47,12 @@ impl BatchNorm2d {
             relu,
             training: AtomicBool::new(true),
         })
+    }
+
+    /// The same layer with epsilon `eps` (1e-5 by default; Inception v3 uses 1e-3).
+    pub fn with_eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
     }
 
     /// Switches between batch statistics (training) and running statistics (evaluation).
@@ -159,6 +165,63 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Ten
 /// Average pooling with a `k x k` window, `stride` and zero padding `pad` (counted in the mean).
 pub fn avg_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(AvgPool { k, stride, pad })?)
+}
+
+/// Inverted dropout: in training, each value is zeroed with probability `p` and the others are
+/// scaled by `1 / (1 - p)`; in evaluation it is the identity. Masks come from a counter-based
+/// stream of the layer's seed and its call count, which checkpoints keep, so resumed runs draw
+/// the same masks.
+#[derive(Debug)]
+pub struct Dropout {
+    name: String,
+    p: f32,
+    seed: u64,
+    calls: AtomicU64,
+    training: AtomicBool,
+}
+
+impl Dropout {
+    /// A layer dropping with probability `p` in `[0, 1)`.
+    pub fn new(name: impl Into<String>, p: f32, seed: u64) -> Result<Self> {
+        let name = name.into();
+        if !(0.0..1.0).contains(&p) {
+            return Err(NnError::BadInput { layer: name, why: format!("the dropout rate must be in [0, 1), got {p}") });
+        }
+        Ok(Self { name, p, seed, calls: AtomicU64::new(0), training: AtomicBool::new(true) })
+    }
+
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Training (drop) or evaluation (identity).
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Masks drawn so far (for checkpoints).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Restores the mask count from a checkpoint.
+    pub fn set_calls(&self, calls: u64) {
+        self.calls.store(calls, Ordering::Relaxed);
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.training.load(Ordering::Relaxed) || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let rng = int8_core::rng::CounterRng::new(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|i| if rng.uniform(i as u64) >= self.p { keep } else { 0.0 }).collect();
+        Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+    }
 }
 
 /// What a loss pass reports besides the loss tensor.

@@ -57,10 +57,10 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 fn fp32_layer_matches_the_f64_reference_and_finite_differences() {
     let cases = [
-        ([2, 3, 6, 6], [4, 3, 3, 3], ConvGeometry { padding: 1, ..Default::default() }),
-        ([2, 4, 7, 7], [6, 4, 3, 3], ConvGeometry { stride: 2, padding: 1, ..Default::default() }),
-        ([1, 4, 5, 5], [4, 2, 3, 3], ConvGeometry { padding: 1, groups: 2, ..Default::default() }),
-        ([2, 3, 5, 5], [3, 1, 3, 3], ConvGeometry { padding: 1, groups: 3, ..Default::default() }),
+        ([2, 3, 6, 6], [4, 3, 3, 3], ConvGeometry { padding: (1, 1), ..Default::default() }),
+        ([2, 4, 7, 7], [6, 4, 3, 3], ConvGeometry { stride: 2, padding: (1, 1), ..Default::default() }),
+        ([1, 4, 5, 5], [4, 2, 3, 3], ConvGeometry { padding: (1, 1), groups: 2, ..Default::default() }),
+        ([2, 3, 5, 5], [3, 1, 3, 3], ConvGeometry { padding: (1, 1), groups: 3, ..Default::default() }),
     ];
     for (xd, wd, g) in cases {
         let s = shape_of(&xd, &wd, g);
@@ -111,7 +111,7 @@ struct LayerLike {
 }
 
 fn layer_like(n: usize) -> LayerLike {
-    let (xd, wd, g) = ([n, 16, 16, 16], [16, 16, 3, 3], ConvGeometry { padding: 1, ..Default::default() });
+    let (xd, wd, g) = ([n, 16, 16, 16], [16, 16, 3, 3], ConvGeometry { padding: (1, 1), ..Default::default() });
     let s = shape_of(&xd, &wd, g);
     let x: Vec<f32> = uniform(s.x_len(), 4).iter().map(|v| v.max(0.0)).collect();
     let w: Vec<f32> = uniform(s.w_len(), 5).iter().map(|v| v * 0.1).collect();

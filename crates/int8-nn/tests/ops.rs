@@ -33,7 +33,7 @@ struct Tiny {
 
 impl Tiny {
     fn new(precision: Precision) -> Self {
-        let g = ConvGeometry { padding: 1, ..Default::default() };
+        let g = ConvGeometry { padding: (1, 1), ..Default::default() };
         Tiny {
             conv1: Conv2d::new("conv1", var(uniform(4 * 4 * 9, 1, 0.3), &[4, 4, 3, 3]), g, precision).unwrap(),
             bn1: BatchNorm2d::new("bn1", 4, true).unwrap(),

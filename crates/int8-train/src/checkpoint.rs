@@ -81,6 +81,9 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
     /// INT8 layers' states, by layer name.
     pub quant: BTreeMap<String, QuantRecord>,
+    /// Dropout layers' mask counts, by layer name.
+    #[serde(default)]
+    pub dropout: BTreeMap<String, u64>,
     /// The resolved recipe the run was started with.
     pub recipe: String,
 }
@@ -106,9 +109,10 @@ pub fn save(path: &Path, model: &dyn Model, sgd: &Sgd, state: &TrainState) -> Re
         .convs
         .iter()
         .map(|c| (c.name().to_string(), c.quant_snapshot()))
-        .chain(std::iter::once((l.fc.name().to_string(), l.fc.quant_snapshot())))
+        .chain(l.linears.iter().map(|f| (f.name().to_string(), f.quant_snapshot())))
         .map(|(n, s)| (n, QuantRecord { steps: s.steps, calls: s.calls, clip: s.clip }))
         .collect();
+    state.dropout = l.dropouts.iter().map(|d| (d.name().to_string(), d.calls())).collect();
     let bytes: Vec<Vec<u8>> = named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = named
         .iter()
@@ -204,8 +208,15 @@ pub fn restore_all(model: &dyn Model, sgd: &mut Sgd, ck: &Loaded, path: &Path) -
             c.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
         }
     }
-    if let Some(q) = state.quant.get(l.fc.name()) {
-        l.fc.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
+    for f in &l.linears {
+        if let Some(q) = state.quant.get(f.name()) {
+            f.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
+        }
+    }
+    for d in &l.dropouts {
+        if let Some(&calls) = state.dropout.get(d.name()) {
+            d.set_calls(calls);
+        }
     }
     Ok(state)
 }

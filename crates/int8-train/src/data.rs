@@ -120,8 +120,17 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
             let classes = train_folder.classes.len();
             let train_folder = cut(train_folder, d.train_limit, recipe.train.seed);
             let test_folder = cut(test_folder, d.test_limit, recipe.train.seed ^ 1);
-            let train = InMemory::from_image_folder(&train_folder, size).map_err(TrainError::Data)?;
-            let test = InMemory::from_image_folder(&test_folder, size).map_err(TrainError::Data)?;
+            // CIFAR-10 JPEG images are checked to be 32x32; other folders (ImageNet's layout) are
+            // resized and centre-cropped to data.size.
+            let decode = |f: &ImageFolder| {
+                if recipe.dataset == "cifar10-jpeg" {
+                    InMemory::from_image_folder(f, size)
+                } else {
+                    InMemory::from_image_folder_center(f, d.size)
+                }
+            };
+            let train = decode(&train_folder).map_err(TrainError::Data)?;
+            let test = decode(&test_folder).map_err(TrainError::Data)?;
             let (mean, std) = if recipe.dataset == "cifar10-jpeg" {
                 (CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
             } else {

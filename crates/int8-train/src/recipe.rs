@@ -473,4 +473,19 @@ lr = 0.05
         assert_eq!(cfg.dclr, None);
         assert!(matches!(cfg.grad_rounding, GradRounding::Stochastic { .. }));
     }
+
+    #[test]
+    fn every_zoo_recipe_is_valid_and_uses_the_papers_quantization() {
+        let recipes = int8_zoo::recipes();
+        let names: Vec<&str> = recipes.iter().map(|r| r.0.as_str()).collect();
+        for want in ["resnet20-cifar10", "mobilenetv2-cifar10", "cnn-small-fashion-mnist", "resnet50-imagenet"] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        for (name, path) in &recipes {
+            let r = Recipe::load(path, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(name.starts_with(&r.model.replace("-cifar", "")), "{name} trains {}", r.model);
+            assert_eq!((r.quant.alpha, r.quant.beta, r.quant.clip_interval), (20.0, 0.1, 100), "{name}");
+            assert!(r.quant.dsgc && r.quant.dclr && r.optim.momentum == 0.9, "{name}");
+        }
+    }
 }

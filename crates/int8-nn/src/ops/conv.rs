@@ -23,8 +23,8 @@ use crate::stats::LayerState;
 pub struct ConvGeometry {
     /// Stride.
     pub stride: usize,
-    /// Zero padding on every side.
-    pub padding: usize,
+    /// Zero padding (rows, columns), on both sides of each.
+    pub padding: (usize, usize),
     /// Dilation.
     pub dilation: usize,
     /// Groups.
@@ -33,7 +33,7 @@ pub struct ConvGeometry {
 
 impl Default for ConvGeometry {
     fn default() -> Self {
-        Self { stride: 1, padding: 0, dilation: 1, groups: 1 }
+        Self { stride: 1, padding: (0, 0), dilation: 1, groups: 1 }
     }
 }
 
@@ -60,7 +60,7 @@ impl ConvGeometry {
             kh,
             kw,
             stride: (s, s),
-            pad: (p, p),
+            pad: p,
             dilation: (d, d),
             groups: self.groups,
         };
