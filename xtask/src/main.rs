@@ -177,7 +177,10 @@ fn run() -> Result<()> {
                 }
             })
             .context("cannot install the Ctrl-C handler")?;
-            let opts = sweep::SweepOptions { experiment: path, out, jobs, dry_run, sets, data_dir };
+            // Paths are handed to runs that work from the workspace root: make them absolute.
+            let cwd = std::env::current_dir().context("cannot read the current folder")?;
+            let (out, data_dir) = (cwd.join(out), data_dir.map(|d| cwd.join(d)));
+            let opts = sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, sets, data_dir };
             sweep::sweep(&root, &opts, stop)
         }
         Cmd::Train { args } => {

@@ -122,6 +122,7 @@ pub fn plan(exp: &Experiment, cli_sets: &[String]) -> Result<Vec<PlannedRun>> {
             let names: Vec<String> = int8_zoo::recipes().into_iter().map(|r| r.0).collect();
             format!("no recipe `{recipe}`; the zoo has: {}", names.join(", "))
         })?;
+        let path = std::path::absolute(&path).with_context(|| format!("cannot resolve {}", path.display()))?;
         let recipe_name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
         for precision in &exp.precisions {
             // The grid of axis values that apply at this precision.
@@ -226,6 +227,18 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     let mut resolved = Vec::new();
     for r in &runs {
         let recipe = Recipe::load(&r.recipe, &r.sets).with_context(|| format!("run {}", r.name))?;
+        // A run folder made with another recipe (the experiment changed since) is not reused.
+        let saved = opts.out.join(&r.name).join("recipe.toml");
+        if let Ok(text) = std::fs::read_to_string(&saved)
+            && text != recipe.to_toml()
+        {
+            bail!(
+                "{} was made with a different recipe than this experiment now gives run {}; \
+                 move or delete that folder, or pass another --out",
+                saved.display(),
+                r.name
+            );
+        }
         resolved.push(recipe);
     }
     println!("{} runs in {} (jobs: {}):", runs.len(), opts.out.display(), opts.jobs);
@@ -275,6 +288,8 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
                 .open(dir.join("train.log"))
                 .with_context(|| format!("cannot open {}", dir.join("train.log").display()))?;
             let mut cmd = Command::new(&trainer);
+            // Runs work from the workspace root, where recipes' relative data paths point.
+            cmd.current_dir(root);
             cmd.arg(&r.recipe).arg("--out").arg(&dir).args(["--resume", "--progress", "json"]);
             for s in &r.sets {
                 cmd.arg("--set").arg(s);

@@ -10,8 +10,12 @@ fn root() -> PathBuf {
 }
 
 fn sweep(out: &Path, kill_at: Option<u64>) -> Output {
+    sweep_with(out, kill_at, &[])
+}
+
+fn sweep_with(out: &Path, kill_at: Option<u64>, extra: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    cmd.current_dir(root()).args(["sweep", "ci", "--out"]).arg(out);
+    cmd.current_dir(root()).args(["sweep", "ci", "--out"]).arg(out).args(extra);
     if let Some(step) = kill_at {
         cmd.env("INT8_TRAIN_KILL_AT_STEP", step.to_string());
     } else {
@@ -96,4 +100,9 @@ fn a_killed_sweep_finishes_on_the_next_run_without_redoing_finished_runs() {
     assert!(String::from_utf8_lossy(&third.stdout).contains("3 finished runs skipped"));
     assert_eq!(before, RUNS.iter().map(|r| stamp(r)).collect::<Vec<_>>());
     assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
+
+    // Changing the experiment does not silently reuse runs made with the old recipes.
+    let changed = sweep_with(&out, None, &["--set", "optim.lr=0.01"]);
+    assert!(!changed.status.success());
+    assert!(String::from_utf8_lossy(&changed.stderr).contains("different recipe"));
 }

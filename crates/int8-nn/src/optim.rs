@@ -93,6 +93,12 @@ impl Sgd {
                 let d = if cfg.nesterov { gi + m * *bi } else { *bi };
                 *wi -= step * d;
             }
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(NnError::BadInput {
+                    layer: p.name.clone(),
+                    why: format!("the update made weight {i} {}: the run has diverged; lower the learning rate", w[i]),
+                });
+            }
             p.var.set(&Tensor::from_vec(w, p.var.shape(), p.var.device())?)?;
         }
         Ok(())
@@ -233,6 +239,19 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("layer2.0.conv1.weight"), "{err}");
         assert_eq!(p.var.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0], "a refused step changes nothing");
+    }
+
+    #[test]
+    fn an_update_that_overflows_is_refused() {
+        let p = param("fc.weight", &[1.0, 2.0], true, 1.0);
+        let loss = (p.var.as_tensor() * 1e30).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let err = Sgd::new(SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0 })
+            .step(std::slice::from_ref(&p), &grads, 1e30)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fc.weight") && err.contains("diverged"), "{err}");
+        assert_eq!(p.var.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
     }
 
     #[test]

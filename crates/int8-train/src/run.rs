@@ -166,6 +166,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let out = &opts.out;
     let resolved = recipe.to_toml();
     let last = out.join("checkpoints/last.safetensors");
+    if let Ok(saved) = std::fs::read_to_string(out.join("recipe.toml"))
+        && saved != resolved
+        && opts.resume
+    {
+        return Err(TrainError::Recipe {
+            path: out.join("recipe.toml"),
+            why: "the run was started with a different recipe; resume it with the same recipe and --set \
+                  values, or choose another --out"
+                .into(),
+        });
+    }
     if opts.resume
         && let Some(s) = finished(out)
     {

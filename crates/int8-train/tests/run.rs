@@ -210,3 +210,21 @@ fn a_killed_and_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     assert_eq!(steps, loss.keys().copied().collect::<Vec<_>>(), "steps are unique and in order");
     assert_eq!(steps, vec![1, 2, 4, 6, 8, 10, 12, 14, 16]);
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // A learning rate of 1e45 (past f32's range) with warmup: step 1 runs at rate 0 and is
+    // checkpointed; step 2's update overflows.
+    let r = recipe(&["optim.lr=1e45", "optim.warmup_epochs=1", "train.checkpoint_every=1"]);
+    let err = run(&r, &opts(dir.path())).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, TrainError::Diverged { step: 2, .. }), "{msg}");
+    assert!(msg.contains("diverged") && msg.contains("lower optim.lr") && msg.contains("last.safetensors"), "{msg}");
+    let kept = checkpoint::load(&dir.path().join("checkpoints/last.safetensors")).unwrap();
+    assert_eq!(kept.state.unwrap().global_step, 1);
+    for (name, (_, v)) in &kept.tensors {
+        assert!(v.iter().all(|x| x.is_finite()), "the kept checkpoint has a non-finite {name}");
+    }
+    assert!(!dir.path().join("summary.json").exists());
+}
