@@ -463,24 +463,31 @@ pub fn write_results(out: &Path, runs: &[PlannedRun], jobs: usize, threads: usiz
             "off"
         }
     };
+    // The same cells in both files.
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(r, s)| {
+            vec![
+                r.name.clone(),
+                s.model.clone(),
+                s.dataset.clone(),
+                s.precision.clone(),
+                onoff(r, s.dsgc).into(),
+                onoff(r, s.dclr).into(),
+                s.seed.to_string(),
+                s.epochs.to_string(),
+                format!("{:.2}", s.top1),
+                format!("{:.2}", s.best_top1),
+                format!("{:.4}", s.final_train_loss),
+                format!("{:.1}", s.train_seconds),
+                format!("{:.2}", s.step_ms),
+            ]
+        })
+        .collect();
     let mut csv = format!("{CSV_HEADER}\n");
-    for (r, s) in &rows {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.2},{:.2},{:.4},{:.1},{:.2}\n",
-            r.name,
-            s.model,
-            s.dataset,
-            s.precision,
-            onoff(r, s.dsgc),
-            onoff(r, s.dclr),
-            s.seed,
-            s.epochs,
-            s.top1,
-            s.best_top1,
-            s.final_train_loss,
-            s.train_seconds,
-            s.step_ms
-        ));
+    for c in &cells {
+        csv.push_str(&c.join(","));
+        csv.push('\n');
     }
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;
 
@@ -493,23 +500,8 @@ pub fn write_results(out: &Path, runs: &[PlannedRun], jobs: usize, threads: usiz
     ));
     md.push_str("| run | model | dataset | precision | dsgc | dclr | seed | epochs | top-1 % | best top-1 % | final train loss | train s | step ms |\n");
     md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
-    for (r, s) in &rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.1} | {:.2} |\n",
-            r.name,
-            s.model,
-            s.dataset,
-            s.precision,
-            onoff(r, s.dsgc),
-            onoff(r, s.dclr),
-            s.seed,
-            s.epochs,
-            s.top1,
-            s.best_top1,
-            s.final_train_loss,
-            s.train_seconds,
-            s.step_ms
-        ));
+    for c in &cells {
+        md.push_str(&format!("| {} |\n", c.join(" | ")));
     }
     // INT8 against FP32, per recipe and INT8 ablation setting, paired by seed.
     let mut groups: BTreeMap<(String, String), Vec<&(&PlannedRun, Summary)>> = BTreeMap::new();

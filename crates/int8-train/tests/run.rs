@@ -228,3 +228,23 @@ fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_good_checkpoint
     }
     assert!(!dir.path().join("summary.json").exists());
 }
+
+#[test]
+fn an_int8_run_can_start_from_an_fp32_checkpoint() {
+    let fp32 = tempfile::tempdir().unwrap();
+    run(&recipe(&["quant.precision=fp32", "train.epochs=1"]), &opts(fp32.path())).unwrap();
+    let best = fp32.path().join("checkpoints/best.safetensors");
+    let init = format!("train.init=\"{}\"", best.display());
+    // One INT8 epoch from the FP32 weights: it starts where FP32 ended, so its first loss is far
+    // below a fresh model's.
+    let tuned = tempfile::tempdir().unwrap();
+    let s = run(&recipe(&[&init, "train.epochs=1"]), &opts(tuned.path())).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let f = run(&recipe(&["train.epochs=1"]), &opts(fresh.path())).unwrap();
+    assert!(s.top1 > f.top1, "fine-tuned {} vs fresh {}", s.top1, f.top1);
+    let first_loss = |dir: &Path| read_events(dir)["scalars"]["train/loss"][0][1].as_f64().unwrap();
+    assert!(first_loss(tuned.path()) < first_loss(fresh.path()) - 0.1);
+    // A checkpoint of another model is refused, naming the first tensor that does not fit.
+    let err = run(&recipe(&[&init, "model=\"resnet20\""]), &opts(&tuned.path().join("other"))).unwrap_err();
+    assert!(err.to_string().contains("tensor `conv1.weight` has shape [32, 1, 3, 3]"), "{err}");
+}
