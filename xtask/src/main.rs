@@ -185,6 +185,9 @@ fn run() -> Result<()> {
         }
         Cmd::Train { args } => {
             let trainer = sweep::build_trainer(&root)?;
+            // A Ctrl-C reaches the trainer too, which stops after its step with a checkpoint:
+            // wait for it rather than leave it behind.
+            ctrlc::set_handler(|| {}).context("cannot install the Ctrl-C handler")?;
             let status = Command::new(&trainer)
                 .args(&args)
                 .status()
