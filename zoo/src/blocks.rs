@@ -26,10 +26,7 @@ impl Builder<'_> {
         stride: usize,
         first: bool,
     ) -> Result<Conv2d> {
-        self.count += 1;
-        let w = init::conv_weight(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
-        let g = ConvGeometry { stride, padding: (k / 2, k / 2), ..Default::default() };
-        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
+        self.conv_rect(name, inp, out, (k, k), stride, (k / 2, k / 2), first)
     }
 }
 

@@ -160,6 +160,16 @@ fn keep_grads(model: &dyn Model, keep: bool) {
     }
 }
 
+/// The error for resuming a run folder with a recipe other than the one it was started with.
+fn different_recipe(out: &Path) -> TrainError {
+    TrainError::Recipe {
+        path: out.join("recipe.toml"),
+        why: "the run was started with a different recipe; resume it with the same recipe and --set values, or \
+              choose another --out"
+            .into(),
+    }
+}
+
 /// Runs `recipe` in `opts.out`, or resumes it; returns the summary, also written as
 /// `summary.json`.
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
@@ -170,12 +180,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
         && saved != resolved
         && opts.resume
     {
-        return Err(TrainError::Recipe {
-            path: out.join("recipe.toml"),
-            why: "the run was started with a different recipe; resume it with the same recipe and --set \
-                  values, or choose another --out"
-                .into(),
-        });
+        return Err(different_recipe(out));
     }
     if opts.resume
         && let Some(s) = finished(out)
@@ -197,12 +202,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
         let ck = checkpoint::load(&last)?;
         state = checkpoint::restore_all(model.as_ref(), &mut sgd, &ck, &last)?;
         if state.recipe != resolved {
-            return Err(TrainError::Recipe {
-                path: out.join("recipe.toml"),
-                why: "the run was started with a different recipe; resume it with the same recipe and --set \
-                      values, or choose another --out"
-                    .into(),
-            });
+            return Err(different_recipe(out));
         }
     } else if let Some(init) = &recipe.train.init {
         let ck = checkpoint::load(init)?;
