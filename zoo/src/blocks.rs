@@ -28,9 +28,7 @@ impl Builder<'_> {
     ) -> Result<Conv2d> {
         self.conv_rect(name, inp, out, (k, k), stride, (k / 2, k / 2), first)
     }
-}
 
-impl Builder<'_> {
     /// A `kh x kw` convolution with explicit padding, named, with its policy precision and own
     /// seed.
     pub(crate) fn conv_rect(
@@ -43,13 +41,12 @@ impl Builder<'_> {
         padding: (usize, usize),
         first: bool,
     ) -> Result<Conv2d> {
-        self.count += 1;
-        let w = init::conv_weight_rect(out, inp, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
+        let w = init::conv_weight_rect(out, inp, k, self.next_seed())?;
         let g = ConvGeometry { stride, padding, ..Default::default() };
         Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
     }
 
-    /// A fresh seed for a layer that is not a convolution (a classifier, a dropout).
+    /// A fresh seed for the next layer: each layer built draws its own.
     pub(crate) fn next_seed(&mut self) -> u64 {
         self.count += 1;
         self.seed.wrapping_mul(1000).wrapping_add(self.count)

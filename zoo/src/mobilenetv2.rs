@@ -11,6 +11,7 @@ use int8_nn::layers::{BatchNorm2d, global_avg_pool, relu6};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
 
+use crate::blocks::Builder;
 use crate::{Layers, Model, Result, init};
 
 /// A convolution followed by batch norm, with or without ReLU6.
@@ -69,12 +70,7 @@ pub struct MobileNetV2 {
     pub classifier: Linear,
 }
 
-struct Builder<'a> {
-    policy: &'a LayerPolicy,
-    seed: u64,
-    count: u64,
-}
-
+/// MobileNetV2's conv + batch norm units, built with the zoo's shared layer builder.
 impl Builder<'_> {
     fn conv_bn(
         &mut self,
@@ -86,8 +82,7 @@ impl Builder<'_> {
         groups: usize,
         relu6: bool,
     ) -> Result<ConvBn> {
-        self.count += 1;
-        let w = init::conv_weight(out, inp / groups, k, self.seed.wrapping_mul(1000).wrapping_add(self.count))?;
+        let w = init::conv_weight(out, inp / groups, k, self.next_seed())?;
         let g = ConvGeometry { stride, padding: (k / 2, k / 2), dilation: 1, groups };
         let conv = Conv2d::new(
             format!("{name}.conv"),

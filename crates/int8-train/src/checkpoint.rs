@@ -52,6 +52,18 @@ pub struct QuantRecord {
     pub clip: Option<f32>,
 }
 
+impl From<QuantSnapshot> for QuantRecord {
+    fn from(s: QuantSnapshot) -> Self {
+        Self { steps: s.steps, calls: s.calls, clip: s.clip }
+    }
+}
+
+impl From<QuantRecord> for QuantSnapshot {
+    fn from(q: QuantRecord) -> Self {
+        Self { steps: q.steps, calls: q.calls, clip: q.clip }
+    }
+}
+
 /// Where a run stands.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TrainState {
@@ -110,7 +122,7 @@ pub fn save(path: &Path, model: &dyn Model, sgd: &Sgd, state: &TrainState) -> Re
         .iter()
         .map(|c| (c.name().to_string(), c.quant_snapshot()))
         .chain(l.linears.iter().map(|f| (f.name().to_string(), f.quant_snapshot())))
-        .map(|(n, s)| (n, QuantRecord { steps: s.steps, calls: s.calls, clip: s.clip }))
+        .map(|(n, s)| (n, QuantRecord::from(s)))
         .collect();
     state.dropout = l.dropouts.iter().map(|d| (d.name().to_string(), d.calls())).collect();
     let bytes: Vec<Vec<u8>> = named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
@@ -205,12 +217,12 @@ pub fn restore_all(model: &dyn Model, sgd: &mut Sgd, ck: &Loaded, path: &Path) -
     let l = model.layers();
     for c in &l.convs {
         if let Some(q) = state.quant.get(c.name()) {
-            c.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
+            c.restore_quant((*q).into());
         }
     }
     for f in &l.linears {
         if let Some(q) = state.quant.get(f.name()) {
-            f.restore_quant(QuantSnapshot { steps: q.steps, calls: q.calls, clip: q.clip });
+            f.restore_quant((*q).into());
         }
     }
     for d in &l.dropouts {
