@@ -104,16 +104,7 @@ impl ImageFolder {
     /// crops the centre `side x side` square: ImageNet's evaluation transform.
     pub fn load_center(&self, index: usize, side: usize) -> Result<(RgbImage, u32)> {
         let (img, label) = self.load(index, None)?;
-        let (w, h) = (img.width as f64, img.height as f64);
-        let scale = side as f64 / w.min(h);
-        let (nw, nh) = (((w * scale).round() as u32).max(side as u32), ((h * scale).round() as u32).max(side as u32));
-        let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data).ok_or_else(|| {
-            DatasetError::Invalid { path: self.items[index].0.clone(), why: "decoded to a short buffer".into() }
-        })?;
-        let resized = image::imageops::resize(&buf, nw, nh, image::imageops::FilterType::Triangle);
-        let (x0, y0) = ((nw - side as u32) / 2, (nh - side as u32) / 2);
-        let crop = image::imageops::crop_imm(&resized, x0, y0, side as u32, side as u32).to_image();
-        Ok((RgbImage { width: side, height: side, data: crop.into_raw() }, label))
+        Ok((crate::transform::resize_center(&img, side), label))
     }
 
     /// Decodes image `index`, checking that it is `size` (width, height) when given.

@@ -1,17 +1,20 @@
 //! `int8-datasets`: reading the standard formats people already have on disk, never trusting a
-//! file. Built so far: IDX (MNIST, Fashion-MNIST; raw or gzipped), CIFAR-10/100 binary batches,
-//! the registry of known datasets with discovery and import, the batching loader with CIFAR-style
-//! augmentation, and image folders
-//! (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout,
-//! which the CIFAR-10 JPEG set uses) and `.tar.gz` import. To come (see the datasets issue): detection
-//! formats, ImageNet-style augmentation, and `fetch` over the network.
+//! file. Formats: IDX (MNIST, Fashion-MNIST; raw or gzipped), CIFAR-10/100 binary batches, image
+//! folders (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout, which the CIFAR-10 JPEG
+//! set uses), Pascal VOC and COCO detection annotations. Around them: the registry of known
+//! datasets with discovery, import of a local archive and fetch from the canonical sources; the
+//! batching loader, in memory with CIFAR-style augmentation or streaming from files with
+//! ImageNet-style augmentation; and detection transforms that move boxes with the pixels.
 
 pub mod archive;
 pub mod cifar;
+pub mod detection;
+pub mod fetch;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
 pub mod registry;
+pub mod transform;
 
 use std::path::PathBuf;
 

@@ -24,8 +24,23 @@ pub struct KnownDataset {
     pub marker_files: &'static [&'static str],
     /// The archive's sha256, where the project knows it.
     pub archive_sha256: Option<&'static str>,
-    /// Where it comes from, for `fetch` and for people.
+    /// Where it comes from, for people.
     pub sources: &'static [&'static str],
+    /// What `fetch` downloads: the canonical files with their publishers' MD5 checksums.
+    pub downloads: &'static [Download],
+}
+
+/// One file of a dataset's canonical source.
+#[derive(Debug, Clone, Copy)]
+pub struct Download {
+    /// Where it is published.
+    pub url: &'static str,
+    /// Its file name.
+    pub file: &'static str,
+    /// Its MD5 as the publishers give it (lowercase hex).
+    pub md5: &'static str,
+    /// Whether it is a `.tar.gz` holding the dataset's folder.
+    pub extract: bool,
 }
 
 /// The registry.
@@ -42,6 +57,34 @@ pub const DATASETS: &[KnownDataset] = &[
         ],
         archive_sha256: None,
         sources: &["apt-get install -y dataset-fashion-mnist", "https://github.com/zalandoresearch/fashion-mnist"],
+        // The MD5s are those in the Fashion-MNIST repository's README (Debian's package
+        // recompresses the files, so its copies have other checksums but the same contents).
+        downloads: &[
+            Download {
+                url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
+                file: "train-images-idx3-ubyte.gz",
+                md5: "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                extract: false,
+            },
+            Download {
+                url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-labels-idx1-ubyte.gz",
+                file: "train-labels-idx1-ubyte.gz",
+                md5: "25c81989df183df01b3e8a0aad5dffbe",
+                extract: false,
+            },
+            Download {
+                url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz",
+                file: "t10k-images-idx3-ubyte.gz",
+                md5: "bef4ecab320f06d8554ea6380940ec79",
+                extract: false,
+            },
+            Download {
+                url: "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-labels-idx1-ubyte.gz",
+                file: "t10k-labels-idx1-ubyte.gz",
+                md5: "bb300cfdad3c16e7a12a480ee83cd310",
+                extract: false,
+            },
+        ],
     },
     KnownDataset {
         name: "cifar10-jpeg",
@@ -50,6 +93,7 @@ pub const DATASETS: &[KnownDataset] = &[
         marker_files: &["train/airplane/0000.jpg", "test/truck/0999.jpg"],
         archive_sha256: Some("efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"),
         sources: &["cargo xtask data import cifar10-jpeg <path to cifar10-jpeg.tar.gz>"],
+        downloads: &[],
     },
     KnownDataset {
         name: "cifar10",
@@ -58,6 +102,13 @@ pub const DATASETS: &[KnownDataset] = &[
         marker_files: &["data_batch_1.bin", "test_batch.bin"],
         archive_sha256: None,
         sources: &["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"],
+        // The MD5 published on the CIFAR page.
+        downloads: &[Download {
+            url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+            file: "cifar-10-binary.tar.gz",
+            md5: "c32a1d4ab5d03f1284b67883e8d87530",
+            extract: true,
+        }],
     },
 ];
 
@@ -93,10 +144,10 @@ pub fn locate(ds: &KnownDataset, dirs: &[PathBuf]) -> Option<PathBuf> {
     dirs.iter().map(|d| d.join(ds.folder)).find(|root| ds.marker_files.iter().all(|f| root.join(f).is_file()))
 }
 
-/// The sha256 of a file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
+/// The digest of a file under `D`, as lowercase hex.
+fn digest_file<D: Digest>(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut h = Sha256::new();
+    let mut h = D::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(io_err(path))?;
@@ -108,18 +159,53 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Imports `ds` from a local `.tar.gz` into `cache`: checks the archive's sha256 where known,
-/// extracts into a temporary folder and renames it into place, so a failed import leaves nothing
-/// half-written. Returns the dataset's folder.
-pub fn import(ds: &KnownDataset, archive: &Path, cache: &Path) -> Result<PathBuf> {
-    if let Some(want) = ds.archive_sha256 {
-        let got = sha256_file(archive)?;
-        if got != want {
-            return Err(DatasetError::Invalid {
-                path: archive.into(),
-                why: format!("has sha256 {got}, but {} is {want}; is it the right file?", ds.name),
-            });
+/// The sha256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    digest_file::<Sha256>(path)
+}
+
+/// Copies the folder `src` into `dst` (which must not exist), files and subfolders.
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(io_err(dst))?;
+    for entry in std::fs::read_dir(src).map_err(io_err(src))? {
+        let entry = entry.map_err(io_err(src))?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        let kind = entry.file_type().map_err(io_err(&from))?;
+        if kind.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if kind.is_file() {
+            std::fs::copy(&from, &to).map_err(io_err(&from))?;
         }
+    }
+    Ok(())
+}
+
+/// Checks an archive of `ds` against its sha256, or the MD5 its publishers give, where known.
+fn check_archive(ds: &KnownDataset, archive: &Path) -> Result<()> {
+    let published_md5 = ds.downloads.iter().find(|d| d.extract).map(|d| d.md5);
+    let (kind, want, got) = if let Some(want) = ds.archive_sha256 {
+        ("sha256", want, sha256_file(archive)?)
+    } else if let Some(want) = published_md5 {
+        ("MD5", want, digest_file::<md5::Md5>(archive)?)
+    } else {
+        return Ok(());
+    };
+    if got != want {
+        return Err(DatasetError::Invalid {
+            path: archive.into(),
+            why: format!("has {kind} {got}, but {}'s archive has {want}; is it the right file?", ds.name),
+        });
+    }
+    Ok(())
+}
+
+/// Imports `ds` from a local `.tar.gz` or folder into `cache`: checks an archive's sha256 (or
+/// the MD5 its publishers give) where known, extracts or copies into a temporary folder and
+/// renames it into place, so a failed import leaves nothing half-written. Returns the dataset's
+/// folder.
+pub fn import(ds: &KnownDataset, archive: &Path, cache: &Path) -> Result<PathBuf> {
+    if !archive.is_dir() {
+        check_archive(ds, archive)?;
     }
     let dest = cache.join(ds.folder);
     if locate(ds, &[cache.to_path_buf()]).is_some() {
@@ -129,8 +215,12 @@ pub fn import(ds: &KnownDataset, archive: &Path, cache: &Path) -> Result<PathBuf
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    extract_tar_gz(archive, &tmp, |_| true)?;
+    if archive.is_dir() {
+        copy_tree(archive, &tmp.join(ds.folder))?;
+    } else {
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        extract_tar_gz(archive, &tmp, |_| true)?;
+    }
     // The archive holds one top folder; it becomes the dataset's folder.
     let top = tmp.join(ds.folder);
     let src = if top.is_dir() { top } else { tmp.clone() };
@@ -200,7 +290,20 @@ mod tests {
         t.into_inner().unwrap().finish().unwrap();
         let root = import(&ds, &archive, &cache).unwrap();
         assert_eq!(root, cache.join("fashion-mnist"));
-        assert_eq!(locate(&ds, std::slice::from_ref(&cache)), Some(root));
+        assert_eq!(locate(&ds, std::slice::from_ref(&cache)), Some(root.clone()));
         assert!(!cache.join(".fashion-mnist.importing").exists());
+        // A folder is copied in; one without the dataset's files is refused.
+        let other = dir.path().join("other-cache");
+        let copied = import(&ds, &root, &other).unwrap();
+        assert_eq!(std::fs::read(copied.join(ds.marker_files[0])).unwrap(), b"x");
+        let unrelated = dir.path().join("unrelated");
+        std::fs::create_dir_all(&unrelated).unwrap();
+        std::fs::write(unrelated.join("notes.txt"), b"x").unwrap();
+        let e = import(&ds, &unrelated, &dir.path().join("third")).unwrap_err().to_string();
+        assert!(e.contains("unrelated") && e.contains("does not hold"), "{e}");
+        assert!(!dir.path().join("third/fashion-mnist").exists());
+        // The official CIFAR-10 archive is checked against its published MD5.
+        let e = import(known("cifar10").unwrap(), &wrong, &cache).unwrap_err().to_string();
+        assert!(e.contains("MD5") && e.contains("c32a1d4ab5d03f1284b67883e8d87530"), "{e}");
     }
 }

@@ -84,11 +84,11 @@ enum Cmd {
 enum DataCmd {
     /// Each known dataset and where it was found, or how to get it.
     List,
-    /// Import a dataset from a local .tar.gz archive into datasets/cache/.
+    /// Import a dataset from a local .tar.gz archive or folder into datasets/cache/.
     Import {
         /// The dataset's name (see `data list`).
         name: String,
-        /// The archive.
+        /// The archive or folder.
         path: PathBuf,
     },
     /// Download a dataset from its canonical source.
@@ -269,8 +269,8 @@ fn data(root: &Path, what: DataCmd, data_dir: Option<&Path>) -> Result<()> {
         }
         DataCmd::Import { name, path } => {
             let ds = known(&name)?;
-            if !path.is_file() {
-                bail!("{}: not a file; pass the dataset's .tar.gz archive", path.display());
+            if !path.exists() {
+                bail!("{}: no such file or folder; pass the dataset's .tar.gz archive or its folder", path.display());
             }
             eprintln!("importing {name} from {} (checking its checksum, then extracting)...", path.display());
             let dest = import(ds, &path, &cache)?;
@@ -279,10 +279,22 @@ fn data(root: &Path, what: DataCmd, data_dir: Option<&Path>) -> Result<()> {
         }
         DataCmd::Fetch { name } => {
             let ds = known(&name)?;
-            bail!(
-                "this build has no network client, so it cannot download {name}; get it from {} and run `cargo xtask data import {name} FILE`",
-                ds.sources.join(" or ")
-            )
+            if let Some(found) = locate(ds, &dirs) {
+                println!("{name}: already at {}", found.display());
+                return Ok(());
+            }
+            eprintln!("fetching {name} into {} (each file checked against its published MD5)...", cache.display());
+            let mut last = (String::new(), 0u64);
+            let dest = int8_datasets::fetch::fetch(ds, &cache, &mut |file, got, total| {
+                // One line per file and per 10 MiB, so that logs stay short.
+                if last.0 != file || got >= last.1 + (10 << 20) || total == Some(got) {
+                    let of = total.map(|t| format!(" of {:.1} MiB", t as f64 / 1048576.0)).unwrap_or_default();
+                    eprintln!("  {file}: {:.1} MiB{of}", got as f64 / 1048576.0);
+                    last = (file.to_string(), got);
+                }
+            })?;
+            println!("{name}: {}", dest.display());
+            Ok(())
         }
     }
 }

@@ -1,5 +1,8 @@
-//! A recipe's data: the training and test sets decoded into memory from wherever the registry
-//! finds them, optionally cut to a seeded random subset, with the dataset's normalisation.
+//! A recipe's data, from wherever the registry finds it, optionally cut to a seeded random subset,
+//! with the dataset's normalisation: small datasets (Fashion-MNIST, CIFAR-10) decoded into memory
+//! with CIFAR-style augmentation; image folders (`image-folder`, the ImageNet layout) streamed
+//! from disk with a random-resized crop and flip for training and resize plus centre crop for
+//! testing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,8 +10,9 @@ use std::sync::Arc;
 use int8_datasets::cifar::{CifarKind, read_cifar};
 use int8_datasets::idx::read_idx_pair;
 use int8_datasets::image_folder::ImageFolder;
-use int8_datasets::loader::{Augment, InMemory, epoch_order};
+use int8_datasets::loader::{Augment, Augmented, InMemory, Source, Streamed, epoch_order};
 use int8_datasets::registry::{known, locate, search_dirs, workspace_cache};
+use int8_datasets::transform::ResizedCrop;
 
 use crate::recipe::Recipe;
 use crate::{Result, TrainError};
@@ -16,14 +20,12 @@ use crate::{Result, TrainError};
 /// The data of one run.
 #[derive(Debug, Clone)]
 pub struct RunData {
-    /// Training images.
-    pub train: Arc<InMemory>,
-    /// Test images.
-    pub test: Arc<InMemory>,
+    /// Training samples, augmented.
+    pub train: Arc<dyn Source>,
+    /// Test samples, with the evaluation transform.
+    pub test: Arc<dyn Source>,
     /// Classes.
     pub classes: usize,
-    /// Training augmentation (its `eval()` for testing).
-    pub augment: Augment,
     /// Where the data was read from.
     pub root: PathBuf,
 }
@@ -106,8 +108,7 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
                     why: "its class folders differ from train/'s; both splits need the same classes".into(),
                 });
             }
-            let size = (d.size, d.size);
-            // Decode only the images the subset keeps: the folders are listed, then cut.
+            // Only the images the subset keeps are decoded: the folders are listed, then cut.
             let cut = |f: ImageFolder, n: usize, seed: u64| -> ImageFolder {
                 if n == 0 || n >= f.items.len() {
                     return f;
@@ -120,23 +121,41 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
             let classes = train_folder.classes.len();
             let train_folder = cut(train_folder, d.train_limit, recipe.train.seed);
             let test_folder = cut(test_folder, d.test_limit, recipe.train.seed ^ 1);
-            // CIFAR-10 JPEG images are checked to be 32x32; other folders (ImageNet's layout) are
-            // resized and centre-cropped to data.size.
-            let decode = |f: &ImageFolder| {
-                if recipe.dataset == "cifar10-jpeg" {
-                    InMemory::from_image_folder(f, size)
-                } else {
-                    InMemory::from_image_folder_center(f, d.size)
+            if recipe.dataset == "image-folder" {
+                if d.pad != 0 {
+                    return Err(TrainError::Recipe {
+                        path: "data.pad".into(),
+                        why: "pads in-memory datasets only; image-folder uses random-resized crops, so set it to 0"
+                            .into(),
+                    });
                 }
-            };
-            let train = decode(&train_folder).map_err(TrainError::Data)?;
-            let test = decode(&test_folder).map_err(TrainError::Data)?;
-            let (mean, std) = if recipe.dataset == "cifar10-jpeg" {
-                (CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
-            } else {
-                (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec())
-            };
-            (root, train, test, classes, mean, std)
+                // ImageNet-sized folders stream from disk: a random-resized crop and flip to
+                // data.size for training, resize and centre crop for testing.
+                let three = |v: Option<&Vec<f32>>, default: [f32; 3], key: &str| -> Result<[f32; 3]> {
+                    match v {
+                        None => Ok(default),
+                        Some(v) => <[f32; 3]>::try_from(v.as_slice()).map_err(|_| TrainError::Recipe {
+                            path: key.into(),
+                            why: format!("has {} entries for 3 channels", v.len()),
+                        }),
+                    }
+                };
+                let train = Streamed {
+                    folder: train_folder,
+                    side: d.size,
+                    crop: Some(ResizedCrop::default()),
+                    flip: d.flip,
+                    mean: three(d.mean.as_ref(), IMAGENET_MEAN, "data.mean")?,
+                    std: three(d.std.as_ref(), IMAGENET_STD, "data.std")?,
+                };
+                let test = Streamed { folder: test_folder, ..train.eval() };
+                return Ok(RunData { train: Arc::new(train), test: Arc::new(test), classes, root });
+            }
+            // CIFAR-10 JPEG: decoded once, each image checked to be 32x32.
+            let size = (d.size, d.size);
+            let train = InMemory::from_image_folder(&train_folder, size).map_err(TrainError::Data)?;
+            let test = InMemory::from_image_folder(&test_folder, size).map_err(TrainError::Data)?;
+            (root, train, test, classes, CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
         }
         other => {
             return Err(TrainError::Recipe {
@@ -156,6 +175,8 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
             why: format!("has {} entries for {} channels", mean.len(), train.channels),
         });
     }
-    let augment = Augment { pad: d.pad, flip: d.flip, mean, std };
-    Ok(RunData { train: Arc::new(train), test: Arc::new(test), classes, augment, root })
+    let aug = Augment { pad: d.pad, flip: d.flip, mean, std };
+    let test = Augmented { data: Arc::new(test), aug: aug.eval() };
+    let train = Augmented { data: Arc::new(train), aug };
+    Ok(RunData { train: Arc::new(train), test: Arc::new(test), classes, root })
 }

@@ -45,7 +45,8 @@ pub struct DataConfig {
     pub train_limit: usize,
     /// Test images to use (a seeded random subset); 0 for all.
     pub test_limit: usize,
-    /// Zero padding before the random crop (4 for CIFAR, 0 for none).
+    /// Zero padding before the random crop of in-memory datasets (4 for CIFAR, 0 for none);
+    /// image folders (`image-folder`) use random-resized crops instead.
     pub pad: usize,
     /// Random horizontal flips.
     pub flip: bool,
@@ -55,7 +56,8 @@ pub struct DataConfig {
     /// Per-channel standard deviation; the dataset's own when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub std: Option<Vec<f32>>,
-    /// Image side for image folders (images must already have it).
+    /// Image side: CIFAR-10 JPEG images must already have it; `image-folder` crops are resized
+    /// to it.
     pub size: usize,
 }
 

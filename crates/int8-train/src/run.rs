@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use int8_datasets::loader::{Augment, InMemory, epoch_from};
+use int8_datasets::loader::{Source, epoch_from};
 use int8_nn::layers::cross_entropy;
 use int8_nn::optim::{Schedule, Sgd};
 use int8_nn::precision::Precision;
@@ -107,11 +107,12 @@ fn tensor(images: Vec<f32>, dims: [usize; 4]) -> Result<Tensor> {
     Ok(Tensor::from_vec(images, dims.to_vec(), &Device::Cpu)?)
 }
 
-/// Test loss, top-1 and top-5 (%) of `model` on `test`.
-pub fn evaluate(model: &dyn Model, test: &Arc<InMemory>, aug: &Augment, batch: usize) -> Result<(f64, f64, f64)> {
+/// Test loss, top-1 and top-5 (%) of `model` on `test` (whose transform is the evaluation one).
+pub fn evaluate(model: &dyn Model, test: &Arc<dyn Source>, batch: usize) -> Result<(f64, f64, f64)> {
     model.set_training(false);
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
-    for b in epoch_from(test.clone(), aug.eval(), batch, false, 0, 0, 2, 0)? {
+    for b in epoch_from(test.clone(), batch, false, 0, 0, 2, 0)? {
+        let b = b?;
         let logits = model.forward(&tensor(b.images, b.dims)?)?;
         let (_, r) = cross_entropy(&logits, &b.labels)?;
         loss += r.loss * b.labels.len() as f64;
@@ -275,18 +276,10 @@ impl Trainer<'_> {
         while self.state.epochs_done < epochs {
             let epoch = self.state.epochs_done;
             let skip = self.state.step_in_epoch;
-            let batches = epoch_from(
-                self.data.train.clone(),
-                self.data.augment.clone(),
-                batch,
-                true,
-                r.train.seed,
-                epoch as u64,
-                3,
-                skip,
-            )?;
+            let batches = epoch_from(self.data.train.clone(), batch, true, r.train.seed, epoch as u64, 3, skip)?;
             let mut waited = Instant::now();
             for b in batches {
+                let b = b?;
                 let lr = self.schedule.lr(epoch as f64 + self.state.step_in_epoch as f64 / steps_per_epoch as f64);
                 let step = self.state.global_step + 1;
                 let hist_due = r.train.histogram_every > 0 && step.is_multiple_of(r.train.histogram_every as u64);
@@ -372,11 +365,7 @@ impl Trainer<'_> {
         let images_per_s = seen / self.state.epoch_seconds.max(1e-9);
         let lr = self.schedule.lr(epoch as f64);
         let due = epoch.is_multiple_of(r.train.eval_every) || epoch == r.train.epochs;
-        let test = if due {
-            Some(evaluate(self.model.as_ref(), &self.data.test, &self.data.augment, r.train.eval_batch)?)
-        } else {
-            None
-        };
+        let test = if due { Some(evaluate(self.model.as_ref(), &self.data.test, r.train.eval_batch)?) } else { None };
         let step = self.state.global_step;
         let mut s = vec![
             ("epoch/train_loss".to_string(), train_loss),

@@ -248,3 +248,55 @@ fn an_int8_run_can_start_from_an_fp32_checkpoint() {
     let err = run(&recipe(&[&init, "model=\"resnet20\""]), &opts(&tuned.path().join("other"))).unwrap_err();
     assert!(err.to_string().contains("tensor `conv1.weight` has shape [32, 1, 3, 3]"), "{err}");
 }
+
+/// An `image-folder` dataset streams from its files: images of any size become random-resized
+/// crops for training and centre crops for testing, and a file that stops decoding mid-run is
+/// an error naming it, not a panic.
+#[test]
+fn an_image_folder_streams_and_a_bad_file_is_named() {
+    let data = tempfile::tempdir().unwrap();
+    for split in ["train", "val"] {
+        for (c, class) in ["dark", "light"].iter().enumerate() {
+            let dir = data.path().join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for k in 0..6u32 {
+                // Sizes differ per image; the classes differ in brightness.
+                let img = image::RgbImage::from_fn(30 + 3 * k, 24 + 2 * k, |x, y| {
+                    let v = (x * 3 + y * 2 + 90 * c as u32) as u8;
+                    image::Rgb([v, v / 2, 200 - v / 2])
+                });
+                img.save(dir.join(format!("{k}.png"))).unwrap();
+            }
+        }
+    }
+    let text = format!(
+        r#"
+model = "resnet20"
+dataset = "image-folder"
+[data]
+root = "{}"
+size = 16
+flip = true
+[train]
+epochs = 1
+batch = 4
+eval_batch = 6
+[optim]
+lr = 0.05
+"#,
+        data.path().display()
+    );
+    let parse = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::parse(&text, Path::new("folder-recipe.toml"), &sets).unwrap()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let s = run(&parse(&[]), &opts(out.path())).unwrap();
+    assert_eq!(s.images, (12, 12));
+    assert!(s.final_train_loss.is_finite() && (0.0..=100.0).contains(&s.top1), "{s:?}");
+    let err = run(&parse(&["data.pad=4"]), &opts(&out.path().join("padded"))).unwrap_err().to_string();
+    assert!(err.contains("data.pad"), "{err}");
+    std::fs::write(data.path().join("train/light/3.png"), b"not a png any more").unwrap();
+    let err = run(&parse(&[]), &opts(&out.path().join("broken"))).unwrap_err().to_string();
+    assert!(err.contains("3.png") && err.contains("does not decode"), "{err}");
+}
