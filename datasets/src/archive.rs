@@ -135,4 +135,28 @@ mod tests {
         std::fs::write(dir.path().join("junk.tar.gz"), b"not gzip").unwrap();
         assert!(extract_tar_gz(&dir.path().join("junk.tar.gz"), &dest, |_| true).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn random_and_mutated_archives_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let junk = dir.path().join("junk.tar.gz");
+            std::fs::write(&junk, &bytes).unwrap();
+            let _ = extract_tar_gz(&junk, &dir.path().join("out"), |_| true);
+            let _ = count_tar_gz(&junk, |p| Some(p.to_path_buf()));
+            // A valid archive with a few bytes changed.
+            let good = archive(dir.path(), &[("set/a/1.jpg", b"one"), ("set/b/2.jpg", b"two")]);
+            let mut b = std::fs::read(&good).unwrap();
+            for &(at, v) in &flips {
+                let at = at % b.len();
+                b[at] = v;
+            }
+            std::fs::write(&good, &b).unwrap();
+            let _ = extract_tar_gz(&good, &dir.path().join("out2"), |_| true);
+        }
+    }
 }

@@ -180,4 +180,28 @@ mod tests {
         let err = f.load(0, None).unwrap_err().to_string();
         assert!(err.contains("broken.jpg") && err.contains("does not decode"), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn random_and_mutated_images_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            write_png(&dir.path().join("c/ok.png"), 6, 5, 77);
+            std::fs::write(dir.path().join("c/random.jpg"), &bytes).unwrap();
+            let mut png = std::fs::read(dir.path().join("c/ok.png")).unwrap();
+            for &(at, v) in &flips {
+                let at = at % png.len();
+                png[at] = v;
+            }
+            std::fs::write(dir.path().join("c/mutated.png"), &png).unwrap();
+            let f = ImageFolder::open(dir.path()).unwrap();
+            for i in 0..f.items.len() {
+                let _ = f.load(i, Some((6, 5)));
+                let _ = f.load_center(i, 4);
+            }
+        }
+    }
 }
