@@ -2,9 +2,12 @@
 //! fused into the same pass.
 //!
 //! Training normalises with the batch's mean and biased variance; evaluation with running
-//! statistics. Statistics are two-pass (mean, then squared deviations) and summed in f64, so they
-//! hold for large batches and offset data. Work runs in parallel over channels for the reductions
-//! and over `(image, channel)` planes for the elementwise passes.
+//! statistics. Batch norm is memory-bound, so each pass over the activations counts: the
+//! statistics take one pass, summing deviations from a per-channel shift (the mean of the
+//! channel's first plane) so that offset data keeps its precision, carried in f64 across planes;
+//! the backward pass recomputes the fused ReLU's mask from `x` instead of reading the output.
+//! Work runs in parallel over channels for the reductions and over `(image, channel)` planes for
+//! the elementwise passes.
 
 use rayon::prelude::*;
 
@@ -19,6 +22,10 @@ pub struct BatchStats {
     pub inv_std: Vec<f32>,
     /// Per-channel biased variance (what training normalised with).
     pub var: Vec<f32>,
+    /// Per-channel `gamma * inv_std`: the forward pass computed `y = x * scale + shift`.
+    pub scale: Vec<f32>,
+    /// Per-channel `beta - mean * scale`.
+    pub shift: Vec<f32>,
 }
 
 /// Layout of an NCHW tensor for batch norm: `n` images, `c` channels, `hw` pixels each.
@@ -56,44 +63,60 @@ impl NchwDims {
     }
 }
 
-/// `(sum v, sum (v - mean)^2)` over a plane in sixteen f32 lanes, carried in f64; the second only
-/// when `mean` is given.
+/// `sum v` over a plane in sixteen f32 lanes, carried in f64.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_moments(v: &[f32], mean: Option<f32>) -> f64 {
+fn plane_sum(v: &[f32]) -> f64 {
     let mut acc = [0.0f32; 16];
     let (chunks, rest) = v.as_chunks::<16>();
-    let m = mean.unwrap_or(0.0);
-    let sq = mean.is_some();
     for ch in chunks {
         for l in 0..16 {
-            let d = ch[l] - m;
-            acc[l] += if sq { d * d } else { ch[l] };
+            acc[l] += ch[l];
         }
     }
-    let tail: f64 = rest.iter().map(|&x| if sq { ((x - m) * (x - m)) as f64 } else { x as f64 }).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+    acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&x| x as f64).sum::<f64>()
 }
 
-/// `(sum g, sum g * xhat)` over a plane, where `g` is `dy` masked by `y > 0` when `y` is given
-/// (the fused ReLU), in sixteen f32 lanes carried in f64.
+/// `(sum (v - s), sum (v - s)^2)` over a plane in sixteen f32 lanes, carried in f64.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_grad_sums(x: &[f32], dy: &[f32], y: Option<&[f32]>, mean: f32, inv: f32) -> (f64, f64) {
+fn plane_shifted_moments(v: &[f32], s: f32) -> (f64, f64) {
+    let (mut s1, mut s2) = ([0.0f32; 16], [0.0f32; 16]);
+    let (chunks, rest) = v.as_chunks::<16>();
+    for ch in chunks {
+        for l in 0..16 {
+            let d = ch[l] - s;
+            s1[l] += d;
+            s2[l] += d * d;
+        }
+    }
+    let mut tail = (0.0f64, 0.0f64);
+    for &x in rest {
+        let d = (x - s) as f64;
+        tail.0 += d;
+        tail.1 += d * d;
+    }
+    (s1.iter().map(|&a| a as f64).sum::<f64>() + tail.0, s2.iter().map(|&a| a as f64).sum::<f64>() + tail.1)
+}
+
+/// `(sum g, sum g * xhat)` over a plane, where `g` is `dy`, masked where the fused ReLU clipped
+/// (`x * a + b <= 0`, the forward pass's own arithmetic) when `relu` is `Some((a, b))`; in sixteen
+/// f32 lanes carried in f64.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_grad_sums(x: &[f32], dy: &[f32], relu: Option<(f32, f32)>, mean: f32, inv: f32) -> (f64, f64) {
     let (mut sb, mut sg) = ([0.0f32; 16], [0.0f32; 16]);
     let (xc, xr) = x.as_chunks::<16>();
     let (dc, dr) = dy.as_chunks::<16>();
     let mut tail = (0.0f64, 0.0f64);
-    match y {
-        Some(y) => {
-            let (yc, yr) = y.as_chunks::<16>();
-            for ((xv, dv), yv) in xc.iter().zip(dc).zip(yc) {
+    match relu {
+        Some((a, b)) => {
+            for (xv, dv) in xc.iter().zip(dc) {
                 for l in 0..16 {
-                    let g = if yv[l] > 0.0 { dv[l] } else { 0.0 };
+                    let g = if xv[l] * a + b > 0.0 { dv[l] } else { 0.0 };
                     sb[l] += g;
                     sg[l] += g * (xv[l] - mean) * inv;
                 }
             }
-            for ((&xv, &g), &yv) in xr.iter().zip(dr).zip(yr) {
-                let g = if yv > 0.0 { g } else { 0.0 };
+            for (&xv, &g) in xr.iter().zip(dr) {
+                let g = if xv * a + b > 0.0 { g } else { 0.0 };
                 tail.0 += g as f64;
                 tail.1 += (g * (xv - mean) * inv) as f64;
             }
@@ -120,7 +143,7 @@ fn plane_dx(
     dx: &mut [f32],
     x: &[f32],
     dy: &[f32],
-    y: Option<&[f32]>,
+    relu: Option<(f32, f32)>,
     mean: f32,
     inv: f32,
     k: f32,
@@ -128,10 +151,10 @@ fn plane_dx(
     db: f32,
     dg: f32,
 ) {
-    match y {
-        Some(y) => {
-            for (((o, &xv), &g), &yv) in dx.iter_mut().zip(x).zip(dy).zip(y) {
-                let g = if yv > 0.0 { g } else { 0.0 };
+    match relu {
+        Some((a, b)) => {
+            for ((o, &xv), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let g = if xv * a + b > 0.0 { g } else { 0.0 };
                 *o = k * (m * g - db - (xv - mean) * inv * dg);
             }
         }
@@ -177,10 +200,13 @@ pub fn forward_train(
     let stats: Vec<(f32, f32)> = (0..d.c)
         .into_par_iter()
         .map(|ch| {
-            let mean = d.planes(x, ch).map(|p| plane_moments(p, None)).sum::<f64>() / m;
-            let mf = mean as f32;
-            let var = d.planes(x, ch).map(|p| plane_moments(p, Some(mf))).sum::<f64>() / m;
-            (mf, var as f32)
+            // Deviations from the first plane's mean, which is near the channel's, so that the
+            // one-pass variance loses nothing to cancellation on offset data.
+            let s = (plane_sum(&x[ch * d.hw..][..d.hw]) / d.hw as f64) as f32;
+            let (s1, s2) =
+                d.planes(x, ch).map(|p| plane_shifted_moments(p, s)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let dm = s1 / m;
+            (s + dm as f32, (s2 / m - dm * dm).max(0.0) as f32)
         })
         .collect();
     let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
@@ -189,7 +215,7 @@ pub fn forward_train(
     let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] * inv_std[ch]).collect();
     let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
     affine(d, x, &scale, &shift, relu, y);
-    Ok(BatchStats { mean, inv_std, var })
+    Ok(BatchStats { mean, inv_std, var, scale, shift })
 }
 
 /// Evaluation forward with running statistics.
@@ -226,11 +252,12 @@ fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &
 }
 
 /// Gradients of a training forward pass: returns `(dgamma, dbeta)` and writes `dx`. With a fused
-/// ReLU, `y` (the forward output) masks `dy` where it was clipped.
+/// ReLU (`relu`), `dy` is masked where the forward pass clipped, recomputed from `x` and the
+/// forward's `scale` and `shift` with the same arithmetic, so the mask is exactly the forward's.
 pub fn backward(
     d: NchwDims,
     x: &[f32],
-    y: Option<&[f32]>,
+    relu: bool,
     dy: &[f32],
     gamma: &[f32],
     stats: &BatchStats,
@@ -241,9 +268,8 @@ pub fn backward(
         ("batch norm output gradient", dy.len(), d.len()),
         ("batch norm input gradient", dx.len(), d.len()),
     ])?;
-    if let Some(y) = y {
-        crate::error::check_len("batch norm output", y.len(), d.len())?;
-    }
+    crate::error::check_len("batch norm statistics", stats.scale.len(), d.c)?;
+    let mask = |ch: usize| relu.then(|| (stats.scale[ch], stats.shift[ch]));
     let m = (d.n * d.hw) as f32;
     // Per channel: dbeta = sum(g), dgamma = sum(g * xhat), g = dy masked by the ReLU.
     let sums: Vec<(f32, f32)> = (0..d.c)
@@ -252,8 +278,7 @@ pub fn backward(
             let (mut db, mut dg) = (0.0f64, 0.0f64);
             for i in 0..d.n {
                 let r = (i * d.c + ch) * d.hw..(i * d.c + ch + 1) * d.hw;
-                let (b, g) =
-                    plane_grad_sums(&x[r.clone()], &dy[r.clone()], y.map(|y| &y[r]), stats.mean[ch], stats.inv_std[ch]);
+                let (b, g) = plane_grad_sums(&x[r.clone()], &dy[r], mask(ch), stats.mean[ch], stats.inv_std[ch]);
                 db += b;
                 dg += g;
             }
@@ -267,8 +292,18 @@ pub fn backward(
         let ch = p % d.c;
         let r = p * d.hw..(p + 1) * d.hw;
         let inv = stats.inv_std[ch];
-        let yp = y.map(|y| &y[r.clone()]);
-        plane_dx(dxp, &x[r.clone()], &dy[r], yp, stats.mean[ch], inv, gamma[ch] * inv / m, m, dbeta[ch], dgamma[ch]);
+        plane_dx(
+            dxp,
+            &x[r.clone()],
+            &dy[r],
+            mask(ch),
+            stats.mean[ch],
+            inv,
+            gamma[ch] * inv / m,
+            m,
+            dbeta[ch],
+            dgamma[ch],
+        );
     });
     Ok((dgamma, dbeta))
 }
@@ -322,8 +357,13 @@ mod tests {
                 assert!((st.mean[ch] as f64 - mean).abs() < 1e-4, "mean");
                 assert!((st.var[ch] as f64 - var).abs() < 1e-3 * var, "var {} vs {var}", st.var[ch]);
             }
+            // The backward pass's ReLU mask, recomputed from x, is the forward output's.
+            for (k, (&xv, &yv)) in x.iter().zip(&y).enumerate().filter(|_| relu) {
+                let ch = (k / d.hw) % d.c;
+                assert_eq!(xv * st.scale[ch] + st.shift[ch] > 0.0, yv > 0.0, "mask at {k}");
+            }
             let mut dx = vec![0.0; d.len()];
-            let (dgamma, dbeta) = backward(d, &x, relu.then_some(&y[..]), &r, &gamma, &st, &mut dx).unwrap();
+            let (dgamma, dbeta) = backward(d, &x, relu, &r, &gamma, &st, &mut dx).unwrap();
             let f = |x: &[f64], g: &[f64], b: &[f64]| loss_f64(d, x, g, b, eps as f64, relu, &r);
             let (x64, g64, b64): (Vec<f64>, Vec<f64>, Vec<f64>) = (
                 x.iter().map(|&v| v as f64).collect(),

@@ -65,7 +65,7 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = crate::profile::span(self.name(), true);
@@ -78,13 +78,7 @@ impl CustomOp3 for BatchNormTrain {
         let (dgamma, dbeta) = with_values(x, "batch norm input", |xv| {
             with_values(gamma, "gamma", |gv| {
                 with_values(grad, "batch norm output gradient", |dy| {
-                    if self.relu {
-                        with_values(res, "batch norm output", |y| {
-                            batchnorm::backward(d, xv, Some(y), dy, gv, st, &mut dx).map_err(to_candle)
-                        })
-                    } else {
-                        batchnorm::backward(d, xv, None, dy, gv, st, &mut dx).map_err(to_candle)
-                    }
+                    batchnorm::backward(d, xv, self.relu, dy, gv, st, &mut dx).map_err(to_candle)
                 })
             })
         })?;
