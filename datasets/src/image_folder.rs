@@ -104,7 +104,7 @@ impl ImageFolder {
     /// crops the centre `side x side` square: ImageNet's evaluation transform.
     pub fn load_center(&self, index: usize, side: usize) -> Result<(RgbImage, u32)> {
         let (img, label) = self.load(index, None)?;
-        Ok((crate::transform::resize_center(&img, side), label))
+        Ok((crate::transform::resize_center(img, side), label))
     }
 
     /// Decodes image `index`, checking that it is `size` (width, height) when given.

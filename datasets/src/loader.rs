@@ -222,13 +222,6 @@ pub struct Streamed {
     pub std: [f32; 3],
 }
 
-impl Streamed {
-    /// The same images with the evaluation transform.
-    pub fn eval(&self) -> Self {
-        Self { crop: None, flip: false, ..self.clone() }
-    }
-}
-
 impl Source for Streamed {
     fn len(&self) -> usize {
         self.folder.items.len()
@@ -246,9 +239,9 @@ impl Source for Streamed {
                 let mut rng = Stream::new(r);
                 let win = crop.window(img.width as u32, img.height as u32, &mut rng);
                 let flip = self.flip && rng.next_u64() & 1 == 1;
-                crop_resize(&img, win, self.side, flip)
+                crop_resize(img, win, self.side, flip)
             }
-            None => resize_center(&img, self.side),
+            None => resize_center(img, self.side),
         };
         out.copy_from_slice(&img.to_chw(self.mean, self.std));
         Ok(())
@@ -408,7 +401,7 @@ mod tests {
         assert_eq!(b, make_batch(&train, &[0, 4, 2], 3, 1).unwrap(), "a sample is a function of seed, epoch, index");
         assert_ne!(b.images, make_batch(&train, &[0, 4, 2], 3, 2).unwrap().images, "epochs draw new crops");
         // Evaluation is resize and centre crop, normalised.
-        let eval = train.eval();
+        let eval = Streamed { crop: None, flip: false, ..train.clone() };
         let e = make_batch(&eval, &[1], 0, 0).unwrap();
         let (img, _) = folder.load_center(1, 16).unwrap();
         assert_eq!(e.images, img.to_chw([0.5; 3], [0.25; 3]));

@@ -108,10 +108,15 @@ impl ResizedCrop {
     }
 }
 
+/// The buffer of `img`, without copying its pixels.
+fn buffer(img: RgbImage) -> image::RgbImage {
+    image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data)
+        .expect("an RgbImage holds width * height * 3 bytes")
+}
+
 /// The window of `img` resized (bilinear) to `side x side`, mirrored left-right when `flip`.
-pub fn crop_resize(img: &RgbImage, win: Window, side: usize, flip: bool) -> RgbImage {
-    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
-        .expect("an RgbImage holds width * height * 3 bytes");
+pub fn crop_resize(img: RgbImage, win: Window, side: usize, flip: bool) -> RgbImage {
+    let buf = buffer(img);
     let crop = crop_imm(&buf, win.x, win.y, win.w, win.h).to_image();
     let mut out = resize(&crop, side as u32, side as u32, FilterType::Triangle);
     if flip {
@@ -122,12 +127,11 @@ pub fn crop_resize(img: &RgbImage, win: Window, side: usize, flip: bool) -> RgbI
 
 /// ImageNet's evaluation transform: resize (bilinear) so that the shorter side is `side`, then
 /// crop the centre `side x side` square.
-pub fn resize_center(img: &RgbImage, side: usize) -> RgbImage {
+pub fn resize_center(img: RgbImage, side: usize) -> RgbImage {
     let (w, h) = (img.width as f64, img.height as f64);
     let scale = side as f64 / w.min(h);
     let (nw, nh) = (((w * scale).round() as u32).max(side as u32), ((h * scale).round() as u32).max(side as u32));
-    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
-        .expect("an RgbImage holds width * height * 3 bytes");
+    let buf = buffer(img);
     let resized = resize(&buf, nw, nh, FilterType::Triangle);
     let (x0, y0) = ((nw - side as u32) / 2, (nh - side as u32) / 2);
     let crop = crop_imm(&resized, x0, y0, side as u32, side as u32).to_image();
@@ -184,13 +188,13 @@ mod tests {
             }
         }
         let img = RgbImage { width: 8, height: 4, data };
-        let left = crop_resize(&img, Window { x: 0, y: 0, w: 4, h: 4 }, 2, false);
+        let left = crop_resize(img.clone(), Window { x: 0, y: 0, w: 4, h: 4 }, 2, false);
         assert!(left.data.chunks(3).all(|p| p == [255, 0, 0]), "{:?}", left.data);
-        let flipped = crop_resize(&img, Window { x: 2, y: 0, w: 4, h: 4 }, 4, true);
+        let flipped = crop_resize(img.clone(), Window { x: 2, y: 0, w: 4, h: 4 }, 4, true);
         // The window spans red then blue; mirrored, blue comes first.
         assert_eq!(&flipped.data[..3], &[0, 0, 255]);
         assert_eq!(&flipped.data[9..12], &[255, 0, 0]);
-        let centre = resize_center(&img, 4);
+        let centre = resize_center(img, 4);
         assert_eq!((centre.width, centre.height), (4, 4));
         assert_eq!(&centre.data[..3], &[255, 0, 0]);
         assert_eq!(&centre.data[9..12], &[0, 0, 255]);

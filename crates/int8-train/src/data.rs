@@ -140,15 +140,19 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
                         }),
                     }
                 };
+                let (mean, std) = (
+                    three(d.mean.as_ref(), IMAGENET_MEAN, "data.mean")?,
+                    three(d.std.as_ref(), IMAGENET_STD, "data.std")?,
+                );
+                let test = Streamed { folder: test_folder, side: d.size, crop: None, flip: false, mean, std };
                 let train = Streamed {
                     folder: train_folder,
                     side: d.size,
                     crop: Some(ResizedCrop::default()),
                     flip: d.flip,
-                    mean: three(d.mean.as_ref(), IMAGENET_MEAN, "data.mean")?,
-                    std: three(d.std.as_ref(), IMAGENET_STD, "data.std")?,
+                    mean,
+                    std,
                 };
-                let test = Streamed { folder: test_folder, ..train.eval() };
                 return Ok(RunData { train: Arc::new(train), test: Arc::new(test), classes, root });
             }
             // CIFAR-10 JPEG: decoded once, each image checked to be 32x32.
