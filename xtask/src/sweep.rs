@@ -385,7 +385,7 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
             }
             let left = runs.len() - done;
             println!(
-                "  total: {done}/{} runs done, {left} left, {} elapsed",
+                "  total: {done}/{} runs ended, {left} to go, {} elapsed",
                 runs.len(),
                 fmt_secs(started.elapsed().as_secs_f64())
             );
