@@ -2,10 +2,10 @@
 //! fused into the same pass.
 //!
 //! Training normalises with the batch's mean and biased variance; evaluation with running
-//! statistics. Batch norm is memory-bound, so each pass over the activations counts: the
-//! statistics take one pass, summing deviations from a per-channel shift (the mean of the
-//! channel's first plane) so that offset data keeps its precision, carried in f64 across planes;
-//! the backward pass recomputes the fused ReLU's mask from `x` instead of reading the output.
+//! statistics. Statistics are two-pass (mean, then squared deviations) and summed in f64, so they
+//! hold for large batches and offset data; a channel's planes are small enough that the second
+//! pass reads them from cache. Batch norm is memory-bound, so the backward pass recomputes the
+//! fused ReLU's mask from `x` instead of reading the output.
 //! Work runs in parallel over channels for the reductions and over `(image, channel)` planes for
 //! the elementwise passes.
 
@@ -63,38 +63,22 @@ impl NchwDims {
     }
 }
 
-/// `sum v` over a plane in sixteen f32 lanes, carried in f64.
+/// `(sum v, sum (v - mean)^2)` over a plane in sixteen f32 lanes, carried in f64; the second only
+/// when `mean` is given.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_sum(v: &[f32]) -> f64 {
+fn plane_moments(v: &[f32], mean: Option<f32>) -> f64 {
     let mut acc = [0.0f32; 16];
     let (chunks, rest) = v.as_chunks::<16>();
+    let m = mean.unwrap_or(0.0);
+    let sq = mean.is_some();
     for ch in chunks {
         for l in 0..16 {
-            acc[l] += ch[l];
+            let d = ch[l] - m;
+            acc[l] += if sq { d * d } else { ch[l] };
         }
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>() + rest.iter().map(|&x| x as f64).sum::<f64>()
-}
-
-/// `(sum (v - s), sum (v - s)^2)` over a plane in sixteen f32 lanes, carried in f64.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_shifted_moments(v: &[f32], s: f32) -> (f64, f64) {
-    let (mut s1, mut s2) = ([0.0f32; 16], [0.0f32; 16]);
-    let (chunks, rest) = v.as_chunks::<16>();
-    for ch in chunks {
-        for l in 0..16 {
-            let d = ch[l] - s;
-            s1[l] += d;
-            s2[l] += d * d;
-        }
-    }
-    let mut tail = (0.0f64, 0.0f64);
-    for &x in rest {
-        let d = (x - s) as f64;
-        tail.0 += d;
-        tail.1 += d * d;
-    }
-    (s1.iter().map(|&a| a as f64).sum::<f64>() + tail.0, s2.iter().map(|&a| a as f64).sum::<f64>() + tail.1)
+    let tail: f64 = rest.iter().map(|&x| if sq { ((x - m) * (x - m)) as f64 } else { x as f64 }).sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
 }
 
 /// `(sum g, sum g * xhat)` over a plane, where `g` is `dy`, masked where the fused ReLU clipped
@@ -200,13 +184,10 @@ pub fn forward_train(
     let stats: Vec<(f32, f32)> = (0..d.c)
         .into_par_iter()
         .map(|ch| {
-            // Deviations from the first plane's mean, which is near the channel's, so that the
-            // one-pass variance loses nothing to cancellation on offset data.
-            let s = (plane_sum(&x[ch * d.hw..][..d.hw]) / d.hw as f64) as f32;
-            let (s1, s2) =
-                d.planes(x, ch).map(|p| plane_shifted_moments(p, s)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-            let dm = s1 / m;
-            (s + dm as f32, (s2 / m - dm * dm).max(0.0) as f32)
+            let mean = d.planes(x, ch).map(|p| plane_moments(p, None)).sum::<f64>() / m;
+            let mf = mean as f32;
+            let var = d.planes(x, ch).map(|p| plane_moments(p, Some(mf))).sum::<f64>() / m;
+            (mf, var as f32)
         })
         .collect();
     let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
