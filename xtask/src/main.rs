@@ -257,6 +257,9 @@ fn data(root: &Path, what: DataCmd, data_dir: Option<&Path>) -> Result<()> {
             for ds in DATASETS {
                 let status = match locate(ds, &dirs) {
                     Some(p) => format!("found: {}", p.display()),
+                    None if !ds.downloads.is_empty() => {
+                        format!("missing: `cargo xtask data fetch {}` (or {})", ds.name, ds.sources.join(" or "))
+                    }
                     None => format!("missing: {}", ds.sources.first().copied().unwrap_or("no known source")),
                 };
                 println!("| {} | {status} | {} |", ds.name, ds.description);
