@@ -130,10 +130,7 @@ mod tests {
             flips in proptest::collection::vec((0usize..9225, any::<u8>()), 0..8),
         ) {
             let mut bytes = [record(&[1], 5), record(&[2], 6), record(&[3], 7)].concat();
-            let n = bytes.len();
-            for (i, v) in flips {
-                bytes[i % n] = v;
-            }
+            crate::mutate(&mut bytes, &flips);
             bytes.truncate(len);
             for kind in [CifarKind::Cifar10, CifarKind::Cifar100Fine, CifarKind::Cifar100Coarse] {
                 let _ = parse_cifar(&bytes, kind);

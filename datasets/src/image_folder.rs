@@ -192,10 +192,7 @@ mod tests {
             write_png(&dir.path().join("c/ok.png"), 6, 5, 77);
             std::fs::write(dir.path().join("c/random.jpg"), &bytes).unwrap();
             let mut png = std::fs::read(dir.path().join("c/ok.png")).unwrap();
-            for &(at, v) in &flips {
-                let at = at % png.len();
-                png[at] = v;
-            }
+            crate::mutate(&mut png, &flips);
             std::fs::write(dir.path().join("c/mutated.png"), &png).unwrap();
             let f = ImageFolder::open(dir.path()).unwrap();
             for i in 0..f.items.len() {

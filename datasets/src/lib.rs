@@ -48,3 +48,13 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     let path = path.into();
     move |source| DatasetError::Io { path, source }
 }
+
+/// Overwrites `bytes[at % len]` with `v` for each `(at, v)`: the mutation the parsers' fuzz tests
+/// apply to valid files.
+#[cfg(test)]
+pub(crate) fn mutate(bytes: &mut [u8], flips: &[(usize, u8)]) {
+    let n = bytes.len();
+    for &(at, v) in flips {
+        bytes[at % n] = v;
+    }
+}
