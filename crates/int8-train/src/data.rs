@@ -173,11 +173,13 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
     let test = limit(test, d.test_limit, recipe.train.seed ^ 1);
     let mean = d.mean.clone().unwrap_or(mean);
     let std = d.std.clone().unwrap_or(std);
-    if mean.len() != train.channels {
-        return Err(TrainError::Recipe {
-            path: "data.mean".into(),
-            why: format!("has {} entries for {} channels", mean.len(), train.channels),
-        });
+    for (key, v) in [("data.mean", &mean), ("data.std", &std)] {
+        if v.len() != train.channels {
+            return Err(TrainError::Recipe {
+                path: key.into(),
+                why: format!("has {} entries for {} channels", v.len(), train.channels),
+            });
+        }
     }
     let aug = Augment { pad: d.pad, flip: d.flip, mean, std };
     let test = Augmented { data: Arc::new(test), aug: aug.eval() };
