@@ -300,3 +300,13 @@ lr = 0.05
     let err = run(&parse(&[]), &opts(&out.path().join("broken"))).unwrap_err().to_string();
     assert!(err.contains("3.png") && err.contains("does not decode"), "{err}");
 }
+
+/// Normalisation needs one mean and one standard deviation per channel.
+#[test]
+fn normalisation_with_the_wrong_channel_count_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    for key in ["data.mean", "data.std"] {
+        let err = run(&recipe(&[&format!("{key}=[0.5, 0.5]")]), &opts(out.path())).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("2 entries for 1 channels"), "{err}");
+    }
+}
