@@ -94,6 +94,15 @@ impl InMemory {
     }
 }
 
+/// CIFAR-10's per-channel mean after scaling to `[0, 1]` (training set).
+pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+/// CIFAR-10's per-channel standard deviation.
+pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// ImageNet's per-channel mean (torchvision's normalisation).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet's per-channel standard deviation.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
 /// How each image becomes a training sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Augment {

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use int8_core::dsgc::{cosine_distance, search_clip};
 use int8_datasets::archive::extract_tar_gz;
 use int8_datasets::image_folder::ImageFolder;
+use int8_datasets::loader::{CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD};
 use int8_nn::layers::cross_entropy;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::LayerPolicy;
@@ -60,7 +61,7 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
     assert_eq!(folder.classes.len(), 10);
     // Interleave the classes so that the batch holds all ten.
     let order: Vec<usize> = (0..13).flat_map(|i| (0..10).map(move |c| c * 13 + i)).take(128).collect();
-    let (mean, std) = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]);
+    let (mean, std) = (CIFAR10_MEAN, CIFAR10_STD);
     let mut pixels = Vec::with_capacity(128 * 3 * 32 * 32);
     let mut labels = Vec::with_capacity(128);
     for &i in &order {
@@ -137,7 +138,7 @@ fn imagenet_models_take_a_training_step_on_real_images_at_both_precisions() {
     };
     assert_eq!(extract_tar_gz(&archive, dir.path(), keep).unwrap(), 10);
     let folder = ImageFolder::open(&dir.path().join("cifar10-jpeg/test")).unwrap();
-    let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    let (mean, std) = (IMAGENET_MEAN, IMAGENET_STD);
     for (name, side) in [("mobilenetv2", 224), ("resnet50", 224), ("alexnet", 224), ("inceptionv3", 299)] {
         // Two images of different classes.
         let mut pixels = Vec::new();

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use int8_datasets::image_folder::ImageFolder;
-use int8_datasets::loader::{Augment, Augmented, InMemory, Source, Streamed, epoch, make_batch};
+use int8_datasets::loader::{
+    Augment, Augmented, CIFAR10_MEAN, CIFAR10_STD, InMemory, Source, Streamed, epoch, epoch_order, make_batch,
+};
 use int8_datasets::registry::{known, locate, search_dirs};
 use int8_datasets::transform::ResizedCrop;
 use int8_nn::layers::cross_entropy;
@@ -41,7 +43,7 @@ pub fn run(workspace: &Path, budget: Duration) -> Result<Vec<DataRow>> {
     let data = Arc::new(InMemory::from_image_folder(&folder, (32, 32))?);
     let decode_ms = t.elapsed().as_secs_f64() * 1e3;
     eprintln!("decoded {} images in {:.1} s", data.len(), decode_ms / 1e3);
-    let aug = Augment { pad: 4, flip: true, mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] };
+    let aug = Augment { pad: 4, flip: true, mean: CIFAR10_MEAN.to_vec(), std: CIFAR10_STD.to_vec() };
     let model = int8_zoo::build("resnet20", 10, &LayerPolicy::paper(Int8Config::default()), 0)?;
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
     let src: Arc<dyn Source> = Arc::new(Augmented { data: data.clone(), aug });
@@ -72,10 +74,10 @@ pub fn run(workspace: &Path, budget: Duration) -> Result<Vec<DataRow>> {
         side: 32,
         crop: Some(ResizedCrop::default()),
         flip: true,
-        mean: [0.4914, 0.4822, 0.4465],
-        std: [0.2470, 0.2435, 0.2616],
+        mean: CIFAR10_MEAN,
+        std: CIFAR10_STD,
     };
-    let order: Vec<usize> = int8_datasets::loader::epoch_order(streamed.len(), 0, 0);
+    let order = epoch_order(streamed.len(), 0, 0);
     let t = Instant::now();
     let reps = 8;
     for k in 0..reps {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use int8_datasets::cifar::{CifarKind, read_cifar};
 use int8_datasets::idx::read_idx_pair;
 use int8_datasets::image_folder::ImageFolder;
-use int8_datasets::loader::{Augment, Augmented, InMemory, Source, Streamed, epoch_order};
+use int8_datasets::loader::{
+    Augment, Augmented, CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, InMemory, Source, Streamed, epoch_order,
+};
 use int8_datasets::registry::{known, locate, search_dirs, workspace_cache};
 use int8_datasets::transform::ResizedCrop;
 
@@ -29,11 +31,6 @@ pub struct RunData {
     /// Where the data was read from.
     pub root: PathBuf,
 }
-
-const CIFAR_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-const CIFAR_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
-const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// A seeded random subset of `limit` images (all when `limit` is 0 or too large).
 fn limit(ds: InMemory, limit: usize, seed: u64) -> InMemory {
@@ -88,7 +85,14 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
                 train.labels.extend(b.labels);
             }
             let test = read_cifar(&root.join("test_batch.bin"), CifarKind::Cifar10).map_err(TrainError::Data)?;
-            (root, InMemory::from_cifar(train), InMemory::from_cifar(test), 10, CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
+            (
+                root,
+                InMemory::from_cifar(train),
+                InMemory::from_cifar(test),
+                10,
+                CIFAR10_MEAN.to_vec(),
+                CIFAR10_STD.to_vec(),
+            )
         }
         "cifar10-jpeg" | "image-folder" => {
             let root = if recipe.dataset == "cifar10-jpeg" {
@@ -159,7 +163,7 @@ pub fn load(recipe: &Recipe, data_dir: Option<&Path>) -> Result<RunData> {
             let size = (d.size, d.size);
             let train = InMemory::from_image_folder(&train_folder, size).map_err(TrainError::Data)?;
             let test = InMemory::from_image_folder(&test_folder, size).map_err(TrainError::Data)?;
-            (root, train, test, classes, CIFAR_MEAN.to_vec(), CIFAR_STD.to_vec())
+            (root, train, test, classes, CIFAR10_MEAN.to_vec(), CIFAR10_STD.to_vec())
         }
         other => {
             return Err(TrainError::Recipe {
