@@ -261,7 +261,14 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     write_atomic(&opts.out.join("plan.json"), serde_json::to_string_pretty(&plan_json)?.as_bytes())?;
     std::fs::copy(&opts.experiment, opts.out.join("experiment.toml")).context("cannot copy the experiment")?;
 
-    let trainer = build_trainer(root)?;
+    // The runs start from a copy of the trainer, so that a rebuild while the sweep goes on (other
+    // work in the same checkout) cannot give one sweep's runs different code.
+    let built = build_trainer(root)?;
+    let trainer = opts.out.join(format!(".int8-train{}", std::env::consts::EXE_SUFFIX));
+    let part = opts.out.join(".int8-train.part");
+    std::fs::copy(&built, &part)
+        .and_then(|_| std::fs::rename(&part, &trainer))
+        .with_context(|| format!("cannot copy the trainer {} into {}", built.display(), opts.out.display()))?;
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.jobs).max(1);
     let todo: Vec<usize> = (0..runs.len()).filter(|&i| finished(&opts.out.join(&runs[i].name)).is_none()).collect();
     let skipped = runs.len() - todo.len();
