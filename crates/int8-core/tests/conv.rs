@@ -31,6 +31,21 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("batch 1", sq(1, 6, 10, 7, 3, 1, 1)),
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
+        ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),
+        ("5x5 s2 p2", sq(2, 3, 9, 4, 5, 2, 2)),
+        ("2x2 s3: phases no tap reaches", sq(2, 3, 10, 4, 2, 3, 0)),
+        (
+            "3x2 stride (3,2) dilation (2,3) groups 2",
+            ConvShape {
+                kh: 3,
+                kw: 2,
+                stride: (3, 2),
+                dilation: (2, 3),
+                pad: (3, 1),
+                ..sq(2, 4, 11, 6, 3, 1, 1).with_groups(2)
+            },
+        ),
+        ("1x1 pad 1 (padding wider than the kernel)", sq(2, 3, 5, 4, 1, 1, 1)),
     ]
 }
 

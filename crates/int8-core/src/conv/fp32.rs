@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::im2col::{col2im_add, im2col, taps};
-use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
+use super::im2col::{Lowering, im2col_grid};
+use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
 
@@ -26,10 +26,10 @@ pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Res
         depthwise::forward(s, x, w, y, |_, a| a);
         return Ok(());
     }
-    let taps = taps(s);
+    let lower = Lowering::new(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     y.par_chunks_mut(s.c_out * p).zip(x.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
         || vec![0f32; col_len],
         |col, (y, x)| {
@@ -38,8 +38,7 @@ pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Res
                 let b = if s.is_pointwise() {
                     MatRef::row_major(xg, kg, p)?
                 } else {
-                    im2col(s, &taps, xg, col);
-                    MatRef::row_major(col, kg, p)?
+                    MatRef::row_major(lower.run(xg, col), kg, p)?
                 };
                 let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?;
                 gemm_f32(a, b, MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?, false, par)?;
@@ -66,23 +65,54 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
     if let Some(t) = dx_as_forward(s) {
         return conv2d_fwd_f32(&t, dy, &flip_transpose(s, w), dx);
     }
-    let taps = taps(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { kg * p };
-    dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each_init(
-        || vec![0f32; col_len],
-        |col, (dx, dy)| {
+    if s.is_pointwise() {
+        return dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
             for g in 0..s.groups {
                 let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?.t();
                 let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                gemm_f32(
+                    a,
+                    b,
+                    MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?,
+                    false,
+                    par,
+                )?;
+            }
+            Ok(())
+        });
+    }
+    // Strided (or over-padded) convolutions: one GEMM per phase of the input (see [`phase`]).
+    let phases = phase::phases(s);
+    let weights: Vec<Vec<Vec<f32>>> =
+        (0..s.groups).map(|g| phases.iter().map(|ph| phase::phase_weight(s, w, g, ph)).collect()).collect();
+    let (col_len, out_len) = phase::buffer_lens(s, &phases);
+    // Pixels that no tap reaches get zero gradient: clear the planes once, then write the rest.
+    let any_empty = phases.iter().any(|ph| ph.taps.is_empty());
+    dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each_init(
+        || (vec![0f32; col_len], vec![0f32; out_len]),
+        |(col, out), (dx, dy)| {
+            for (g, weights) in weights.iter().enumerate() {
+                let dyg = &dy[g * cog * p..][..cog * p];
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                if s.is_pointwise() {
-                    gemm_f32(a, b, MatMut::row_major(dxg, kg, p)?, false, par)?;
-                } else {
-                    gemm_f32(a, b, MatMut::row_major(col, kg, p)?, false, par)?;
+                if any_empty {
                     dxg.fill(0.0);
-                    col2im_add(s, &taps, col, dxg);
+                }
+                for (ph, a) in phases.iter().zip(weights) {
+                    if ph.taps.is_empty() {
+                        continue;
+                    }
+                    let (k, q) = (cog * ph.taps.len(), ph.plane());
+                    let b = if ph.reads_dy_whole() {
+                        dyg
+                    } else {
+                        im2col_grid(&ph.grid, &ph.taps, dyg, &mut col[..k * q]);
+                        &col[..k * q]
+                    };
+                    let (a, b) = (MatRef::row_major(a, cig, k)?, MatRef::row_major(b, k, q)?);
+                    gemm_f32(a, b, MatMut::row_major(&mut out[..cig * q], cig, q)?, false, par)?;
+                    phase::scatter(s, ph, &out[..cig * q], dxg);
                 }
             }
             Ok(())
@@ -104,10 +134,10 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
         depthwise::weight_grad(s, x, dy, dw, |v| v as f32);
         return Ok(());
     }
-    let taps = taps(s);
+    let lower = Lowering::new(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     let total = x
         .par_chunks(s.c_in * s.in_plane())
         .zip(dy.par_chunks(s.c_out * p))
@@ -119,8 +149,7 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
                     let b = if s.is_pointwise() {
                         MatRef::row_major(xg, kg, p)?.t()
                     } else {
-                        im2col(s, &taps, xg, &mut col);
-                        MatRef::row_major(&col, kg, p)?.t()
+                        MatRef::row_major(lower.run(xg, &mut col), kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
                     gemm_f32(a, b, MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?, true, par)?;

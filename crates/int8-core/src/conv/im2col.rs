@@ -1,9 +1,9 @@
-//! im2col and col2im: the data movement that lowers a convolution to a GEMM, for any element type
-//! (f32 for FP32, i8 codes for INT8, i32 sums for INT8's input gradient).
+//! im2col: the data movement that lowers a convolution to a GEMM, for any element type (f32 for
+//! FP32, i8 codes for INT8).
 
-use std::ops::{AddAssign, Range};
+use std::ops::Range;
 
-use super::ConvShape;
+use super::{ConvShape, stride2};
 
 /// The output positions `o` in `0..out_len` whose input position `o * stride + offset` lies in
 /// `0..in_len`.
@@ -100,6 +100,8 @@ pub(crate) struct Tap {
     pub row_off: isize,
     /// Input column of output column `ow` is `ow * stride_w + col_off`.
     pub col_off: isize,
+    /// Which of a channel's planes the tap reads (see [`Grid::planes`]); 0 for a plain input.
+    pub plane: usize,
 }
 
 /// The taps of the kernel, row-major over `(i, j)`.
@@ -114,31 +116,87 @@ pub(crate) fn taps(s: &ConvShape) -> Vec<Tap> {
                 cols: valid(s.out_w(), s.w, s.stride.1, col_off),
                 row_off,
                 col_off,
+                plane: 0,
             });
         }
     }
     taps
 }
 
-/// Fills `col` (`k_group x out_plane`, row-major) from `x`, the `c_in_group x h x w` input of
-/// one image and group. Padding reads as zero.
-pub(crate) fn im2col<T: ZeroDefault>(s: &ConvShape, taps: &[Tap], x: &[T], col: &mut [T]) {
-    let (ow_n, p) = (s.out_w(), s.out_plane());
-    let (sh, sw) = s.stride;
-    for c in 0..s.c_in_group() {
-        let plane = &x[c * s.in_plane()..(c + 1) * s.in_plane()];
+/// The geometry that im2col lowers: `channels` input planes of `in_h x in_w`, read at
+/// `out_h x out_w` output positions with `stride`, each at the offsets of its [`Tap`]s.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Grid {
+    pub channels: usize,
+    /// Planes per channel: 1, or the phases of a deinterleaved strided input ([`Lowering`]).
+    pub planes: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub stride: (usize, usize),
+}
+
+impl Grid {
+    /// The grid of one image and group of a convolution.
+    pub fn of(s: &ConvShape) -> Self {
+        Grid {
+            channels: s.c_in_group(),
+            planes: 1,
+            in_h: s.h,
+            in_w: s.w,
+            out_h: s.out_h(),
+            out_w: s.out_w(),
+            stride: s.stride,
+        }
+    }
+}
+
+/// im2col on any [`Grid`]: `col` is `(channels * taps) x (out_h * out_w)`, row-major, channels
+/// outer; reads outside the input are zero.
+pub(crate) fn im2col_grid<T: ZeroDefault>(g: &Grid, taps: &[Tap], x: &[T], col: &mut [T]) {
+    im2col_grid_with(g, taps, x, col, fast_masked_copy::<T>());
+}
+
+/// [`im2col_grid`], with the masked vector copies of same-width taps (`fast`, where the CPU has
+/// them) or without.
+fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], x: &[T], col: &mut [T], fast: bool) {
+    let (ow_n, p, in_plane) = (g.out_w, g.out_h * g.out_w, g.in_h * g.in_w);
+    let (sh, sw) = g.stride;
+    // For same-width taps, the output positions each tap reads inside the image, as bits.
+    let words = p.div_ceil(64);
+    let mut masks = Vec::new();
+    if (sh, sw) == (1, 1) && ow_n == g.in_w && fast {
+        masks = vec![0u64; taps.len() * words];
+        for (tap, mask) in taps.iter().zip(masks.chunks_exact_mut(words.max(1))) {
+            for oh in tap.rows.clone() {
+                for q in oh * ow_n + tap.cols.start..oh * ow_n + tap.cols.end {
+                    mask[q / 64] |= 1 << (q % 64);
+                }
+            }
+        }
+    }
+    for c in 0..g.channels {
         for (t, tap) in taps.iter().enumerate() {
+            let plane = &x[(c * g.planes + tap.plane) * in_plane..][..in_plane];
             let row = &mut col[(c * taps.len() + t) * p..][..p];
-            if (sh, sw) == (1, 1) && ow_n == s.w && !tap.rows.is_empty() && !tap.cols.is_empty() {
-                same_width_tap(ow_n, tap, plane, row);
+            if tap.rows.is_empty() || tap.cols.is_empty() {
+                zero_run(row);
                 continue;
             }
-            if tap.rows.len() < s.out_h() || tap.cols.len() < ow_n {
+            if (sh, sw) == (1, 1) && ow_n == g.in_w {
+                let mask = if masks.is_empty() { &[][..] } else { &masks[t * words..][..words] };
+                if !masked_tap(ow_n, tap, plane, mask, row) {
+                    same_width_tap(ow_n, tap, plane, row);
+                }
+                continue;
+            }
+            if tap.rows.len() < g.out_h || tap.cols.len() < ow_n {
                 zero_run(row);
             }
             for oh in tap.rows.clone() {
                 let ih = (oh * sh) as isize + tap.row_off;
-                let src = &plane[ih as usize * s.w..][..s.w];
+                let src = &plane[ih as usize * g.in_w..][..g.in_w];
                 let dst = &mut row[oh * ow_n..][tap.cols.clone()];
                 let start = (tap.cols.start * sw) as isize + tap.col_off;
                 if sw == 1 {
@@ -150,6 +208,212 @@ pub(crate) fn im2col<T: ZeroDefault>(s: &ConvShape, taps: &[Tap], x: &[T], col: 
                 }
             }
         }
+    }
+}
+
+/// How one image and group of a convolution becomes the `k_group x out_plane` GEMM operand.
+///
+/// A strided input is first split into its phases (the pixels `(r + sh * u, rc + sw * v)`, one
+/// plane each, only the phases some tap reads), after which every tap is a stride-1 read of one
+/// phase plane: rows copied whole instead of gathered element by element, once per tap. The split
+/// itself touches each input element once, where the gather touched it once per tap.
+#[derive(Debug, Clone)]
+pub(crate) struct Lowering {
+    grid: Grid,
+    taps: Vec<Tap>,
+    /// The phases `(r, rc)` of a split strided input, in plane order; empty for stride 1.
+    phases: Vec<(usize, usize)>,
+    shape: ConvShape,
+}
+
+impl Lowering {
+    /// The lowering of `s`.
+    pub fn new(s: &ConvShape) -> Self {
+        if s.stride == (1, 1) {
+            return Lowering { grid: Grid::of(s), taps: taps(s), phases: Vec::new(), shape: *s };
+        }
+        let (sh, sw) = (s.stride.0 as isize, s.stride.1 as isize);
+        let (hp, wp) = (s.h.div_ceil(s.stride.0), s.w.div_ceil(s.stride.1));
+        let mut phases = Vec::new();
+        let mut out = Vec::with_capacity(s.kh * s.kw);
+        for i in 0..s.kh {
+            for j in 0..s.kw {
+                let oi = (i * s.dilation.0) as isize - s.pad.0 as isize;
+                let oj = (j * s.dilation.1) as isize - s.pad.1 as isize;
+                let phase = (oi.rem_euclid(sh) as usize, oj.rem_euclid(sw) as usize);
+                let plane = phases.iter().position(|&q| q == phase).unwrap_or_else(|| {
+                    phases.push(phase);
+                    phases.len() - 1
+                });
+                let (row_off, col_off) = (oi.div_euclid(sh), oj.div_euclid(sw));
+                out.push(Tap {
+                    rows: valid(s.out_h(), hp, 1, row_off),
+                    cols: valid(s.out_w(), wp, 1, col_off),
+                    row_off,
+                    col_off,
+                    plane,
+                });
+            }
+        }
+        let grid = Grid {
+            channels: s.c_in_group(),
+            planes: phases.len(),
+            in_h: hp,
+            in_w: wp,
+            out_h: s.out_h(),
+            out_w: s.out_w(),
+            stride: (1, 1),
+        };
+        Lowering { grid, taps: out, phases, shape: *s }
+    }
+
+    /// The elements of the operand (`k_group * out_plane`).
+    fn col_len(&self) -> usize {
+        self.shape.k_group() * self.shape.out_plane()
+    }
+
+    /// Whether the split input is already the operand: one tap per phase plane, in plane order,
+    /// reading it whole (a 1x1 strided convolution without padding).
+    fn split_is_operand(&self) -> bool {
+        !self.phases.is_empty()
+            && (self.grid.in_h, self.grid.in_w) == (self.grid.out_h, self.grid.out_w)
+            && self.taps.iter().enumerate().all(|(t, tap)| tap.plane == t && (tap.row_off, tap.col_off) == (0, 0))
+    }
+
+    /// The buffer [`Lowering::run`] needs: the operand, and the split input where there is one.
+    pub fn buffer_len(&self) -> usize {
+        if self.split_is_operand() {
+            return self.col_len();
+        }
+        self.col_len() + self.grid.channels * self.phases.len() * self.grid.in_h * self.grid.in_w
+    }
+
+    /// Lowers `x` (the `c_in_group x h x w` input of one image and group) into `buf`, returning
+    /// the operand (`k_group x out_plane`, row-major).
+    pub fn run<'b, T: ZeroDefault>(&self, x: &[T], buf: &'b mut [T]) -> &'b [T] {
+        let (col, split) = buf.split_at_mut(self.col_len());
+        if self.split_is_operand() {
+            self.split(x, col);
+        } else if self.phases.is_empty() {
+            im2col_grid(&self.grid, &self.taps, x, col);
+        } else {
+            self.split(x, split);
+            im2col_grid(&self.grid, &self.taps, split, col);
+        }
+        col
+    }
+
+    /// Writes the phase planes of `x`, each `hp x wp` and zero where the phase has no pixel.
+    fn split<T: ZeroDefault>(&self, x: &[T], out: &mut [T]) {
+        let s = &self.shape;
+        let (sh, sw) = s.stride;
+        let (hp, wp) = (self.grid.in_h, self.grid.in_w);
+        let mut planes = out.chunks_exact_mut(hp * wp);
+        for plane_in in x.chunks_exact(s.in_plane()).take(s.c_in_group()) {
+            for &(r, rc) in &self.phases {
+                let Some(dst) = planes.next() else { return };
+                for (u, dst) in dst.chunks_exact_mut(wp).enumerate() {
+                    let ih = r + sh * u;
+                    if ih >= s.h {
+                        zero_run(dst);
+                        continue;
+                    }
+                    let src = &plane_in[ih * s.w..][..s.w];
+                    let filled = if sw == 2 {
+                        stride2::gather(&src[rc.min(s.w)..], dst)
+                    } else {
+                        let mut k = 0;
+                        for (d, &v) in dst.iter_mut().zip(src.iter().skip(rc).step_by(sw)) {
+                            *d = v;
+                            k += 1;
+                        }
+                        k
+                    };
+                    zero_run(&mut dst[filled..]);
+                }
+            }
+        }
+    }
+}
+
+/// Whether [`masked_tap`] has a fast path for elements of type `T` on this CPU.
+fn fast_masked_copy<T>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(std::mem::size_of::<T>(), 1 | 4)
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A same-width tap (see [`same_width_tap`]) as masked vector moves: each block of 64 bytes of
+/// `row` is one load from `plane` at the tap's fixed offset, with the lanes that fall outside the
+/// image (`mask` clear) loaded as zero, and one store. No border fix-ups remain, which on small
+/// planes (8x8) cost more than the copy. Returns false where there is no fast path (`mask` is then
+/// empty); the caller copies the scalar way.
+fn masked_tap<T: ZeroDefault>(width: usize, tap: &Tap, plane: &[T], mask: &[u64], row: &mut [T]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if !mask.is_empty() && row.len() <= mask.len() * 64 {
+        let shift = tap.row_off * width as isize + tap.col_off;
+        match std::mem::size_of::<T>() {
+            // SAFETY: `fast_masked_copy` (which made `mask` non-empty) found AVX-512 F and BW; `T`
+            // is a 1-byte `Copy` type moved as bytes; `mask` has a bit for each of the `row.len()`
+            // positions and sets only those whose source `q + shift` lies in the tap's valid rows
+            // and columns, hence inside `plane`, as `masked_copy_u8` requires.
+            1 => unsafe { masked_copy_u8(plane.as_ptr().cast(), shift, mask, row.as_mut_ptr().cast(), row.len()) },
+            // SAFETY: as above, for a 4-byte `Copy` type moved as u32.
+            4 => unsafe { masked_copy_u32(plane.as_ptr().cast(), shift, mask, row.as_mut_ptr().cast(), row.len()) },
+            _ => return false,
+        }
+        return true;
+    }
+    let _ = (width, tap, plane, mask, row);
+    false
+}
+
+/// `dst[q] = if mask bit q { src[q + shift] } else { 0 }` for `q < len`, 64 bytes at a time.
+///
+/// # Safety
+/// AVX-512 F and BW; `dst` valid for `len` writes; `mask` at least `ceil(len / 64)` words; for every
+/// set bit `q`, `src + q + shift` is valid for reads. Lanes with a clear bit are not read (masked
+/// loads suppress their faults), so their addresses may lie outside `src`'s allocation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn masked_copy_u8(src: *const u8, shift: isize, mask: &[u64], dst: *mut u8, len: usize) {
+    use std::arch::x86_64::*;
+    let mut q = 0;
+    while q < len {
+        let lanes = (len - q).min(64);
+        let keep = if lanes == 64 { u64::MAX } else { (1u64 << lanes) - 1 };
+        // SAFETY: only lanes with a set mask bit are read, each inside `src` (the contract);
+        // `wrapping_offset` forms the block's address without asserting it is in bounds.
+        let x = unsafe { _mm512_maskz_loadu_epi8(mask[q / 64], src.wrapping_offset(q as isize + shift).cast()) };
+        // SAFETY: the store mask keeps the lanes below `len`.
+        unsafe { _mm512_mask_storeu_epi8(dst.add(q).cast(), keep, x) };
+        q += 64;
+    }
+}
+
+/// [`masked_copy_u8`] for 4-byte elements, 16 at a time.
+///
+/// # Safety
+/// As [`masked_copy_u8`], counting in 4-byte elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn masked_copy_u32(src: *const u32, shift: isize, mask: &[u64], dst: *mut u32, len: usize) {
+    use std::arch::x86_64::*;
+    let mut q = 0;
+    while q < len {
+        let lanes = (len - q).min(16);
+        let keep = ((1u32 << lanes) - 1) as u16;
+        let bits = (mask[q / 64] >> (q % 64)) as u16;
+        // SAFETY: only lanes with a set mask bit are read, each inside `src` (the contract).
+        let x = unsafe { _mm512_maskz_loadu_epi32(bits, src.wrapping_offset(q as isize + shift).cast()) };
+        // SAFETY: the store mask keeps the lanes below `len`.
+        unsafe { _mm512_mask_storeu_epi32(dst.add(q).cast(), keep, x) };
+        q += 16;
     }
 }
 
@@ -174,37 +438,58 @@ fn same_width_tap<T: ZeroDefault>(width: usize, tap: &Tap, plane: &[T], row: &mu
     }
 }
 
-/// Adds `col` (`k_group x out_plane`) back into `x` (`c_in_group x h x w`): the transpose of
-/// [`im2col`], used for the input gradient.
-pub(crate) fn col2im_add<T: Copy + AddAssign>(s: &ConvShape, taps: &[Tap], col: &[T], x: &mut [T]) {
-    let (ow_n, p) = (s.out_w(), s.out_plane());
-    let (sh, sw) = s.stride;
-    for c in 0..s.c_in_group() {
-        let plane = &mut x[c * s.in_plane()..(c + 1) * s.in_plane()];
-        for (t, tap) in taps.iter().enumerate() {
-            let row = &col[(c * taps.len() + t) * p..][..p];
-            for oh in tap.rows.clone() {
-                let ih = (oh * sh) as isize + tap.row_off;
-                let dst = &mut plane[ih as usize * s.w..][..s.w];
-                let src = &row[oh * ow_n..][tap.cols.clone()];
-                let start = ((tap.cols.start * sw) as isize + tap.col_off) as usize;
-                if sw == 1 {
-                    for (d, &v) in dst[start..][..src.len()].iter_mut().zip(src) {
-                        *d += v;
-                    }
-                } else {
-                    for (d, &v) in dst[start..].iter_mut().step_by(sw).zip(src) {
-                        *d += v;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every lowering, with and without the vector copies, against the definition of im2col.
+    #[test]
+    fn lowering_matches_the_definition() {
+        let sq = ConvShape::square;
+        let shapes = [
+            sq(1, 3, 8, 2, 3, 1, 1),
+            sq(1, 2, 32, 2, 3, 1, 1),
+            sq(1, 2, 5, 2, 3, 1, 2),
+            sq(1, 2, 9, 2, 3, 2, 1),
+            sq(1, 2, 16, 2, 1, 2, 0),
+            sq(1, 2, 11, 2, 5, 3, 2),
+            ConvShape { dilation: (2, 1), pad: (2, 1), ..sq(1, 2, 7, 2, 3, 1, 1) },
+            ConvShape { h: 6, w: 9, kh: 2, kw: 3, stride: (2, 1), pad: (1, 0), ..sq(1, 2, 1, 2, 1, 1, 0) },
+        ];
+        for s in shapes {
+            let x8: Vec<i8> = (0..s.c_in * s.in_plane()).map(|i| (i % 251) as i8 - 125).collect();
+            let x32: Vec<f32> = x8.iter().map(|&v| v as f32 * 0.5).collect();
+            let (p, kk) = (s.out_plane(), s.kh * s.kw);
+            let want = |c: usize, t: usize, q: usize| -> Option<usize> {
+                let (i, j, oh, ow) = (t / s.kw, t % s.kw, q / s.out_w(), q % s.out_w());
+                let ih = (oh * s.stride.0 + i * s.dilation.0) as isize - s.pad.0 as isize;
+                let iw = (ow * s.stride.1 + j * s.dilation.1) as isize - s.pad.1 as isize;
+                let inside = (0..s.h as isize).contains(&ih) && (0..s.w as isize).contains(&iw);
+                inside.then(|| c * s.in_plane() + ih as usize * s.w + iw as usize)
+            };
+            let lower = Lowering::new(&s);
+            let mut buf8 = vec![77i8; lower.buffer_len()];
+            let mut buf32 = vec![77f32; lower.buffer_len()];
+            let col8 = lower.run(&x8, &mut buf8).to_vec();
+            let col32 = lower.run(&x32, &mut buf32).to_vec();
+            let g = Grid::of(&s);
+            let mut plain8 = vec![77i8; s.k_group() * p];
+            let mut plain32 = vec![77f32; s.k_group() * p];
+            im2col_grid_with(&g, &taps(&s), &x8, &mut plain8, false);
+            im2col_grid_with(&g, &taps(&s), &x32, &mut plain32, false);
+            for c in 0..s.c_in {
+                for t in 0..kk {
+                    for q in 0..p {
+                        let at = (c * kk + t) * p + q;
+                        let w8 = want(c, t, q).map_or(0, |k| x8[k]);
+                        let w32 = want(c, t, q).map_or(0.0, |k| x32[k]);
+                        assert_eq!((col8[at], col32[at]), (w8, w32), "{s:?}: lowered, channel {c} tap {t} at {q}");
+                        assert_eq!((plain8[at], plain32[at]), (w8, w32), "{s:?}: scalar, channel {c} tap {t} at {q}");
                     }
                 }
             }
         }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn valid_ranges_match_brute_force() {

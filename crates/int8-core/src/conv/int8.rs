@@ -10,10 +10,10 @@
 use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
-use super::im2col::{col2im_add, im2col, taps};
-use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose};
+use super::im2col::{Lowering, im2col_grid};
+use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::{CoreError, Result};
-use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_packed, gemm_i8_scaled_packed};
+use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
 use crate::quant::QTensor;
 
 /// A borrowed quantized tensor: codes in `[-127, 127]` and one scale, or one per outermost slice.
@@ -28,14 +28,6 @@ pub struct QView<'a> {
 impl<'a> From<&'a QTensor> for QView<'a> {
     fn from(q: &'a QTensor) -> Self {
         QView { codes: &q.data, scales: &q.scales }
-    }
-}
-
-/// `out = acc * scale`, elementwise.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn scale_into(out: &mut [f32], acc: &[i32], scale: f32) {
-    for (o, &a) in out.iter_mut().zip(acc) {
-        *o = a as f32 * scale;
     }
 }
 
@@ -85,10 +77,10 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
         depthwise::forward(s, x.codes, w.codes, y, |c, a| a as f32 * scale(c));
         return Ok(());
     }
-    let taps = taps(s);
+    let lower = Lowering::new(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     let row_scales: Vec<f32> = (0..s.c_out).map(scale).collect();
     // The weight is packed once per group and serves every image of the batch.
     let packed = (0..s.groups)
@@ -104,8 +96,7 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
                 let b = if s.is_pointwise() {
                     MatRef::row_major(xg, kg, p)?
                 } else {
-                    im2col(s, &taps, xg, col);
-                    MatRef::row_major(col, kg, p)?
+                    MatRef::row_major(lower.run(xg, col), kg, p)?
                 };
                 let out = MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?;
                 gemm_i8_scaled_packed(a, b, out, &row_scales[g * cog..(g + 1) * cog], par)?;
@@ -135,34 +126,72 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
         let flipped = flip_transpose(s, w.codes);
         return conv2d_fwd_i8(path, &t, dy, QView { codes: &flipped, scales: w.scales }, dx);
     }
-    let taps = taps(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { kg * p };
-    // The transposed weight is packed once per group and serves every image of the batch.
+    let row_scales = vec![sc; cig];
+    if s.is_pointwise() {
+        // The transposed weight is packed once per group and serves every image of the batch.
+        let packed = (0..s.groups)
+            .map(|g| {
+                PackedA::new(
+                    path,
+                    MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t(),
+                    Parallelism::Rayon,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(
+            |(dx, dy)| {
+                for (g, a) in packed.iter().enumerate() {
+                    let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                    let out = MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?;
+                    gemm_i8_scaled_packed(a, b, out, &row_scales, par)?;
+                }
+                Ok(())
+            },
+        );
+    }
+    // Strided (or over-padded) convolutions: one GEMM per phase of the input (see [`phase`]),
+    // each phase's weight packed once for the batch.
+    let phases = phase::phases(s);
     let packed = (0..s.groups)
         .map(|g| {
-            PackedA::new(
-                path,
-                MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t(),
-                Parallelism::Rayon,
-            )
+            phases
+                .iter()
+                .map(|ph| {
+                    let a = phase::phase_weight(s, w.codes, g, ph);
+                    PackedA::new(path, MatRef::row_major(&a, cig, cog * ph.taps.len())?, Parallelism::Rayon)
+                })
+                .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<Vec<_>>>()?;
+    let (col_len, out_len) = phase::buffer_lens(s, &phases);
+    // Pixels that no tap reaches get zero gradient: clear the planes once, then write the rest.
+    let any_empty = phases.iter().any(|ph| ph.taps.is_empty());
     dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each_init(
-        || (vec![0i32; col_len], vec![0i32; cig * s.in_plane()]),
-        |(col, acc), (dx, dy)| {
-            for (g, a) in packed.iter().enumerate() {
-                let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                if s.is_pointwise() {
-                    gemm_i8_packed(a, b, MatMut::row_major(acc, kg, p)?, false, par)?;
-                } else {
-                    gemm_i8_packed(a, b, MatMut::row_major(col, kg, p)?, false, par)?;
-                    acc.fill(0);
-                    // At most kh * kw columns land on one pixel, each below 127^2 * c_out_group.
-                    col2im_add(s, &taps, col, acc);
+        || (vec![0i8; col_len], vec![0f32; out_len]),
+        |(col, out), (dx, dy)| {
+            for (g, packed) in packed.iter().enumerate() {
+                let dyg = &dy[g * cog * p..][..cog * p];
+                let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                if any_empty {
+                    dxg.fill(0.0);
                 }
-                scale_into(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], acc, sc);
+                for (ph, a) in phases.iter().zip(packed) {
+                    if ph.taps.is_empty() {
+                        continue;
+                    }
+                    let (k, q) = (cog * ph.taps.len(), ph.plane());
+                    let b = if ph.reads_dy_whole() {
+                        dyg
+                    } else {
+                        im2col_grid(&ph.grid, &ph.taps, dyg, &mut col[..k * q]);
+                        &col[..k * q]
+                    };
+                    let b = MatRef::row_major(b, k, q)?;
+                    gemm_i8_scaled_packed(a, b, MatMut::row_major(&mut out[..cig * q], cig, q)?, &row_scales, par)?;
+                    phase::scatter(s, ph, &out[..cig * q], dxg);
+                }
             }
             Ok(())
         },
@@ -185,10 +214,10 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         depthwise::weight_grad(s, x.codes, dy.codes, dw, |v| (v as f64 * sc) as f32);
         return Ok(());
     }
-    let taps = taps(s);
+    let lower = Lowering::new(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { kg * p };
+    let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     // One image adds at most `plane * 127^2` to each sum, so this many images add up exactly in
     // INT32 (the GEMM accumulates them in place); the running total is widened to i64 between
     // such groups. At 32x32 planes that is 130 images, so usually once per thread.
@@ -205,8 +234,7 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
                     let b = if s.is_pointwise() {
                         MatRef::row_major(xg, kg, p)?.t()
                     } else {
-                        im2col(s, &taps, xg, &mut col);
-                        MatRef::row_major(&col, kg, p)?.t()
+                        MatRef::row_major(lower.run(xg, &mut col), kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
                     let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;

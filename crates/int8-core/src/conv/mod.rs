@@ -12,7 +12,9 @@ mod depthwise;
 mod fp32;
 mod im2col;
 mod int8;
+mod phase;
 pub mod reference;
+mod stride2;
 
 pub use fp32::{conv2d_dw_f32, conv2d_dx_f32, conv2d_fwd_f32};
 pub use int8::{QView, conv2d_dw_i8, conv2d_dx_i8, conv2d_fwd_i8};

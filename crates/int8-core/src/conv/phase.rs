@@ -1,0 +1,139 @@
+//! The input gradient of a strided convolution by phase decomposition.
+//!
+//! `dX = W^T * dY` of a convolution with stride `(sh, sw)` splits by the input pixel's phase
+//! `(ih mod sh, iw mod sw)`: the pixels of one phase receive gradient from a fixed subset of the
+//! kernel's taps, and over the phase's own grid that is a stride-1 correlation of `dY` with those
+//! taps. Each phase is therefore an im2col of `dY` (a copy of rows, in the element type of `dY`:
+//! bytes for INT8) and one GEMM whose output is already the phase's pixels, which are then
+//! interleaved into `dX`. The alternative, one GEMM into a `k x out_plane` column buffer followed
+//! by a scatter-add (col2im), moves `kh * kw` times more data in the accumulator's type, and on the
+//! ResNet-20 stride-2 layers it cost more than the GEMM itself.
+//!
+//! Derivation: input row `ih = oh * sh + i * dh - ph` takes gradient from tap row `i`. For
+//! `ih = rh + sh * u`, that needs `i * dh - ph - rh = sh * a` for an integer `a`, and then
+//! `oh = u - a`. So phase row `rh` uses the tap rows `i` with `(i * dh - ph - rh) mod sh = 0`, each
+//! reading `dY` at row offset `-a`; columns likewise.
+
+use super::im2col::{Grid, Tap, valid};
+use super::{ConvShape, stride2};
+
+/// One phase `(rh, rw)` of the input: the pixels `(rh + sh * u, rw + sw * v)`.
+#[derive(Debug, Clone)]
+pub(crate) struct Phase {
+    /// The phase's first row and column.
+    pub origin: (usize, usize),
+    /// How `dY` (the `out_h x out_w` planes) is read for this phase's `rows x cols` grid.
+    pub grid: Grid,
+    /// The taps that reach this phase, with their offsets into `dY`.
+    pub taps: Vec<Tap>,
+    /// The kernel position `i * kw + j` of each tap.
+    pub kernel_index: Vec<usize>,
+}
+
+impl Phase {
+    /// Whether the phase's im2col of `dY` is `dY` itself: one tap reading every pixel in place
+    /// (the even phase of a 1x1 stride-2 convolution), so `dY` can feed the GEMM directly.
+    pub fn reads_dy_whole(&self) -> bool {
+        let g = &self.grid;
+        self.taps.len() == 1
+            && (g.in_h, g.in_w) == (g.out_h, g.out_w)
+            && (self.taps[0].row_off, self.taps[0].col_off) == (0, 0)
+    }
+
+    /// Pixels of the phase per channel.
+    pub fn plane(&self) -> usize {
+        self.grid.out_h * self.grid.out_w
+    }
+}
+
+/// The tap offsets of one axis for phase `r`: `(tap, offset of dY)` for each tap position that
+/// reaches input positions `r + stride * u`.
+fn axis_taps(k: usize, dilation: usize, pad: usize, stride: usize, r: usize) -> Vec<(usize, isize)> {
+    (0..k)
+        .filter_map(|i| {
+            let d = (i * dilation) as isize - pad as isize - r as isize;
+            (d.rem_euclid(stride as isize) == 0).then(|| (i, -d.div_euclid(stride as isize)))
+        })
+        .collect()
+}
+
+/// The phases of `s`'s input (for one group), every pixel in exactly one of them; phases that no
+/// tap reaches have no taps (their gradient is zero).
+pub(crate) fn phases(s: &ConvShape) -> Vec<Phase> {
+    let (sh, sw) = s.stride;
+    let mut out = Vec::with_capacity(sh * sw);
+    for rh in 0..sh.min(s.h) {
+        for rw in 0..sw.min(s.w) {
+            let (rows, cols) = ((s.h - rh).div_ceil(sh), (s.w - rw).div_ceil(sw));
+            let grid = Grid {
+                channels: s.c_out_group(),
+                planes: 1,
+                in_h: s.out_h(),
+                in_w: s.out_w(),
+                out_h: rows,
+                out_w: cols,
+                stride: (1, 1),
+            };
+            let mut taps = Vec::new();
+            let mut kernel_index = Vec::new();
+            for &(i, row_off) in &axis_taps(s.kh, s.dilation.0, s.pad.0, sh, rh) {
+                for &(j, col_off) in &axis_taps(s.kw, s.dilation.1, s.pad.1, sw, rw) {
+                    taps.push(Tap {
+                        rows: valid(rows, s.out_h(), 1, row_off),
+                        cols: valid(cols, s.out_w(), 1, col_off),
+                        row_off,
+                        col_off,
+                        plane: 0,
+                    });
+                    kernel_index.push(i * s.kw + j);
+                }
+            }
+            out.push(Phase { origin: (rh, rw), grid, taps, kernel_index });
+        }
+    }
+    out
+}
+
+/// The per-thread buffer lengths of the phases' im2col (`c_out_group * taps x plane`) and GEMM
+/// output (`c_in_group x plane`), the largest over the phases.
+pub(crate) fn buffer_lens(s: &ConvShape, phases: &[Phase]) -> (usize, usize) {
+    let col = phases.iter().map(|ph| s.c_out_group() * ph.taps.len() * ph.plane()).max().unwrap_or(0);
+    let out = phases.iter().map(|ph| s.c_in_group() * ph.plane()).max().unwrap_or(0);
+    (col, out)
+}
+
+/// The left operand of one phase and group: `c_in_group x (c_out_group * taps)`, row-major, with
+/// `a[ci][co * taps + t] = w[g * cog + co][ci][kernel_index[t]]`, matching the row order of
+/// the phase's im2col of `dY` (channels outer).
+pub(crate) fn phase_weight<T: Copy + Default>(s: &ConvShape, w: &[T], g: usize, ph: &Phase) -> Vec<T> {
+    let (cig, cog, kk, nt) = (s.c_in_group(), s.c_out_group(), s.kh * s.kw, ph.taps.len());
+    let mut a = vec![T::default(); cig * cog * nt];
+    for ci in 0..cig {
+        for co in 0..cog {
+            for (t, &k) in ph.kernel_index.iter().enumerate() {
+                a[(ci * cog + co) * nt + t] = w[((g * cog + co) * cig + ci) * kk + k];
+            }
+        }
+    }
+    a
+}
+
+/// Writes a phase's pixels (`c_in_group x rows x cols`, in `src`) into their places in `dx` (the
+/// group's `c_in_group x h x w` planes).
+pub(crate) fn scatter(s: &ConvShape, ph: &Phase, src: &[f32], dx: &mut [f32]) {
+    let (rh, rw) = ph.origin;
+    let (sh, sw) = s.stride;
+    let (rows, cols) = (ph.grid.out_h, ph.grid.out_w);
+    for (plane, src) in dx.chunks_exact_mut(s.in_plane()).zip(src.chunks_exact(rows * cols)) {
+        for (u, src) in src.chunks_exact(cols).enumerate() {
+            let row = &mut plane[(rh + sh * u) * s.w..][..s.w];
+            if sw == 2 {
+                stride2::scatter(src, &mut row[rw..]);
+            } else {
+                for (d, &v) in row[rw..].iter_mut().step_by(sw).zip(src) {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
