@@ -88,6 +88,8 @@ impl Row {
 }
 
 fn main() -> std::process::ExitCode {
+    // The same allocation policy as the trainer, so that steps are timed as they train.
+    int8_nn::alloc::keep_freed_memory();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

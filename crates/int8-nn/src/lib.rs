@@ -8,6 +8,7 @@
 //! DCLR multipliers and schedules ([`optim`]). To come (see the project's int8-nn issue): max and
 //! average pooling and ReLU6, and the per-op step breakdown.
 
+pub mod alloc;
 pub mod conv;
 mod error;
 pub mod layers;

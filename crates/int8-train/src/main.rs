@@ -53,6 +53,8 @@ enum Show {
 }
 
 fn main() {
+    // Training allocates and frees tens of megabytes a step: keep them (see int8_nn::alloc).
+    int8_nn::alloc::keep_freed_memory();
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(match e.downcast_ref::<int8_train::TrainError>() {

@@ -107,7 +107,7 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
                     let b = if ph.reads_dy_whole() {
                         dyg
                     } else {
-                        im2col_grid(&ph.grid, &ph.taps, dyg, &mut col[..k * q]);
+                        im2col_grid(&ph.grid, &ph.taps, &ph.masks, dyg, &mut col[..k * q]);
                         &col[..k * q]
                     };
                     let (a, b) = (MatRef::row_major(a, cig, k)?, MatRef::row_major(b, k, q)?);

@@ -154,28 +154,38 @@ impl Grid {
 
 /// im2col on any [`Grid`]: `col` is `(channels * taps) x (out_h * out_w)`, row-major, channels
 /// outer; reads outside the input are zero.
-pub(crate) fn im2col_grid<T: ZeroDefault>(g: &Grid, taps: &[Tap], x: &[T], col: &mut [T]) {
-    im2col_grid_with(g, taps, x, col, fast_masked_copy::<T>());
+pub(crate) fn im2col_grid<T: ZeroDefault>(g: &Grid, taps: &[Tap], masks: &[u64], x: &[T], col: &mut [T]) {
+    im2col_grid_with(g, taps, masks, x, col, fast_masked_copy::<T>());
 }
 
-/// [`im2col_grid`], with the masked vector copies of same-width taps (`fast`, where the CPU has
-/// them) or without.
-fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], x: &[T], col: &mut [T], fast: bool) {
-    let (ow_n, p, in_plane) = (g.out_w, g.out_h * g.out_w, g.in_h * g.in_w);
-    let (sh, sw) = g.stride;
-    // For same-width taps, the output positions each tap reads inside the image, as bits.
+/// The output positions that each same-width tap (stride 1, output rows as wide as the input's)
+/// reads inside the image, as bits, `ceil(out_plane / 64)` words per tap; empty for other grids.
+/// [`im2col_grid`] copies such taps as masked vector moves; the masks depend only on the
+/// geometry, so they are made once per convolution, not once per image.
+pub(crate) fn tap_masks(g: &Grid, taps: &[Tap]) -> Vec<u64> {
+    let (ow_n, p) = (g.out_w, g.out_h * g.out_w);
+    if g.stride != (1, 1) || ow_n != g.in_w || p == 0 {
+        return Vec::new();
+    }
     let words = p.div_ceil(64);
-    let mut masks = Vec::new();
-    if (sh, sw) == (1, 1) && ow_n == g.in_w && fast {
-        masks = vec![0u64; taps.len() * words];
-        for (tap, mask) in taps.iter().zip(masks.chunks_exact_mut(words.max(1))) {
-            for oh in tap.rows.clone() {
-                for q in oh * ow_n + tap.cols.start..oh * ow_n + tap.cols.end {
-                    mask[q / 64] |= 1 << (q % 64);
-                }
+    let mut masks = vec![0u64; taps.len() * words];
+    for (tap, mask) in taps.iter().zip(masks.chunks_exact_mut(words)) {
+        for oh in tap.rows.clone() {
+            for q in oh * ow_n + tap.cols.start..oh * ow_n + tap.cols.end {
+                mask[q / 64] |= 1 << (q % 64);
             }
         }
     }
+    masks
+}
+
+/// [`im2col_grid`], with the masked vector copies of same-width taps (`fast`, where the CPU has
+/// them and `masks` is not empty) or without.
+fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], masks: &[u64], x: &[T], col: &mut [T], fast: bool) {
+    let (ow_n, p, in_plane) = (g.out_w, g.out_h * g.out_w, g.in_h * g.in_w);
+    let (sh, sw) = g.stride;
+    let words = p.div_ceil(64);
+    let masks = if fast && masks.len() == taps.len() * words { masks } else { &[] };
     for c in 0..g.channels {
         for (t, tap) in taps.iter().enumerate() {
             let plane = &x[(c * g.planes + tap.plane) * in_plane..][..in_plane];
@@ -221,6 +231,8 @@ fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], x: &[T], col: &mut [
 pub(crate) struct Lowering {
     grid: Grid,
     taps: Vec<Tap>,
+    /// The taps' masks ([`tap_masks`]).
+    masks: Vec<u64>,
     /// The phases `(r, rc)` of a split strided input, in plane order; empty for stride 1.
     phases: Vec<(usize, usize)>,
     shape: ConvShape,
@@ -230,7 +242,9 @@ impl Lowering {
     /// The lowering of `s`.
     pub fn new(s: &ConvShape) -> Self {
         if s.stride == (1, 1) {
-            return Lowering { grid: Grid::of(s), taps: taps(s), phases: Vec::new(), shape: *s };
+            let (grid, taps) = (Grid::of(s), taps(s));
+            let masks = tap_masks(&grid, &taps);
+            return Lowering { grid, taps, masks, phases: Vec::new(), shape: *s };
         }
         let (sh, sw) = (s.stride.0 as isize, s.stride.1 as isize);
         let (hp, wp) = (s.h.div_ceil(s.stride.0), s.w.div_ceil(s.stride.1));
@@ -264,7 +278,8 @@ impl Lowering {
             out_w: s.out_w(),
             stride: (1, 1),
         };
-        Lowering { grid, taps: out, phases, shape: *s }
+        let masks = tap_masks(&grid, &out);
+        Lowering { grid, taps: out, masks, phases, shape: *s }
     }
 
     /// The elements of the operand (`k_group * out_plane`).
@@ -295,10 +310,10 @@ impl Lowering {
         if self.split_is_operand() {
             self.split(x, col);
         } else if self.phases.is_empty() {
-            im2col_grid(&self.grid, &self.taps, x, col);
+            im2col_grid(&self.grid, &self.taps, &self.masks, x, col);
         } else {
             self.split(x, split);
-            im2col_grid(&self.grid, &self.taps, split, col);
+            im2col_grid(&self.grid, &self.taps, &self.masks, split, col);
         }
         col
     }
@@ -475,8 +490,8 @@ mod tests {
             let g = Grid::of(&s);
             let mut plain8 = vec![77i8; s.k_group() * p];
             let mut plain32 = vec![77f32; s.k_group() * p];
-            im2col_grid_with(&g, &taps(&s), &x8, &mut plain8, false);
-            im2col_grid_with(&g, &taps(&s), &x32, &mut plain32, false);
+            im2col_grid_with(&g, &taps(&s), &[], &x8, &mut plain8, false);
+            im2col_grid_with(&g, &taps(&s), &[], &x32, &mut plain32, false);
             for c in 0..s.c_in {
                 for t in 0..kk {
                     for q in 0..p {

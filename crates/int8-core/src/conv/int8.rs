@@ -185,7 +185,7 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
                     let b = if ph.reads_dy_whole() {
                         dyg
                     } else {
-                        im2col_grid(&ph.grid, &ph.taps, dyg, &mut col[..k * q]);
+                        im2col_grid(&ph.grid, &ph.taps, &ph.masks, dyg, &mut col[..k * q]);
                         &col[..k * q]
                     };
                     let b = MatRef::row_major(b, k, q)?;

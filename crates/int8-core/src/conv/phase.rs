@@ -14,7 +14,7 @@
 //! `oh = u - a`. So phase row `rh` uses the tap rows `i` with `(i * dh - ph - rh) mod sh = 0`, each
 //! reading `dY` at row offset `-a`; columns likewise.
 
-use super::im2col::{Grid, Tap, valid};
+use super::im2col::{Grid, Tap, tap_masks, valid};
 use super::{ConvShape, stride2};
 
 /// One phase `(rh, rw)` of the input: the pixels `(rh + sh * u, rw + sw * v)`.
@@ -28,6 +28,8 @@ pub(crate) struct Phase {
     pub taps: Vec<Tap>,
     /// The kernel position `i * kw + j` of each tap.
     pub kernel_index: Vec<usize>,
+    /// The taps' masks for im2col ([`tap_masks`]).
+    pub masks: Vec<u64>,
 }
 
 impl Phase {
@@ -88,7 +90,8 @@ pub(crate) fn phases(s: &ConvShape) -> Vec<Phase> {
                     kernel_index.push(i * s.kw + j);
                 }
             }
-            out.push(Phase { origin: (rh, rw), grid, taps, kernel_index });
+            let masks = tap_masks(&grid, &taps);
+            out.push(Phase { origin: (rh, rw), grid, taps, kernel_index, masks });
         }
     }
     out
