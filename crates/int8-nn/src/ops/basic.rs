@@ -9,7 +9,7 @@ use int8_core::nn::elementwise;
 use int8_core::nn::loss::{CrossEntropy, softmax_cross_entropy};
 use int8_core::nn::pool::{self, Pool2d};
 
-use super::{f32_data, with_values};
+use super::{f32_data, with_values, zeroed};
 use crate::error::to_candle;
 
 /// The flattened f32 contents of a tensor.
@@ -54,7 +54,7 @@ impl CustomOp3 for BatchNormTrain {
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let gamma = f32_data(s2, l2, &format!("layer `{}` gamma", self.name))?;
         let beta = f32_data(s3, l3, &format!("layer `{}` beta", self.name))?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         let st = batchnorm::forward_train(d, x, gamma, beta, self.eps, self.relu, &mut y).map_err(to_candle)?;
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -74,7 +74,7 @@ impl CustomOp3 for BatchNormTrain {
         let Some(st) = stats.as_ref() else {
             candle_core::bail!("layer `{}`: backward ran without a training forward pass", self.name);
         };
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = zeroed(x.elem_count());
         let (dgamma, dbeta) = with_values(x, "batch norm input", |xv| {
             with_values(gamma, "gamma", |gv| {
                 with_values(grad, "batch norm output gradient", |dy| {
@@ -111,7 +111,7 @@ impl CustomOp2 for AddRelu {
             candle_core::bail!("residual add of shapes {:?} and {:?}: they must match", l1.dims(), l2.dims());
         }
         let (a, b) = (f32_data(s1, l1, "residual branch")?, f32_data(s2, l2, "shortcut")?);
-        let mut y = vec![0f32; a.len()];
+        let mut y = zeroed(a.len());
         elementwise::add_relu(a, b, &mut y).map_err(to_candle)?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -124,7 +124,7 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = crate::profile::span(self.name(), true);
-        let mut d = vec![0f32; a.elem_count()];
+        let mut d = zeroed(a.elem_count());
         with_values(res, "residual output", |y| {
             with_values(grad, "residual output gradient", |g| {
                 elementwise::relu_backward(y, g, &mut d).map_err(to_candle)
@@ -150,7 +150,7 @@ impl CustomOp1 for GlobalAvgPool {
             candle_core::bail!("global average pooling needs an NCHW input, got {:?}", l.dims());
         };
         let x = f32_data(s, l, "pooling input")?;
-        let mut y = vec![0f32; n * c];
+        let mut y = zeroed(n * c);
         elementwise::global_avg_pool(x, h * w, &mut y).map_err(to_candle)?;
         Ok((CpuStorage::F32(y), Shape::from((n, c))))
     }
@@ -158,7 +158,7 @@ impl CustomOp1 for GlobalAvgPool {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let _t = crate::profile::span(self.name(), true);
         let &[_, _, h, w] = x.dims() else { candle_core::bail!("global average pooling input must be NCHW") };
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = zeroed(x.elem_count());
         elementwise::global_avg_pool_backward(&values(grad)?, h * w, &mut dx).map_err(to_candle)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -231,7 +231,7 @@ impl CustomOp1 for MaxPool {
         let (p, out) = pool_geometry(l.dims(), self.k, self.stride, self.pad)?;
         let x = f32_data(s, l, "pooling input")?;
         let n: usize = out.iter().product();
-        let (mut y, mut am) = (vec![0f32; n], vec![0u32; n]);
+        let (mut y, mut am) = (zeroed(n), vec![0u32; n]);
         pool::max_pool(&p, x, &mut y, &mut am).map_err(to_candle)?;
         *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = am;
         Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))
@@ -241,7 +241,7 @@ impl CustomOp1 for MaxPool {
         let _t = crate::profile::span(self.name(), true);
         let (p, _) = pool_geometry(x.dims(), self.k, self.stride, self.pad)?;
         let am = self.argmax.lock().unwrap_or_else(|e| e.into_inner());
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = zeroed(x.elem_count());
         with_values(grad, "pooling output gradient", |g| {
             pool::max_pool_backward(&p, g, &am, &mut dx).map_err(to_candle)
         })?;
@@ -257,7 +257,7 @@ impl CustomOp1 for AvgPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = crate::profile::span(self.name(), false);
         let (p, out) = pool_geometry(l.dims(), self.k, self.stride, self.pad)?;
-        let mut y = vec![0f32; out.iter().product()];
+        let mut y = zeroed(out.iter().product());
         pool::avg_pool(&p, f32_data(s, l, "pooling input")?, &mut y).map_err(to_candle)?;
         Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))
     }
@@ -265,7 +265,7 @@ impl CustomOp1 for AvgPool {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let _t = crate::profile::span(self.name(), true);
         let (p, _) = pool_geometry(x.dims(), self.k, self.stride, self.pad)?;
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = zeroed(x.elem_count());
         with_values(grad, "pooling output gradient", |g| pool::avg_pool_backward(&p, g, &mut dx).map_err(to_candle))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -285,14 +285,14 @@ impl CustomOp1 for ClampRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = crate::profile::span(self.name(), false);
         let x = f32_data(s, l, "relu input")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeroed(x.len());
         elementwise::clamp_relu(x, self.cap, &mut y).map_err(to_candle)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let _t = crate::profile::span(self.name(), true);
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = zeroed(x.elem_count());
         with_values(x, "relu input", |xv| {
             with_values(grad, "relu output gradient", |g| {
                 elementwise::clamp_relu_backward(xv, self.cap, g, &mut dx).map_err(to_candle)

@@ -13,7 +13,7 @@ use int8_core::conv::{
 use int8_core::gemm::Int8Path;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::{f32_data, per_tensor_weight, with_values};
+use super::{f32_data, per_tensor_weight, with_values, zeroed};
 use crate::error::to_candle;
 use crate::precision::Precision;
 use crate::stats::LayerState;
@@ -120,7 +120,7 @@ impl CustomOp2 for Conv2dOp {
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
         let s = self.geometry.shape(&self.name, l1.dims(), l2.dims())?;
-        let mut y = vec![0f32; s.y_len()];
+        let mut y = zeroed(s.y_len());
         match self.precision {
             Precision::Fp32 => conv2d_fwd_f32(&s, x, w, &mut y).map_err(to_candle)?,
             Precision::Int8(cfg) => {
@@ -149,7 +149,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = crate::profile::span(self.name(), true);
         let s = self.geometry.shape(&self.name, x.dims(), w.dims())?;
-        let (mut dx, mut dw) = (vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
+        let (mut dx, mut dw) = (zeroed(s.x_len()), zeroed(s.w_len()));
         with_values(grad, "output gradient", |g| {
             match self.precision {
                 Precision::Fp32 => with_values(x, "input", |xv| {

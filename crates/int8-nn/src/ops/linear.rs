@@ -9,6 +9,7 @@ use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8_s
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
 use super::basic::values;
+use super::zeroed;
 use super::{f32_data, per_tensor_weight};
 use crate::error::to_candle;
 use crate::precision::Precision;
@@ -70,7 +71,7 @@ impl CustomOp3 for LinearOp {
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
         let b = f32_data(s3, l3, &format!("layer `{}` bias", self.name))?;
-        let mut y = vec![0f32; n * o];
+        let mut y = zeroed(n * o);
         match self.precision {
             Precision::Fp32 => {
                 let (xm, wm) =
@@ -117,8 +118,8 @@ impl CustomOp3 for LinearOp {
         let _t = crate::profile::span(self.name(), true);
         let (n, i, o) = dims(&self.name, x.dims(), w.dims(), b.dims())?;
         let g = values(grad)?;
-        let (mut dx, mut dw) = (vec![0f32; n * i], vec![0f32; o * i]);
-        let mut db = vec![0f32; o];
+        let (mut dx, mut dw) = (zeroed(n * i), zeroed(o * i));
+        let mut db = zeroed(o);
         for row in g.chunks_exact(o) {
             for (d, &v) in db.iter_mut().zip(row) {
                 *d += v;

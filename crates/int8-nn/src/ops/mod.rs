@@ -52,3 +52,39 @@ pub(crate) fn per_tensor_weight<'a>(
             .map_err(crate::error::to_candle)
     })
 }
+
+/// A buffer of `n` zeros for an op's output or gradient, zeroed by all of rayon's threads.
+///
+/// `vec![0f32; n]` zeroes in `calloc` on one thread; with the process keeping freed memory
+/// ([`crate::alloc`]) that is a `memset` of every output and gradient of the step, up to 8 MB each,
+/// at the speed of one core. Spread over the cores, `int8-bench step` measured FP32 315-319 ms and
+/// INT8 207 ms against 344-357 ms and 243-245 ms with `calloc`.
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    // Below this, one thread zeroes it faster than rayon can share it out.
+    const CHUNK: usize = 1 << 14;
+    if n <= CHUNK {
+        return vec![0f32; n];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(CHUNK).for_each(|c| {
+        for e in c {
+            e.write(0.0);
+        }
+    });
+    // SAFETY: the capacity is at least `n`, and the loop above wrote all of the first `n` elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zeroed_buffers_have_the_length_asked_for_and_only_zeros() {
+        for n in [0, 1, (1 << 14) - 1, 1 << 14, (1 << 14) + 1, 5 * (1 << 14) + 7] {
+            let v = super::zeroed(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x.to_bits() == 0), "n = {n}");
+        }
+    }
+}
