@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::im2col::{Lowering, im2col_grid};
+use super::im2col::Lowering;
 use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
@@ -88,32 +88,15 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
     let weights: Vec<Vec<Vec<f32>>> =
         (0..s.groups).map(|g| phases.iter().map(|ph| phase::phase_weight(s, w, g, ph)).collect()).collect();
     let (col_len, out_len) = phase::buffer_lens(s, &phases);
-    // Pixels that no tap reaches get zero gradient: clear the planes once, then write the rest.
-    let any_empty = phases.iter().any(|ph| ph.taps.is_empty());
     dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each_init(
         || (vec![0f32; col_len], vec![0f32; out_len]),
         |(col, out), (dx, dy)| {
             for (g, weights) in weights.iter().enumerate() {
                 let dyg = &dy[g * cog * p..][..cog * p];
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                if any_empty {
-                    dxg.fill(0.0);
-                }
-                for (ph, a) in phases.iter().zip(weights) {
-                    if ph.taps.is_empty() {
-                        continue;
-                    }
-                    let (k, q) = (cog * ph.taps.len(), ph.plane());
-                    let b = if ph.reads_dy_whole() {
-                        dyg
-                    } else {
-                        im2col_grid(&ph.grid, &ph.taps, &ph.masks, dyg, &mut col[..k * q]);
-                        &col[..k * q]
-                    };
-                    let (a, b) = (MatRef::row_major(a, cig, k)?, MatRef::row_major(b, k, q)?);
-                    gemm_f32(a, b, MatMut::row_major(&mut out[..cig * q], cig, q)?, false, par)?;
-                    phase::scatter(s, ph, &out[..cig * q], dxg);
-                }
+                phase::input_grad_image(s, &phases, dyg, dxg, (col, out), |i, b, c| {
+                    gemm_f32(MatRef::row_major(&weights[i], cig, b.rows())?, b, c, false, par)
+                })?;
             }
             Ok(())
         },

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
-use super::im2col::{Lowering, im2col_grid};
+use super::im2col::Lowering;
 use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::{CoreError, Result};
 use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
@@ -166,32 +166,15 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
         })
         .collect::<Result<Vec<_>>>()?;
     let (col_len, out_len) = phase::buffer_lens(s, &phases);
-    // Pixels that no tap reaches get zero gradient: clear the planes once, then write the rest.
-    let any_empty = phases.iter().any(|ph| ph.taps.is_empty());
     dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each_init(
         || (vec![0i8; col_len], vec![0f32; out_len]),
         |(col, out), (dx, dy)| {
             for (g, packed) in packed.iter().enumerate() {
                 let dyg = &dy[g * cog * p..][..cog * p];
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                if any_empty {
-                    dxg.fill(0.0);
-                }
-                for (ph, a) in phases.iter().zip(packed) {
-                    if ph.taps.is_empty() {
-                        continue;
-                    }
-                    let (k, q) = (cog * ph.taps.len(), ph.plane());
-                    let b = if ph.reads_dy_whole() {
-                        dyg
-                    } else {
-                        im2col_grid(&ph.grid, &ph.taps, &ph.masks, dyg, &mut col[..k * q]);
-                        &col[..k * q]
-                    };
-                    let b = MatRef::row_major(b, k, q)?;
-                    gemm_i8_scaled_packed(a, b, MatMut::row_major(&mut out[..cig * q], cig, q)?, &row_scales, par)?;
-                    phase::scatter(s, ph, &out[..cig * q], dxg);
-                }
+                phase::input_grad_image(s, &phases, dyg, dxg, (col, out), |i, b, c| {
+                    gemm_i8_scaled_packed(&packed[i], b, c, &row_scales, par)
+                })?;
             }
             Ok(())
         },

@@ -14,8 +14,10 @@
 //! `oh = u - a`. So phase row `rh` uses the tap rows `i` with `(i * dh - ph - rh) mod sh = 0`, each
 //! reading `dY` at row offset `-a`; columns likewise.
 
-use super::im2col::{Grid, Tap, tap_masks, valid};
+use super::im2col::{Grid, Tap, ZeroDefault, im2col_grid, tap_masks, valid};
 use super::{ConvShape, stride2};
+use crate::error::Result;
+use crate::gemm::{MatMut, MatRef};
 
 /// One phase `(rh, rw)` of the input: the pixels `(rh + sh * u, rw + sw * v)`.
 #[derive(Debug, Clone)]
@@ -139,4 +141,38 @@ pub(crate) fn scatter(s: &ConvShape, ph: &Phase, src: &[f32], dx: &mut [f32]) {
             }
         }
     }
+}
+
+/// The input gradient of one image and group, phase by phase: each phase that some tap reaches
+/// lowers `dy` (the group's `c_out_group` planes) into `col`, or uses `dy` itself where that is
+/// the lowering, and `product(i, b, out)` multiplies phase `i`'s weight by `b` into `out`
+/// (`c_in_group x plane`), whose pixels then go to their places in `dx`. Pixels no tap reaches
+/// get zero. `col` and `out` are at least [`buffer_lens`] long.
+pub(crate) fn input_grad_image<T: ZeroDefault>(
+    s: &ConvShape,
+    phases: &[Phase],
+    dy: &[T],
+    dx: &mut [f32],
+    (col, out): (&mut [T], &mut [f32]),
+    mut product: impl FnMut(usize, MatRef<T>, MatMut<f32>) -> Result<()>,
+) -> Result<()> {
+    if phases.iter().any(|ph| ph.taps.is_empty()) {
+        dx.fill(0.0);
+    }
+    let cig = s.c_in_group();
+    for (i, ph) in phases.iter().enumerate() {
+        if ph.taps.is_empty() {
+            continue;
+        }
+        let (k, q) = (s.c_out_group() * ph.taps.len(), ph.plane());
+        let b = if ph.reads_dy_whole() {
+            dy
+        } else {
+            im2col_grid(&ph.grid, &ph.taps, &ph.masks, dy, &mut col[..k * q]);
+            &col[..k * q]
+        };
+        product(i, MatRef::row_major(b, k, q)?, MatMut::row_major(&mut out[..cig * q], cig, q)?)?;
+        scatter(s, ph, &out[..cig * q], dx);
+    }
+    Ok(())
 }
