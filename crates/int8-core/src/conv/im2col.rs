@@ -472,7 +472,7 @@ mod tests {
             ConvShape { h: 6, w: 9, kh: 2, kw: 3, stride: (2, 1), pad: (1, 0), ..sq(1, 2, 1, 2, 1, 1, 0) },
         ];
         for s in shapes {
-            let x8: Vec<i8> = (0..s.c_in * s.in_plane()).map(|i| (i % 251) as i8 - 125).collect();
+            let x8: Vec<i8> = (0..s.c_in * s.in_plane()).map(|i| ((i % 251) as i32 - 125) as i8).collect();
             let x32: Vec<f32> = x8.iter().map(|&v| v as f32 * 0.5).collect();
             let (p, kk) = (s.out_plane(), s.kh * s.kw);
             let want = |c: usize, t: usize, q: usize| -> Option<usize> {
