@@ -32,6 +32,7 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
         ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),
+        ("planes of 576 pixels (one image per weight-gradient GEMM)", sq(3, 2, 24, 3, 3, 1, 1)),
         ("5x5 s2 p2", sq(2, 3, 9, 4, 5, 2, 2)),
         ("2x2 s3: phases no tap reaches", sq(2, 3, 10, 4, 2, 3, 0)),
         (
@@ -162,7 +163,11 @@ fn int8_scales_apply_per_tensor_and_per_output_channel() {
 /// 4.2e9 in all, beyond i32. The batch sum must still be exact.
 #[test]
 fn int8_weight_gradient_does_not_overflow_over_a_large_batch() {
-    for s in [ConvShape::square(64, 1, 64, 1, 1, 1, 0), ConvShape::square(64, 1, 64, 2, 3, 1, 1)] {
+    // Large planes (one image per GEMM), and 4x4 planes (many images side by side per GEMM).
+    let sq = ConvShape::square;
+    for s in
+        [sq(64, 1, 64, 1, 1, 1, 0), sq(64, 1, 64, 2, 3, 1, 1), sq(9000, 1, 4, 1, 1, 1, 0), sq(9000, 1, 4, 2, 3, 1, 1)]
+    {
         let x = vec![127i8; s.x_len()];
         let dy = vec![127i8; s.y_len()];
         let one = [1.0f32];
