@@ -124,7 +124,8 @@ pub(crate) fn taps(s: &ConvShape) -> Vec<Tap> {
 }
 
 /// The geometry that im2col lowers: `channels` input planes of `in_h x in_w`, read at
-/// `out_h x out_w` output positions with `stride`, each at the offsets of its [`Tap`]s.
+/// `out_h x out_w` output positions with stride 1, each at the offsets of its [`Tap`]s (strided
+/// convolutions are first split into phases, see [`Lowering`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Grid {
     pub channels: usize,
@@ -134,21 +135,13 @@ pub(crate) struct Grid {
     pub in_w: usize,
     pub out_h: usize,
     pub out_w: usize,
-    pub stride: (usize, usize),
 }
 
 impl Grid {
-    /// The grid of one image and group of a convolution.
+    /// The grid of one image and group of a stride-1 convolution.
     pub fn of(s: &ConvShape) -> Self {
-        Grid {
-            channels: s.c_in_group(),
-            planes: 1,
-            in_h: s.h,
-            in_w: s.w,
-            out_h: s.out_h(),
-            out_w: s.out_w(),
-            stride: s.stride,
-        }
+        debug_assert_eq!(s.stride, (1, 1));
+        Grid { channels: s.c_in_group(), planes: 1, in_h: s.h, in_w: s.w, out_h: s.out_h(), out_w: s.out_w() }
     }
 }
 
@@ -158,13 +151,13 @@ pub(crate) fn im2col_grid<T: ZeroDefault>(g: &Grid, taps: &[Tap], masks: &[u64],
     im2col_grid_with(g, taps, masks, x, col, fast_masked_copy::<T>());
 }
 
-/// The output positions that each same-width tap (stride 1, output rows as wide as the input's)
+/// The output positions that each same-width tap (output rows as wide as the input's)
 /// reads inside the image, as bits, `ceil(out_plane / 64)` words per tap; empty for other grids.
 /// [`im2col_grid`] copies such taps as masked vector moves; the masks depend only on the
 /// geometry, so they are made once per convolution, not once per image.
 pub(crate) fn tap_masks(g: &Grid, taps: &[Tap]) -> Vec<u64> {
     let (ow_n, p) = (g.out_w, g.out_h * g.out_w);
-    if g.stride != (1, 1) || ow_n != g.in_w || p == 0 {
+    if ow_n != g.in_w || p == 0 {
         return Vec::new();
     }
     let words = p.div_ceil(64);
@@ -183,7 +176,6 @@ pub(crate) fn tap_masks(g: &Grid, taps: &[Tap]) -> Vec<u64> {
 /// them and `masks` is not empty) or without.
 fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], masks: &[u64], x: &[T], col: &mut [T], fast: bool) {
     let (ow_n, p, in_plane) = (g.out_w, g.out_h * g.out_w, g.in_h * g.in_w);
-    let (sh, sw) = g.stride;
     let words = p.div_ceil(64);
     let masks = if fast && masks.len() == taps.len() * words { masks } else { &[] };
     for c in 0..g.channels {
@@ -194,7 +186,7 @@ fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], masks: &[u64], x: &[
                 zero_run(row);
                 continue;
             }
-            if (sh, sw) == (1, 1) && ow_n == g.in_w {
+            if ow_n == g.in_w {
                 let mask = if masks.is_empty() { &[][..] } else { &masks[t * words..][..words] };
                 if !masked_tap(ow_n, tap, plane, mask, row) {
                     same_width_tap(ow_n, tap, plane, row);
@@ -205,17 +197,11 @@ fn im2col_grid_with<T: ZeroDefault>(g: &Grid, taps: &[Tap], masks: &[u64], x: &[
                 zero_run(row);
             }
             for oh in tap.rows.clone() {
-                let ih = (oh * sh) as isize + tap.row_off;
+                let ih = oh as isize + tap.row_off;
                 let src = &plane[ih as usize * g.in_w..][..g.in_w];
                 let dst = &mut row[oh * ow_n..][tap.cols.clone()];
-                let start = (tap.cols.start * sw) as isize + tap.col_off;
-                if sw == 1 {
-                    copy_run(dst, &src[start as usize..][..dst.len()]);
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(src[start as usize..].iter().step_by(sw)) {
-                        *d = v;
-                    }
-                }
+                let start = tap.cols.start as isize + tap.col_off;
+                copy_run(dst, &src[start as usize..][..dst.len()]);
             }
         }
     }
@@ -276,7 +262,6 @@ impl Lowering {
             in_w: wp,
             out_h: s.out_h(),
             out_w: s.out_w(),
-            stride: (1, 1),
         };
         let masks = tap_masks(&grid, &out);
         Lowering { grid, taps: out, masks, phases, shape: *s }
@@ -306,14 +291,20 @@ impl Lowering {
     /// Lowers `x` (the `c_in_group x h x w` input of one image and group) into `buf`, returning
     /// the operand (`k_group x out_plane`, row-major).
     pub fn run<'b, T: ZeroDefault>(&self, x: &[T], buf: &'b mut [T]) -> &'b [T] {
+        self.run_with(x, buf, fast_masked_copy::<T>())
+    }
+
+    /// [`Lowering::run`], with the masked vector copies (`fast`, where the CPU has them) or
+    /// without.
+    fn run_with<'b, T: ZeroDefault>(&self, x: &[T], buf: &'b mut [T], fast: bool) -> &'b [T] {
         let (col, split) = buf.split_at_mut(self.col_len());
         if self.split_is_operand() {
             self.split(x, col);
         } else if self.phases.is_empty() {
-            im2col_grid(&self.grid, &self.taps, &self.masks, x, col);
+            im2col_grid_with(&self.grid, &self.taps, &self.masks, x, col, fast);
         } else {
             self.split(x, split);
-            im2col_grid(&self.grid, &self.taps, &self.masks, split, col);
+            im2col_grid_with(&self.grid, &self.taps, &self.masks, split, col, fast);
         }
         col
     }
@@ -487,11 +478,8 @@ mod tests {
             let mut buf32 = vec![77f32; lower.buffer_len()];
             let col8 = lower.run(&x8, &mut buf8).to_vec();
             let col32 = lower.run(&x32, &mut buf32).to_vec();
-            let g = Grid::of(&s);
-            let mut plain8 = vec![77i8; s.k_group() * p];
-            let mut plain32 = vec![77f32; s.k_group() * p];
-            im2col_grid_with(&g, &taps(&s), &[], &x8, &mut plain8, false);
-            im2col_grid_with(&g, &taps(&s), &[], &x32, &mut plain32, false);
+            let plain8 = lower.run_with(&x8, &mut buf8, false).to_vec();
+            let plain32 = lower.run_with(&x32, &mut buf32, false).to_vec();
             for c in 0..s.c_in {
                 for t in 0..kk {
                     for q in 0..p {

@@ -76,7 +76,6 @@ pub(crate) fn phases(s: &ConvShape) -> Vec<Phase> {
                 in_w: s.out_w(),
                 out_h: rows,
                 out_w: cols,
-                stride: (1, 1),
             };
             let mut taps = Vec::new();
             let mut kernel_index = Vec::new();
