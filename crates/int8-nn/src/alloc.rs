@@ -3,9 +3,10 @@
 //! Every op of a step allocates its output, and every backward its gradients: tens of megabytes a
 //! step for ResNet-20 at batch 128, in blocks of up to 8 MB, freed again within the step. glibc's
 //! malloc serves blocks that large with fresh `mmap`s and returns the memory on free (or trims the
-//! heap), so each step pays a page fault for every 4 KiB it writes. Measured with `int8-bench
-//! step` on the 2-core dev machine, that was 30-40 ms of a 290 ms INT8 step. [`keep_freed_memory`]
-//! tells malloc to keep freed memory for reuse instead. Binaries call it first thing; a library
+//! heap), so each step pays a page fault for every 4 KiB it writes. [`keep_freed_memory`] tells
+//! malloc to keep freed memory for reuse instead: with it, `int8-bench step` on the 2-core dev
+//! machine measured FP32 321-353 ms and INT8 243-261 ms, against 362-373 and 270-272 ms without,
+//! alternating the two binaries. Binaries call it first thing; a library
 //! leaves the process's allocator alone.
 
 /// Makes glibc's malloc keep freed memory in the process: blocks up to 32 MiB come from the heap

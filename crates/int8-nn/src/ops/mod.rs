@@ -57,8 +57,8 @@ pub(crate) fn per_tensor_weight<'a>(
 ///
 /// `vec![0f32; n]` zeroes in `calloc` on one thread; with the process keeping freed memory
 /// ([`crate::alloc`]) that is a `memset` of every output and gradient of the step, up to 8 MB each,
-/// at the speed of one core. Spread over the cores, `int8-bench step` measured FP32 315-319 ms and
-/// INT8 207 ms against 344-357 ms and 243-245 ms with `calloc`.
+/// at the speed of one core. Spread over the cores, `int8-bench step` measured FP32 311-326 ms and
+/// INT8 205 ms against 342-362 ms and 235-258 ms with `calloc`, alternating the two binaries.
 pub(crate) fn zeroed(n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     // Below this, one thread zeroes it faster than rayon can share it out.
