@@ -23,8 +23,8 @@ pub struct Experiment {
     /// What it shows.
     #[serde(default)]
     pub description: String,
-    /// Recipe names (from `zoo/recipes`) or paths.
-    pub recipes: Vec<String>,
+    /// Recipe names (from `zoo/recipes`) or paths, each with overrides of its own if needed.
+    pub recipes: Vec<RecipeEntry>,
     /// Precisions to run.
     #[serde(default = "both")]
     pub precisions: Vec<String>,
@@ -37,6 +37,41 @@ pub struct Experiment {
     /// Ablation axes.
     #[serde(default)]
     pub axis: Vec<Axis>,
+}
+
+/// A recipe of an experiment: its name or path, or that with overrides for its runs only (a
+/// schedule that fits this recipe's cost, say), applied after the experiment's `set`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RecipeEntry {
+    /// A recipe name or path.
+    Name(String),
+    /// A recipe name or path with overrides.
+    WithSet(RecipeWithSet),
+}
+
+/// A recipe name or path with overrides for its runs only.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeWithSet {
+    /// The recipe name or path.
+    pub name: String,
+    /// Overrides for this recipe's runs.
+    pub set: Vec<String>,
+}
+
+impl RecipeEntry {
+    fn name(&self) -> &str {
+        match self {
+            RecipeEntry::Name(n) | RecipeEntry::WithSet(RecipeWithSet { name: n, .. }) => n,
+        }
+    }
+    fn sets(&self) -> &[String] {
+        match self {
+            RecipeEntry::Name(_) => &[],
+            RecipeEntry::WithSet(r) => &r.set,
+        }
+    }
 }
 
 fn both() -> Vec<String> {
@@ -117,7 +152,8 @@ pub fn plan(exp: &Experiment, cli_sets: &[String]) -> Result<Vec<PlannedRun>> {
             bail!("precision `{p}` is not fp32 or int8");
         }
     }
-    for recipe in &exp.recipes {
+    for entry in &exp.recipes {
+        let recipe = entry.name();
         let path = int8_zoo::find_recipe(recipe).with_context(|| {
             let names: Vec<String> = int8_zoo::recipes().into_iter().map(|r| r.0).collect();
             format!("no recipe `{recipe}`; the zoo has: {}", names.join(", "))
@@ -163,6 +199,7 @@ pub fn plan(exp: &Experiment, cli_sets: &[String]) -> Result<Vec<PlannedRun>> {
                     }
                     name.push_str(&format!("-s{seed}"));
                     let mut sets = exp.set.clone();
+                    sets.extend(entry.sets().iter().cloned());
                     sets.extend(axis_sets.iter().cloned());
                     sets.push(format!("quant.precision=\"{precision}\""));
                     sets.push(format!("train.seed={seed}"));
@@ -547,4 +584,51 @@ pub fn write_results(out: &Path, runs: &[PlannedRun], jobs: usize, threads: usiz
     println!("results: {} and {}", out.join("results.csv").display(), out.join("results.md").display());
     std::io::stdout().flush().ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recipe_s_own_overrides_apply_to_its_runs_only_after_the_experiment_s() {
+        let exp: Experiment = toml::from_str(
+            r#"
+            recipes = ["cnn-small-fashion-mnist", { name = "resnet20-cifar10", set = ["train.epochs=4"] }]
+            seeds = [1]
+            set = ["train.epochs=2"]
+            [[axis]]
+            name = "dsgc"
+            key = "quant.dsgc"
+            values = [false]
+            "#,
+        )
+        .unwrap();
+        let runs = plan(&exp, &["optim.lr=0.5".into()]).unwrap();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cnn-small-fashion-mnist-fp32-s1",
+                "cnn-small-fashion-mnist-int8-dsgc_off-s1",
+                "resnet20-cifar10-fp32-s1",
+                "resnet20-cifar10-int8-dsgc_off-s1",
+            ]
+        );
+        assert_eq!(runs[0].sets, ["train.epochs=2", "quant.precision=\"fp32\"", "train.seed=1", "optim.lr=0.5"]);
+        assert_eq!(
+            runs[3].sets,
+            [
+                "train.epochs=2",
+                "train.epochs=4",
+                "quant.dsgc=false",
+                "quant.precision=\"int8\"",
+                "train.seed=1",
+                "optim.lr=0.5"
+            ]
+        );
+        // A misspelt field is an error, not a silently ignored override.
+        let bad = toml::from_str::<Experiment>(r#"recipes = [{ name = "resnet20-cifar10", sets = ["a=1"] }]"#);
+        assert!(bad.is_err());
+    }
 }
