@@ -32,6 +32,7 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
         ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),
+        ("3x3 s2 p1, rows longer than one vector (71 wide)", sq(1, 2, 71, 3, 3, 2, 1)),
         ("planes of 576 pixels (one image per weight-gradient GEMM)", sq(3, 2, 24, 3, 3, 1, 1)),
         ("5x5 s2 p2", sq(2, 3, 9, 4, 5, 2, 2)),
         ("2x2 s3: phases no tap reaches", sq(2, 3, 10, 4, 2, 3, 0)),

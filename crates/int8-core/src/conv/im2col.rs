@@ -314,28 +314,50 @@ impl Lowering {
         let s = &self.shape;
         let (sh, sw) = s.stride;
         let (hp, wp) = (self.grid.in_h, self.grid.in_w);
-        let mut planes = out.chunks_exact_mut(hp * wp);
-        for plane_in in x.chunks_exact(s.in_plane()).take(s.c_in_group()) {
-            for &(r, rc) in &self.phases {
-                let Some(dst) = planes.next() else { return };
-                for (u, dst) in dst.chunks_exact_mut(wp).enumerate() {
+        let plane_len = hp * wp;
+        // The plane of each phase `(r, c)` among one channel's planes, if the phase is used.
+        let mut index = vec![None; sh * sw];
+        for (i, &(r, c)) in self.phases.iter().enumerate() {
+            index[r * sw + c] = Some(i);
+        }
+        let per_channel = self.phases.len() * plane_len;
+        for (plane_in, planes) in
+            x.chunks_exact(s.in_plane()).take(s.c_in_group()).zip(out.chunks_exact_mut(per_channel))
+        {
+            for r in 0..sh {
+                let row_planes = &index[r * sw..(r + 1) * sw];
+                for u in 0..hp {
                     let ih = r + sh * u;
-                    if ih >= s.h {
-                        zero_run(dst);
+                    let src = (ih < s.h).then(|| &plane_in[ih * s.w..][..s.w]);
+                    if let (Some(src), 2, [Some(p0), Some(p1)]) = (src, sw, row_planes) {
+                        // Both column phases of this row in one pass.
+                        let (o0, o1) = (p0 * plane_len + u * wp, p1 * plane_len + u * wp);
+                        let [even, odd] =
+                            planes.get_disjoint_mut([o0..o0 + wp, o1..o1 + wp]).expect("two phases share no plane");
+                        let (n0, n1) = stride2::deinterleave(src, even, odd);
+                        zero_run(&mut even[n0..]);
+                        zero_run(&mut odd[n1..]);
                         continue;
                     }
-                    let src = &plane_in[ih * s.w..][..s.w];
-                    let filled = if sw == 2 {
-                        stride2::gather(&src[rc.min(s.w)..], dst)
-                    } else {
-                        let mut k = 0;
-                        for (d, &v) in dst.iter_mut().zip(src.iter().skip(rc).step_by(sw)) {
-                            *d = v;
-                            k += 1;
-                        }
-                        k
-                    };
-                    zero_run(&mut dst[filled..]);
+                    for (c, p) in row_planes.iter().enumerate() {
+                        let Some(p) = *p else { continue };
+                        let dst = &mut planes[p * plane_len + u * wp..][..wp];
+                        let Some(src) = src else {
+                            zero_run(dst);
+                            continue;
+                        };
+                        let filled = if sw == 2 {
+                            stride2::gather(&src[c.min(s.w)..], dst)
+                        } else {
+                            let mut k = 0;
+                            for (d, &v) in dst.iter_mut().zip(src.iter().skip(c).step_by(sw)) {
+                                *d = v;
+                                k += 1;
+                            }
+                            k
+                        };
+                        zero_run(&mut dst[filled..]);
+                    }
                 }
             }
         }

@@ -98,12 +98,11 @@ pub(crate) fn phases(s: &ConvShape) -> Vec<Phase> {
     out
 }
 
-/// The per-thread buffer lengths of the phases' im2col (`c_out_group * taps x plane`) and GEMM
-/// output (`c_in_group x plane`), the largest over the phases.
+/// The per-thread buffer lengths of the phases' im2col (`c_out_group * taps x plane`, the largest
+/// over the phases) and GEMM outputs (`c_in_group` planes of the input: room for every phase).
 pub(crate) fn buffer_lens(s: &ConvShape, phases: &[Phase]) -> (usize, usize) {
     let col = phases.iter().map(|ph| s.c_out_group() * ph.taps.len() * ph.plane()).max().unwrap_or(0);
-    let out = phases.iter().map(|ph| s.c_in_group() * ph.plane()).max().unwrap_or(0);
-    (col, out)
+    (col, s.c_in_group() * s.in_plane())
 }
 
 /// The left operand of one phase and group: `c_in_group x (c_out_group * taps)`, row-major, with
@@ -142,6 +141,21 @@ pub(crate) fn scatter(s: &ConvShape, ph: &Phase, src: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// Writes two phases that share rows, `even` with the even columns and `odd` with the odd ones
+/// (their pixels one after the other in `src`), into their places in `dx`, a whole row at a time.
+fn interleave(s: &ConvShape, even: &Phase, odd: &Phase, src: &[f32], dx: &mut [f32]) {
+    let (rh, sh) = (even.origin.0, s.stride.0);
+    let (c0, c1) = (even.grid.out_w, odd.grid.out_w);
+    let (first, second) = src.split_at(s.c_in_group() * even.plane());
+    for ((plane, e), o) in
+        dx.chunks_exact_mut(s.in_plane()).zip(first.chunks_exact(even.plane())).zip(second.chunks_exact(odd.plane()))
+    {
+        for (u, (e, o)) in e.chunks_exact(c0).zip(o.chunks_exact(c1)).enumerate() {
+            stride2::interleave(e, o, &mut plane[(rh + sh * u) * s.w..][..s.w]);
+        }
+    }
+}
+
 /// The input gradient of one image and group, phase by phase: each phase that some tap reaches
 /// lowers `dy` (the group's `c_out_group` planes) into `col`, or uses `dy` itself where that is
 /// the lowering, and `product(i, b, out)` multiplies phase `i`'s weight by `b` into `out`
@@ -159,19 +173,37 @@ pub(crate) fn input_grad_image<T: ZeroDefault>(
         dx.fill(0.0);
     }
     let cig = s.c_in_group();
-    for (i, ph) in phases.iter().enumerate() {
-        if ph.taps.is_empty() {
-            continue;
+    let mut i = 0;
+    while i < phases.len() {
+        let ph = &phases[i];
+        // The next phase, where it holds the odd columns of the same rows (stride 2 across), so
+        // that the two GEMM outputs are interleaved into whole rows of `dx` in one pass.
+        let partner = phases
+            .get(i + 1)
+            .filter(|q| s.stride.1 == 2 && ph.origin.1 == 0 && q.origin == (ph.origin.0, 1))
+            .filter(|q| !ph.taps.is_empty() && !q.taps.is_empty());
+        let count = if partner.is_some() { 2 } else { 1 };
+        let mut used = 0;
+        for (j, ph) in phases[i..i + count].iter().enumerate() {
+            if ph.taps.is_empty() {
+                continue;
+            }
+            let (k, q) = (s.c_out_group() * ph.taps.len(), ph.plane());
+            let b = if ph.reads_dy_whole() {
+                dy
+            } else {
+                im2col_grid(&ph.grid, &ph.taps, &ph.masks, dy, &mut col[..k * q]);
+                &col[..k * q]
+            };
+            product(i + j, MatRef::row_major(b, k, q)?, MatMut::row_major(&mut out[used..used + cig * q], cig, q)?)?;
+            used += cig * q;
         }
-        let (k, q) = (s.c_out_group() * ph.taps.len(), ph.plane());
-        let b = if ph.reads_dy_whole() {
-            dy
-        } else {
-            im2col_grid(&ph.grid, &ph.taps, &ph.masks, dy, &mut col[..k * q]);
-            &col[..k * q]
-        };
-        product(i, MatRef::row_major(b, k, q)?, MatMut::row_major(&mut out[..cig * q], cig, q)?)?;
-        scatter(s, ph, &out[..cig * q], dx);
+        match partner {
+            Some(odd) => interleave(s, ph, odd, &out[..used], dx),
+            None if !ph.taps.is_empty() => scatter(s, ph, &out[..used], dx),
+            None => {}
+        }
+        i += count;
     }
     Ok(())
 }

@@ -61,6 +61,58 @@ fn scatter_scalar<T: Copy>(src: &[T], dst: &mut [T]) {
     }
 }
 
+/// `even[v] = src[2 * v]` and `odd[v] = src[2 * v + 1]` for every `v` inside both the
+/// destination and `src`, in one pass over `src` (splitting a row into its two column phases).
+/// Returns how many elements of `even` and of `odd` were written.
+pub(crate) fn deinterleave<T: Copy>(src: &[T], even: &mut [T], odd: &mut [T]) -> (usize, usize) {
+    let n0 = even.len().min(src.len().div_ceil(2));
+    let n1 = odd.len().min(src.len() / 2);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && n0 + n1 == src.len() {
+        match std::mem::size_of::<T>() {
+            // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 1-byte `Copy` type
+            // moved as u8; `src.len() = n0 + n1` here, so the kernel reads only `src` and writes
+            // `even[..n0]` and `odd[..n1]`, as its contract asks.
+            1 => unsafe {
+                deinterleave_u8(src.as_ptr().cast(), src.len(), even.as_mut_ptr().cast(), odd.as_mut_ptr().cast());
+                return (n0, n1);
+            },
+            // SAFETY: as above, for a 4-byte `Copy` type moved as u32.
+            4 => unsafe {
+                deinterleave_u32(src.as_ptr().cast(), src.len(), even.as_mut_ptr().cast(), odd.as_mut_ptr().cast());
+                return (n0, n1);
+            },
+            _ => {}
+        }
+    }
+    gather_scalar(src, &mut even[..n0]);
+    gather_scalar(&src[1.min(src.len())..], &mut odd[..n1]);
+    (n0, n1)
+}
+
+/// `dst[2 * v] = even[v]` and `dst[2 * v + 1] = odd[v]`: the inverse of [`deinterleave`], writing
+/// a whole row from its two column phases. `even` holds `ceil(dst.len() / 2)` elements and `odd`
+/// `floor(dst.len() / 2)` (checked).
+pub(crate) fn interleave<T: Copy>(even: &[T], odd: &[T], dst: &mut [T]) {
+    assert!(
+        even.len() == dst.len().div_ceil(2) && odd.len() == dst.len() / 2,
+        "interleave: {} even and {} odd elements do not make a row of {}",
+        even.len(),
+        odd.len(),
+        dst.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && std::mem::size_of::<T>() == 4 {
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 4-byte `Copy` type
+        // moved as u32; the lengths were checked above as the kernel's contract asks.
+        unsafe { interleave_u32(even.as_ptr().cast(), odd.as_ptr().cast(), dst.as_mut_ptr().cast(), dst.len()) };
+        return;
+    }
+    scatter_scalar(even, dst);
+    let second = 1.min(dst.len());
+    scatter_scalar(odd, &mut dst[second..]);
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
@@ -138,6 +190,95 @@ unsafe fn scatter_u32(src: *const u32, dst: *mut u32, dst_len: usize, n: usize) 
     }
 }
 
+/// # Safety
+/// AVX-512 F, BW and VL; `src` valid for `len` reads, `even` for `ceil(len / 2)` writes and `odd`
+/// for `floor(len / 2)` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn deinterleave_u8(src: *const u8, len: usize, even: *mut u8, odd: *mut u8) {
+    use std::arch::x86_64::*;
+    let mut i = 0;
+    while i < len {
+        let k = (len - i).min(64);
+        // SAFETY: the mask limits the load to `src[i .. i + k]`, inside `src`.
+        let x = unsafe { _mm512_maskz_loadu_epi8(low_bits(k), src.add(i).cast()) };
+        // The low byte of each 16-bit word is the even element, the high byte the odd one.
+        let (e, o) = (_mm512_cvtepi16_epi8(x), _mm512_cvtepi16_epi8(_mm512_srli_epi16::<8>(x)));
+        // SAFETY: `i` is even, so these write `even[i/2 .. i/2 + ceil(k/2)]` and
+        // `odd[i/2 .. i/2 + floor(k/2)]`, inside the destinations.
+        unsafe {
+            _mm256_mask_storeu_epi8(even.add(i / 2).cast(), low_bits(k.div_ceil(2)) as u32, e);
+            _mm256_mask_storeu_epi8(odd.add(i / 2).cast(), low_bits(k / 2) as u32, o);
+        }
+        i += k;
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL; `src` valid for `len` reads, `even` for `ceil(len / 2)` writes and `odd`
+/// for `floor(len / 2)` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn deinterleave_u32(src: *const u32, len: usize, even: *mut u32, odd: *mut u32) {
+    use std::arch::x86_64::*;
+    let mut i = 0;
+    while i < len {
+        let k = (len - i).min(16);
+        // SAFETY: the mask limits the load to `src[i .. i + k]`, inside `src`.
+        let x = unsafe { _mm512_maskz_loadu_epi32(low_bits(k) as u16, src.add(i).cast()) };
+        // The low half of each 64-bit lane is the even element, the high half the odd one.
+        let (e, o) = (_mm512_cvtepi64_epi32(x), _mm512_cvtepi64_epi32(_mm512_srli_epi64::<32>(x)));
+        // SAFETY: `i` is even, so these write `even[i/2 .. i/2 + ceil(k/2)]` and
+        // `odd[i/2 .. i/2 + floor(k/2)]`, inside the destinations.
+        unsafe {
+            _mm256_mask_storeu_epi32(even.add(i / 2).cast(), low_bits(k.div_ceil(2)) as u8, e);
+            _mm256_mask_storeu_epi32(odd.add(i / 2).cast(), low_bits(k / 2) as u8, o);
+        }
+        i += k;
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL; `even` valid for `ceil(len / 2)` reads, `odd` for `floor(len / 2)` reads,
+/// `dst` for `len` writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn interleave_u32(even: *const u32, odd: *const u32, dst: *mut u32, len: usize) {
+    use std::arch::x86_64::*;
+    // Output lane `2j` takes lane `j` of the first operand, lane `2j + 1` lane `j` of the second
+    // (index 16 + j); the high half takes lanes 8..16 the same way.
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mut i = 0;
+    while i < len {
+        let k = (len - i).min(32);
+        // SAFETY: `i` is even; the masks limit the loads to `even[i/2 .. i/2 + ceil(k/2)]` and
+        // `odd[i/2 .. i/2 + floor(k/2)]`, inside the sources.
+        let (e, o) = unsafe {
+            (
+                _mm512_maskz_loadu_epi32(low_bits(k.div_ceil(2)) as u16, even.add(i / 2).cast()),
+                _mm512_maskz_loadu_epi32(low_bits(k / 2) as u16, odd.add(i / 2).cast()),
+            )
+        };
+        // SAFETY: the masks limit the stores to `dst[i .. i + k]`, inside `dst`.
+        unsafe {
+            _mm512_mask_storeu_epi32(
+                dst.add(i).cast(),
+                low_bits(k.min(16)) as u16,
+                _mm512_permutex2var_epi32(e, lo, o),
+            );
+            if k > 16 {
+                _mm512_mask_storeu_epi32(
+                    dst.add(i + 16).cast(),
+                    low_bits(k - 16) as u16,
+                    _mm512_permutex2var_epi32(e, hi, o),
+                );
+            }
+        }
+        i += k;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +307,54 @@ mod tests {
         ] {
             check(gather8, gather32, scatter);
         }
+    }
+
+    /// Splitting a row into its column phases and putting it back, at every length, against the
+    /// definition, with the fast paths and with the scalar loops.
+    #[test]
+    fn rows_split_into_column_phases_and_back_at_every_length() {
+        for len in 0..140usize {
+            let src8: Vec<i8> = (0..len).map(|i| (i as i8).wrapping_mul(37).wrapping_add(5)).collect();
+            let src32: Vec<f32> = (0..len).map(|i| i as f32 * 1.5 - 7.0).collect();
+            for extra in [0, 3] {
+                let (mut e8, mut o8) = (vec![99i8; len.div_ceil(2) + extra], vec![99i8; len / 2 + extra]);
+                assert_eq!(deinterleave(&src8, &mut e8, &mut o8), (len.div_ceil(2), len / 2));
+                for (v, &d) in e8.iter().enumerate() {
+                    assert_eq!(d, src8.get(2 * v).copied().unwrap_or(99), "even i8, len {len}, at {v}");
+                }
+                for (v, &d) in o8.iter().enumerate() {
+                    assert_eq!(d, src8.get(2 * v + 1).copied().unwrap_or(99), "odd i8, len {len}, at {v}");
+                }
+                let (mut e32, mut o32) = (vec![99f32; len.div_ceil(2) + extra], vec![99f32; len / 2 + extra]);
+                deinterleave(&src32, &mut e32, &mut o32);
+                for (v, &d) in e32.iter().enumerate() {
+                    assert_eq!(d, src32.get(2 * v).copied().unwrap_or(99.0), "even f32, len {len}, at {v}");
+                }
+                for (v, &d) in o32.iter().enumerate() {
+                    assert_eq!(d, src32.get(2 * v + 1).copied().unwrap_or(99.0), "odd f32, len {len}, at {v}");
+                }
+                if extra == 0 {
+                    let mut back = vec![0.5f32; len];
+                    interleave(&e32, &o32, &mut back);
+                    assert_eq!(back, src32, "interleave, len {len}");
+                }
+            }
+            // Shorter destinations take what fits.
+            let (mut e8, mut o8) = (vec![0i8; len / 3], vec![0i8; len / 5]);
+            assert_eq!(deinterleave(&src8, &mut e8, &mut o8), (len / 3, len / 5));
+            assert!(e8.iter().enumerate().all(|(v, &d)| d == src8[2 * v]));
+            assert!(o8.iter().enumerate().all(|(v, &d)| d == src8[2 * v + 1]));
+        }
+        let (mut even, mut odd, mut row) = (vec![0f32; 5], vec![0f32; 4], vec![1f32; 9]);
+        let scalar = |src: &[f32], even: &mut [f32], odd: &mut [f32]| {
+            gather_scalar(src, even);
+            gather_scalar(&src[1..], odd);
+        };
+        let src: Vec<f32> = (0..9).map(|i| i as f32).collect();
+        scalar(&src, &mut even, &mut odd);
+        scatter_scalar(&even, &mut row);
+        scatter_scalar(&odd, &mut row[1..]);
+        assert_eq!(row, src, "the scalar loops define the same moves");
     }
 
     fn check(
