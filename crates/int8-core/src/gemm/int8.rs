@@ -557,6 +557,14 @@ fn pack_b(b: &MatRef<i8>, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usi
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if b.col_stride == 1 && ncols == 32 && nr == 32 && kc.is_multiple_of(4) && is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected; rows `k0..k0 + kc` of B each hold columns `j0..j0 + 32`
+        // (`ncols` columns lie inside the view), at `row_stride` apart; `dst` holds a whole panel
+        // of `kc / 4 * 32 * 4` bytes.
+        unsafe { pack_b_rows32(b.data.as_ptr().add(k0 * b.row_stride + j0), b.row_stride, kc / 4, xor, dst) };
+        return;
+    }
     let full = if b.col_stride == 1 { kc / 4 } else { 0 };
     for k4 in 0..full {
         // Four rows at a time: each output word gathers one byte from each row.
@@ -573,6 +581,44 @@ fn pack_b(b: &MatRef<i8>, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usi
         let base = (kk / 4) * nr * 4 + kk % 4;
         for j in 0..ncols {
             dst[base + j * 4] = b.at(k0 + kk, j0 + j) ^ xor;
+        }
+    }
+}
+
+/// [`pack_b`] for a full 32-column panel of row-major B (the AVX-512 VNNI path's `NR`): per group
+/// of four rows, four 32-byte loads, byte and word unpacks within 128-bit lanes, and lane
+/// permutes that put the columns back in order, straight through all the groups.
+///
+/// # Safety
+/// AVX2; `src` points at row 0, column 0 of the panel, rows `row_stride` apart, each valid for 32
+/// reads for `4 * kc4` rows; `dst` holds `kc4 * 128` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_b_rows32(src: *const i8, row_stride: usize, kc4: usize, xor: i8, dst: &mut [i8]) {
+    use std::arch::x86_64::*;
+    debug_assert!(dst.len() >= kc4 * 128);
+    let x = _mm256_set1_epi8(xor);
+    let out = dst.as_mut_ptr();
+    for k4 in 0..kc4 {
+        // SAFETY: rows `4 * k4 .. 4 * k4 + 4` are inside B (the caller's contract), 32 bytes each.
+        let r: [__m256i; 4] = std::array::from_fn(|t| unsafe {
+            _mm256_xor_si256(_mm256_loadu_si256(src.add((4 * k4 + t) * row_stride).cast()), x)
+        });
+        // Within each 128-bit lane: columns 0-7 (lane 0) and 16-23 (lane 1) in the low unpacks,
+        // 8-15 and 24-31 in the high ones.
+        let (a_lo, a_hi) = (_mm256_unpacklo_epi8(r[0], r[1]), _mm256_unpackhi_epi8(r[0], r[1]));
+        let (b_lo, b_hi) = (_mm256_unpacklo_epi8(r[2], r[3]), _mm256_unpackhi_epi8(r[2], r[3]));
+        // Four bytes per column: w0 holds columns 0-3 | 16-19, w1 4-7 | 20-23, w2 8-11 | 24-27,
+        // w3 12-15 | 28-31.
+        let (w0, w1) = (_mm256_unpacklo_epi16(a_lo, b_lo), _mm256_unpackhi_epi16(a_lo, b_lo));
+        let (w2, w3) = (_mm256_unpacklo_epi16(a_hi, b_hi), _mm256_unpackhi_epi16(a_hi, b_hi));
+        // SAFETY: the four 32-byte stores cover bytes `k4 * 128 .. k4 * 128 + 128` of `dst`.
+        unsafe {
+            let o = out.add(k4 * 128);
+            _mm256_storeu_si256(o.cast(), _mm256_permute2x128_si256::<0x20>(w0, w1));
+            _mm256_storeu_si256(o.add(32).cast(), _mm256_permute2x128_si256::<0x20>(w2, w3));
+            _mm256_storeu_si256(o.add(64).cast(), _mm256_permute2x128_si256::<0x31>(w0, w1));
+            _mm256_storeu_si256(o.add(96).cast(), _mm256_permute2x128_si256::<0x31>(w2, w3));
         }
     }
 }
