@@ -23,7 +23,7 @@ pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Res
         &[("conv input", x.len(), s.x_len()), ("conv weight", w.len(), s.w_len()), ("conv output", y.len(), s.y_len())],
     )?;
     if s.is_depthwise() {
-        depthwise::forward(s, x, w, y, |_, a| a);
+        depthwise::forward(s, x, w, y, |_| 1.0);
         return Ok(());
     }
     let lower = Lowering::new(s);
@@ -59,7 +59,7 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
         ],
     )?;
     if s.is_depthwise() {
-        depthwise::input_grad(s, w, dy, dx, |a| a);
+        depthwise::input_grad(s, w, dy, dx, 1.0);
         return Ok(());
     }
     if let Some(t) = dx_as_forward(s) {

@@ -74,7 +74,7 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
     }
     let scale = |co: usize| sx * w.scales[if w.scales.len() == 1 { 0 } else { co }];
     if s.is_depthwise() {
-        depthwise::forward(s, x.codes, w.codes, y, |c, a| a as f32 * scale(c));
+        depthwise::forward(s, x.codes, w.codes, y, scale);
         return Ok(());
     }
     let lower = Lowering::new(s);
@@ -119,7 +119,7 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
     )?;
     let sc = tensor_scale("conv weight (for the input gradient)", &w)? * tensor_scale("conv output gradient", &dy)?;
     if s.is_depthwise() {
-        depthwise::input_grad(s, w.codes, dy.codes, dx, |a| a as f32 * sc);
+        depthwise::input_grad(s, w.codes, dy.codes, dx, sc);
         return Ok(());
     }
     if let Some(t) = dx_as_forward(s) {
