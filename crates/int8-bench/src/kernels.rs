@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
+    strided_pointwise, subsample, upsample,
 };
 use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
@@ -186,6 +187,11 @@ pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
     let path = Int8Path::detect();
     let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
     let (mut y, mut dx, mut dw) = (vec![0f32; s.y_len()], vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
+    // A strided 1x1 convolution runs as the layer runs it: in INT8 on its input's subsample
+    // (only that is quantized), with the input gradient placed back; FP32 reads in place.
+    let pointwise = strided_pointwise(s);
+    let k = pointwise.unwrap_or(*s);
+    let mut dx_sub = vec![0f32; if pointwise.is_some() { k.x_len() } else { 0 }];
     let fp32 = median_ms(budget, || {
         conv2d_fwd_f32(s, &x, &w, &mut y).unwrap();
         conv2d_dx_f32(s, &w, &dy, &mut dx).unwrap();
@@ -197,12 +203,18 @@ pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
         search_clip("dy", &dy).unwrap();
     });
     let int8 = median_ms(budget, || {
-        let xq = quantize("x", &x, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
+        let sub = pointwise.map(|_| subsample(s, &x));
+        let xq = quantize("x", sub.as_deref().unwrap_or(&x), Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
         let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
-        conv2d_fwd_i8(path, s, (&xq).into(), (&wq).into(), &mut y).unwrap();
+        conv2d_fwd_i8(path, &k, (&xq).into(), (&wq).into(), &mut y).unwrap();
         let (dyq, _) = clip.quantize("dy", &dy, Rounding::Nearest).unwrap();
-        conv2d_dx_i8(path, s, (&wq).into(), (&dyq).into(), &mut dx).unwrap();
-        conv2d_dw_i8(path, s, (&xq).into(), (&dyq).into(), &mut dw).unwrap();
+        if pointwise.is_some() {
+            conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx_sub).unwrap();
+            upsample(s, &dx_sub, &mut dx);
+        } else {
+            conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx).unwrap();
+        }
+        conv2d_dw_i8(path, &k, (&xq).into(), (&dyq).into(), &mut dw).unwrap();
     }) + search / 100.0;
     Ok(Row::new(name, fp32, int8))
 }
@@ -248,6 +260,10 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
     let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
     let parts = ["quantize x", "quantize w", "forward", "dsgc + q(dy)", "dx", "dw"];
     let mut totals = vec![0.0f64; parts.len()];
+    // As in `conv_row`: in INT8 a strided 1x1 convolution works on its input's subsample.
+    let pointwise = strided_pointwise(&s);
+    let k = pointwise.unwrap_or(s);
+    let mut dx_sub = vec![0f32; if pointwise.is_some() { k.x_len() } else { 0 }];
     let (start, mut steps) = (std::time::Instant::now(), 0usize);
     while start.elapsed().as_secs_f64() < seconds {
         let mut t = std::time::Instant::now();
@@ -263,17 +279,23 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
             conv2d_dw_f32(&s, &x, &dy, &mut dw)?;
             lap(5);
         } else {
-            let xq = quantize("x", &x, Granularity::PerTensor, 1, Rounding::Nearest)?;
+            let sub = pointwise.map(|_| subsample(&s, &x));
+            let xq = quantize("x", sub.as_deref().unwrap_or(&x), Granularity::PerTensor, 1, Rounding::Nearest)?;
             lap(0);
             let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest)?;
             lap(1);
-            conv2d_fwd_i8(path, &s, (&xq).into(), (&wq).into(), &mut y)?;
+            conv2d_fwd_i8(path, &k, (&xq).into(), (&wq).into(), &mut y)?;
             lap(2);
             let (dyq, _) = clip.quantize("dy", &dy, Rounding::Nearest)?;
             lap(3);
-            conv2d_dx_i8(path, &s, (&wq).into(), (&dyq).into(), &mut dx)?;
+            if pointwise.is_some() {
+                conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx_sub)?;
+                upsample(&s, &dx_sub, &mut dx);
+            } else {
+                conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx)?;
+            }
             lap(4);
-            conv2d_dw_i8(path, &s, (&xq).into(), (&dyq).into(), &mut dw)?;
+            conv2d_dw_i8(path, &k, (&xq).into(), (&dyq).into(), &mut dw)?;
             lap(5);
         }
         steps += 1;

@@ -3,7 +3,7 @@
 
 use int8_core::conv::{
     ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    reference,
+    reference, strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::rng::CounterRng;
@@ -128,6 +128,45 @@ fn int8_forward_and_gradients_are_exact_on_every_path() {
             conv2d_dw_i8(path, &s, xq, dyq, &mut dw).unwrap();
             exact("dw", &dw, reference::conv2d_dw(&s, &xd, &dyd));
         }
+    }
+}
+
+/// A strided 1x1 convolution is its subsample followed by a stride-1 one: forward, input gradient
+/// (placed back, zero at the pixels never read) and weight gradient, in INT8 exactly and in f64.
+#[test]
+fn strided_pointwise_is_a_subsample_then_a_pointwise_convolution() {
+    let sq = ConvShape::square;
+    let one = [1.0f32];
+    for s in [
+        sq(2, 4, 7, 6, 1, 2, 0),
+        sq(2, 3, 8, 5, 1, 2, 0),
+        ConvShape { stride: (3, 2), h: 10, w: 9, ..sq(2, 3, 9, 4, 1, 1, 0) },
+        sq(1, 2, 70, 3, 1, 2, 0),
+    ] {
+        let p = strided_pointwise(&s).expect("applies");
+        assert!(p.is_pointwise() && (p.h, p.w) == (s.out_h(), s.out_w()));
+        assert!(strided_pointwise(&p).is_none() && strided_pointwise(&sq(1, 2, 5, 2, 3, 2, 1)).is_none());
+        let (x, w, dy) = (codes(s.x_len(), 7), codes(s.w_len(), 8), codes(s.y_len(), 9));
+        let sub = subsample(&s, &x);
+        assert_eq!(sub.len(), p.x_len());
+        let (xq, wq, dyq) = (
+            QView { codes: &sub, scales: &one },
+            QView { codes: &w, scales: &one },
+            QView { codes: &dy, scales: &one },
+        );
+        let (xd, wd, dyd) = (f64s(&x), f64s(&w), f64s(&dy));
+        let path = Int8Path::detect();
+        let mut y = vec![f32::NAN; p.y_len()];
+        conv2d_fwd_i8(path, &p, xq, wq, &mut y).unwrap();
+        assert_eq!(f64s(&y), reference::conv2d_fwd(&s, &xd, &wd), "{s:?} fwd");
+        let mut dx_sub = vec![f32::NAN; p.x_len()];
+        conv2d_dx_i8(path, &p, wq, dyq, &mut dx_sub).unwrap();
+        let mut dx = vec![f32::NAN; s.x_len()];
+        upsample(&s, &dx_sub, &mut dx);
+        assert_eq!(f64s(&dx), reference::conv2d_dx(&s, &wd, &dyd), "{s:?} dx");
+        let mut dw = vec![f32::NAN; s.w_len()];
+        conv2d_dw_i8(path, &p, xq, dyq, &mut dw).unwrap();
+        assert_eq!(f64s(&dw), reference::conv2d_dw(&s, &xd, &dyd), "{s:?} dw");
     }
 }
 

@@ -59,6 +59,7 @@ fn fp32_layer_matches_the_f64_reference_and_finite_differences() {
     let cases = [
         ([2, 3, 6, 6], [4, 3, 3, 3], ConvGeometry { padding: (1, 1), ..Default::default() }),
         ([2, 4, 7, 7], [6, 4, 3, 3], ConvGeometry { stride: 2, padding: (1, 1), ..Default::default() }),
+        ([2, 4, 7, 7], [6, 4, 1, 1], ConvGeometry { stride: 2, ..Default::default() }),
         ([1, 4, 5, 5], [4, 2, 3, 3], ConvGeometry { padding: (1, 1), groups: 2, ..Default::default() }),
         ([2, 3, 5, 5], [3, 1, 3, 3], ConvGeometry { padding: (1, 1), groups: 3, ..Default::default() }),
     ];
@@ -207,5 +208,32 @@ fn per_channel_weights_still_track_fp32() {
     let (y8, dx8, dw8) = run(&int8, &x, &r);
     for (what, a, b) in [("y", &y8, &y32), ("dx", &dx8, &dx32), ("dw", &dw8, &dw32)] {
         assert!(cosine(a, b) >= 0.99, "{what} cosine {}", cosine(a, b));
+    }
+}
+
+/// A strided 1x1 layer (a ResNet projection shortcut) quantizes only the pixels it reads: INT8
+/// tracks FP32, and both leave the input gradient exactly zero at the pixels never read.
+#[test]
+fn int8_strided_pointwise_layer_tracks_fp32_and_leaves_unread_pixels_zero() {
+    let (xd, wd, g) = ([4, 8, 9, 9], [12, 8, 1, 1], ConvGeometry { stride: 2, ..Default::default() });
+    let s = shape_of(&xd, &wd, g);
+    let xv: Vec<f32> = uniform(s.x_len(), 11).iter().map(|v| v.max(0.0)).collect();
+    let wv: Vec<f32> = uniform(s.w_len(), 12).iter().map(|v| v * 0.1).collect();
+    let r = laplace(s.y_len(), 13);
+    let fp32 = Conv2d::new("shortcut", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+    let int8 = Conv2d::new("shortcut", var(wv, &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+    let x = var(xv, &xd);
+    let (y32, dx32, dw32) = run(&fp32, &x, &r);
+    let (y8, dx8, dw8) = run(&int8, &x, &r);
+    assert!(cosine(&y8, &y32) >= 0.999, "forward cosine {}", cosine(&y8, &y32));
+    assert!(cosine(&dx8, &dx32) >= 0.99, "dx cosine {}", cosine(&dx8, &dx32));
+    assert!(cosine(&dw8, &dw32) >= 0.99, "dw cosine {}", cosine(&dw8, &dw32));
+    for (i, (&a, &b)) in dx8.iter().zip(&dx32).enumerate() {
+        let (row, col) = ((i / 9) % 9, i % 9);
+        if row % 2 == 1 || col % 2 == 1 {
+            assert_eq!((a, b), (0.0, 0.0), "pixel {i} is never read");
+        } else {
+            assert!(b != 0.0, "pixel {i} is read");
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
+    strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
@@ -119,7 +120,15 @@ impl CustomOp2 for Conv2dOp {
         let _t = crate::profile::span(self.name(), false);
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
-        let s = self.geometry.shape(&self.name, l1.dims(), l2.dims())?;
+        let full = self.geometry.shape(&self.name, l1.dims(), l2.dims())?;
+        // A strided 1x1 convolution reads a subsample of its input: in INT8 only that is
+        // quantized (and kept for the backward pass). FP32 reads the pixels in place, which is
+        // faster for it than copying them out.
+        let (s, sub) = match (self.precision, strided_pointwise(&full)) {
+            (Precision::Int8(_), Some(p)) => (p, Some(subsample(&full, x))),
+            _ => (full, None),
+        };
+        let x = sub.as_deref().unwrap_or(x);
         let mut y = zeroed(s.y_len());
         match self.precision {
             Precision::Fp32 => conv2d_fwd_f32(&s, x, w, &mut y).map_err(to_candle)?,
@@ -137,7 +146,7 @@ impl CustomOp2 for Conv2dOp {
                 *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { x: xq, w: wq });
             }
         }
-        Ok((CpuStorage::F32(y), Shape::from((s.n, s.c_out, s.out_h(), s.out_w()))))
+        Ok((CpuStorage::F32(y), Shape::from((full.n, full.c_out, full.out_h(), full.out_w()))))
     }
 
     fn bwd(
@@ -148,7 +157,11 @@ impl CustomOp2 for Conv2dOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = crate::profile::span(self.name(), true);
-        let s = self.geometry.shape(&self.name, x.dims(), w.dims())?;
+        let full = self.geometry.shape(&self.name, x.dims(), w.dims())?;
+        // See the forward pass: in INT8 a strided 1x1 convolution works on its input's subsample,
+        // and its input gradient is zero at the pixels it never read.
+        let pointwise = strided_pointwise(&full).filter(|_| matches!(self.precision, Precision::Int8(_)));
+        let s = pointwise.unwrap_or(full);
         let (mut dx, mut dw) = (zeroed(s.x_len()), zeroed(s.w_len()));
         with_values(grad, "output gradient", |g| {
             match self.precision {
@@ -171,6 +184,11 @@ impl CustomOp2 for Conv2dOp {
             }
             Ok(())
         })?;
+        if pointwise.is_some() {
+            let mut placed = zeroed(full.x_len());
+            upsample(&full, &dx, &mut placed);
+            dx = placed;
+        }
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
 }
