@@ -33,6 +33,8 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
         ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),
         ("3x3 s2 p1, rows longer than one vector (71 wide)", sq(1, 2, 71, 3, 3, 2, 1)),
+        ("3x3 s2 p1, even rows longer than one vector (70 wide)", sq(1, 2, 70, 3, 3, 2, 1)),
+        ("1x1 s2 even (the split input is the operand)", sq(2, 3, 8, 4, 1, 2, 0)),
         ("planes of 576 pixels (one image per weight-gradient GEMM)", sq(3, 2, 24, 3, 3, 1, 1)),
         ("5x5 s2 p2", sq(2, 3, 9, 4, 5, 2, 2)),
         ("2x2 s3: phases no tap reaches", sq(2, 3, 10, 4, 2, 3, 0)),

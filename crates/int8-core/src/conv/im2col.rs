@@ -326,6 +326,22 @@ impl Lowering {
         {
             for r in 0..sh {
                 let row_planes = &index[r * sw..(r + 1) * sw];
+                if let (2, [Some(p0), Some(p1)]) = (sw, row_planes)
+                    && s.w.is_multiple_of(2)
+                    && wp == s.w / 2
+                {
+                    // Even width: both column phases of every row of this row phase in one call,
+                    // then zero rows past the input's last row.
+                    let rows = hp.min((s.h.saturating_sub(r)).div_ceil(sh));
+                    let (o0, o1) = (p0 * plane_len, p1 * plane_len);
+                    let [even, odd] = planes
+                        .get_disjoint_mut([o0..o0 + plane_len, o1..o1 + plane_len])
+                        .expect("two phases share no plane");
+                    stride2::deinterleave_rows(&plane_in[r * s.w..], sh * s.w, rows, wp, even, odd);
+                    zero_run(&mut even[rows * wp..]);
+                    zero_run(&mut odd[rows * wp..]);
+                    continue;
+                }
                 for u in 0..hp {
                     let ih = r + sh * u;
                     let src = (ih < s.h).then(|| &plane_in[ih * s.w..][..s.w]);

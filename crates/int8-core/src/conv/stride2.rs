@@ -90,6 +90,47 @@ pub(crate) fn deinterleave<T: Copy>(src: &[T], even: &mut [T], odd: &mut [T]) ->
     (n0, n1)
 }
 
+/// [`deinterleave`] of `rows` rows of `2 * half` elements, row `k` starting at `src[k * stride]`,
+/// into consecutive rows of `half` elements of `even` and `odd`: one call for a whole phase plane
+/// of a stride-2 input of even width, where a call per row cost more than the moves.
+pub(crate) fn deinterleave_rows<T: Copy>(
+    src: &[T],
+    stride: usize,
+    rows: usize,
+    half: usize,
+    even: &mut [T],
+    odd: &mut [T],
+) {
+    assert!(
+        even.len() >= rows * half
+            && odd.len() >= rows * half
+            && (rows == 0 || src.len() >= (rows - 1) * stride + 2 * half),
+        "deinterleave_rows: {rows} rows of {} do not fit",
+        2 * half
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && matches!(std::mem::size_of::<T>(), 1 | 4) {
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 1- or 4-byte `Copy`
+        // type moved as u8 or u32; the assertion above keeps every row's `2 * half` reads inside
+        // `src` and its `half` writes inside `even` and `odd`.
+        unsafe {
+            deinterleave_rows_avx512(
+                src.as_ptr().cast(),
+                stride,
+                rows,
+                half,
+                even.as_mut_ptr().cast(),
+                odd.as_mut_ptr().cast(),
+                std::mem::size_of::<T>(),
+            )
+        };
+        return;
+    }
+    for k in 0..rows {
+        deinterleave(&src[k * stride..][..2 * half], &mut even[k * half..][..half], &mut odd[k * half..][..half]);
+    }
+}
+
 /// `dst[2 * v] = even[v]` and `dst[2 * v + 1] = odd[v]`: the inverse of [`deinterleave`], writing
 /// a whole row from its two column phases. `even` holds `ceil(dst.len() / 2)` elements and `odd`
 /// `floor(dst.len() / 2)` (checked).
@@ -195,6 +236,7 @@ unsafe fn scatter_u32(src: *const u32, dst: *mut u32, dst_len: usize, n: usize) 
 /// for `floor(len / 2)` writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn deinterleave_u8(src: *const u8, len: usize, even: *mut u8, odd: *mut u8) {
     use std::arch::x86_64::*;
     let mut i = 0;
@@ -219,6 +261,7 @@ unsafe fn deinterleave_u8(src: *const u8, len: usize, even: *mut u8, odd: *mut u
 /// for `floor(len / 2)` writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn deinterleave_u32(src: *const u32, len: usize, even: *mut u32, odd: *mut u32) {
     use std::arch::x86_64::*;
     let mut i = 0;
@@ -235,6 +278,35 @@ unsafe fn deinterleave_u32(src: *const u32, len: usize, even: *mut u32, odd: *mu
             _mm256_mask_storeu_epi32(odd.add(i / 2).cast(), low_bits(k / 2) as u8, o);
         }
         i += k;
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL; `elem` is 1 or 4; for each `k < rows`, `src` (elements of `elem` bytes)
+/// valid for `2 * half` reads from `k * stride`, and `even` and `odd` for `half` writes from
+/// `k * half`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn deinterleave_rows_avx512(
+    src: *const u8,
+    stride: usize,
+    rows: usize,
+    half: usize,
+    even: *mut u8,
+    odd: *mut u8,
+    elem: usize,
+) {
+    for k in 0..rows {
+        // SAFETY: the caller's contract, row by row; the kernels read `2 * half` elements and
+        // write `half` to each destination.
+        unsafe {
+            let (s, e, o) = (src.add(k * stride * elem), even.add(k * half * elem), odd.add(k * half * elem));
+            if elem == 1 {
+                deinterleave_u8(s, 2 * half, e, o);
+            } else {
+                deinterleave_u32(s.cast(), 2 * half, e.cast(), o.cast());
+            }
+        }
     }
 }
 
@@ -344,6 +416,23 @@ mod tests {
             assert_eq!(deinterleave(&src8, &mut e8, &mut o8), (len / 3, len / 5));
             assert!(e8.iter().enumerate().all(|(v, &d)| d == src8[2 * v]));
             assert!(o8.iter().enumerate().all(|(v, &d)| d == src8[2 * v + 1]));
+        }
+        // Whole planes: rows of 2 * half, every other row of a wider source.
+        for half in [1, 5, 16, 33] {
+            let (rows, stride) = (7, 4 * half + 3);
+            let src: Vec<i8> = (0..rows * stride).map(|i| (i as i8).wrapping_mul(13)).collect();
+            let src32: Vec<f32> = src.iter().map(|&v| v as f32).collect();
+            let (mut e, mut o) = (vec![0i8; rows * half], vec![0i8; rows * half]);
+            let (mut e32, mut o32) = (vec![0f32; rows * half], vec![0f32; rows * half]);
+            deinterleave_rows(&src, stride, rows, half, &mut e, &mut o);
+            deinterleave_rows(&src32, stride, rows, half, &mut e32, &mut o32);
+            for k in 0..rows {
+                for v in 0..half {
+                    let (ev, od) = (src[k * stride + 2 * v], src[k * stride + 2 * v + 1]);
+                    assert_eq!((e[k * half + v], o[k * half + v]), (ev, od), "rows of {half}, row {k}, at {v}");
+                    assert_eq!((e32[k * half + v], o32[k * half + v]), (ev as f32, od as f32));
+                }
+            }
         }
         let (mut even, mut odd, mut row) = (vec![0f32; 5], vec![0f32; 4], vec![1f32; 9]);
         let scalar = |src: &[f32], even: &mut [f32], odd: &mut [f32]| {
