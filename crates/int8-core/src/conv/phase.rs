@@ -150,6 +150,11 @@ fn interleave(s: &ConvShape, even: &Phase, odd: &Phase, src: &[f32], dx: &mut [f
     for ((plane, e), o) in
         dx.chunks_exact_mut(s.in_plane()).zip(first.chunks_exact(even.plane())).zip(second.chunks_exact(odd.plane()))
     {
+        if c0 == c1 {
+            // Even width: the whole pair of planes in one call.
+            stride2::interleave_rows(e, o, even.grid.out_h, c0, &mut plane[rh * s.w..], sh * s.w);
+            continue;
+        }
         for (u, (e, o)) in e.chunks_exact(c0).zip(o.chunks_exact(c1)).enumerate() {
             stride2::interleave(e, o, &mut plane[(rh + sh * u) * s.w..][..s.w]);
         }

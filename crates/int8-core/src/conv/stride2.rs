@@ -154,6 +154,32 @@ pub(crate) fn interleave<T: Copy>(even: &[T], odd: &[T], dst: &mut [T]) {
     scatter_scalar(odd, &mut dst[second..]);
 }
 
+/// [`interleave`] of `rows` rows: row `k` of `half` elements of `even` and of `odd` (consecutive
+/// rows) into `dst[k * stride..][..2 * half]`; one call for a whole pair of phase planes of an
+/// even-width input gradient.
+pub(crate) fn interleave_rows<T: Copy>(even: &[T], odd: &[T], rows: usize, half: usize, dst: &mut [T], stride: usize) {
+    assert!(
+        even.len() >= rows * half
+            && odd.len() >= rows * half
+            && (rows == 0 || dst.len() >= (rows - 1) * stride + 2 * half),
+        "interleave_rows: {rows} rows of {} do not fit",
+        2 * half
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && std::mem::size_of::<T>() == 4 {
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 4-byte `Copy` type
+        // moved as u32; the assertion above keeps every row's reads inside `even` and `odd` and
+        // its `2 * half` writes inside `dst`.
+        unsafe {
+            interleave_rows_u32(even.as_ptr().cast(), odd.as_ptr().cast(), rows, half, dst.as_mut_ptr().cast(), stride)
+        };
+        return;
+    }
+    for k in 0..rows {
+        interleave(&even[k * half..][..half], &odd[k * half..][..half], &mut dst[k * stride..][..2 * half]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
@@ -311,10 +337,30 @@ unsafe fn deinterleave_rows_avx512(
 }
 
 /// # Safety
+/// AVX-512 F, BW and VL; for each `k < rows`, `even` and `odd` valid for `half` reads from
+/// `k * half`, `dst` for `2 * half` writes from `k * stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn interleave_rows_u32(
+    even: *const u32,
+    odd: *const u32,
+    rows: usize,
+    half: usize,
+    dst: *mut u32,
+    stride: usize,
+) {
+    for k in 0..rows {
+        // SAFETY: the caller's contract, row by row.
+        unsafe { interleave_u32(even.add(k * half), odd.add(k * half), dst.add(k * stride), 2 * half) };
+    }
+}
+
+/// # Safety
 /// AVX-512 F, BW and VL; `even` valid for `ceil(len / 2)` reads, `odd` for `floor(len / 2)` reads,
 /// `dst` for `len` writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn interleave_u32(even: *const u32, odd: *const u32, dst: *mut u32, len: usize) {
     use std::arch::x86_64::*;
     // Output lane `2j` takes lane `j` of the first operand, lane `2j + 1` lane `j` of the second
@@ -423,6 +469,13 @@ mod tests {
             let src: Vec<i8> = (0..rows * stride).map(|i| (i as i8).wrapping_mul(13)).collect();
             let src32: Vec<f32> = src.iter().map(|&v| v as f32).collect();
             let (mut e, mut o) = (vec![0i8; rows * half], vec![0i8; rows * half]);
+            let (mut back, want) = (vec![0.5f32; rows * stride], {
+                let mut w = vec![0.5f32; rows * stride];
+                for k in 0..rows {
+                    w[k * stride..][..2 * half].copy_from_slice(&src32[k * stride..][..2 * half]);
+                }
+                w
+            });
             let (mut e32, mut o32) = (vec![0f32; rows * half], vec![0f32; rows * half]);
             deinterleave_rows(&src, stride, rows, half, &mut e, &mut o);
             deinterleave_rows(&src32, stride, rows, half, &mut e32, &mut o32);
@@ -433,6 +486,8 @@ mod tests {
                     assert_eq!((e32[k * half + v], o32[k * half + v]), (ev as f32, od as f32));
                 }
             }
+            interleave_rows(&e32, &o32, rows, half, &mut back, stride);
+            assert_eq!(back, want, "rows of {half} put back, the rest untouched");
         }
         let (mut even, mut odd, mut row) = (vec![0f32; 5], vec![0f32; 4], vec![1f32; 9]);
         let scalar = |src: &[f32], even: &mut [f32], odd: &mut [f32]| {
