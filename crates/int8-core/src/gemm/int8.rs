@@ -991,8 +991,9 @@ mod tests {
     #[test]
     fn scaled_output_is_the_exact_sum_times_the_row_scale_on_every_path() {
         for path in Int8Path::available() {
-            // Depths within one packed block (dequantized in the write-back) and beyond it.
-            for &(m, n, k) in &[(9, 33, 144), (16, 70, 1024), (5, 7, 1500)] {
+            // Depths within one packed block (dequantized in the write-back) and beyond it, and a
+            // shallow product with many rows (B packed whole, then swept by each A panel).
+            for &(m, n, k) in &[(9, 33, 144), (16, 70, 1024), (5, 7, 1500), (70, 300, 12)] {
                 let (ad, bd) = (codes(m * k, 21), codes(k * n, 22));
                 let (a, b) = (MatRef::row_major(&ad, m, k).unwrap(), MatRef::row_major(&bd, k, n).unwrap());
                 let scales: Vec<f32> = (0..m).map(|i| 0.001 * (i + 1) as f32).collect();
