@@ -2,10 +2,15 @@
 //! an input row into its even and odd columns (the forward pass and the weight gradient), and
 //! writing one phase of the input gradient back into its columns.
 //!
+//! The moves come one row at a time (`gather`, `scatter`, `deinterleave`, `interleave`) or, for
+//! even widths, a whole pair of phase planes per call (`deinterleave_rows`, `interleave_rows`):
+//! on the small planes of CIFAR networks a call per row cost more than the moves.
+//!
 //! The scalar loops do not vectorise (the compiler emits one load and one store per element), so
 //! on AVX-512 (BW and VL) one byte or one 32-bit lane of each pair is selected by a narrowing move
-//! (`vpmovwb`, `vpmovqd`) and written back by a widening move and a masked store. Everything else
-//! takes the scalar loop, which defines the meaning.
+//! (`vpmovwb`, `vpmovqd`) and written back by a widening move and a masked store, or two phases
+//! are merged by one two-source permute (`vpermt2d`). Everything else takes the scalar loop, which
+//! defines the meaning.
 
 /// `dst[v] = src[2 * v]` for `v < n`, `n = min(dst.len(), ceil(src.len() / 2))`; returns `n`.
 pub(crate) fn gather<T: Copy>(src: &[T], dst: &mut [T]) -> usize {
