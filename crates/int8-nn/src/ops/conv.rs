@@ -99,6 +99,12 @@ impl Conv2dOp {
         Self { name, geometry, precision, state, path, saved: Mutex::new(None) }
     }
 
+    /// The stride-1 shape that an INT8 strided 1x1 convolution runs on, over its input's
+    /// subsample; `None` for other convolutions and at FP32.
+    fn int8_pointwise(&self, full: &ConvShape) -> Option<ConvShape> {
+        strided_pointwise(full).filter(|_| matches!(self.precision, Precision::Int8(_)))
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, LayerState> {
         // A poisoned lock only means another thread panicked mid-update; the state is plain data.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -124,10 +130,9 @@ impl CustomOp2 for Conv2dOp {
         // A strided 1x1 convolution reads a subsample of its input: in INT8 only that is
         // quantized (and kept for the backward pass). FP32 reads the pixels in place, which is
         // faster for it than copying them out.
-        let (s, sub) = match (self.precision, strided_pointwise(&full)) {
-            (Precision::Int8(_), Some(p)) => (p, Some(subsample(&full, x))),
-            _ => (full, None),
-        };
+        let pointwise = self.int8_pointwise(&full);
+        let s = pointwise.unwrap_or(full);
+        let sub = pointwise.map(|_| subsample(&full, x));
         let x = sub.as_deref().unwrap_or(x);
         let mut y = zeroed(s.y_len());
         match self.precision {
@@ -160,7 +165,7 @@ impl CustomOp2 for Conv2dOp {
         let full = self.geometry.shape(&self.name, x.dims(), w.dims())?;
         // See the forward pass: in INT8 a strided 1x1 convolution works on its input's subsample,
         // and its input gradient is zero at the pixels it never read.
-        let pointwise = strided_pointwise(&full).filter(|_| matches!(self.precision, Precision::Int8(_)));
+        let pointwise = self.int8_pointwise(&full);
         let s = pointwise.unwrap_or(full);
         let (mut dx, mut dw) = (zeroed(s.x_len()), zeroed(s.w_len()));
         with_values(grad, "output gradient", |g| {
