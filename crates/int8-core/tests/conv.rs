@@ -29,6 +29,7 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("pointwise 1x1", sq(3, 8, 6, 4, 1, 1, 0)),
         ("1x1 stride 2", sq(2, 4, 7, 6, 1, 2, 0)),
         ("batch 1", sq(1, 6, 10, 7, 3, 1, 1)),
+        ("batch 9 (weight-gradient tasks of several images)", sq(9, 3, 6, 4, 3, 2, 1)),
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
         ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),

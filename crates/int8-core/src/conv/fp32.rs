@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::im2col::Lowering;
-use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose, phase};
+use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
 
@@ -121,33 +121,31 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
-    let total = x
-        .par_chunks(s.c_in * s.in_plane())
-        .zip(dy.par_chunks(s.c_out * p))
-        .try_fold(
-            || (vec![0f32; s.w_len()], vec![0f32; col_len]),
-            |(mut acc, mut col), (x, dy)| {
+    let (x_len, y_len) = (s.c_in * s.in_plane(), s.c_out * p);
+    let run = batch_run(s.n);
+    let total = std::sync::Mutex::new(vec![0f32; s.w_len()]);
+    x.par_chunks(run * x_len).zip(dy.par_chunks(run * y_len)).try_for_each_init(
+        || (vec![0f32; s.w_len()], vec![0f32; col_len]),
+        |(acc, col), (xs, dys)| {
+            for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
                 for g in 0..s.groups {
                     let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
                     let b = if s.is_pointwise() {
                         MatRef::row_major(xg, kg, p)?.t()
                     } else {
-                        MatRef::row_major(lower.run(xg, &mut col), kg, p)?.t()
+                        MatRef::row_major(lower.run(xg, col), kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    gemm_f32(a, b, MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?, true, par)?;
+                    let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
+                    gemm_f32(a, b, c, i > 0, par)?;
                 }
-                Ok((acc, col))
-            },
-        )
-        .map(|r| r.map(|(acc, _)| acc))
-        .try_reduce(
-            || vec![0f32; s.w_len()],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                Ok(a)
-            },
-        )?;
+            }
+            let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
+            total.iter_mut().zip(acc.iter()).for_each(|(t, a)| *t += a);
+            Ok::<_, crate::error::CoreError>(())
+        },
+    )?;
+    let total = total.into_inner().unwrap_or_else(|e| e.into_inner());
     dw.copy_from_slice(&total);
     Ok(())
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
 use super::im2col::Lowering;
-use super::{ConvShape, check, depthwise, dx_as_forward, flip_transpose, phase};
+use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::{CoreError, Result};
 use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
 use crate::quant::QTensor;
@@ -202,50 +202,33 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     // One image adds at most `plane * 127^2` to each sum, so this many images add up exactly in
-    // INT32 (the GEMM accumulates them in place); the running total is widened to i64 between
-    // such groups. At 32x32 planes that is 130 images, so usually once per thread.
+    // INT32 (the GEMM accumulates them in place); each task's INT32 sums are widened into the i64
+    // total when it ends. At 32x32 planes that is 130 images, more than a task takes.
     let per_i32 = (i32::MAX as usize / (p * 127 * 127)).max(1);
-    let total = x
-        .codes
-        .par_chunks(s.c_in * s.in_plane())
-        .zip(dy.codes.par_chunks(s.c_out * p))
-        .try_fold(
-            || (vec![0i64; s.w_len()], vec![0i8; col_len], vec![0i32; s.w_len()], 0usize),
-            |(mut wide, mut col, mut acc, mut held), (x, dy)| {
+    let run = batch_run(s.n).min(per_i32);
+    let (x_len, y_len) = (s.c_in * s.in_plane(), s.c_out * p);
+    let total = std::sync::Mutex::new(vec![0i64; s.w_len()]);
+    x.codes.par_chunks(run * x_len).zip(dy.codes.par_chunks(run * y_len)).try_for_each_init(
+        || (vec![0i8; col_len], vec![0i32; s.w_len()]),
+        |(col, acc), (xs, dys)| {
+            for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
                 for g in 0..s.groups {
                     let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
                     let b = if s.is_pointwise() {
                         MatRef::row_major(xg, kg, p)?.t()
                     } else {
-                        MatRef::row_major(lower.run(xg, &mut col), kg, p)?.t()
+                        MatRef::row_major(lower.run(xg, col), kg, p)?.t()
                     };
                     let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
                     let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
-                    gemm_i8(path, a, b, c, held > 0, par)?;
+                    gemm_i8(path, a, b, c, i > 0, par)?;
                 }
-                held += 1;
-                if held == per_i32 {
-                    widen_add(&mut wide, &acc);
-                    held = 0;
-                }
-                Ok((wide, col, acc, held))
-            },
-        )
-        .map(|r| {
-            r.map(|(mut wide, _, acc, held)| {
-                if held > 0 {
-                    widen_add(&mut wide, &acc);
-                }
-                wide
-            })
-        })
-        .try_reduce(
-            || vec![0i64; s.w_len()],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                Ok(a)
-            },
-        )?;
+            }
+            widen_add(&mut total.lock().unwrap_or_else(|e| e.into_inner()), acc);
+            Ok::<_, CoreError>(())
+        },
+    )?;
+    let total = total.into_inner().unwrap_or_else(|e| e.into_inner());
     for (o, &v) in dw.iter_mut().zip(&total) {
         *o = (v as f64 * sc) as f32;
     }

@@ -253,6 +253,14 @@ pub fn upsample<T: Copy + Default + Send + Sync>(s: &ConvShape, sub: &[T], dx: &
 
 /// Output length along one axis; total, so that sizes of invalid shapes can be computed (and
 /// reported) before validation.
+/// How many images of a batch of `n` one weight-gradient task sums before adding its partial sum
+/// to the total: about two tasks per worker thread, so that a descheduled thread's share can be
+/// taken over, while each task's buffers are made and summed once (per image, zeroed buffers and
+/// their reduction cost a few percent of a small layer's time).
+fn batch_run(n: usize) -> usize {
+    n.div_ceil(2 * rayon::current_num_threads()).max(1)
+}
+
 fn out_len(input: usize, pad: usize, dilation: usize, k: usize, stride: usize) -> usize {
     let span = dilation * k.saturating_sub(1) + 1;
     (input + 2 * pad).checked_sub(span).map_or(0, |v| v / stride.max(1) + 1)

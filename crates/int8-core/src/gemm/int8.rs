@@ -348,34 +348,52 @@ struct Block<'a> {
 impl Block<'_> {
     /// Multiplies the block by B's column panels `panels`, writing into the output.
     fn run(&self, g: &Geometry, panels: std::ops::Range<usize>) {
+        // The tile and the packed B panels live in per-thread buffers that every call reuses: a
+        // conv layer makes one call per image, and fresh zeroed buffers each time measured a few
+        // percent of a small layer's time.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<i32>, Vec<i8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        SCRATCH.with_borrow_mut(|(tile, packed)| self.run_with(g, panels, tile, packed));
+    }
+
+    /// [`Block::run`] with scratch buffers, grown as needed; their contents are overwritten.
+    fn run_with(&self, g: &Geometry, panels: std::ops::Range<usize>, tile: &mut Vec<i32>, packed: &mut Vec<i8>) {
         let kc4 = self.kc.div_ceil(4);
         let panel_len = kc4 * 4 * g.nr;
         let xor = if g.offset { 0x80u8 as i8 } else { 0 };
-        let mut tile = vec![0i32; g.mr * g.nr];
+        if tile.len() < g.mr * g.nr {
+            tile.resize(g.mr * g.nr, 0);
+        }
+        let tile = &mut tile[..g.mr * g.nr];
         let a_panel = kc4 * 4 * g.mr;
-        if panels.len() > 1 && self.mc >= 4 * g.mr && panel_len * panels.len() <= SMALL_B {
+        let whole = panels.len() > 1 && self.mc >= 4 * g.mr && panel_len * panels.len() <= SMALL_B;
+        let need = if whole { panel_len * panels.len() } else { panel_len };
+        if packed.len() < need {
+            packed.resize(need, 0);
+        }
+        let packed = &mut packed[..need];
+        if whole {
             // A shallow product with many rows (a 1x1 convolution from few channels to many): all
             // of this task's B panels are packed first, then each A panel sweeps them, so that the
             // output is written a band of rows at a time rather than a column panel down every
             // row. With two or three A panels the column order measured faster.
-            let mut packed = vec![0i8; panel_len * panels.len()];
             for (jp, dst) in panels.clone().zip(packed.chunks_exact_mut(panel_len)) {
                 let j0 = jp * g.nr;
                 pack_b(self.b, self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, dst);
             }
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
                 for (jp, b) in panels.clone().zip(packed.chunks_exact(panel_len)) {
-                    self.tile(g, ip, a, jp, b, &mut tile);
+                    self.tile(g, ip, a, jp, b, tile);
                 }
             }
             return;
         }
-        let mut packed_b = vec![0i8; panel_len];
         for jp in panels {
             let j0 = jp * g.nr;
-            pack_b(self.b, self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, &mut packed_b);
+            pack_b(self.b, self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, packed);
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
-                self.tile(g, ip, a, jp, &packed_b, &mut tile);
+                self.tile(g, ip, a, jp, packed, tile);
             }
         }
     }
