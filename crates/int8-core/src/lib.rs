@@ -8,6 +8,7 @@
 //! - [`gemm`]: FP32 and exact INT8 matrix multiplication with run-time CPU dispatch.
 //! - [`conv`]: 2-D convolution forward, input gradient and weight gradient at both precisions.
 //! - [`nn`]: FP32 kernels for batch norm, residual add + ReLU, pooling and the loss.
+//! - [`out`]: output buffers that kernels fill without a separate zeroing pass.
 //!
 //! This crate knows nothing of autograd, models or files: `int8-nn` wraps it as layers.
 //!
@@ -22,6 +23,7 @@ pub mod dsgc;
 mod error;
 pub mod gemm;
 pub mod nn;
+pub mod out;
 pub mod quant;
 pub mod rng;
 

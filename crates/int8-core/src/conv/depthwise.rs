@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::ConvShape;
 use super::im2col::{Tap, taps};
+use crate::out::Out;
 
 /// A channel plane zero padded by the convolution's padding on every side, so that for stride 1
 /// output `(oh, ow)` of tap `(i, j)` reads element `(oh + i*dh) * pw + ow + j*dw`: each tap is one
@@ -230,11 +231,11 @@ fn weight_grad_plane<T: Elem>(s: &ConvShape, taps: &[Tap], x: &[T], dy: &[T], wi
 }
 
 /// Forward: `out[n, c] = scale(c) * sum over taps of w[c, tap] * x[n, c, ...]`.
-pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: &mut [f32], scale: impl Fn(usize) -> f32 + Sync) {
+pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
     let (p, kk) = (s.out_plane(), s.kh * s.kw);
     if let Some(pad) = Padded::new(s) {
         // The accumulator has padded rows; only the first `out_w` columns of each are kept.
-        out.par_chunks_mut(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
+        out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
             || (vec![T::default(); pad.plane(s)], vec![T::Acc::default(); s.out_h() * pad.pw]),
             |(xp, acc), (nc, (out, x))| {
                 let c = nc % s.c_in;
@@ -249,7 +250,7 @@ pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: &mut [f32],
         return;
     }
     let taps = taps(s);
-    out.par_chunks_mut(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
+    out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
         || vec![T::Acc::default(); p],
         |acc, (nc, (out, x))| {
             let c = nc % s.c_in;
@@ -261,12 +262,12 @@ pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: &mut [f32],
 }
 
 /// Input gradient: `out[n, c] = scale * sum over taps of w[c, tap] * dy[n, c, ...] scattered`.
-pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: &mut [f32], scale: f32) {
+pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: Out<'_>, scale: f32) {
     let (p, kk) = (s.out_plane(), s.kh * s.kw);
     if let Some(pad) = Padded::new(s) {
         // dY is laid out with padded rows whose spare columns are zero, so scattering whole runs
         // into the padded input gradient adds nothing where it spills; its interior is the result.
-        out.par_chunks_mut(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
+        out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
             || (vec![T::default(); s.out_h() * pad.pw], vec![T::Acc::default(); pad.plane(s) + pad.pw]),
             |(dyp, acc), (nc, (out, dy))| {
                 let c = nc % s.c_in;
@@ -283,7 +284,7 @@ pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: &mut [f
         return;
     }
     let taps = taps(s);
-    out.par_chunks_mut(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
+    out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
         || vec![T::Acc::default(); s.in_plane()],
         |acc, (nc, (out, dy))| {
             let c = nc % s.c_in;

@@ -9,6 +9,7 @@ use super::im2col::Lowering;
 use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
+use crate::out::Out;
 
 /// Parallelism inside each image's GEMM: images already run in parallel unless there are fewer
 /// images than threads.
@@ -17,7 +18,8 @@ pub(super) fn inner_parallelism(s: &ConvShape) -> Parallelism {
 }
 
 /// Forward: `y = conv(x, w)`, overwriting `y`.
-pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Result<()> {
+pub fn conv2d_fwd_f32<'y>(s: &ConvShape, x: &[f32], w: &[f32], y: impl Into<Out<'y>>) -> Result<()> {
+    let y = y.into();
     check(
         s,
         &[("conv input", x.len(), s.x_len()), ("conv weight", w.len(), s.w_len()), ("conv output", y.len(), s.y_len())],
@@ -30,7 +32,7 @@ pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Res
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
-    y.par_chunks_mut(s.c_out * p).zip(x.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
+    y.par_chunks(s.c_out * p).zip(x.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
         || vec![0f32; col_len],
         |col, (y, x)| {
             for g in 0..s.groups {
@@ -49,7 +51,8 @@ pub fn conv2d_fwd_f32(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) -> Res
 }
 
 /// Input gradient: `dx = conv_transpose(dy, w)`, overwriting `dx`.
-pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+pub fn conv2d_dx_f32<'x>(s: &ConvShape, w: &[f32], dy: &[f32], dx: impl Into<Out<'x>>) -> Result<()> {
+    let dx = dx.into();
     check(
         s,
         &[
@@ -68,7 +71,7 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     if s.is_pointwise() {
-        return dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
+        return dx.par_chunks(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
             for g in 0..s.groups {
                 let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?.t();
                 let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
@@ -88,7 +91,7 @@ pub fn conv2d_dx_f32(s: &ConvShape, w: &[f32], dy: &[f32], dx: &mut [f32]) -> Re
     let weights: Vec<Vec<Vec<f32>>> =
         (0..s.groups).map(|g| phases.iter().map(|ph| phase::phase_weight(s, w, g, ph)).collect()).collect();
     let (col_len, out_len) = phase::buffer_lens(s, &phases);
-    dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each_init(
+    dx.par_chunks(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each_init(
         || (vec![0f32; col_len], vec![0f32; out_len]),
         |(col, out), (dx, dy)| {
             for (g, weights) in weights.iter().enumerate() {
@@ -123,29 +126,36 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     let (x_len, y_len) = (s.c_in * s.in_plane(), s.c_out * p);
     let run = batch_run(s.n);
-    let total = std::sync::Mutex::new(vec![0f32; s.w_len()]);
-    x.par_chunks(run * x_len).zip(dy.par_chunks(run * y_len)).try_for_each_init(
-        || (vec![0f32; s.w_len()], vec![0f32; col_len]),
-        |(acc, col), (xs, dys)| {
-            for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
-                for g in 0..s.groups {
-                    let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                    let b = if s.is_pointwise() {
-                        MatRef::row_major(xg, kg, p)?.t()
-                    } else {
-                        MatRef::row_major(lower.run(xg, col), kg, p)?.t()
-                    };
-                    let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
-                    gemm_f32(a, b, c, i > 0, par)?;
+    // The tasks' partial sums are added in task order, so that a run's FP32 weight gradients do
+    // not depend on which thread finished first.
+    let partials = x
+        .par_chunks(run * x_len)
+        .zip(dy.par_chunks(run * y_len))
+        .map_init(
+            || vec![0f32; col_len],
+            |col, (xs, dys)| {
+                let mut acc = vec![0f32; s.w_len()];
+                for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
+                    for g in 0..s.groups {
+                        let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
+                        let b = if s.is_pointwise() {
+                            MatRef::row_major(xg, kg, p)?.t()
+                        } else {
+                            MatRef::row_major(lower.run(xg, col), kg, p)?.t()
+                        };
+                        let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                        let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
+                        gemm_f32(a, b, c, i > 0, par)?;
+                    }
                 }
-            }
-            let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
-            total.iter_mut().zip(acc.iter()).for_each(|(t, a)| *t += a);
-            Ok::<_, crate::error::CoreError>(())
-        },
-    )?;
-    let total = total.into_inner().unwrap_or_else(|e| e.into_inner());
+                Ok(acc)
+            },
+        )
+        .collect::<Result<Vec<_>>>()?;
+    let mut total = vec![0f32; s.w_len()];
+    for acc in &partials {
+        total.iter_mut().zip(acc).for_each(|(t, a)| *t += a);
+    }
     dw.copy_from_slice(&total);
     Ok(())
 }

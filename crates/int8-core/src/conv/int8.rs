@@ -14,6 +14,7 @@ use super::im2col::Lowering;
 use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::{CoreError, Result};
 use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
+use crate::out::Out;
 use crate::quant::QTensor;
 
 /// A borrowed quantized tensor: codes in `[-127, 127]` and one scale, or one per outermost slice.
@@ -52,7 +53,8 @@ fn tensor_scale(what: &'static str, q: &QView) -> Result<f32> {
 
 /// Forward: `y = (s_x * s_w[co]) * conv(xq, wq)`, overwriting `y`. The weight may have one scale
 /// or one per output channel.
-pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut [f32]) -> Result<()> {
+pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: impl Into<Out<'y>>) -> Result<()> {
+    let y = y.into();
     check(
         s,
         &[
@@ -88,7 +90,7 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
             PackedA::new(path, MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?, Parallelism::Rayon)
         })
         .collect::<Result<Vec<_>>>()?;
-    y.par_chunks_mut(s.c_out * p).zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
+    y.par_chunks(s.c_out * p).zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
         || vec![0i8; col_len],
         |col, (y, x)| {
             for (g, a) in packed.iter().enumerate() {
@@ -108,7 +110,8 @@ pub fn conv2d_fwd_i8(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: &mut 
 
 /// Input gradient: `dx = (s_w * s_dy) * conv_transpose(dyq, wq)`, overwriting `dx`. Both operands
 /// need one scale each.
-pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut [f32]) -> Result<()> {
+pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: impl Into<Out<'x>>) -> Result<()> {
+    let dx = dx.into();
     check(
         s,
         &[
@@ -140,16 +143,14 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        return dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(
-            |(dx, dy)| {
-                for (g, a) in packed.iter().enumerate() {
-                    let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    let out = MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?;
-                    gemm_i8_scaled_packed(a, b, out, &row_scales, par)?;
-                }
-                Ok(())
-            },
-        );
+        return dx.par_chunks(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
+            for (g, a) in packed.iter().enumerate() {
+                let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+                let out = MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?;
+                gemm_i8_scaled_packed(a, b, out, &row_scales, par)?;
+            }
+            Ok(())
+        });
     }
     // Strided (or over-padded) convolutions: one GEMM per phase of the input (see [`phase`]),
     // each phase's weight packed once for the batch.
@@ -166,7 +167,7 @@ pub fn conv2d_dx_i8(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: &mut
         })
         .collect::<Result<Vec<_>>>()?;
     let (col_len, out_len) = phase::buffer_lens(s, &phases);
-    dx.par_chunks_mut(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each_init(
+    dx.par_chunks(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each_init(
         || (vec![0i8; col_len], vec![0f32; out_len]),
         |(col, out), (dx, dy)| {
             for (g, packed) in packed.iter().enumerate() {

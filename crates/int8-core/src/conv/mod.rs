@@ -233,11 +233,11 @@ pub fn subsample<T: Copy + Default + Send + Sync>(s: &ConvShape, x: &[T]) -> Vec
 
 /// The inverse placement of [`subsample`] for gradients: `dx` (`n x c_in x h x w`) gets `sub` at
 /// the pixels the convolution read and zero everywhere else.
-pub fn upsample<T: Copy + Default + Send + Sync>(s: &ConvShape, sub: &[T], dx: &mut [T]) {
+pub fn upsample<'x>(s: &ConvShape, sub: &[f32], dx: impl Into<crate::out::Out<'x>>) {
     use rayon::prelude::*;
     let (oh, ow, (sh, sw)) = (s.out_h(), s.out_w(), s.stride);
-    dx.par_chunks_mut(s.in_plane()).zip(sub.par_chunks(oh * ow)).for_each(|(plane, src)| {
-        plane.fill(T::default());
+    // Each plane comes zeroed from `par_chunks`.
+    dx.into().par_chunks(s.in_plane()).zip(sub.par_chunks(oh * ow)).for_each(|(plane, src)| {
         for (i, src) in src.chunks_exact(ow).enumerate() {
             let row = &mut plane[i * sh * s.w..][..s.w];
             if sw == 2 {
@@ -251,8 +251,6 @@ pub fn upsample<T: Copy + Default + Send + Sync>(s: &ConvShape, sub: &[T], dx: &
     });
 }
 
-/// Output length along one axis; total, so that sizes of invalid shapes can be computed (and
-/// reported) before validation.
 /// How many images of a batch of `n` one weight-gradient task sums before adding its partial sum
 /// to the total: about two tasks per worker thread, so that a descheduled thread's share can be
 /// taken over, while each task's buffers are made and summed once (per image, zeroed buffers and
@@ -261,6 +259,8 @@ fn batch_run(n: usize) -> usize {
     n.div_ceil(2 * rayon::current_num_threads()).max(1)
 }
 
+/// Output length along one axis; total, so that sizes of invalid shapes can be computed (and
+/// reported) before validation.
 fn out_len(input: usize, pad: usize, dilation: usize, k: usize, stride: usize) -> usize {
     let span = dilation * k.saturating_sub(1) + 1;
     (input + 2 * pad).checked_sub(span).map_or(0, |v| v / stride.max(1) + 1)

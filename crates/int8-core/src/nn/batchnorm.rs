@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
+use crate::out::{Fill, Out};
 
 /// The batch statistics of one training forward pass, needed by the backward pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,7 +125,7 @@ fn plane_grad_sums(x: &[f32], dy: &[f32], relu: Option<(f32, f32)>, mean: f32, i
 /// `dx = k * (m * g - dbeta - xhat * dgamma)` over a plane, `g` masked as above.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn plane_dx(
-    dx: &mut [f32],
+    dx: Fill<'_>,
     x: &[f32],
     dy: &[f32],
     relu: Option<(f32, f32)>,
@@ -136,44 +137,31 @@ fn plane_dx(
     dg: f32,
 ) {
     match relu {
-        Some((a, b)) => {
-            for ((o, &xv), &g) in dx.iter_mut().zip(x).zip(dy) {
-                let g = if xv * a + b > 0.0 { g } else { 0.0 };
-                *o = k * (m * g - db - (xv - mean) * inv * dg);
-            }
-        }
-        None => {
-            for ((o, &xv), &g) in dx.iter_mut().zip(x).zip(dy) {
-                *o = k * (m * g - db - (xv - mean) * inv * dg);
-            }
-        }
+        Some((a, b)) => dx.zip_map(x, dy, |xv, g| {
+            let g = if xv * a + b > 0.0 { g } else { 0.0 };
+            k * (m * g - db - (xv - mean) * inv * dg)
+        }),
+        None => dx.zip_map(x, dy, |xv, g| k * (m * g - db - (xv - mean) * inv * dg)),
     }
 }
 
 /// `y = x * a + b`, optionally clamped at zero, over a plane.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_affine(y: &mut [f32], x: &[f32], a: f32, b: f32, relu: bool) {
-    if relu {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = (v * a + b).max(0.0);
-        }
-    } else {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = v * a + b;
-        }
-    }
+fn plane_affine(y: Fill<'_>, x: &[f32], a: f32, b: f32, relu: bool) {
+    if relu { y.map(x, |v| (v * a + b).max(0.0)) } else { y.map(x, |v| v * a + b) }
 }
 
 /// Training forward: `y = gamma * (x - mean) * inv_std + beta`, then `max(y, 0)` when `relu`.
-pub fn forward_train(
+pub fn forward_train<'y>(
     d: NchwDims,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
     relu: bool,
-    y: &mut [f32],
+    y: impl Into<Out<'y>>,
 ) -> Result<BatchStats> {
+    let y = y.into();
     d.check(&[
         ("batch norm input", x.len(), d.len()),
         ("gamma", gamma.len(), d.c),
@@ -200,7 +188,7 @@ pub fn forward_train(
 }
 
 /// Evaluation forward with running statistics.
-pub fn forward_eval(
+pub fn forward_eval<'y>(
     d: NchwDims,
     x: &[f32],
     gamma: &[f32],
@@ -209,8 +197,9 @@ pub fn forward_eval(
     running_var: &[f32],
     eps: f32,
     relu: bool,
-    y: &mut [f32],
+    y: impl Into<Out<'y>>,
 ) -> Result<()> {
+    let y = y.into();
     d.check(&[
         ("batch norm input", x.len(), d.len()),
         ("gamma", gamma.len(), d.c),
@@ -226,8 +215,8 @@ pub fn forward_eval(
 }
 
 /// `y = x * scale[c] + shift[c]`, optionally clamped at zero, per plane in parallel.
-fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &mut [f32]) {
-    y.par_chunks_mut(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(p, (yp, xp))| {
+fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: Out<'_>) {
+    y.par_fills(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(p, (yp, xp))| {
         plane_affine(yp, xp, scale[p % d.c], shift[p % d.c], relu);
     });
 }
@@ -235,15 +224,16 @@ fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: &
 /// Gradients of a training forward pass: returns `(dgamma, dbeta)` and writes `dx`. With a fused
 /// ReLU (`relu`), `dy` is masked where the forward pass clipped, recomputed from `x` and the
 /// forward's `scale` and `shift` with the same arithmetic, so the mask is exactly the forward's.
-pub fn backward(
+pub fn backward<'x>(
     d: NchwDims,
     x: &[f32],
     relu: bool,
     dy: &[f32],
     gamma: &[f32],
     stats: &BatchStats,
-    dx: &mut [f32],
+    dx: impl Into<Out<'x>>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dx = dx.into();
     d.check(&[
         ("batch norm input", x.len(), d.len()),
         ("batch norm output gradient", dy.len(), d.len()),
@@ -269,7 +259,7 @@ pub fn backward(
     let dgamma: Vec<f32> = sums.iter().map(|s| s.0).collect();
     let dbeta: Vec<f32> = sums.iter().map(|s| s.1).collect();
     // dx = gamma * inv_std / m * (m * g - dbeta - xhat * dgamma).
-    dx.par_chunks_mut(d.hw).enumerate().for_each(|(p, dxp)| {
+    dx.par_fills(d.hw).enumerate().for_each(|(p, dxp)| {
         let ch = p % d.c;
         let r = p * d.hw..(p + 1) * d.hw;
         let inv = stats.inv_std[ch];

@@ -3,53 +3,51 @@
 use rayon::prelude::*;
 
 use crate::error::{Result, check_len};
+use crate::out::Out;
 
 const CHUNK: usize = 1 << 14;
 
 /// `y = max(a + b, 0)`, the end of a residual block, in one pass.
-pub fn add_relu(a: &[f32], b: &[f32], y: &mut [f32]) -> Result<()> {
+pub fn add_relu<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<()> {
+    let y = y.into();
     check_len("residual add operand", b.len(), a.len())?;
     check_len("residual add output", y.len(), a.len())?;
-    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((y, a), b)| {
-        for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
-            *o = (u + v).max(0.0);
-        }
-    });
+    y.par_fills(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((y, a), b)| y.zip_map(a, b, |u, v| (u + v).max(0.0)));
     Ok(())
 }
 
 /// The gradient of [`add_relu`] for both operands: `dy` where the output `y` is positive, else 0.
-pub fn relu_backward(y: &[f32], dy: &[f32], dx: &mut [f32]) -> Result<()> {
+pub fn relu_backward<'x>(y: &[f32], dy: &[f32], dx: impl Into<Out<'x>>) -> Result<()> {
+    let dx = dx.into();
     check_len("relu output gradient", dy.len(), y.len())?;
     check_len("relu input gradient", dx.len(), y.len())?;
-    dx.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((o, y), g)| {
-        for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
-            *o = if yv > 0.0 { gv } else { 0.0 };
-        }
-    });
+    dx.par_fills(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .zip(dy.par_chunks(CHUNK))
+        .for_each(|((o, y), g)| o.zip_map(y, g, |yv, gv| if yv > 0.0 { gv } else { 0.0 }));
     Ok(())
 }
 
 /// `y = min(max(x, 0), cap)`: ReLU (`cap` infinite) or ReLU6 (`cap = 6`).
-pub fn clamp_relu(x: &[f32], cap: f32, y: &mut [f32]) -> Result<()> {
+pub fn clamp_relu<'y>(x: &[f32], cap: f32, y: impl Into<Out<'y>>) -> Result<()> {
+    let y = y.into();
     check_len("relu output", y.len(), x.len())?;
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = v.max(0.0).min(cap);
-        }
-    });
+    y.par_fills(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| y.map(x, |v| v.max(0.0).min(cap)));
     Ok(())
 }
 
 /// The gradient of [`clamp_relu`]: `dy` where the input was strictly inside `(0, cap)`, else 0.
-pub fn clamp_relu_backward(x: &[f32], cap: f32, dy: &[f32], dx: &mut [f32]) -> Result<()> {
+pub fn clamp_relu_backward<'x>(x: &[f32], cap: f32, dy: &[f32], dx: impl Into<Out<'x>>) -> Result<()> {
+    let dx = dx.into();
     check_len("relu output gradient", dy.len(), x.len())?;
     check_len("relu input gradient", dx.len(), x.len())?;
-    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((o, x), g)| {
-        for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-            *o = if v > 0.0 && v < cap { gv } else { 0.0 };
-        }
-    });
+    dx.par_fills(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(dy.par_chunks(CHUNK))
+        .for_each(|((o, x), g)| o.zip_map(x, g, |v, gv| if v > 0.0 && v < cap { gv } else { 0.0 }));
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use int8_core::nn::batchnorm::{self, BatchStats, NchwDims};
 use int8_core::nn::elementwise;
 use int8_core::nn::loss::{CrossEntropy, softmax_cross_entropy};
 use int8_core::nn::pool::{self, Pool2d};
+use int8_core::out::fresh;
 
 use super::{f32_data, with_values, zeroed};
 use crate::error::to_candle;
@@ -54,8 +55,8 @@ impl CustomOp3 for BatchNormTrain {
         let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
         let gamma = f32_data(s2, l2, &format!("layer `{}` gamma", self.name))?;
         let beta = f32_data(s3, l3, &format!("layer `{}` beta", self.name))?;
-        let mut y = zeroed(x.len());
-        let st = batchnorm::forward_train(d, x, gamma, beta, self.eps, self.relu, &mut y).map_err(to_candle)?;
+        let (y, st) = fresh(x.len(), |y| batchnorm::forward_train(d, x, gamma, beta, self.eps, self.relu, y))
+            .map_err(to_candle)?;
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -74,11 +75,10 @@ impl CustomOp3 for BatchNormTrain {
         let Some(st) = stats.as_ref() else {
             candle_core::bail!("layer `{}`: backward ran without a training forward pass", self.name);
         };
-        let mut dx = zeroed(x.elem_count());
-        let (dgamma, dbeta) = with_values(x, "batch norm input", |xv| {
+        let (dx, (dgamma, dbeta)) = with_values(x, "batch norm input", |xv| {
             with_values(gamma, "gamma", |gv| {
                 with_values(grad, "batch norm output gradient", |dy| {
-                    batchnorm::backward(d, xv, self.relu, dy, gv, st, &mut dx).map_err(to_candle)
+                    fresh(xv.len(), |dx| batchnorm::backward(d, xv, self.relu, dy, gv, st, dx)).map_err(to_candle)
                 })
             })
         })?;
@@ -111,8 +111,7 @@ impl CustomOp2 for AddRelu {
             candle_core::bail!("residual add of shapes {:?} and {:?}: they must match", l1.dims(), l2.dims());
         }
         let (a, b) = (f32_data(s1, l1, "residual branch")?, f32_data(s2, l2, "shortcut")?);
-        let mut y = zeroed(a.len());
-        elementwise::add_relu(a, b, &mut y).map_err(to_candle)?;
+        let (y, ()) = fresh(a.len(), |y| elementwise::add_relu(a, b, y)).map_err(to_candle)?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -124,10 +123,9 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = crate::profile::span(self.name(), true);
-        let mut d = zeroed(a.elem_count());
-        with_values(res, "residual output", |y| {
+        let (d, ()) = with_values(res, "residual output", |y| {
             with_values(grad, "residual output gradient", |g| {
-                elementwise::relu_backward(y, g, &mut d).map_err(to_candle)
+                fresh(y.len(), |d| elementwise::relu_backward(y, g, d)).map_err(to_candle)
             })
         })?;
         let d = Tensor::from_vec(d, a.shape(), a.device())?;
@@ -285,17 +283,15 @@ impl CustomOp1 for ClampRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = crate::profile::span(self.name(), false);
         let x = f32_data(s, l, "relu input")?;
-        let mut y = zeroed(x.len());
-        elementwise::clamp_relu(x, self.cap, &mut y).map_err(to_candle)?;
+        let (y, ()) = fresh(x.len(), |y| elementwise::clamp_relu(x, self.cap, y)).map_err(to_candle)?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let _t = crate::profile::span(self.name(), true);
-        let mut dx = zeroed(x.elem_count());
-        with_values(x, "relu input", |xv| {
+        let (dx, ()) = with_values(x, "relu input", |xv| {
             with_values(grad, "relu output gradient", |g| {
-                elementwise::clamp_relu_backward(xv, self.cap, g, &mut dx).map_err(to_candle)
+                fresh(xv.len(), |dx| elementwise::clamp_relu_backward(xv, self.cap, g, dx)).map_err(to_candle)
             })
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))

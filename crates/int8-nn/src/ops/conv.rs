@@ -12,6 +12,7 @@ use int8_core::conv::{
     strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
+use int8_core::out::fresh;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
 use super::{f32_data, per_tensor_weight, with_values, zeroed};
@@ -134,23 +135,24 @@ impl CustomOp2 for Conv2dOp {
         let s = pointwise.unwrap_or(full);
         let sub = pointwise.map(|_| subsample(&full, x));
         let x = sub.as_deref().unwrap_or(x);
-        let mut y = zeroed(s.y_len());
-        match self.precision {
-            Precision::Fp32 => conv2d_fwd_f32(&s, x, w, &mut y).map_err(to_candle)?,
+        let y = match self.precision {
+            Precision::Fp32 => fresh(s.y_len(), |y| conv2d_fwd_f32(&s, x, w, y)).map_err(to_candle)?.0,
             Precision::Int8(cfg) => {
                 let xq = quantize(&format!("{}.input", self.name), x, Granularity::PerTensor, 1, Rounding::Nearest)
                     .map_err(to_candle)?;
                 let wq = quantize(&format!("{}.weight", self.name), w, cfg.weight, s.c_out, Rounding::Nearest)
                     .map_err(to_candle)?;
-                conv2d_fwd_i8(self.path, &s, (&xq).into(), (&wq).into(), &mut y).map_err(to_candle)?;
+                let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(self.path, &s, (&xq).into(), (&wq).into(), y))
+                    .map_err(to_candle)?;
                 {
                     let mut st = self.state();
                     st.stats.saturation_x = xq.saturation_rate();
                     st.stats.saturation_w = wq.saturation_rate();
                 }
                 *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { x: xq, w: wq });
+                y
             }
-        }
+        };
         Ok((CpuStorage::F32(y), Shape::from((full.n, full.c_out, full.out_h(), full.out_w()))))
     }
 
@@ -167,12 +169,12 @@ impl CustomOp2 for Conv2dOp {
         // and its input gradient is zero at the pixels it never read.
         let pointwise = self.int8_pointwise(&full);
         let s = pointwise.unwrap_or(full);
-        let (mut dx, mut dw) = (zeroed(s.x_len()), zeroed(s.w_len()));
+        let (mut dx, mut dw) = (Vec::new(), zeroed(s.w_len()));
         with_values(grad, "output gradient", |g| {
             match self.precision {
                 Precision::Fp32 => with_values(x, "input", |xv| {
                     with_values(w, "weight", |wv| {
-                        conv2d_dx_f32(&s, wv, g, &mut dx).map_err(to_candle)?;
+                        dx = fresh(s.x_len(), |dx| conv2d_dx_f32(&s, wv, g, dx)).map_err(to_candle)?.0;
                         conv2d_dw_f32(&s, xv, g, &mut dw).map_err(to_candle)
                     })
                 })?,
@@ -183,16 +185,22 @@ impl CustomOp2 for Conv2dOp {
                         candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
                     };
                     let wq = per_tensor_weight(&self.name, &saved.w, w)?;
-                    conv2d_dx_i8(self.path, &s, (&*wq).into(), (&dyq).into(), &mut dx).map_err(to_candle)?;
+                    dx = fresh(s.x_len(), |dx| conv2d_dx_i8(self.path, &s, (&*wq).into(), (&dyq).into(), dx))
+                        .map_err(to_candle)?
+                        .0;
                     conv2d_dw_i8(self.path, &s, (&saved.x).into(), (&dyq).into(), &mut dw).map_err(to_candle)?;
                 }
             }
             Ok(())
         })?;
         if pointwise.is_some() {
-            let mut placed = zeroed(full.x_len());
-            upsample(&full, &dx, &mut placed);
-            dx = placed;
+            // `upsample` writes every pixel, the ones the convolution never read as zero.
+            dx = fresh(full.x_len(), |placed| {
+                upsample(&full, &dx, placed);
+                Ok(())
+            })
+            .map_err(to_candle)?
+            .0;
         }
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
