@@ -30,6 +30,12 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("1x1 stride 2", sq(2, 4, 7, 6, 1, 2, 0)),
         ("batch 1", sq(1, 6, 10, 7, 3, 1, 1)),
         ("batch 9 (weight-gradient tasks of several images)", sq(9, 3, 6, 4, 3, 2, 1)),
+        ("3x3 s1 p1 8x8 (planes of whole 32-column panels, packed from the image)", sq(2, 5, 8, 6, 3, 1, 1)),
+        ("3x3 s2 p1 16x16 (split planes packed from the image)", sq(2, 3, 16, 4, 3, 2, 1)),
+        (
+            "3x3 s1 p1 8x16, 11 channels (a reduction past one group of 4)",
+            ConvShape { h: 8, w: 16, ..sq(2, 11, 8, 9, 3, 1, 1) },
+        ),
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
         ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),

@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use super::{ConvShape, stride2};
+use crate::gemm::PanelSource;
 
 /// The output positions `o` in `0..out_len` whose input position `o * stride + offset` lies in
 /// `0..in_len`.
@@ -309,6 +310,25 @@ impl Lowering {
         col
     }
 
+    /// The operand of `x` (as [`Lowering::run`]) packed straight from the input planes
+    /// ([`LoweredPanels`]), after splitting a strided input into `buf`; `None` where that does not
+    /// apply (the caller then runs [`Lowering::run`]).
+    pub fn panels<'b>(&'b self, x: &'b [i8], buf: &'b mut [i8]) -> Option<LoweredPanels<'b>> {
+        let split_len = self.grid.channels * self.phases.len() * self.grid.in_h * self.grid.in_w;
+        let len = if self.phases.is_empty() { x.len() } else { split_len };
+        if self.split_is_operand() || !LoweredPanels::fits(&self.grid, &self.taps, &self.masks, len) {
+            return None;
+        }
+        let src: &[i8] = if self.phases.is_empty() {
+            x
+        } else {
+            let split = &mut buf[self.col_len()..][..split_len];
+            self.split(x, split);
+            split
+        };
+        LoweredPanels::new(&self.grid, &self.taps, &self.masks, src)
+    }
+
     /// Writes the phase planes of `x`, each `hp x wp` and zero where the phase has no pixel.
     fn split<T: ZeroDefault>(&self, x: &[T], out: &mut [T]) {
         let s = &self.shape;
@@ -378,6 +398,149 @@ impl Lowering {
             }
         }
     }
+}
+
+/// The im2col operand of INT8 codes on a same-width [`Grid`], packed for the GEMM straight from the
+/// image: each 32-column panel of four rows is four masked 32-byte loads from the input planes
+/// (lanes outside the image read as zero) and the byte interleave of the packer, so the
+/// `k x out_plane` matrix is never written and read back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoweredPanels<'a> {
+    grid: &'a Grid,
+    taps: &'a [Tap],
+    masks: &'a [u64],
+    x: &'a [i8],
+}
+
+impl<'a> LoweredPanels<'a> {
+    /// The operand of `x` (the grid's `channels x planes` input planes), where it can be packed
+    /// this way: output rows as wide as the input's, the taps' masks made, planes of whole
+    /// 32-column panels, and AVX-512 BW for the masked loads. `None` otherwise.
+    pub fn new(grid: &'a Grid, taps: &'a [Tap], masks: &'a [u64], x: &'a [i8]) -> Option<Self> {
+        Self::fits(grid, taps, masks, x.len()).then_some(LoweredPanels { grid, taps, masks, x })
+    }
+
+    /// Whether [`LoweredPanels::new`] accepts an input of `len` codes on this grid.
+    pub fn fits(grid: &Grid, taps: &[Tap], masks: &[u64], len: usize) -> bool {
+        let p = grid.out_h * grid.out_w;
+        grid.out_w == grid.in_w
+            && p.is_multiple_of(32)
+            && p > 0
+            && masks.len() == taps.len() * p.div_ceil(64)
+            && len >= grid.channels * grid.planes * grid.in_h * grid.in_w
+            && fast_masked_copy::<i8>()
+            && has_avx512vl()
+    }
+
+    /// Element `(k, q)` of the operand: row `k` is channel `k / taps`, tap `k % taps`.
+    fn at(&self, k: usize, q: usize) -> i8 {
+        let g = self.grid;
+        let (c, tap) = (k / self.taps.len(), &self.taps[k % self.taps.len()]);
+        let (oh, ow) = (q / g.out_w, q % g.out_w);
+        if !tap.rows.contains(&oh) || !tap.cols.contains(&ow) {
+            return 0;
+        }
+        let (ih, iw) = ((oh as isize + tap.row_off) as usize, (ow as isize + tap.col_off) as usize);
+        self.x[(c * g.planes + tap.plane) * g.in_h * g.in_w + ih * g.in_w + iw]
+    }
+}
+
+impl PanelSource for LoweredPanels<'_> {
+    fn rows(&self) -> usize {
+        self.grid.channels * self.taps.len()
+    }
+
+    fn cols(&self) -> usize {
+        self.grid.out_h * self.grid.out_w
+    }
+
+    fn pack(&self, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]) {
+        #[cfg(target_arch = "x86_64")]
+        if nr == 32 && ncols == 32 && j0.is_multiple_of(32) && dst.len() >= kc.div_ceil(4) * 128 {
+            // SAFETY: `new` checked AVX-512 F, BW and VL, the grid's geometry,
+            // its masks and that `x` holds every input plane; the panel's columns
+            // `j0..j0 + 32` lie inside the plane (`ncols == 32`) and `dst` holds the panel.
+            unsafe { self.pack32(k0, kc, j0, xor, dst) };
+            return;
+        }
+        dst.fill(0);
+        for kk in 0..kc {
+            for j in 0..ncols {
+                dst[((kk / 4) * nr + j) * 4 + kk % 4] = self.at(k0 + kk, j0 + j) ^ xor;
+            }
+        }
+    }
+}
+
+impl LoweredPanels<'_> {
+    /// [`PanelSource::pack`] of a full 32-column panel.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VL; columns `j0..j0 + 32` inside the plane, `j0` a multiple of 32; `dst`
+    /// holds `kc.div_ceil(4) * 128` bytes; the grid, taps, masks and `x` as [`LoweredPanels::new`]
+    /// checked them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    unsafe fn pack32(&self, k0: usize, kc: usize, j0: usize, xor: i8, dst: &mut [i8]) {
+        use std::arch::x86_64::*;
+        let g = self.grid;
+        let (nt, in_plane) = (self.taps.len(), g.in_h * g.in_w);
+        let words = (g.out_h * g.out_w).div_ceil(64);
+        let flip = _mm256_set1_epi8(xor);
+        let base = self.x.as_ptr();
+        // Row `k` is channel `c`, tap `t`; both advance with `k` (no division per row).
+        let (mut c, mut t) = (k0 / nt, k0 % nt);
+        let out = dst.as_mut_ptr();
+        for k4 in 0..kc.div_ceil(4) {
+            // Rows past `kc` meet A's zero padding; any value does, zero is cheapest. (A loop, not
+            // a closure: closures do not inherit the target features, and this one was not
+            // inlined.)
+            let mut r = [_mm256_setzero_si256(); 4];
+            for r in r.iter_mut().take(kc - 4 * k4) {
+                let tap = &self.taps[t];
+                let shift = tap.row_off * g.in_w as isize + tap.col_off;
+                // The 32 columns' bits: `j0` is a multiple of 32, so they lie in one word.
+                let bits = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & 0xffff_ffff) as u32;
+                let plane = (c * g.planes + tap.plane) * in_plane;
+                t += 1;
+                if t == nt {
+                    (c, t) = (c + 1, 0);
+                }
+                // SAFETY: only lanes whose mask bit is set are read, and those sources (output
+                // position `q`, read at `q + shift`) lie inside this tap's plane by the masks'
+                // construction ([`tap_masks`]); the plane lies inside `x` (checked by `new`);
+                // `wrapping_offset` forms the address without asserting it is in bounds.
+                let v = unsafe {
+                    _mm256_maskz_loadu_epi8(bits, base.wrapping_add(plane).wrapping_offset(j0 as isize + shift).cast())
+                };
+                *r = _mm256_xor_si256(v, flip);
+            }
+            // The byte interleave of `pack_b_rows32` (see there).
+            let (a_lo, a_hi) = (_mm256_unpacklo_epi8(r[0], r[1]), _mm256_unpackhi_epi8(r[0], r[1]));
+            let (b_lo, b_hi) = (_mm256_unpacklo_epi8(r[2], r[3]), _mm256_unpackhi_epi8(r[2], r[3]));
+            let (w0, w1) = (_mm256_unpacklo_epi16(a_lo, b_lo), _mm256_unpackhi_epi16(a_lo, b_lo));
+            let (w2, w3) = (_mm256_unpacklo_epi16(a_hi, b_hi), _mm256_unpackhi_epi16(a_hi, b_hi));
+            // SAFETY: the four 32-byte stores cover bytes `k4 * 128 .. k4 * 128 + 128` of `dst`,
+            // which holds `kc.div_ceil(4) * 128` (the contract).
+            unsafe {
+                let o = out.add(k4 * 128);
+                _mm256_storeu_si256(o.cast(), _mm256_permute2x128_si256::<0x20>(w0, w1));
+                _mm256_storeu_si256(o.add(32).cast(), _mm256_permute2x128_si256::<0x20>(w2, w3));
+                _mm256_storeu_si256(o.add(64).cast(), _mm256_permute2x128_si256::<0x31>(w0, w1));
+                _mm256_storeu_si256(o.add(96).cast(), _mm256_permute2x128_si256::<0x31>(w2, w3));
+            }
+        }
+    }
+}
+
+/// Whether this CPU has AVX-512 VL (masked 256-bit loads).
+fn has_avx512vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether [`masked_tap`] has a fast path for elements of type `T` on this CPU.

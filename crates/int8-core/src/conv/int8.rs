@@ -13,7 +13,9 @@ use super::fp32::inner_parallelism;
 use super::im2col::Lowering;
 use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::{CoreError, Result};
-use crate::gemm::{Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed};
+use crate::gemm::{
+    Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed, gemm_i8_scaled_packed_from,
+};
 use crate::out::Out;
 use crate::quant::QTensor;
 
@@ -95,13 +97,20 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
         |col, (y, x)| {
             for (g, a) in packed.iter().enumerate() {
                 let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                let b = if s.is_pointwise() {
-                    MatRef::row_major(xg, kg, p)?
-                } else {
-                    MatRef::row_major(lower.run(xg, col), kg, p)?
-                };
                 let out = MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?;
-                gemm_i8_scaled_packed(a, b, out, &row_scales[g * cog..(g + 1) * cog], par)?;
+                let scales = &row_scales[g * cog..(g + 1) * cog];
+                if s.is_pointwise() {
+                    gemm_i8_scaled_packed(a, MatRef::row_major(xg, kg, p)?, out, scales, par)?;
+                    continue;
+                }
+                // The VNNI path packs the operand straight from the image where it can.
+                if path == Int8Path::Avx512Vnni
+                    && let Some(src) = lower.panels(xg, col)
+                {
+                    gemm_i8_scaled_packed_from(a, &src, out, scales, par)?;
+                    continue;
+                }
+                gemm_i8_scaled_packed(a, MatRef::row_major(lower.run(xg, col), kg, p)?, out, scales, par)?;
             }
             Ok(())
         },

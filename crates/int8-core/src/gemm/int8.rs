@@ -161,11 +161,11 @@ pub fn gemm_i8_packed(a: &PackedA, b: MatRef<i8>, c: MatMut<i32>, accumulate: bo
 }
 
 /// Checks the shapes of `C = A * B` for a packed A and a `c_rows x c_cols` output.
-fn check_packed_product(a: &PackedA, b: &MatRef<i8>, c_rows: usize, c_cols: usize) -> Result<()> {
-    if a.depth != b.rows || c_rows != a.rows || c_cols != b.cols {
+fn check_packed_product(a: &PackedA, b: &dyn PanelSource, c_rows: usize, c_cols: usize) -> Result<()> {
+    if a.depth != b.rows() || c_rows != a.rows || c_cols != b.cols() {
         return Err(CoreError::InvalidArgument {
             what: "matrix product shapes",
-            why: format!("A is {}x{}, B is {}x{}, C is {}x{}", a.rows, a.depth, b.rows, b.cols, c_rows, c_cols),
+            why: format!("A is {}x{}, B is {}x{}, C is {}x{}", a.rows, a.depth, b.rows(), b.cols(), c_rows, c_cols),
         });
     }
     Ok(())
@@ -195,24 +195,37 @@ pub fn gemm_i8_scaled_packed(
     row_scales: &[f32],
     par: Parallelism,
 ) -> Result<()> {
-    check_packed_product(a, &b, c.rows, c.cols)?;
+    gemm_i8_scaled_packed_from(a, &b, c, row_scales, par)
+}
+
+/// [`gemm_i8_scaled_packed`] with B given by whatever packs its panels ([`PanelSource`]): a
+/// convolution's lowered input can be packed straight from the image, without the im2col matrix.
+pub(crate) fn gemm_i8_scaled_packed_from(
+    a: &PackedA,
+    b: &dyn PanelSource,
+    c: MatMut<f32>,
+    row_scales: &[f32],
+    par: Parallelism,
+) -> Result<()> {
+    check_packed_product(a, b, c.rows, c.cols)?;
     crate::error::check_len("gemm row scales", row_scales.len(), a.rows)?;
-    if a.rows == 0 || b.cols == 0 || a.depth == 0 || a.depth > KC {
+    let n = b.cols();
+    if a.rows == 0 || n == 0 || a.depth == 0 || a.depth > KC {
         // Reductions deeper than one block are summed in INT32 first, then dequantized once.
-        let mut sums = vec![0i32; a.rows * b.cols];
-        let out = OutPtr::I32 { ptr: sums.as_mut_ptr(), rs: b.cols, cs: 1 };
-        if a.depth > 0 && a.rows > 0 && b.cols > 0 {
-            drive(a, &b, out, false, par);
+        let mut sums = vec![0i32; a.rows * n];
+        let out = OutPtr::I32 { ptr: sums.as_mut_ptr(), rs: n, cs: 1 };
+        if a.depth > 0 && a.rows > 0 && n > 0 {
+            drive(a, b, out, false, par);
         }
         for i in 0..c.rows {
             for j in 0..c.cols {
-                c.data[i * c.row_stride + j * c.col_stride] = sums[i * b.cols + j] as f32 * row_scales[i];
+                c.data[i * c.row_stride + j * c.col_stride] = sums[i * n + j] as f32 * row_scales[i];
             }
         }
         return Ok(());
     }
     let out = OutPtr::F32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride, scales: row_scales.as_ptr() };
-    drive(a, &b, out, false, par);
+    drive(a, b, out, false, par);
     Ok(())
 }
 
@@ -282,11 +295,40 @@ fn check_path_and_depth(path: Int8Path, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// The right operand of a product as the packer sees it: something that writes its `NR`-column
+/// panels in the packed layout. A matrix view packs its elements ([`pack_b`]); a convolution's
+/// lowered input can pack straight from the image (`conv::im2col`), skipping the im2col matrix.
+pub(crate) trait PanelSource: Sync {
+    /// Rows (the reduction depth).
+    fn rows(&self) -> usize;
+    /// Columns.
+    fn cols(&self) -> usize;
+    /// Packs rows `k0..k0+kc`, columns `j0..j0+ncols` into one `nr`-column panel exactly as
+    /// [`pack_b`] does: K grouped by 4, every byte XORed with `xor`, zero padded past `ncols`
+    /// columns (any value past `kc` rows, which meet A's zero padding).
+    #[allow(clippy::too_many_arguments)]
+    fn pack(&self, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]);
+}
+
+impl PanelSource for MatRef<'_, i8> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn pack(&self, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]) {
+        pack_b(self, k0, kc, j0, ncols, nr, xor, dst);
+    }
+}
+
 /// Runs the packed kernels over the whole product (shapes checked, `k > 0`); the blocks come in
 /// order of depth, so the first block of each row range overwrites unless accumulating.
-fn drive(a: &PackedA, b: &MatRef<i8>, out: OutPtr, accumulate: bool, par: Parallelism) {
+fn drive(a: &PackedA, b: &dyn PanelSource, out: OutPtr, accumulate: bool, par: Parallelism) {
     let g = a.path.geometry();
-    let n = b.cols;
+    let n = b.cols();
     let n_panels = n.div_ceil(g.nr);
     for blk in &a.blocks {
         let overwrite = blk.k0 == 0 && !accumulate;
@@ -335,7 +377,7 @@ struct Block<'a> {
     a: &'a [i8],
     /// `128 * rowsum(A)` of each row of the block on the offset paths, else zero.
     row_corr: &'a [i32],
-    b: &'a MatRef<'a, i8>,
+    b: &'a dyn PanelSource,
     i0: usize,
     mc: usize,
     k0: usize,
@@ -380,7 +422,7 @@ impl Block<'_> {
             // row. With two or three A panels the column order measured faster.
             for (jp, dst) in panels.clone().zip(packed.chunks_exact_mut(panel_len)) {
                 let j0 = jp * g.nr;
-                pack_b(self.b, self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, dst);
+                self.b.pack(self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, dst);
             }
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
                 for (jp, b) in panels.clone().zip(packed.chunks_exact(panel_len)) {
@@ -391,7 +433,7 @@ impl Block<'_> {
         }
         for jp in panels {
             let j0 = jp * g.nr;
-            pack_b(self.b, self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, packed);
+            self.b.pack(self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, xor, packed);
             for (ip, a) in self.a.chunks_exact(a_panel).enumerate() {
                 self.tile(g, ip, a, jp, packed, tile);
             }
