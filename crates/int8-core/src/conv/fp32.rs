@@ -97,9 +97,15 @@ pub fn conv2d_dx_f32<'x>(s: &ConvShape, w: &[f32], dy: &[f32], dx: impl Into<Out
             for (g, weights) in weights.iter().enumerate() {
                 let dyg = &dy[g * cog * p..][..cog * p];
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                phase::input_grad_image(s, &phases, dyg, dxg, (col, out), |i, b, c| {
-                    gemm_f32(MatRef::row_major(&weights[i], cig, b.rows())?, b, c, false, par)
-                })?;
+                phase::input_grad_image(
+                    s,
+                    &phases,
+                    dyg,
+                    dxg,
+                    (col, out),
+                    |i, b, c| gemm_f32(MatRef::row_major(&weights[i], cig, b.rows())?, b, c, false, par),
+                    None,
+                )?;
             }
             Ok(())
         },

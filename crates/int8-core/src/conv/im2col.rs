@@ -400,6 +400,24 @@ impl Lowering {
     }
 }
 
+/// Element types that may be INT8 codes, which [`LoweredPanels`] packs from.
+pub(crate) trait AsCodes: Sized {
+    /// `x` as codes, for `i8`; `None` for other types.
+    fn as_codes(x: &[Self]) -> Option<&[i8]>;
+}
+
+impl AsCodes for i8 {
+    fn as_codes(x: &[i8]) -> Option<&[i8]> {
+        Some(x)
+    }
+}
+
+impl AsCodes for f32 {
+    fn as_codes(_: &[f32]) -> Option<&[i8]> {
+        None
+    }
+}
+
 /// The im2col operand of INT8 codes on a same-width [`Grid`], packed for the GEMM straight from the
 /// image: each 32-column panel of four rows is four masked 32-byte loads from the input planes
 /// (lanes outside the image read as zero) and the byte interleave of the packer, so the

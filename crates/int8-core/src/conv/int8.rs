@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
-use super::im2col::Lowering;
+use super::im2col::{LoweredPanels, Lowering};
 use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
 use crate::error::{CoreError, Result};
 use crate::gemm::{
@@ -182,9 +182,20 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
             for (g, packed) in packed.iter().enumerate() {
                 let dyg = &dy[g * cog * p..][..cog * p];
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                phase::input_grad_image(s, &phases, dyg, dxg, (col, out), |i, b, c| {
-                    gemm_i8_scaled_packed(&packed[i], b, c, &row_scales, par)
-                })?;
+                // The VNNI path packs each phase's operand straight from dY where it can.
+                let mut direct = |i: usize, b: &LoweredPanels, c: MatMut<f32>| {
+                    gemm_i8_scaled_packed_from(&packed[i], b, c, &row_scales, par)
+                };
+                let direct: Option<phase::PanelProduct> = (path == Int8Path::Avx512Vnni).then_some(&mut direct);
+                phase::input_grad_image(
+                    s,
+                    &phases,
+                    dyg,
+                    dxg,
+                    (col, out),
+                    |i, b, c| gemm_i8_scaled_packed(&packed[i], b, c, &row_scales, par),
+                    direct,
+                )?;
             }
             Ok(())
         },

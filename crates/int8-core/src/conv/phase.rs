@@ -14,7 +14,7 @@
 //! `oh = u - a`. So phase row `rh` uses the tap rows `i` with `(i * dh - ph - rh) mod sh = 0`, each
 //! reading `dY` at row offset `-a`; columns likewise.
 
-use super::im2col::{Grid, Tap, ZeroDefault, im2col_grid, tap_masks, valid};
+use super::im2col::{AsCodes, Grid, LoweredPanels, Tap, ZeroDefault, im2col_grid, tap_masks, valid};
 use super::{ConvShape, stride2};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef};
@@ -161,18 +161,25 @@ fn interleave(s: &ConvShape, even: &Phase, odd: &Phase, src: &[f32], dx: &mut [f
     }
 }
 
+/// Multiplies phase `i`'s weight by an operand packed from the codes of `dY` into `out`.
+pub(crate) type PanelProduct<'f> = &'f mut dyn FnMut(usize, &LoweredPanels, MatMut<f32>) -> Result<()>;
+
 /// The input gradient of one image and group, phase by phase: each phase that some tap reaches
 /// lowers `dy` (the group's `c_out_group` planes) into `col`, or uses `dy` itself where that is
 /// the lowering, and `product(i, b, out)` multiplies phase `i`'s weight by `b` into `out`
 /// (`c_in_group x plane`), whose pixels then go to their places in `dx`. Pixels no tap reaches
 /// get zero. `col` and `out` are at least [`buffer_lens`] long.
-pub(crate) fn input_grad_image<T: ZeroDefault>(
+///
+/// With `from_codes` (INT8 codes on the VNNI path), a phase whose lowering can be packed straight
+/// from `dy` ([`LoweredPanels`]) goes to `from_codes(i, panels, out)` instead, without the im2col.
+pub(crate) fn input_grad_image<T: ZeroDefault + AsCodes>(
     s: &ConvShape,
     phases: &[Phase],
     dy: &[T],
     dx: &mut [f32],
     (col, out): (&mut [T], &mut [f32]),
     mut product: impl FnMut(usize, MatRef<T>, MatMut<f32>) -> Result<()>,
+    mut from_codes: Option<PanelProduct>,
 ) -> Result<()> {
     if phases.iter().any(|ph| ph.taps.is_empty()) {
         dx.fill(0.0);
@@ -194,13 +201,25 @@ pub(crate) fn input_grad_image<T: ZeroDefault>(
                 continue;
             }
             let (k, q) = (s.c_out_group() * ph.taps.len(), ph.plane());
+            let target = MatMut::row_major(&mut out[used..used + cig * q], cig, q)?;
+            let panels = match (&mut from_codes, T::as_codes(dy)) {
+                (Some(f), Some(codes)) if !ph.reads_dy_whole() => {
+                    LoweredPanels::new(&ph.grid, &ph.taps, &ph.masks, codes).map(|p| (f, p))
+                }
+                _ => None,
+            };
+            if let Some((f, panels)) = panels {
+                f(i + j, &panels, target)?;
+                used += cig * q;
+                continue;
+            }
             let b = if ph.reads_dy_whole() {
                 dy
             } else {
                 im2col_grid(&ph.grid, &ph.taps, &ph.masks, dy, &mut col[..k * q]);
                 &col[..k * q]
             };
-            product(i + j, MatRef::row_major(b, k, q)?, MatMut::row_major(&mut out[used..used + cig * q], cig, q)?)?;
+            product(i + j, MatRef::row_major(b, k, q)?, target)?;
             used += cig * q;
         }
         match partner {
