@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::im2col::Lowering;
-use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
+use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, weight_grad_run};
 use crate::error::Result;
 use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
 use crate::out::Out;
@@ -127,7 +127,7 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
         return Ok(());
     }
     let lower = Lowering::new(s);
-    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    let p = s.out_plane();
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     let (x_len, y_len) = (s.c_in * s.in_plane(), s.c_out * p);
@@ -141,19 +141,9 @@ pub fn conv2d_dw_f32(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) -> Re
             || vec![0f32; col_len],
             |col, (xs, dys)| {
                 let mut acc = vec![0f32; s.w_len()];
-                for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
-                    for g in 0..s.groups {
-                        let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                        let b = if s.is_pointwise() {
-                            MatRef::row_major(xg, kg, p)?.t()
-                        } else {
-                            MatRef::row_major(lower.run(xg, col), kg, p)?.t()
-                        };
-                        let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                        let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
-                        gemm_f32(a, b, c, i > 0, par)?;
-                    }
-                }
+                weight_grad_run(s, &lower, (xs, dys), col, &mut acc, |a, b, c, accumulate| {
+                    gemm_f32(a, b, c, accumulate, par)
+                })?;
                 Ok(acc)
             },
         )

@@ -533,20 +533,9 @@ impl LoweredPanels<'_> {
                 };
                 *r = _mm256_xor_si256(v, flip);
             }
-            // The byte interleave of `pack_b_rows32` (see there).
-            let (a_lo, a_hi) = (_mm256_unpacklo_epi8(r[0], r[1]), _mm256_unpackhi_epi8(r[0], r[1]));
-            let (b_lo, b_hi) = (_mm256_unpacklo_epi8(r[2], r[3]), _mm256_unpackhi_epi8(r[2], r[3]));
-            let (w0, w1) = (_mm256_unpacklo_epi16(a_lo, b_lo), _mm256_unpackhi_epi16(a_lo, b_lo));
-            let (w2, w3) = (_mm256_unpacklo_epi16(a_hi, b_hi), _mm256_unpackhi_epi16(a_hi, b_hi));
-            // SAFETY: the four 32-byte stores cover bytes `k4 * 128 .. k4 * 128 + 128` of `dst`,
-            // which holds `kc.div_ceil(4) * 128` (the contract).
-            unsafe {
-                let o = out.add(k4 * 128);
-                _mm256_storeu_si256(o.cast(), _mm256_permute2x128_si256::<0x20>(w0, w1));
-                _mm256_storeu_si256(o.add(32).cast(), _mm256_permute2x128_si256::<0x20>(w2, w3));
-                _mm256_storeu_si256(o.add(64).cast(), _mm256_permute2x128_si256::<0x31>(w0, w1));
-                _mm256_storeu_si256(o.add(96).cast(), _mm256_permute2x128_si256::<0x31>(w2, w3));
-            }
+            // SAFETY: AVX2 is enabled here; the 128 bytes from `k4 * 128` lie inside `dst`, which
+            // holds `kc.div_ceil(4) * 128` (the contract).
+            unsafe { crate::gemm::interleave4x32(r, out.add(k4 * 128)) };
         }
     }
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
 use super::im2col::{LoweredPanels, Lowering};
-use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase};
+use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, weight_grad_run};
 use crate::error::{CoreError, Result};
 use crate::gemm::{
     Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed, gemm_i8_scaled_packed_from,
@@ -219,7 +219,7 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         return Ok(());
     }
     let lower = Lowering::new(s);
-    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    let p = s.out_plane();
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     // One image adds at most `plane * 127^2` to each sum, so this many images add up exactly in
@@ -232,19 +232,9 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
     x.codes.par_chunks(run * x_len).zip(dy.codes.par_chunks(run * y_len)).try_for_each_init(
         || (vec![0i8; col_len], vec![0i32; s.w_len()]),
         |(col, acc), (xs, dys)| {
-            for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
-                for g in 0..s.groups {
-                    let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                    let b = if s.is_pointwise() {
-                        MatRef::row_major(xg, kg, p)?.t()
-                    } else {
-                        MatRef::row_major(lower.run(xg, col), kg, p)?.t()
-                    };
-                    let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                    let c = MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?;
-                    gemm_i8(path, a, b, c, i > 0, par)?;
-                }
-            }
+            weight_grad_run(s, &lower, (xs, dys), col, acc, |a, b, c, accumulate| {
+                gemm_i8(path, a, b, c, accumulate, par)
+            })?;
             widen_add(&mut total.lock().unwrap_or_else(|e| e.into_inner()), acc);
             Ok::<_, CoreError>(())
         },

@@ -20,7 +20,7 @@ pub use fp32::{conv2d_dw_f32, conv2d_dx_f32, conv2d_fwd_f32};
 pub use int8::{QView, conv2d_dw_i8, conv2d_dx_i8, conv2d_fwd_i8};
 
 use crate::error::{CoreError, Result};
-use crate::gemm::MAX_K_I8;
+use crate::gemm::{self, MAX_K_I8};
 
 /// The geometry of one convolution: input `n x c_in x h x w`, weight
 /// `c_out x (c_in / groups) x kh x kw`, output `n x c_out x out_h x out_w`.
@@ -249,6 +249,35 @@ pub fn upsample<'x>(s: &ConvShape, sub: &[f32], dx: impl Into<crate::out::Out<'x
             }
         }
     });
+}
+
+/// The weight-gradient products of a run of images (`xs`, `dys`: whole images, one after the
+/// other): for each image and group, `product(dY_g, lowered(x_g)^T, acc_g, accumulate)`, where
+/// `accumulate` is false for the run's first image (which overwrites `acc`).
+fn weight_grad_run<T: im2col::ZeroDefault, A: Copy>(
+    s: &ConvShape,
+    lower: &im2col::Lowering,
+    (xs, dys): (&[T], &[T]),
+    col: &mut [T],
+    acc: &mut [A],
+    mut product: impl FnMut(gemm::MatRef<T>, gemm::MatRef<T>, gemm::MatMut<A>, bool) -> Result<()>,
+) -> Result<()> {
+    use gemm::{MatMut, MatRef};
+    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    let (x_len, y_len) = (s.c_in * s.in_plane(), s.c_out * p);
+    for (i, (x, dy)) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)).enumerate() {
+        for g in 0..s.groups {
+            let xg = &x[g * cig * s.in_plane()..][..cig * s.in_plane()];
+            let b = if s.is_pointwise() {
+                MatRef::row_major(xg, kg, p)?.t()
+            } else {
+                MatRef::row_major(lower.run(xg, col), kg, p)?.t()
+            };
+            let a = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+            product(a, b, MatMut::row_major(&mut acc[g * cog * kg..][..cog * kg], cog, kg)?, i > 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// How many images of a batch of `n` one weight-gradient task sums before adding its partial sum

@@ -685,22 +685,35 @@ unsafe fn pack_b_rows32(src: *const i8, row_stride: usize, kc4: usize, xor: i8, 
         let r: [__m256i; 4] = std::array::from_fn(|t| unsafe {
             _mm256_xor_si256(_mm256_loadu_si256(src.add((4 * k4 + t) * row_stride).cast()), x)
         });
-        // Within each 128-bit lane: columns 0-7 (lane 0) and 16-23 (lane 1) in the low unpacks,
-        // 8-15 and 24-31 in the high ones.
-        let (a_lo, a_hi) = (_mm256_unpacklo_epi8(r[0], r[1]), _mm256_unpackhi_epi8(r[0], r[1]));
-        let (b_lo, b_hi) = (_mm256_unpacklo_epi8(r[2], r[3]), _mm256_unpackhi_epi8(r[2], r[3]));
-        // Four bytes per column: w0 holds columns 0-3 | 16-19, w1 4-7 | 20-23, w2 8-11 | 24-27,
-        // w3 12-15 | 28-31.
-        let (w0, w1) = (_mm256_unpacklo_epi16(a_lo, b_lo), _mm256_unpackhi_epi16(a_lo, b_lo));
-        let (w2, w3) = (_mm256_unpacklo_epi16(a_hi, b_hi), _mm256_unpackhi_epi16(a_hi, b_hi));
-        // SAFETY: the four 32-byte stores cover bytes `k4 * 128 .. k4 * 128 + 128` of `dst`.
-        unsafe {
-            let o = out.add(k4 * 128);
-            _mm256_storeu_si256(o.cast(), _mm256_permute2x128_si256::<0x20>(w0, w1));
-            _mm256_storeu_si256(o.add(32).cast(), _mm256_permute2x128_si256::<0x20>(w2, w3));
-            _mm256_storeu_si256(o.add(64).cast(), _mm256_permute2x128_si256::<0x31>(w0, w1));
-            _mm256_storeu_si256(o.add(96).cast(), _mm256_permute2x128_si256::<0x31>(w2, w3));
-        }
+        // SAFETY: the 128 bytes from `k4 * 128` lie inside `dst`, which holds `kc4 * 128`.
+        unsafe { interleave4x32(r, out.add(k4 * 128)) };
+    }
+}
+
+/// Writes four rows of 32 bytes as 32 columns of four bytes (`out[4j + t] = r[t][j]`): the packed
+/// layout of one group of four rows of a 32-column B panel.
+///
+/// # Safety
+/// AVX2; `out` is valid for 128 bytes of writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn interleave4x32(r: [std::arch::x86_64::__m256i; 4], out: *mut i8) {
+    use std::arch::x86_64::*;
+    // Within each 128-bit lane: columns 0-7 (lane 0) and 16-23 (lane 1) in the low unpacks, 8-15
+    // and 24-31 in the high ones.
+    let (a_lo, a_hi) = (_mm256_unpacklo_epi8(r[0], r[1]), _mm256_unpackhi_epi8(r[0], r[1]));
+    let (b_lo, b_hi) = (_mm256_unpacklo_epi8(r[2], r[3]), _mm256_unpackhi_epi8(r[2], r[3]));
+    // Four bytes per column: w0 holds columns 0-3 | 16-19, w1 4-7 | 20-23, w2 8-11 | 24-27, w3
+    // 12-15 | 28-31.
+    let (w0, w1) = (_mm256_unpacklo_epi16(a_lo, b_lo), _mm256_unpackhi_epi16(a_lo, b_lo));
+    let (w2, w3) = (_mm256_unpacklo_epi16(a_hi, b_hi), _mm256_unpackhi_epi16(a_hi, b_hi));
+    // SAFETY: the four 32-byte stores cover `out .. out + 128` (the contract).
+    unsafe {
+        _mm256_storeu_si256(out.cast(), _mm256_permute2x128_si256::<0x20>(w0, w1));
+        _mm256_storeu_si256(out.add(32).cast(), _mm256_permute2x128_si256::<0x20>(w2, w3));
+        _mm256_storeu_si256(out.add(64).cast(), _mm256_permute2x128_si256::<0x31>(w0, w1));
+        _mm256_storeu_si256(out.add(96).cast(), _mm256_permute2x128_si256::<0x31>(w2, w3));
     }
 }
 
