@@ -382,16 +382,7 @@ impl Lowering {
                             zero_run(dst);
                             continue;
                         };
-                        let filled = if sw == 2 {
-                            stride2::gather(&src[c.min(s.w)..], dst)
-                        } else {
-                            let mut k = 0;
-                            for (d, &v) in dst.iter_mut().zip(src.iter().skip(c).step_by(sw)) {
-                                *d = v;
-                                k += 1;
-                            }
-                            k
-                        };
+                        let filled = stride2::gather_strided(&src[c.min(s.w)..], dst, sw);
                         zero_run(&mut dst[filled..]);
                     }
                 }

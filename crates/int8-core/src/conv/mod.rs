@@ -218,14 +218,7 @@ pub fn subsample<T: Copy + Default + Send + Sync>(s: &ConvShape, x: &[T]) -> Vec
     let mut out = vec![T::default(); s.n * s.c_in * oh * ow];
     out.par_chunks_mut(oh * ow).zip(x.par_chunks(s.in_plane())).for_each(|(dst, plane)| {
         for (i, dst) in dst.chunks_exact_mut(ow).enumerate() {
-            let src = &plane[i * sh * s.w..][..s.w];
-            if sw == 2 {
-                stride2::gather(src, dst);
-            } else {
-                for (d, &v) in dst.iter_mut().zip(src.iter().step_by(sw)) {
-                    *d = v;
-                }
-            }
+            stride2::gather_strided(&plane[i * sh * s.w..][..s.w], dst, sw);
         }
     });
     out
@@ -239,14 +232,7 @@ pub fn upsample<'x>(s: &ConvShape, sub: &[f32], dx: impl Into<crate::out::Out<'x
     // Each plane comes zeroed from `par_chunks`.
     dx.into().par_chunks(s.in_plane()).zip(sub.par_chunks(oh * ow)).for_each(|(plane, src)| {
         for (i, src) in src.chunks_exact(ow).enumerate() {
-            let row = &mut plane[i * sh * s.w..][..s.w];
-            if sw == 2 {
-                stride2::scatter(src, row);
-            } else {
-                for (d, &v) in row.iter_mut().step_by(sw).zip(src) {
-                    *d = v;
-                }
-            }
+            stride2::scatter_strided(src, &mut plane[i * sh * s.w..][..s.w], sw);
         }
     });
 }

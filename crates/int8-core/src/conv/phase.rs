@@ -129,14 +129,7 @@ pub(crate) fn scatter(s: &ConvShape, ph: &Phase, src: &[f32], dx: &mut [f32]) {
     let (rows, cols) = (ph.grid.out_h, ph.grid.out_w);
     for (plane, src) in dx.chunks_exact_mut(s.in_plane()).zip(src.chunks_exact(rows * cols)) {
         for (u, src) in src.chunks_exact(cols).enumerate() {
-            let row = &mut plane[(rh + sh * u) * s.w..][..s.w];
-            if sw == 2 {
-                stride2::scatter(src, &mut row[rw..]);
-            } else {
-                for (d, &v) in row[rw..].iter_mut().step_by(sw).zip(src) {
-                    *d = v;
-                }
-            }
+            stride2::scatter_strided(src, &mut plane[(rh + sh * u) * s.w..][..s.w][rw..], sw);
         }
     }
 }

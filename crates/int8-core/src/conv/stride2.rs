@@ -66,6 +66,42 @@ fn scatter_scalar<T: Copy>(src: &[T], dst: &mut [T]) {
     }
 }
 
+/// `dst[v] = src[stride * v]` for every `v` inside both, any stride (stride 2 runs [`gather`]);
+/// returns how many elements were written.
+pub(crate) fn gather_strided<T: Copy>(src: &[T], dst: &mut [T], stride: usize) -> usize {
+    if stride == 2 {
+        return gather(src, dst);
+    }
+    let mut k = 0;
+    for (d, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+        *d = v;
+        k += 1;
+    }
+    k
+}
+
+/// `dst[stride * v] = src[v]` for every `v` inside both, any stride (stride 2 runs [`scatter`]).
+pub(crate) fn scatter_strided<T: Copy>(src: &[T], dst: &mut [T], stride: usize) {
+    if stride == 2 {
+        return scatter(src, dst);
+    }
+    for (d, &v) in dst.iter_mut().step_by(stride).zip(src) {
+        *d = v;
+    }
+}
+
+/// Checks that `rows` rows of `half` elements in each of two phase buffers and of `2 * half`
+/// elements, `stride` apart, in a row buffer of `row_len` fit (the contract of the row-pair moves).
+fn assert_rows_fit(what: &str, phase_lens: (usize, usize), row_len: usize, rows: usize, half: usize, stride: usize) {
+    assert!(
+        phase_lens.0 >= rows * half
+            && phase_lens.1 >= rows * half
+            && (rows == 0 || row_len >= (rows - 1) * stride + 2 * half),
+        "{what}: {rows} rows of {} do not fit",
+        2 * half
+    );
+}
+
 /// `even[v] = src[2 * v]` and `odd[v] = src[2 * v + 1]` for every `v` inside both the
 /// destination and `src`, in one pass over `src` (splitting a row into its two column phases).
 /// Returns how many elements of `even` and of `odd` were written.
@@ -106,13 +142,7 @@ pub(crate) fn deinterleave_rows<T: Copy>(
     even: &mut [T],
     odd: &mut [T],
 ) {
-    assert!(
-        even.len() >= rows * half
-            && odd.len() >= rows * half
-            && (rows == 0 || src.len() >= (rows - 1) * stride + 2 * half),
-        "deinterleave_rows: {rows} rows of {} do not fit",
-        2 * half
-    );
+    assert_rows_fit("deinterleave_rows", (even.len(), odd.len()), src.len(), rows, half, stride);
     #[cfg(target_arch = "x86_64")]
     if has_avx512() && matches!(std::mem::size_of::<T>(), 1 | 4) {
         // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 1- or 4-byte `Copy`
@@ -163,13 +193,7 @@ pub(crate) fn interleave<T: Copy>(even: &[T], odd: &[T], dst: &mut [T]) {
 /// rows) into `dst[k * stride..][..2 * half]`; one call for a whole pair of phase planes of an
 /// even-width input gradient.
 pub(crate) fn interleave_rows<T: Copy>(even: &[T], odd: &[T], rows: usize, half: usize, dst: &mut [T], stride: usize) {
-    assert!(
-        even.len() >= rows * half
-            && odd.len() >= rows * half
-            && (rows == 0 || dst.len() >= (rows - 1) * stride + 2 * half),
-        "interleave_rows: {rows} rows of {} do not fit",
-        2 * half
-    );
+    assert_rows_fit("interleave_rows", (even.len(), odd.len()), dst.len(), rows, half, stride);
     #[cfg(target_arch = "x86_64")]
     if has_avx512() && std::mem::size_of::<T>() == 4 {
         // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 4-byte `Copy` type
