@@ -225,6 +225,15 @@ pub fn plan(exp: &Experiment, cli_sets: &[String]) -> Result<Vec<PlannedRun>> {
     Ok(runs)
 }
 
+/// The unfinished runs' indices in the order they start: seed by seed, each seed's runs in plan
+/// order. A grid stopped part-way (runs of hours, finished over several sittings) then holds
+/// whole seeds, FP32 and INT8 side by side, rather than every FP32 seed and no INT8 one.
+fn start_order(runs: &[PlannedRun], is_finished: impl Fn(&PlannedRun) -> bool) -> Vec<usize> {
+    let mut todo: Vec<usize> = (0..runs.len()).filter(|&i| !is_finished(&runs[i])).collect();
+    todo.sort_by_key(|&i| runs[i].seed);
+    todo
+}
+
 /// Options of `cargo xtask sweep`.
 #[derive(Debug)]
 pub struct SweepOptions {
@@ -307,7 +316,7 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
         .and_then(|_| std::fs::rename(&part, &trainer))
         .with_context(|| format!("cannot copy the trainer {} into {}", built.display(), opts.out.display()))?;
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.jobs).max(1);
-    let todo: Vec<usize> = (0..runs.len()).filter(|&i| finished(&opts.out.join(&runs[i].name)).is_none()).collect();
+    let todo = start_order(&runs, |r| finished(&opts.out.join(&r.name)).is_some());
     let skipped = runs.len() - todo.len();
     if skipped > 0 {
         println!("{skipped} finished runs skipped");
@@ -630,5 +639,30 @@ mod tests {
         // A misspelt field is an error, not a silently ignored override.
         let bad = toml::from_str::<Experiment>(r#"recipes = [{ name = "resnet20-cifar10", sets = ["a=1"] }]"#);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn runs_start_seed_by_seed_and_finished_ones_are_left_out() {
+        let exp: Experiment = toml::from_str(
+            r#"
+            recipes = ["cnn-small-fashion-mnist"]
+            precisions = ["fp32", "int8"]
+            seeds = [0, 1, 2]
+            "#,
+        )
+        .unwrap();
+        let runs = plan(&exp, &[]).unwrap();
+        let order = start_order(&runs, |r| r.name.ends_with("fp32-s1"));
+        let names: Vec<&str> = order.iter().map(|&i| runs[i].name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cnn-small-fashion-mnist-fp32-s0",
+                "cnn-small-fashion-mnist-int8-s0",
+                "cnn-small-fashion-mnist-int8-s1",
+                "cnn-small-fashion-mnist-fp32-s2",
+                "cnn-small-fashion-mnist-int8-s2",
+            ]
+        );
     }
 }
