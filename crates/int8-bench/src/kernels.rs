@@ -179,43 +179,111 @@ pub fn mobilenetv2_convs(n: usize) -> Vec<(String, ConvShape)> {
     layers
 }
 
-/// One conv layer's training work, forward + dX + dW, at both precisions. INT8 includes
-/// quantizing X and W (per tensor, at max|.|) and quantizing dY at its DSGC clip value with the
-/// cosine distance measured in the same pass; the clip search itself runs every 100 steps, so a
-/// hundredth of its measured time is added.
-pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
-    let path = Int8Path::detect();
-    let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
-    let (mut y, mut dx, mut dw) = (vec![0f32; s.y_len()], vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
-    // A strided 1x1 convolution runs as the layer runs it: in INT8 on its input's subsample
-    // (only that is quantized), with the input gradient placed back; FP32 reads in place.
-    let pointwise = strided_pointwise(s);
-    let k = pointwise.unwrap_or(*s);
-    let mut dx_sub = vec![0f32; if pointwise.is_some() { k.x_len() } else { 0 }];
-    let fp32 = median_ms(budget, || {
-        conv2d_fwd_f32(s, &x, &w, &mut y).unwrap();
-        conv2d_dx_f32(s, &w, &dy, &mut dx).unwrap();
-        conv2d_dw_f32(s, &x, &dy, &mut dw).unwrap();
-    });
-    let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
-    clip.update("dy", &dy)?;
-    let search = median_ms(budget / 4, || {
-        search_clip("dy", &dy).unwrap();
-    });
-    let int8 = median_ms(budget, || {
-        let sub = pointwise.map(|_| subsample(s, &x));
-        let xq = quantize("x", sub.as_deref().unwrap_or(&x), Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
-        let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
-        conv2d_fwd_i8(path, &k, (&xq).into(), (&wq).into(), &mut y).unwrap();
-        let (dyq, _) = clip.quantize("dy", &dy, Rounding::Nearest).unwrap();
-        if pointwise.is_some() {
-            conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx_sub).unwrap();
-            upsample(s, &dx_sub, &mut dx);
+/// The parts of a layer's training work that `profile` times separately.
+const PARTS: [&str; 6] = ["quantize x", "quantize w", "forward", "dsgc + q(dy)", "dx", "dw"];
+
+/// One conv layer's training work on fixed random tensors, at either precision, as the layer
+/// runs it: INT8 quantizes X and W (per tensor, at max|.|) and dY at its DSGC clip value, with the
+/// cosine distance measured in the same pass (the search itself is due every 100 steps and is
+/// not part of a step here). A strided 1x1 convolution works in INT8 on its input's subsample
+/// (only that is quantized), with the input gradient placed back; FP32 reads in place.
+struct LayerWork {
+    s: ConvShape,
+    /// The shape the INT8 kernels run: `s`, or the stride-1 shape over the subsample.
+    k: ConvShape,
+    pointwise: bool,
+    path: Int8Path,
+    clip: ClipState,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    dy: Vec<f32>,
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dw: Vec<f32>,
+    dx_sub: Vec<f32>,
+}
+
+impl LayerWork {
+    fn new(s: &ConvShape) -> Result<Self> {
+        let pointwise = strided_pointwise(s);
+        let k = pointwise.unwrap_or(*s);
+        let dy = random_f32(s.y_len(), 13);
+        let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
+        clip.update("dy", &dy)?;
+        Ok(LayerWork {
+            s: *s,
+            k,
+            pointwise: pointwise.is_some(),
+            path: Int8Path::detect(),
+            clip,
+            x: random_f32(s.x_len(), 11),
+            w: random_f32(s.w_len(), 12),
+            dy,
+            y: vec![0f32; s.y_len()],
+            dx: vec![0f32; s.x_len()],
+            dw: vec![0f32; s.w_len()],
+            dx_sub: vec![0f32; if pointwise.is_some() { k.x_len() } else { 0 }],
+        })
+    }
+
+    /// One FP32 step; `lap(i)` closes part `i` of [`PARTS`].
+    fn fp32(&mut self, lap: &mut impl FnMut(usize)) -> Result<()> {
+        let s = &self.s;
+        conv2d_fwd_f32(s, &self.x, &self.w, &mut self.y)?;
+        lap(2);
+        conv2d_dx_f32(s, &self.w, &self.dy, &mut self.dx)?;
+        lap(4);
+        conv2d_dw_f32(s, &self.x, &self.dy, &mut self.dw)?;
+        lap(5);
+        Ok(())
+    }
+
+    /// One INT8 step; `lap(i)` closes part `i` of [`PARTS`].
+    fn int8(&mut self, lap: &mut impl FnMut(usize)) -> Result<()> {
+        let (s, k, path) = (&self.s, &self.k, self.path);
+        let sub = self.pointwise.then(|| subsample(s, &self.x));
+        let xq = quantize("x", sub.as_deref().unwrap_or(&self.x), Granularity::PerTensor, 1, Rounding::Nearest)?;
+        lap(0);
+        let wq = quantize("w", &self.w, Granularity::PerTensor, 1, Rounding::Nearest)?;
+        lap(1);
+        conv2d_fwd_i8(path, k, (&xq).into(), (&wq).into(), &mut self.y)?;
+        lap(2);
+        let (dyq, _) = self.clip.quantize("dy", &self.dy, Rounding::Nearest)?;
+        lap(3);
+        if self.pointwise {
+            conv2d_dx_i8(path, k, (&wq).into(), (&dyq).into(), &mut self.dx_sub)?;
+            upsample(s, &self.dx_sub, &mut self.dx);
         } else {
-            conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx).unwrap();
+            conv2d_dx_i8(path, k, (&wq).into(), (&dyq).into(), &mut self.dx)?;
         }
-        conv2d_dw_i8(path, &k, (&xq).into(), (&dyq).into(), &mut dw).unwrap();
-    }) + search / 100.0;
+        lap(4);
+        conv2d_dw_i8(path, k, (&xq).into(), (&dyq).into(), &mut self.dw)?;
+        lap(5);
+        Ok(())
+    }
+
+    /// The median time of one step at FP32 (`int8` false) or INT8 over `budget`.
+    fn median_ms(&mut self, int8: bool, budget: Duration) -> Result<f64> {
+        let mut failed = None;
+        let ms = median_ms(budget, || {
+            let r = if int8 { self.int8(&mut |_| ()) } else { self.fp32(&mut |_| ()) };
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        });
+        failed.map_or(Ok(ms), Err)
+    }
+}
+
+/// One conv layer's training work, forward + dX + dW, at both precisions ([`LayerWork`]). The
+/// INT8 clip search runs every 100 steps, so a hundredth of its measured time is added.
+pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
+    let mut work = LayerWork::new(s)?;
+    let fp32 = work.median_ms(false, budget)?;
+    let search = median_ms(budget / 4, || {
+        search_clip("dy", &work.dy).unwrap();
+    });
+    let int8 = work.median_ms(true, budget)? + search / 100.0;
     Ok(Row::new(name, fp32, int8))
 }
 
@@ -254,16 +322,8 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
     else {
         anyhow::bail!("no conv layer matches `{layer}`; see `int8-bench kernels` for the names");
     };
-    let path = Int8Path::detect();
-    let (x, w, dy) = (random_f32(s.x_len(), 11), random_f32(s.w_len(), 12), random_f32(s.y_len(), 13));
-    let (mut y, mut dx, mut dw) = (vec![0f32; s.y_len()], vec![0f32; s.x_len()], vec![0f32; s.w_len()]);
-    let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
-    let parts = ["quantize x", "quantize w", "forward", "dsgc + q(dy)", "dx", "dw"];
-    let mut totals = vec![0.0f64; parts.len()];
-    // As in `conv_row`: in INT8 a strided 1x1 convolution works on its input's subsample.
-    let pointwise = strided_pointwise(&s);
-    let k = pointwise.unwrap_or(s);
-    let mut dx_sub = vec![0f32; if pointwise.is_some() { k.x_len() } else { 0 }];
+    let mut work = LayerWork::new(&s)?;
+    let mut totals = vec![0.0f64; PARTS.len()];
     let (start, mut steps) = (std::time::Instant::now(), 0usize);
     while start.elapsed().as_secs_f64() < seconds {
         let mut t = std::time::Instant::now();
@@ -272,36 +332,14 @@ pub fn profile(layer: &str, precision: &str, seconds: f64) -> Result<()> {
             t = std::time::Instant::now();
         };
         if precision == "fp32" {
-            conv2d_fwd_f32(&s, &x, &w, &mut y)?;
-            lap(2);
-            conv2d_dx_f32(&s, &w, &dy, &mut dx)?;
-            lap(4);
-            conv2d_dw_f32(&s, &x, &dy, &mut dw)?;
-            lap(5);
+            work.fp32(&mut lap)?
         } else {
-            let sub = pointwise.map(|_| subsample(&s, &x));
-            let xq = quantize("x", sub.as_deref().unwrap_or(&x), Granularity::PerTensor, 1, Rounding::Nearest)?;
-            lap(0);
-            let wq = quantize("w", &w, Granularity::PerTensor, 1, Rounding::Nearest)?;
-            lap(1);
-            conv2d_fwd_i8(path, &k, (&xq).into(), (&wq).into(), &mut y)?;
-            lap(2);
-            let (dyq, _) = clip.quantize("dy", &dy, Rounding::Nearest)?;
-            lap(3);
-            if pointwise.is_some() {
-                conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx_sub)?;
-                upsample(&s, &dx_sub, &mut dx);
-            } else {
-                conv2d_dx_i8(path, &k, (&wq).into(), (&dyq).into(), &mut dx)?;
-            }
-            lap(4);
-            conv2d_dw_i8(path, &k, (&xq).into(), (&dyq).into(), &mut dw)?;
-            lap(5);
+            work.int8(&mut lap)?
         }
         steps += 1;
     }
     println!("{name}, {precision}, {steps} steps, mean ms per part:");
-    for (part, total) in parts.iter().zip(&totals) {
+    for (part, total) in PARTS.iter().zip(&totals) {
         if *total > 0.0 {
             println!("  {part:12} {:8.3}", total / steps as f64);
         }
