@@ -39,6 +39,10 @@ enum Cmd {
         /// Only rows whose name contains this (kernels bench).
         #[arg(long)]
         filter: Option<String>,
+        /// The step bench's model, ResNet-20 unless given (e.g. mobilenetv2-cifar; its rows go
+        /// to runs/bench/step-<model>.{json,md}).
+        #[arg(long)]
+        model: Option<String>,
     },
     /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
@@ -102,7 +106,7 @@ enum DataCmd {
 enum Bench {
     /// GEMM and every conv layer of ResNet-20 and MobileNetV2, forward + dX + dW.
     Kernels,
-    /// One ResNet-20 training step at batch 128.
+    /// One training step at batch 128: ResNet-20, or the model of `--model`.
     Step,
     /// Whether the CIFAR-10 loader keeps up with INT8 training.
     Data,
@@ -133,7 +137,10 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Cmd::Bench { which, json, seconds, filter } => {
+        Cmd::Bench { which, json, seconds, filter, model } => {
+            if model.is_some() && which != Some(Bench::Step) {
+                bail!("--model picks the step bench's model; run it as `cargo xtask bench step --model NAME`");
+            }
             let benches = match which {
                 Some(b) => vec![b],
                 None => vec![Bench::Kernels, Bench::Step, Bench::Data],
@@ -143,9 +150,12 @@ fn run() -> Result<()> {
             }
             let all = which.is_none();
             for bench in benches {
-                let json =
-                    json.clone().unwrap_or_else(|| root.join("runs/bench").join(format!("{}.json", bench.name())));
-                match run_bench(&root, bench, &json, seconds, filter.as_deref()) {
+                let file = match &model {
+                    Some(m) => format!("{}-{m}.json", bench.name()),
+                    None => format!("{}.json", bench.name()),
+                };
+                let json = json.clone().unwrap_or_else(|| root.join("runs/bench").join(file));
+                match run_bench(&root, bench, &json, seconds, filter.as_deref(), model.as_deref()) {
                     // The data bench needs CIFAR-10 imported; a full run goes on without it.
                     Err(e) if all && bench == Bench::Data => eprintln!("skipped the data bench: {e:#}"),
                     other => other?,
@@ -309,7 +319,14 @@ fn workspace_root() -> Result<PathBuf> {
 }
 
 /// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
-fn run_bench(root: &Path, bench: Bench, json: &Path, seconds: f64, filter: Option<&str>) -> Result<()> {
+fn run_bench(
+    root: &Path,
+    bench: Bench,
+    json: &Path,
+    seconds: f64,
+    filter: Option<&str>,
+    model: Option<&str>,
+) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -318,6 +335,9 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, seconds: f64, filter: Optio
         .args(["--seconds", &(if bench == Bench::Kernels { seconds } else { seconds * 10.0 }).to_string()]);
     if let (Some(f), Bench::Kernels) = (filter, bench) {
         cmd.args(["--filter", f]);
+    }
+    if let (Some(m), Bench::Step) = (model, bench) {
+        cmd.args(["--model", m]);
     }
     eprintln!("building and running the {} bench in release mode...", bench.name());
     let mut child = cmd.stdout(Stdio::piped()).spawn().context("cannot start cargo to build int8-bench")?;

@@ -36,14 +36,18 @@ enum What {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// One ResNet-20 training step (batch 128: forward, backward, update) at FP32 and INT8.
+    /// One training step (batch 128 of CIFAR-sized images: forward, backward, update) at FP32 and
+    /// INT8, ResNet-20 unless `--model` names another zoo model.
     Step {
         /// Also write the rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Seconds of measurement per precision.
+        /// Seconds of measurement per precision (at least three steps each).
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// The model (a name from `cargo xtask zoo`, built for 10 classes), e.g. mobilenetv2-cifar.
+        #[arg(long, default_value = "resnet20")]
+        model: String,
     },
     /// Whether the loader keeps up with INT8 ResNet-20 training on CIFAR-10 (JPEG q75).
     Data {
@@ -108,9 +112,9 @@ fn run() -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::Step { json, seconds } => {
+        What::Step { json, seconds, model } => {
             println!("{}", kernels::machine_line());
-            let rows = step::run(std::time::Duration::from_secs_f64(seconds))?;
+            let rows = step::run(&model, std::time::Duration::from_secs_f64(seconds))?;
             write_json(json, &rows)?;
         }
         What::Data { json, seconds } => {

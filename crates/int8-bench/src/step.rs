@@ -1,6 +1,7 @@
-//! The step bench: one ResNet-20 training step (batch 128, forward + backward + SGD update) at
-//! FP32 and at INT8 (the paper's policy: DSGC, DCLR, first conv and FC in FP32), split into its
-//! phases. The input is random: only time is measured here.
+//! The step bench: one training step of a zoo model, ResNet-20 by default (batch 128 of 32x32
+//! images, forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
+//! first conv and FC in FP32), split into its phases and its ops. The input is random: only time
+//! is measured here.
 
 use std::time::{Duration, Instant};
 
@@ -58,20 +59,20 @@ fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::coll
 }
 
 /// Runs the bench and prints its rows.
-pub fn run(budget: Duration) -> Result<Vec<Row>> {
+pub fn run(model: &str, budget: Duration) -> Result<Vec<Row>> {
     let batch = 128;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
-    let fp32 = int8_zoo::build("resnet20", 10, &LayerPolicy::fp32(), 0)?;
-    let int8 = int8_zoo::build("resnet20", 10, &LayerPolicy::paper(Int8Config::default()), 0)?;
+    let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
+    let int8 = int8_zoo::build(model, 10, &LayerPolicy::paper(Int8Config::default()), 0)?;
     let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
     let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
     print_header();
     let rows = vec![
-        Row::new("resnet20-step-b128", f.iter().sum(), i.iter().sum()),
-        Row::new("resnet20-forward-b128", f[0], i[0]),
-        Row::new("resnet20-backward-b128", f[1], i[1]),
-        Row::new("resnet20-update-b128", f[2], i[2]),
+        Row::new(format!("{model}-step-b{batch}"), f.iter().sum(), i.iter().sum()),
+        Row::new(format!("{model}-forward-b{batch}"), f[0], i[0]),
+        Row::new(format!("{model}-backward-b{batch}"), f[1], i[1]),
+        Row::new(format!("{model}-update-b{batch}"), f[2], i[2]),
     ];
     for r in &rows {
         print_row(r);
