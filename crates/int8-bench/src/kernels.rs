@@ -263,7 +263,7 @@ impl LayerWork {
     }
 
     /// The median time of one step at FP32 (`int8` false) or INT8 over `budget`.
-    fn median_ms(&mut self, int8: bool, budget: Duration) -> Result<f64> {
+    fn time_ms(&mut self, int8: bool, budget: Duration) -> Result<f64> {
         let mut failed = None;
         let ms = median_ms(budget, || {
             let r = if int8 { self.int8(&mut |_| ()) } else { self.fp32(&mut |_| ()) };
@@ -279,11 +279,11 @@ impl LayerWork {
 /// INT8 clip search runs every 100 steps, so a hundredth of its measured time is added.
 pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
     let mut work = LayerWork::new(s)?;
-    let fp32 = work.median_ms(false, budget)?;
+    let fp32 = work.time_ms(false, budget)?;
     let search = median_ms(budget / 4, || {
         search_clip("dy", &work.dy).unwrap();
     });
-    let int8 = work.median_ms(true, budget)? + search / 100.0;
+    let int8 = work.time_ms(true, budget)? + search / 100.0;
     Ok(Row::new(name, fp32, int8))
 }
 
