@@ -25,6 +25,20 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
             "depthwise 5x5 dilated",
             ConvShape { dilation: (2, 1), pad: (4, 2), ..sq(2, 3, 9, 3, 5, 1, 2).with_groups(3) },
         ),
+        ("depthwise 3x3 s2 16x16 (even: the stride phases split evenly)", sq(2, 3, 16, 3, 3, 2, 1).with_groups(3)),
+        ("depthwise 5x5 s2 p2 7x7", sq(2, 2, 7, 2, 5, 2, 2).with_groups(2)),
+        (
+            "depthwise 3x2 stride (3,2) dilation (2,3)",
+            ConvShape {
+                kh: 3,
+                kw: 2,
+                stride: (3, 2),
+                dilation: (2, 3),
+                pad: (3, 1),
+                ..sq(2, 3, 11, 3, 3, 1, 1).with_groups(3)
+            },
+        ),
+        ("depthwise 2x2 s3: pixels no tap reads", sq(2, 2, 10, 2, 2, 3, 0).with_groups(2)),
         ("depthwise multiplier 2", sq(2, 3, 6, 6, 3, 1, 1).with_groups(3)),
         ("pointwise 1x1", sq(3, 8, 6, 4, 1, 1, 0)),
         ("1x1 stride 2", sq(2, 4, 7, 6, 1, 2, 0)),

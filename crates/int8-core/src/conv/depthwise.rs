@@ -1,62 +1,120 @@
 //! Direct depthwise convolution (one input and one output channel per group), FP32 and INT8.
 //!
 //! A depthwise layer does `kh * kw` multiply-accumulates per output, far too few for a GEMM per
-//! channel to pay off, so its forward, input gradient and weight gradient are direct loops over
-//! kernel taps and output rows, contiguous along the row when the stride is 1. The paper notes
-//! that depthwise layers' gradients behave differently (Zhu et al., CVPR 2020, Sec. 3.2); here they
-//! also get their own kernels.
+//! channel to pay off, so its forward, input gradient and weight gradient are direct loops, one
+//! contiguous run per kernel tap over a channel plane laid out by [`Phased`]: zero padded and, for
+//! a strided convolution, split into its stride phases, so that no loop reads with a stride. The
+//! paper notes that depthwise layers' gradients behave differently (Zhu et al., CVPR 2020,
+//! Sec. 3.2); here they also get their own kernels.
 
 use std::ops::{AddAssign, Mul};
 
 use rayon::prelude::*;
 
 use super::ConvShape;
-use super::im2col::{Tap, taps};
+use super::stride2::gather_strided;
 use crate::out::Out;
 
-/// A channel plane zero padded by the convolution's padding on every side, so that for stride 1
-/// output `(oh, ow)` of tap `(i, j)` reads element `(oh + i*dh) * pw + ow + j*dw`: each tap is one
-/// contiguous loop over `out_h * pw` positions (the columns past `out_w` are spare).
-struct Padded {
-    /// Row length of the padded plane.
+/// A channel plane split into its `sh x sw` stride phases (the pixels `(rh + sh * u, rw + sw * v)`
+/// of the zero-padded plane, for `rh < sh`, `rw < sw`), each phase its own zero-bordered plane of
+/// `rows x pw`, one after the other. Output `(oh, ow)` of tap `(i, j)` reads phase
+/// `(i*dh mod sh, j*dw mod sw)` at `(oh + i*dh / sh, ow + j*dw / sw)`, so each tap, at any stride,
+/// is one contiguous loop over `out_h * pw` positions (the columns past `out_w` are spare). At
+/// stride 1 there is one phase, the padded plane itself.
+struct Phased {
+    /// Row length of each phase plane.
     pw: usize,
-    /// Offset of each tap into the padded plane, row-major over `(i, j)`.
+    /// Rows of each phase plane.
+    rows: usize,
+    /// Offset of each tap into the phase planes, row-major over `(i, j)`.
     offsets: Vec<usize>,
     /// Positions each tap visits: `out_h * pw`, less the spare tail of the last row.
     len: usize,
+    /// For each input row, where its phase row starts.
+    row_starts: Vec<usize>,
+    /// For each of the first `sw` input columns: where its column class starts in a phase row's
+    /// phase set (phase offset plus column), and that column.
+    col_starts: Vec<(usize, usize)>,
 }
 
-impl Padded {
-    /// The layout for a stride-1 shape, or `None` for a strided one.
-    fn new(s: &ConvShape) -> Option<Self> {
-        if s.stride != (1, 1) {
-            return None;
-        }
-        let pw = s.w + 2 * s.pad.1;
+impl Phased {
+    /// The layout for shape `s`.
+    fn new(s: &ConvShape) -> Self {
+        let ((sh, sw), (dh, dw), (ph, pw_)) = (s.stride, s.dilation, s.pad);
+        // Each phase holds every input pixel of its class (the fill writes them all) and every
+        // position a valid output reads.
+        let pw = (s.out_w() + (s.kw - 1) * dw / sw).max((s.w + pw_).div_ceil(sw));
+        let rows = (s.out_h() + (s.kh - 1) * dh / sh).max((s.h + ph).div_ceil(sh));
         let mut offsets = Vec::with_capacity(s.kh * s.kw);
         for i in 0..s.kh {
             for j in 0..s.kw {
-                offsets.push(i * s.dilation.0 * pw + j * s.dilation.1);
+                let (r, c) = (i * dh, j * dw);
+                offsets.push(((r % sh) * sw + c % sw) * rows * pw + (r / sh) * pw + c / sw);
             }
         }
-        Some(Self { pw, offsets, len: (s.out_h() - 1) * pw + s.out_w() })
+        // The positions of the input's pixels, worked out once: a division per row cost more
+        // than copying the row.
+        let phase = rows * pw;
+        let row_starts = (0..s.h).map(|r| ((r + ph) % sh) * sw * phase + (r + ph) / sh * pw).collect();
+        let col_starts =
+            (0..sw.min(s.w)).map(|c0| (((c0 + pw_) % sw) * phase + (c0 + pw_) / sw, (c0 + pw_) / sw)).collect();
+        Self { pw, rows, offsets, len: (s.out_h() - 1) * pw + s.out_w(), row_starts, col_starts }
     }
 
-    /// Elements of a padded plane.
+    /// Elements of all the phase planes together.
     fn plane(&self, s: &ConvShape) -> usize {
-        (s.h + 2 * s.pad.0) * self.pw
+        s.stride.0 * s.stride.1 * self.rows * self.pw
     }
 
-    /// Copies `x` (`h x w`) into the interior of `dst`, whose border stays zero.
+    /// Copies `x` (`h x w`) into the interiors of the phase planes in `dst`, whose borders stay
+    /// zero (every call writes the same positions).
+    #[inline(always)]
     fn fill<T: Copy>(&self, s: &ConvShape, x: &[T], dst: &mut [T]) {
-        for (r, row) in x.chunks_exact(s.w).enumerate() {
-            dst[(r + s.pad.0) * self.pw + s.pad.1..][..s.w].copy_from_slice(row);
+        let sw = s.stride.1;
+        for (row, &start) in x.chunks_exact(s.w).zip(&self.row_starts) {
+            for (c0, &(col, v0)) in self.col_starts.iter().enumerate() {
+                // The phase row from the column of `c0` to its end.
+                let d = &mut dst[start + col..start + col - v0 + self.pw];
+                if sw == 1 {
+                    d[..s.w].copy_from_slice(row);
+                } else if s.w >= 32 {
+                    gather_strided(&row[c0..], d, sw);
+                } else {
+                    // A call per short row costs more than its few moves.
+                    for (d, &v) in d.iter_mut().zip(row[c0..].iter().step_by(sw)) {
+                        *d = v;
+                    }
+                }
+            }
         }
+    }
+
+    /// Writes one input-gradient plane `dst` (`h x w`) as `scale` times the accumulators of the
+    /// padded-plane pixels, which `acc` holds in this layout.
+    #[inline(always)]
+    fn store<T: Elem>(&self, s: &ConvShape, acc: &[T::Acc], dst: &mut [f32], scale: f32) {
+        if s.stride == (1, 1) {
+            return store_scaled::<T>(dst, s.w, acc, (s.pad.0 * self.pw + s.pad.1, self.pw), scale);
+        }
+        let sw = s.stride.1;
+        for (row, &start) in dst.chunks_exact_mut(s.w).zip(&self.row_starts) {
+            for (c0, &(col, _)) in self.col_starts.iter().enumerate() {
+                store_strided::<T>(&mut row[c0..], sw, &acc[start + col..], scale);
+            }
+        }
+    }
+}
+
+/// `dst[k * stride] = scale * src[k]` for every `k` inside both.
+#[inline(always)]
+fn store_strided<T: Elem>(dst: &mut [f32], stride: usize, src: &[T::Acc], scale: f32) {
+    for (d, &a) in dst.iter_mut().step_by(stride).zip(src) {
+        *d = T::to_f32(a) * scale;
     }
 }
 
 /// `acc[k] += w * x[k]` over the shorter of the two.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+#[inline(always)]
 fn axpy<T: Elem>(acc: &mut [T::Acc], w: T, x: &[T]) {
     for (a, &v) in acc.iter_mut().zip(x) {
         *a += T::mul(w, v);
@@ -64,7 +122,7 @@ fn axpy<T: Elem>(acc: &mut [T::Acc], w: T, x: &[T]) {
 }
 
 /// `sum over k of a[k] * b[k]` in sixteen independent partial sums, so float sums vectorise.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+#[inline(always)]
 fn dot<T: Elem>(a: &[T], b: &[T]) -> T::Acc {
     let mut acc = [T::Acc::default(); 16];
     let mut ca = a.chunks_exact(16);
@@ -90,8 +148,6 @@ pub(crate) trait Elem: Copy + Default + Send + Sync {
     type Acc: Copy + Default + Send + Sync + AddAssign + Mul<Output = Self::Acc>;
     /// Accumulator across images (the weight gradient's batch sum).
     type Wide: Copy + Default + Send + Sync + AddAssign;
-    /// Converts to the accumulator type (exactly).
-    fn acc(self) -> Self::Acc;
     /// Converts an accumulator to the wide type (exactly).
     fn wide(a: Self::Acc) -> Self::Wide;
     /// The product `a * b` in the accumulator type (exactly).
@@ -103,9 +159,6 @@ pub(crate) trait Elem: Copy + Default + Send + Sync {
 impl Elem for f32 {
     type Acc = f32;
     type Wide = f64;
-    fn acc(self) -> f32 {
-        self
-    }
     fn wide(a: f32) -> f64 {
         a as f64
     }
@@ -120,9 +173,6 @@ impl Elem for f32 {
 impl Elem for i8 {
     type Acc = i32;
     type Wide = i64;
-    fn acc(self) -> i32 {
-        self as i32
-    }
     fn wide(a: i32) -> i64 {
         a as i64
     }
@@ -138,7 +188,7 @@ impl Elem for i8 {
 /// Writes one output plane, `dst` (rows of `width`), as `scale` times the accumulators: row `r`
 /// comes from `src[first + r * stride..][..width]` (the accumulators may have padded rows). A
 /// loop that vectorises; a per-element closure call did not, and cost more than the convolution.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+#[inline(always)]
 fn store_scaled<T: Elem>(dst: &mut [f32], width: usize, src: &[T::Acc], (first, stride): (usize, usize), scale: f32) {
     for (r, row) in dst.chunks_exact_mut(width).enumerate() {
         for (d, &a) in row.iter_mut().zip(&src[first + r * stride..][..width]) {
@@ -147,150 +197,100 @@ fn store_scaled<T: Elem>(dst: &mut [f32], width: usize, src: &[T::Acc], (first, 
     }
 }
 
-/// The first input row and column that tap `tap` reads for output row `oh`.
+/// Copies `dy` (`out_h x out_w`) into `dyp`, rows of `pw` whose spare columns stay zero.
 #[inline(always)]
-fn origin(s: &ConvShape, tap: &Tap, oh: usize) -> (usize, usize) {
-    let ih = ((oh * s.stride.0) as isize + tap.row_off) as usize;
-    let iw0 = ((tap.cols.start * s.stride.1) as isize + tap.col_off) as usize;
-    (ih, iw0)
-}
-
-/// One channel plane of the forward pass: `acc += sum over taps of w[tap] * x[...]`.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn forward_plane<T: Elem>(s: &ConvShape, taps: &[Tap], x: &[T], w: &[T], acc: &mut [T::Acc]) {
-    let (ow_n, sw) = (s.out_w(), s.stride.1);
-    for (tap, &wt) in taps.iter().zip(w) {
-        let wv = wt.acc();
-        for oh in tap.rows.clone() {
-            let (ih, iw0) = origin(s, tap, oh);
-            let src = &x[ih * s.w..(ih + 1) * s.w];
-            let dst = &mut acc[oh * ow_n..][tap.cols.clone()];
-            if sw == 1 {
-                for (d, &v) in dst.iter_mut().zip(&src[iw0..]) {
-                    *d += wv * v.acc();
-                }
-            } else {
-                for (k, d) in dst.iter_mut().enumerate() {
-                    *d += wv * src[iw0 + k * sw].acc();
-                }
-            }
-        }
+fn fill_rows<T: Copy>(s: &ConvShape, pw: usize, dy: &[T], dyp: &mut [T]) {
+    for (drow, row) in dyp.chunks_exact_mut(pw).zip(dy.chunks_exact(s.out_w())) {
+        drow[..s.out_w()].copy_from_slice(row);
     }
 }
 
-/// One channel plane of the input gradient: `acc[...] += w[tap] * dy`, scattered.
+/// Buffers of one channel plane's work: the input in the layout and the accumulators (or, for
+/// the weight gradient, dY in rows of `pw`).
+type Scratch<T, A> = (Vec<T>, Vec<A>);
+
+/// One channel plane of the forward pass: `out = scale * sum over taps of w[tap] * x[...]`. One
+/// function per plane, so that the instruction-set dispatch happens once per plane and the loops
+/// inside are inlined: on the 4x4 and 8x8 planes of MobileNetV2 a dispatched call per tap cost
+/// more than its work.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn input_grad_plane<T: Elem>(s: &ConvShape, taps: &[Tap], dy: &[T], w: &[T], acc: &mut [T::Acc]) {
-    let (ow_n, sw) = (s.out_w(), s.stride.1);
-    for (tap, &wt) in taps.iter().zip(w) {
-        let wv = wt.acc();
-        for oh in tap.rows.clone() {
-            let (ih, iw0) = origin(s, tap, oh);
-            let src = &dy[oh * ow_n..][tap.cols.clone()];
-            let dst = &mut acc[ih * s.w..(ih + 1) * s.w];
-            if sw == 1 {
-                for (d, &v) in dst[iw0..].iter_mut().zip(src) {
-                    *d += wv * v.acc();
-                }
-            } else {
-                for (k, &v) in src.iter().enumerate() {
-                    dst[iw0 + k * sw] += wv * v.acc();
-                }
-            }
-        }
+fn forward_plane<T: Elem>(
+    s: &ConvShape,
+    lay: &Phased,
+    (xp, acc): &mut Scratch<T, T::Acc>,
+    x: &[T],
+    w: &[T],
+    out: &mut [f32],
+    scale: f32,
+) {
+    lay.fill(s, x, xp);
+    acc.fill(T::Acc::default());
+    for (&off, &wt) in lay.offsets.iter().zip(w) {
+        axpy(&mut acc[..lay.len], wt, &xp[off..]);
     }
+    store_scaled::<T>(out, s.out_w(), acc, (0, lay.pw), scale);
 }
 
-/// One image's contribution to one channel's weight gradient: `wide[tap] += sum of dy * x`.
+/// One channel plane of the input gradient: `out = scale * sum over taps of w[tap] * dy`,
+/// scattered. dY is laid out in rows of `pw` whose spare columns are zero, so scattering whole
+/// runs into the phase planes adds nothing where it spills; their interiors are the result.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn weight_grad_plane<T: Elem>(s: &ConvShape, taps: &[Tap], x: &[T], dy: &[T], wide: &mut [T::Wide]) {
-    let (ow_n, sw) = (s.out_w(), s.stride.1);
-    for (tap, w) in taps.iter().zip(wide.iter_mut()) {
-        let mut acc = [T::Acc::default(); 16];
-        for oh in tap.rows.clone() {
-            let (ih, iw0) = origin(s, tap, oh);
-            let g = &dy[oh * ow_n..][tap.cols.clone()];
-            let src = &x[ih * s.w..(ih + 1) * s.w];
-            if sw == 1 {
-                // Sixteen independent partial sums, so float sums vectorise.
-                for (k, (&a, &b)) in g.iter().zip(&src[iw0..]).enumerate() {
-                    acc[k % 16] += a.acc() * b.acc();
-                }
-            } else {
-                for (k, &a) in g.iter().enumerate() {
-                    acc[k % 16] += a.acc() * src[iw0 + k * sw].acc();
-                }
-            }
-        }
-        let mut sum = T::Acc::default();
-        for a in acc {
-            sum += a;
-        }
-        *w += T::wide(sum);
+fn input_grad_plane<T: Elem>(
+    s: &ConvShape,
+    lay: &Phased,
+    (dyp, acc): &mut Scratch<T, T::Acc>,
+    dy: &[T],
+    w: &[T],
+    out: &mut [f32],
+    scale: f32,
+) {
+    fill_rows(s, lay.pw, dy, dyp);
+    acc.fill(T::Acc::default());
+    for (&off, &wt) in lay.offsets.iter().zip(w) {
+        axpy(&mut acc[off..off + lay.len], wt, &dyp[..lay.len]);
+    }
+    lay.store::<T>(s, acc, out, scale);
+}
+
+/// One image's contribution to one channel's weight gradient: `wide[tap] += sum of dy * x`. Both
+/// operands are in the layout and dY's spare columns are zero, so each tap is one dot product.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn weight_grad_plane<T: Elem>(
+    s: &ConvShape,
+    lay: &Phased,
+    (xp, dyp): &mut Scratch<T, T>,
+    x: &[T],
+    dy: &[T],
+    wide: &mut [T::Wide],
+) {
+    lay.fill(s, x, xp);
+    fill_rows(s, lay.pw, dy, dyp);
+    for (wd, &off) in wide.iter_mut().zip(&lay.offsets) {
+        *wd += T::wide(dot(&dyp[..lay.len], &xp[off..off + lay.len]));
     }
 }
 
 /// Forward: `out[n, c] = scale(c) * sum over taps of w[c, tap] * x[n, c, ...]`.
 pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
-    let (p, kk) = (s.out_plane(), s.kh * s.kw);
-    if let Some(pad) = Padded::new(s) {
-        // The accumulator has padded rows; only the first `out_w` columns of each are kept.
-        out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
-            || (vec![T::default(); pad.plane(s)], vec![T::Acc::default(); s.out_h() * pad.pw]),
-            |(xp, acc), (nc, (out, x))| {
-                let c = nc % s.c_in;
-                pad.fill(s, x, xp);
-                acc.fill(T::Acc::default());
-                for (&off, &wt) in pad.offsets.iter().zip(&w[c * kk..(c + 1) * kk]) {
-                    axpy(&mut acc[..pad.len], wt, &xp[off..]);
-                }
-                store_scaled::<T>(out, s.out_w(), acc, (0, pad.pw), scale(c));
-            },
-        );
-        return;
-    }
-    let taps = taps(s);
+    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
+    // The accumulator has rows of `pw`; only the first `out_w` columns of each are kept.
     out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
-        || vec![T::Acc::default(); p],
-        |acc, (nc, (out, x))| {
+        || (vec![T::default(); lay.plane(s)], vec![T::Acc::default(); s.out_h() * lay.pw]),
+        |scratch, (nc, (out, x))| {
             let c = nc % s.c_in;
-            acc.fill(T::Acc::default());
-            forward_plane(s, &taps, x, &w[c * kk..(c + 1) * kk], acc);
-            store_scaled::<T>(out, s.out_w(), acc, (0, s.out_w()), scale(c));
+            forward_plane(s, &lay, scratch, x, &w[c * kk..(c + 1) * kk], out, scale(c));
         },
     );
 }
 
 /// Input gradient: `out[n, c] = scale * sum over taps of w[c, tap] * dy[n, c, ...] scattered`.
 pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: Out<'_>, scale: f32) {
-    let (p, kk) = (s.out_plane(), s.kh * s.kw);
-    if let Some(pad) = Padded::new(s) {
-        // dY is laid out with padded rows whose spare columns are zero, so scattering whole runs
-        // into the padded input gradient adds nothing where it spills; its interior is the result.
-        out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
-            || (vec![T::default(); s.out_h() * pad.pw], vec![T::Acc::default(); pad.plane(s) + pad.pw]),
-            |(dyp, acc), (nc, (out, dy))| {
-                let c = nc % s.c_in;
-                for (drow, row) in dyp.chunks_exact_mut(pad.pw).zip(dy.chunks_exact(s.out_w())) {
-                    drow[..s.out_w()].copy_from_slice(row);
-                }
-                acc.fill(T::Acc::default());
-                for (&off, &wt) in pad.offsets.iter().zip(&w[c * kk..(c + 1) * kk]) {
-                    axpy(&mut acc[off..off + pad.len], wt, &dyp[..pad.len]);
-                }
-                store_scaled::<T>(out, s.w, acc, (s.pad.0 * pad.pw + s.pad.1, pad.pw), scale);
-            },
-        );
-        return;
-    }
-    let taps = taps(s);
+    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
     out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
-        || vec![T::Acc::default(); s.in_plane()],
-        |acc, (nc, (out, dy))| {
+        || (vec![T::default(); s.out_h() * lay.pw], vec![T::Acc::default(); lay.plane(s)]),
+        |scratch, (nc, (out, dy))| {
             let c = nc % s.c_in;
-            acc.fill(T::Acc::default());
-            input_grad_plane(s, &taps, dy, &w[c * kk..(c + 1) * kk], acc);
-            store_scaled::<T>(out, s.w, acc, (0, s.w), scale);
+            input_grad_plane(s, &lay, scratch, dy, &w[c * kk..(c + 1) * kk], out, scale);
         },
     );
 }
@@ -304,36 +304,13 @@ pub(crate) fn weight_grad<T: Elem, O: Send>(
     out: &mut [O],
     finish: impl Fn(T::Wide) -> O + Sync,
 ) {
-    let (p, kk) = (s.out_plane(), s.kh * s.kw);
-    if let Some(pad) = Padded::new(s) {
-        // Both operands padded: dY's spare columns are zero, so each tap is one long dot product.
-        out.par_chunks_mut(kk).enumerate().for_each(|(c, out)| {
-            let mut xp = vec![T::default(); pad.plane(s)];
-            let mut dyp = vec![T::default(); s.out_h() * pad.pw];
-            let mut wide = vec![T::Wide::default(); kk];
-            for n in 0..s.n {
-                pad.fill(s, &x[(n * s.c_in + c) * s.in_plane()..][..s.in_plane()], &mut xp);
-                let dy = &dy[(n * s.c_in + c) * p..][..p];
-                for (drow, row) in dyp.chunks_exact_mut(pad.pw).zip(dy.chunks_exact(s.out_w())) {
-                    drow[..s.out_w()].copy_from_slice(row);
-                }
-                for (wd, &off) in wide.iter_mut().zip(&pad.offsets) {
-                    *wd += T::wide(dot(&dyp[..pad.len], &xp[off..off + pad.len]));
-                }
-            }
-            for (o, &v) in out.iter_mut().zip(&wide) {
-                *o = finish(v);
-            }
-        });
-        return;
-    }
-    let taps = taps(s);
+    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
     out.par_chunks_mut(kk).enumerate().for_each(|(c, out)| {
+        let mut scratch = (vec![T::default(); lay.plane(s)], vec![T::default(); s.out_h() * lay.pw]);
         let mut wide = vec![T::Wide::default(); kk];
         for n in 0..s.n {
-            let x = &x[(n * s.c_in + c) * s.in_plane()..][..s.in_plane()];
-            let dy = &dy[(n * s.c_in + c) * p..][..p];
-            weight_grad_plane(s, &taps, x, dy, &mut wide);
+            let (x, dy) = (&x[(n * s.c_in + c) * s.in_plane()..][..s.in_plane()], &dy[(n * s.c_in + c) * p..][..p]);
+            weight_grad_plane(s, &lay, &mut scratch, x, dy, &mut wide);
         }
         for (o, &v) in out.iter_mut().zip(&wide) {
             *o = finish(v);
