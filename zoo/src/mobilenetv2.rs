@@ -7,7 +7,7 @@
 
 use candle_core::Tensor;
 use int8_nn::conv::{Conv2d, ConvGeometry};
-use int8_nn::layers::{BatchNorm2d, global_avg_pool, relu6};
+use int8_nn::layers::{BatchNorm2d, global_avg_pool};
 use int8_nn::linear::Linear;
 use int8_nn::policy::{LayerKind, LayerPolicy};
 
@@ -19,7 +19,7 @@ use crate::{Layers, Model, Result, init};
 pub struct ConvBn {
     /// The convolution.
     pub conv: Conv2d,
-    /// Its batch norm.
+    /// Its batch norm, with the ReLU6 fused into it where one follows.
     pub bn: BatchNorm2d,
     /// Whether ReLU6 follows.
     pub relu6: bool,
@@ -27,8 +27,7 @@ pub struct ConvBn {
 
 impl ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.bn.forward(&self.conv.forward(x)?)?;
-        Ok(if self.relu6 { relu6(&h)? } else { h })
+        Ok(self.bn.forward(&self.conv.forward(x)?)?)
     }
 }
 
@@ -90,7 +89,8 @@ impl Builder<'_> {
             g,
             self.policy.precision_for(&format!("{name}.conv"), LayerKind::Conv, self.count == 1),
         )?;
-        Ok(ConvBn { conv, bn: BatchNorm2d::new(format!("{name}.bn"), out, false)?, relu6 })
+        let bn = BatchNorm2d::new(format!("{name}.bn"), out, false)?;
+        Ok(ConvBn { conv, bn: if relu6 { bn.with_relu6() } else { bn }, relu6 })
     }
 }
 

@@ -20,7 +20,8 @@ pub struct RunningStats {
 }
 
 /// Batch normalization over channels, with learnable scale and shift and running statistics
-/// (momentum 0.1, eps 1e-5, as PyTorch), optionally followed by a fused ReLU.
+/// (momentum 0.1, eps 1e-5, as PyTorch), optionally followed by a fused ReLU or ReLU6 (one pass
+/// over the data forward and one back, where a separate activation would add a pass each way).
 #[derive(Debug)]
 pub struct BatchNorm2d {
     name: String,
@@ -29,12 +30,14 @@ pub struct BatchNorm2d {
     running: Arc<Mutex<RunningStats>>,
     eps: f32,
     momentum: f32,
-    relu: bool,
+    /// The fused activation's cap: `None`, infinite (ReLU) or 6 (ReLU6).
+    relu: Option<f32>,
     training: AtomicBool,
 }
 
 impl BatchNorm2d {
-    /// A layer over `channels`, with `gamma = 1`, `beta = 0`, running mean 0 and variance 1.
+    /// A layer over `channels`, with `gamma = 1`, `beta = 0`, running mean 0 and variance 1, and a
+    /// fused ReLU when `relu`.
     pub fn new(name: impl Into<String>, channels: usize, relu: bool) -> Result<Self> {
         let dev = candle_core::Device::Cpu;
         Ok(Self {
@@ -44,9 +47,16 @@ impl BatchNorm2d {
             running: Arc::new(Mutex::new(RunningStats { mean: vec![0.0; channels], var: vec![1.0; channels] })),
             eps: 1e-5,
             momentum: 0.1,
-            relu,
+            relu: relu.then_some(f32::INFINITY),
             training: AtomicBool::new(true),
         })
+    }
+
+    /// The same layer with ReLU6, `min(max(y, 0), 6)`, fused after it (MobileNetV2), in place of
+    /// any ReLU.
+    pub fn with_relu6(mut self) -> Self {
+        self.relu = Some(6.0);
+        self
     }
 
     /// The same layer with epsilon `eps` (1e-5 by default; Inception v3 uses 1e-3).

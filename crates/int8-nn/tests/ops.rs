@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use int8_core::rng::CounterRng;
 use int8_nn::conv::{Conv2d, ConvGeometry};
-use int8_nn::layers::{BatchNorm2d, add_relu, cross_entropy, global_avg_pool};
+use int8_nn::layers::{BatchNorm2d, add_relu, cross_entropy, global_avg_pool, relu6};
 use int8_nn::linear::Linear;
 use int8_nn::precision::{Int8Config, Precision};
 
@@ -109,6 +109,33 @@ fn batch_norm_tracks_running_statistics_and_evaluates_with_them() {
     let want = (1.0 - 0.2) / (r.var[0] + 1e-5).sqrt();
     assert!((y[0] - want).abs() < 1e-5);
     assert!(bn.forward(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn batch_norm_with_fused_relu6_is_batch_norm_then_relu6_bit_for_bit() {
+    let dims = [3, 4, 5, 5];
+    // Values spread enough that many outputs clip at 0 and at 6.
+    let x = uniform(300, 21, 8.0);
+    let r = Tensor::from_vec(uniform(300, 22, 1.0), &dims, &Device::Cpu).unwrap();
+    let run = |fused: bool| {
+        let bn = BatchNorm2d::new("bn", 4, false).unwrap();
+        let bn = if fused { bn.with_relu6() } else { bn };
+        bn.gamma().set(&Tensor::from_vec(vec![4.0f32, 3.0, 5.0, 2.5], 4, &Device::Cpu).unwrap()).unwrap();
+        bn.beta().set(&Tensor::from_vec(vec![3.0f32, 1.0, -0.5, 2.0], 4, &Device::Cpu).unwrap()).unwrap();
+        let xv = var(x.clone(), &dims);
+        let h = bn.forward(xv.as_tensor()).unwrap();
+        let y = if fused { h } else { relu6(&h).unwrap() };
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = [xv.as_tensor(), bn.gamma().as_tensor(), bn.beta().as_tensor()].map(|t| flat(g.get(t).unwrap()));
+        bn.set_training(false);
+        let h = bn.forward(xv.as_tensor()).unwrap();
+        let eval = flat(&if fused { h } else { relu6(&h).unwrap() });
+        (flat(&y), grads, eval)
+    };
+    let (fused, separate) = (run(true), run(false));
+    let y = &fused.0;
+    assert!(y.contains(&0.0) && y.contains(&6.0) && y.iter().any(|&v| v > 0.0 && v < 6.0));
+    assert_eq!(fused, separate);
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! Batch normalization over NCHW (Ioffe and Szegedy, 2015), per channel, with an optional ReLU
-//! fused into the same pass.
+//! Batch normalization over NCHW (Ioffe and Szegedy, 2015), per channel, with an optional ReLU or
+//! ReLU6 (a ReLU clamped at a cap, `min(max(y, 0), cap)`) fused into the same pass.
 //!
 //! Training normalises with the batch's mean and biased variance; evaluation with running
 //! statistics. Statistics are two-pass (mean, then squared deviations) and summed in f64, so they
@@ -82,26 +82,37 @@ fn plane_moments(v: &[f32], mean: Option<f32>) -> f64 {
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail
 }
 
-/// `(sum g, sum g * xhat)` over a plane, where `g` is `dy`, masked where the fused ReLU clipped
-/// (`x * a + b <= 0`, the forward pass's own arithmetic) when `relu` is `Some((a, b))`; in sixteen
-/// f32 lanes carried in f64.
+/// The fused activation's mask for one channel: `(a, b, cap)` where the forward pass computed
+/// `y = x * a + b` and clamped it to `[0, cap]` (`cap` infinite for a plain ReLU).
+type Mask = Option<(f32, f32, f32)>;
+
+/// Whether the gradient passes the fused clamp at `x`: `0 < x * a + b < cap`, the forward pass's
+/// own arithmetic, so the mask is exactly the forward's.
+#[inline(always)]
+fn passes(x: f32, (a, b, cap): (f32, f32, f32)) -> bool {
+    let t = x * a + b;
+    (t > 0.0) & (t < cap)
+}
+
+/// `(sum g, sum g * xhat)` over a plane, where `g` is `dy`, masked where the fused activation
+/// clipped when `relu` is given; in sixteen f32 lanes carried in f64.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_grad_sums(x: &[f32], dy: &[f32], relu: Option<(f32, f32)>, mean: f32, inv: f32) -> (f64, f64) {
+fn plane_grad_sums(x: &[f32], dy: &[f32], relu: Mask, mean: f32, inv: f32) -> (f64, f64) {
     let (mut sb, mut sg) = ([0.0f32; 16], [0.0f32; 16]);
     let (xc, xr) = x.as_chunks::<16>();
     let (dc, dr) = dy.as_chunks::<16>();
     let mut tail = (0.0f64, 0.0f64);
     match relu {
-        Some((a, b)) => {
+        Some(k) => {
             for (xv, dv) in xc.iter().zip(dc) {
                 for l in 0..16 {
-                    let g = if xv[l] * a + b > 0.0 { dv[l] } else { 0.0 };
+                    let g = if passes(xv[l], k) { dv[l] } else { 0.0 };
                     sb[l] += g;
                     sg[l] += g * (xv[l] - mean) * inv;
                 }
             }
             for (&xv, &g) in xr.iter().zip(dr) {
-                let g = if xv * a + b > 0.0 { g } else { 0.0 };
+                let g = if passes(xv, k) { g } else { 0.0 };
                 tail.0 += g as f64;
                 tail.1 += (g * (xv - mean) * inv) as f64;
             }
@@ -124,41 +135,35 @@ fn plane_grad_sums(x: &[f32], dy: &[f32], relu: Option<(f32, f32)>, mean: f32, i
 
 /// `dx = k * (m * g - dbeta - xhat * dgamma)` over a plane, `g` masked as above.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_dx(
-    dx: Fill<'_>,
-    x: &[f32],
-    dy: &[f32],
-    relu: Option<(f32, f32)>,
-    mean: f32,
-    inv: f32,
-    k: f32,
-    m: f32,
-    db: f32,
-    dg: f32,
-) {
+fn plane_dx(dx: Fill<'_>, x: &[f32], dy: &[f32], relu: Mask, mean: f32, inv: f32, k: f32, m: f32, db: f32, dg: f32) {
     match relu {
-        Some((a, b)) => dx.zip_map(x, dy, |xv, g| {
-            let g = if xv * a + b > 0.0 { g } else { 0.0 };
+        Some(mk) => dx.zip_map(x, dy, |xv, g| {
+            let g = if passes(xv, mk) { g } else { 0.0 };
             k * (m * g - db - (xv - mean) * inv * dg)
         }),
         None => dx.zip_map(x, dy, |xv, g| k * (m * g - db - (xv - mean) * inv * dg)),
     }
 }
 
-/// `y = x * a + b`, optionally clamped at zero, over a plane.
+/// `y = x * a + b`, optionally clamped to `[0, cap]`, over a plane.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_affine(y: Fill<'_>, x: &[f32], a: f32, b: f32, relu: bool) {
-    if relu { y.map(x, |v| (v * a + b).max(0.0)) } else { y.map(x, |v| v * a + b) }
+fn plane_affine(y: Fill<'_>, x: &[f32], a: f32, b: f32, relu: Option<f32>) {
+    match relu {
+        None => y.map(x, |v| v * a + b),
+        Some(cap) if cap == f32::INFINITY => y.map(x, |v| (v * a + b).max(0.0)),
+        Some(cap) => y.map(x, |v| (v * a + b).max(0.0).min(cap)),
+    }
 }
 
-/// Training forward: `y = gamma * (x - mean) * inv_std + beta`, then `max(y, 0)` when `relu`.
+/// Training forward: `y = gamma * (x - mean) * inv_std + beta`, then, when `relu` gives a cap,
+/// `min(max(y, 0), cap)` (an infinite cap for ReLU, 6 for ReLU6).
 pub fn forward_train<'y>(
     d: NchwDims,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
-    relu: bool,
+    relu: Option<f32>,
     y: impl Into<Out<'y>>,
 ) -> Result<BatchStats> {
     let y = y.into();
@@ -196,7 +201,7 @@ pub fn forward_eval<'y>(
     running_mean: &[f32],
     running_var: &[f32],
     eps: f32,
-    relu: bool,
+    relu: Option<f32>,
     y: impl Into<Out<'y>>,
 ) -> Result<()> {
     let y = y.into();
@@ -214,20 +219,21 @@ pub fn forward_eval<'y>(
     Ok(())
 }
 
-/// `y = x * scale[c] + shift[c]`, optionally clamped at zero, per plane in parallel.
-fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: bool, y: Out<'_>) {
+/// `y = x * scale[c] + shift[c]`, optionally clamped to `[0, cap]`, per plane in parallel.
+fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: Option<f32>, y: Out<'_>) {
     y.par_fills(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(p, (yp, xp))| {
         plane_affine(yp, xp, scale[p % d.c], shift[p % d.c], relu);
     });
 }
 
 /// Gradients of a training forward pass: returns `(dgamma, dbeta)` and writes `dx`. With a fused
-/// ReLU (`relu`), `dy` is masked where the forward pass clipped, recomputed from `x` and the
-/// forward's `scale` and `shift` with the same arithmetic, so the mask is exactly the forward's.
+/// activation (`relu`, the forward's cap), `dy` is masked where the forward pass clipped,
+/// recomputed from `x` and the forward's `scale` and `shift` with the same arithmetic, so the mask
+/// is exactly the forward's.
 pub fn backward<'x>(
     d: NchwDims,
     x: &[f32],
-    relu: bool,
+    relu: Option<f32>,
     dy: &[f32],
     gamma: &[f32],
     stats: &BatchStats,
@@ -240,7 +246,7 @@ pub fn backward<'x>(
         ("batch norm input gradient", dx.len(), d.len()),
     ])?;
     crate::error::check_len("batch norm statistics", stats.scale.len(), d.c)?;
-    let mask = |ch: usize| relu.then(|| (stats.scale[ch], stats.shift[ch]));
+    let mask = |ch: usize| relu.map(|cap| (stats.scale[ch], stats.shift[ch], cap));
     let m = (d.n * d.hw) as f32;
     // Per channel: dbeta = sum(g), dgamma = sum(g * xhat), g = dy masked by the ReLU.
     let sums: Vec<(f32, f32)> = (0..d.c)
@@ -290,7 +296,7 @@ mod tests {
     }
 
     /// The loss `sum(r * bn(x))` in f64, straight from the definition.
-    fn loss_f64(d: NchwDims, x: &[f64], gamma: &[f64], beta: &[f64], eps: f64, relu: bool, r: &[f32]) -> f64 {
+    fn loss_f64(d: NchwDims, x: &[f64], gamma: &[f64], beta: &[f64], eps: f64, relu: Option<f32>, r: &[f32]) -> f64 {
         let mut total = 0.0;
         for ch in 0..d.c {
             let idx: Vec<usize> =
@@ -300,8 +306,8 @@ mod tests {
             let var = idx.iter().map(|&k| (x[k] - mean).powi(2)).sum::<f64>() / m;
             for &k in &idx {
                 let mut y = gamma[ch] * (x[k] - mean) / (var + eps).sqrt() + beta[ch];
-                if relu {
-                    y = y.max(0.0);
+                if let Some(cap) = relu {
+                    y = y.max(0.0).min(cap as f64);
                 }
                 total += y * r[k] as f64;
             }
@@ -312,7 +318,8 @@ mod tests {
     #[test]
     fn training_forward_and_backward_match_f64_and_finite_differences() {
         let d = NchwDims { n: 3, c: 4, hw: 10 };
-        for relu in [false, true] {
+        // No activation, ReLU, and a clamp at 1 (ReLU6's shape) that clips many values.
+        for relu in [None, Some(f32::INFINITY), Some(1.0)] {
             // An offset of 100 checks the two-pass statistics.
             let x = data(d.len(), 1, 100.0);
             let (gamma, beta) = (data(d.c, 2, 1.0), data(d.c, 3, 0.0));
@@ -329,9 +336,14 @@ mod tests {
                 assert!((st.var[ch] as f64 - var).abs() < 1e-3 * var, "var {} vs {var}", st.var[ch]);
             }
             // The backward pass's ReLU mask, recomputed from x, is the forward output's.
-            for (k, (&xv, &yv)) in x.iter().zip(&y).enumerate().filter(|_| relu) {
+            for (k, (&xv, &yv)) in x.iter().zip(&y).enumerate() {
+                let Some(cap) = relu else { break };
                 let ch = (k / d.hw) % d.c;
-                assert_eq!(xv * st.scale[ch] + st.shift[ch] > 0.0, yv > 0.0, "mask at {k}");
+                assert_eq!(passes(xv, (st.scale[ch], st.shift[ch], cap)), yv > 0.0 && yv < cap, "mask at {k}");
+            }
+            if let Some(cap) = relu.filter(|c| c.is_finite()) {
+                let (low, high) = (y.iter().filter(|&&v| v == 0.0).count(), y.iter().filter(|&&v| v == cap).count());
+                assert!(low > 0 && high > 0, "the test data must reach both clamps: {low} at 0, {high} at {cap}");
             }
             let mut dx = vec![0.0; d.len()];
             let (dgamma, dbeta) = backward(d, &x, relu, &r, &gamma, &st, &mut dx).unwrap();
@@ -347,7 +359,11 @@ mod tests {
                 p[i] += h;
                 q[i] -= h;
                 let fd = (f(&p, &g64, &b64) - f(&q, &g64, &b64)) / (2.0 * h);
-                assert!((fd - dx[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "relu={relu} dx[{i}]: {fd} vs {}", dx[i]);
+                assert!(
+                    (fd - dx[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "relu={relu:?} dx[{i}]: {fd} vs {}",
+                    dx[i]
+                );
             }
             for ch in 0..d.c {
                 let (mut p, mut q) = (g64.clone(), g64.clone());
@@ -373,12 +389,12 @@ mod tests {
         let d = NchwDims { n: 2, c: 2, hw: 3 };
         let x = data(d.len(), 5, 0.0);
         let mut y = vec![0.0; d.len()];
-        forward_eval(d, &x, &[2.0, 1.0], &[0.5, -1.0], &[1.0, -1.0], &[4.0, 0.25], 0.0, false, &mut y).unwrap();
+        forward_eval(d, &x, &[2.0, 1.0], &[0.5, -1.0], &[1.0, -1.0], &[4.0, 0.25], 0.0, None, &mut y).unwrap();
         for (k, (&yv, &xv)) in y.iter().zip(&x).enumerate() {
             let ch = (k / d.hw) % d.c;
             let want = if ch == 0 { 2.0 * (xv - 1.0) / 2.0 + 0.5 } else { (xv + 1.0) / 0.5 - 1.0 };
             assert!((yv - want).abs() < 1e-5);
         }
-        assert!(forward_eval(d, &x, &[1.0], &[0.0, 0.0], &[0.0; 2], &[1.0; 2], 1e-5, false, &mut y).is_err());
+        assert!(forward_eval(d, &x, &[1.0], &[0.0, 0.0], &[0.0; 2], &[1.0; 2], 1e-5, None, &mut y).is_err());
     }
 }

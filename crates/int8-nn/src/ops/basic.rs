@@ -32,7 +32,8 @@ fn nchw(name: &str, dims: &[usize]) -> candle_core::Result<NchwDims> {
 pub(crate) struct BatchNormTrain {
     pub name: String,
     pub eps: f32,
-    pub relu: bool,
+    /// The fused activation's cap (see [`batchnorm::forward_train`]).
+    pub relu: Option<f32>,
     pub stats: Arc<Mutex<Option<BatchStats>>>,
 }
 
