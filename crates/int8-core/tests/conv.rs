@@ -8,6 +8,11 @@ use int8_core::conv::{
 use int8_core::gemm::Int8Path;
 use int8_core::rng::CounterRng;
 
+/// `base` with a 3x2 kernel, stride (3, 2), dilation (2, 3) and padding (3, 1): every axis different.
+fn uneven(base: ConvShape) -> ConvShape {
+    ConvShape { kh: 3, kw: 2, stride: (3, 2), dilation: (2, 3), pad: (3, 1), ..base }
+}
+
 fn shapes() -> Vec<(&'static str, ConvShape)> {
     let sq = ConvShape::square;
     vec![
@@ -27,17 +32,7 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ),
         ("depthwise 3x3 s2 16x16 (even: the stride phases split evenly)", sq(2, 3, 16, 3, 3, 2, 1).with_groups(3)),
         ("depthwise 5x5 s2 p2 7x7", sq(2, 2, 7, 2, 5, 2, 2).with_groups(2)),
-        (
-            "depthwise 3x2 stride (3,2) dilation (2,3)",
-            ConvShape {
-                kh: 3,
-                kw: 2,
-                stride: (3, 2),
-                dilation: (2, 3),
-                pad: (3, 1),
-                ..sq(2, 3, 11, 3, 3, 1, 1).with_groups(3)
-            },
-        ),
+        ("depthwise 3x2 stride (3,2) dilation (2,3)", uneven(sq(2, 3, 11, 3, 3, 1, 1).with_groups(3))),
         ("depthwise 2x2 s3: pixels no tap reads", sq(2, 2, 10, 2, 2, 3, 0).with_groups(2)),
         ("depthwise multiplier 2", sq(2, 3, 6, 6, 3, 1, 1).with_groups(3)),
         ("pointwise 1x1", sq(3, 8, 6, 4, 1, 1, 0)),
@@ -60,17 +55,7 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("planes of 576 pixels (one image per weight-gradient GEMM)", sq(3, 2, 24, 3, 3, 1, 1)),
         ("5x5 s2 p2", sq(2, 3, 9, 4, 5, 2, 2)),
         ("2x2 s3: phases no tap reaches", sq(2, 3, 10, 4, 2, 3, 0)),
-        (
-            "3x2 stride (3,2) dilation (2,3) groups 2",
-            ConvShape {
-                kh: 3,
-                kw: 2,
-                stride: (3, 2),
-                dilation: (2, 3),
-                pad: (3, 1),
-                ..sq(2, 4, 11, 6, 3, 1, 1).with_groups(2)
-            },
-        ),
+        ("3x2 stride (3,2) dilation (2,3) groups 2", uneven(sq(2, 4, 11, 6, 3, 1, 1).with_groups(2))),
         ("1x1 pad 1 (padding wider than the kernel)", sq(2, 3, 5, 4, 1, 1, 1)),
     ]
 }
