@@ -157,7 +157,8 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(ClampRelu { cap: f32::INFINITY })?)
 }
 
-/// ReLU6, `min(max(x, 0), 6)`, as MobileNetV2 uses.
+/// ReLU6, `min(max(x, 0), 6)`, for where it cannot be fused into the batch norm before it
+/// ([`BatchNorm2d::with_relu6`], as MobileNetV2 does).
 pub fn relu6(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(ClampRelu { cap: 6.0 })?)
 }
