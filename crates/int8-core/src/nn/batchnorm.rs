@@ -150,7 +150,6 @@ fn plane_dx(dx: Fill<'_>, x: &[f32], dy: &[f32], relu: Mask, mean: f32, inv: f32
 fn plane_affine(y: Fill<'_>, x: &[f32], a: f32, b: f32, relu: Option<f32>) {
     match relu {
         None => y.map(x, |v| v * a + b),
-        Some(cap) if cap == f32::INFINITY => y.map(x, |v| (v * a + b).max(0.0)),
         Some(cap) => y.map(x, |v| (v * a + b).max(0.0).min(cap)),
     }
 }
