@@ -94,7 +94,9 @@ impl Row {
 fn main() -> std::process::ExitCode {
     // The same allocation policy as the trainer, so that steps are timed as they train.
     int8_nn::alloc::keep_freed_memory();
-    match run() {
+    // Everything runs on a worker of rayon's pool, as the trainer runs its steps
+    // (`int8_nn::threads`), so that kernels and steps are timed as they train.
+    match int8_nn::threads::in_pool(run) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The message and its causes, without a backtrace.

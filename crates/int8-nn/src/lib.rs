@@ -19,5 +19,6 @@ pub mod policy;
 pub mod precision;
 pub mod profile;
 pub mod stats;
+pub mod threads;
 
 pub use error::{NnError, Result};

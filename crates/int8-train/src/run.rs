@@ -287,16 +287,23 @@ impl Trainer<'_> {
                     keep_grads(self.model.as_ref(), true);
                 }
                 let n = b.labels.len();
+                let images = tensor(b.images, b.dims)?;
                 let t0 = Instant::now();
-                let logits = self.model.forward(&tensor(b.images, b.dims)?)?;
-                let (loss, report) = cross_entropy(&logits, &b.labels)?;
-                if !report.loss.is_finite() {
-                    return Err(self.diverged(epoch + 1, format!("the loss is {}", report.loss)));
-                }
-                let grads = loss.backward()?;
-                if let Err(e) = self.sgd.step(&self.model.params(), &grads, lr) {
-                    return Err(self.diverged(epoch + 1, e.to_string()));
-                }
+                // Forward, backward and update run on a worker of rayon's pool, so that the
+                // kernels' many parallel calls do not each hand over to it (see `int8_nn::threads`).
+                let (model, sgd, labels) = (self.model.as_ref(), &mut self.sgd, &b.labels);
+                let stepped = int8_nn::threads::in_pool(|| -> Result<std::result::Result<_, String>> {
+                    let (loss, report) = cross_entropy(&model.forward(&images)?, labels)?;
+                    if !report.loss.is_finite() {
+                        return Ok(Err(format!("the loss is {}", report.loss)));
+                    }
+                    let grads = loss.backward()?;
+                    Ok(sgd.step(&model.params(), &grads, lr).map(|()| report).map_err(|e| e.to_string()))
+                })?;
+                let report = match stepped {
+                    Ok(report) => report,
+                    Err(why) => return Err(self.diverged(epoch + 1, why)),
+                };
                 let dt = t0.elapsed().as_secs_f64();
                 if !first_step_of_session {
                     self.state.step_seconds += dt;
