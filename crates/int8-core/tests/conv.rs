@@ -42,6 +42,7 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("3x3 s1 p1 8x8 (planes of whole 32-column panels, packed from the image)", sq(2, 5, 8, 6, 3, 1, 1)),
         ("3x3 s2 p1 16x16 (split planes packed from the image)", sq(2, 3, 16, 4, 3, 2, 1)),
         ("3x3 s2 p1 16x16, 5 outputs (dX phases with partial groups of 4)", sq(2, 3, 16, 5, 3, 2, 1)),
+        ("3x3 s2 p1 32x32 (byte planes split into four phases by one permute per 64 bytes)", sq(1, 2, 32, 3, 3, 2, 1)),
         (
             "3x3 s1 p1 8x16, 11 channels (a reduction past one group of 4)",
             ConvShape { h: 8, w: 16, ..sq(2, 11, 8, 9, 3, 1, 1) },

@@ -344,6 +344,17 @@ impl Lowering {
         for (plane_in, planes) in
             x.chunks_exact(s.in_plane()).take(s.c_in_group()).zip(out.chunks_exact_mut(per_channel))
         {
+            // Byte planes of even size split into all four phases of stride 2 in one pass.
+            if let ((2, 2), &[Some(p0), Some(p1), Some(p2), Some(p3)]) = ((sh, sw), index.as_slice())
+                && (2 * hp, 2 * wp) == (s.h, s.w)
+            {
+                let at = |p: usize| p * plane_len..(p + 1) * plane_len;
+                let [a, b, c, d] =
+                    planes.get_disjoint_mut([at(p0), at(p1), at(p2), at(p3)]).expect("four phases share no plane");
+                if stride2::split_phases_2x2(plane_in, s.h, s.w, [a, b, c, d]) {
+                    continue;
+                }
+            }
             for r in 0..sh {
                 let row_planes = &index[r * sw..(r + 1) * sw];
                 if let (2, [Some(p0), Some(p1)]) = (sw, row_planes)
