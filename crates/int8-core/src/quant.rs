@@ -7,6 +7,8 @@
 //! inside the clip range). Scales are per tensor, or per output channel (the outermost dimension)
 //! for weights.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
@@ -164,8 +166,8 @@ impl PassStats {
     }
 }
 
-/// Quantizes `x` with clipping value `clip` into `out`, starting the stochastic stream at
-/// `offset`. Counts saturation and checks finiteness on the way; with `TERMS` it also sums the
+/// Quantizes `x` with clipping value `clip` into `out` (as long as `x`; every element is
+/// written), starting the stochastic stream at `offset`. Counts saturation and checks finiteness on the way; with `TERMS` it also sums the
 /// products that DSGC's cosine distance needs (in f32 lanes, carried in f64 every 1024 values),
 /// so the distance costs no pass of its own. `clip <= 0` maps everything to zero.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -174,8 +176,9 @@ fn quantize_slice<const TERMS: bool>(
     clip: f32,
     rounding: Rounding,
     offset: usize,
-    out: &mut [i8],
+    out: &mut [MaybeUninit<i8>],
 ) -> PassStats {
+    assert_eq!(x.len(), out.len(), "quantize_slice: input and output lengths differ");
     let inv = if clip > 0.0 { QMAX / clip } else { 0.0 };
     let (mut sat, mut z) = ([0u32; LANES], [0.0f32; LANES]);
     let mut stats = PassStats::default();
@@ -197,7 +200,7 @@ fn quantize_slice<const TERMS: bool>(
                 let code = round_code(t.clamp(-QMAX, QMAX));
                 sat[l] += (v[l].abs() > clip) as u32;
                 z[l] += v[l] * 0.0;
-                o[l] = code;
+                o[l] = MaybeUninit::new(code);
                 if TERMS {
                     let q = code as f32;
                     a[l] += v[l] * q;
@@ -215,7 +218,7 @@ fn quantize_slice<const TERMS: bool>(
             let code = round_code(t.clamp(-QMAX, QMAX));
             sat[0] += (v.abs() > clip) as u32;
             z[0] += v * 0.0;
-            *o = code;
+            *o = MaybeUninit::new(code);
             if TERMS {
                 let q = code as f32;
                 a[0] += v * q;
@@ -248,13 +251,16 @@ pub(crate) fn quantize_pass<const TERMS: bool>(
             why: format!("{clip} for tensor `{name}`; it must be finite and >= 0"),
         });
     }
-    let mut data = vec![0i8; x.len()];
-    let stats = data
+    let mut data = Vec::with_capacity(x.len());
+    let stats = data.spare_capacity_mut()[..x.len()]
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
         .map(|(i, (o, c))| quantize_slice::<TERMS>(c, clip, rounding, i * CHUNK, o))
         .reduce(|| PassStats { finite: true, ..Default::default() }, PassStats::merge);
+    // SAFETY: the capacity is at least `x.len()`, and `quantize_slice` wrote every element of each
+    // chunk (chunks of `x` and of the output have equal lengths, which it asserts).
+    unsafe { data.set_len(x.len()) };
     if !stats.finite {
         return Err(non_finite(name, x));
     }
@@ -290,8 +296,8 @@ pub fn quantize(
             }
             let len = x.len() / channels;
             max_abs(name, x)?;
-            let mut data = vec![0i8; x.len()];
-            let results: Vec<(f32, usize)> = data
+            let mut data = Vec::with_capacity(x.len());
+            let results: Vec<(f32, usize)> = data.spare_capacity_mut()[..x.len()]
                 .par_chunks_mut(len.max(1))
                 .zip(x.par_chunks(len.max(1)))
                 .enumerate()
@@ -300,6 +306,9 @@ pub fn quantize(
                     (scale_for_clip(clip), quantize_slice::<false>(c, clip, rounding, ch * len, o).saturated)
                 })
                 .collect();
+            // SAFETY: the capacity is at least `x.len()`, and `quantize_slice` wrote every element
+            // of each channel's chunk (equal lengths of input and output, which it asserts).
+            unsafe { data.set_len(x.len()) };
             let scales = results.iter().map(|r| r.0).collect();
             let saturated = results.iter().map(|r| r.1).sum();
             Ok(QTensor { data, scales, saturated })
@@ -377,9 +386,10 @@ mod tests {
         let a = quantize_with_clip("x", &x, 2.0, Rounding::Stochastic { seed: 9 }).unwrap();
         let b = quantize_with_clip("x", &x, 2.0, Rounding::Stochastic { seed: 9 }).unwrap();
         assert_eq!(a, b);
-        let mut serial = vec![0i8; x.len()];
+        let mut serial = vec![MaybeUninit::new(0i8); x.len()];
         quantize_slice::<false>(&x, 2.0, Rounding::Stochastic { seed: 9 }, 0, &mut serial);
-        assert_eq!(a.data, serial);
+        // SAFETY: every element was initialised (to zero) before the pass.
+        assert_eq!(a.data, serial.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<i8>>());
         let c = quantize_with_clip("x", &x, 2.0, Rounding::Stochastic { seed: 10 }).unwrap();
         assert_ne!(a.data, c.data);
     }

@@ -36,6 +36,9 @@ const SMALL_B: usize = 32 * 1024;
 /// which stays in a 2 MiB L2 while every B panel is packed once and swept over all of it.
 const MC: usize = 1024;
 
+/// The smallest A (in elements) that [`PackedA::new`] packs in parallel when asked to.
+const PARALLEL_PACK: usize = 1 << 18;
+
 /// An INT8 micro-kernel: multiplies a packed `MR x 4*kc4` A panel by a packed `4*kc4 x NR` B panel
 /// and stores the `MR x NR` tile at `out` with row stride `ldc`, less `corr[r]` on row `r`,
 /// overwriting it or, with `accumulate`, adding to it (wrapping).
@@ -254,6 +257,9 @@ impl PackedA {
     pub fn new(path: Int8Path, a: MatRef<i8>, par: Parallelism) -> Result<Self> {
         check_path_and_depth(path, a.cols)?;
         let g = path.geometry();
+        // A conv layer's weight (tens of kilobytes) packs in microseconds, less than waking
+        // another thread to share it costs; only large operands are packed in parallel.
+        let par = if a.rows * a.cols < PARALLEL_PACK { Parallelism::None } else { par };
         let mut blocks = Vec::new();
         for k0 in (0..a.cols).step_by(KC) {
             let kc = KC.min(a.cols - k0);
