@@ -2,11 +2,12 @@
 //! candle custom ops, with the per-layer INT8 state of Zhu et al., CVPR 2020 (DSGC clip values,
 //! DCLR multipliers, saturation statistics).
 //!
-//! Built so far: the conv and linear layers ([`conv::Conv2d`], [`linear::Linear`]) at FP32 and
-//! INT8, and the FP32 layers around them ([`layers`]: batch norm with a fused ReLU, residual add +
-//! ReLU, global average pooling, cross-entropy), the layer [`policy`], and the SGD optimizer with
-//! DCLR multipliers and schedules ([`optim`]). To come (see the project's int8-nn issue): max and
-//! average pooling and ReLU6, and the per-op step breakdown.
+//! The conv and linear layers ([`conv::Conv2d`], [`linear::Linear`]) at FP32 and INT8; the FP32
+//! layers around them ([`layers`]: batch norm with a fused ReLU or ReLU6, residual add + ReLU,
+//! ReLU6, max, average and global average pooling, dropout, cross-entropy); the layer [`policy`];
+//! the SGD optimizer with DCLR multipliers and schedules ([`optim`]); the per-op step breakdown
+//! ([`profile`]); and how a training process allocates ([`alloc`]) and runs its steps
+//! ([`threads`]).
 
 pub mod alloc;
 pub mod conv;
