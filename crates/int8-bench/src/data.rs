@@ -56,9 +56,12 @@ pub fn run(workspace: &Path, budget: Duration) -> Result<Vec<DataRow>> {
         let b = b?;
         let t1 = Instant::now();
         let x = Tensor::from_vec(b.images, b.dims.to_vec(), &Device::Cpu)?;
-        let (loss, _) = cross_entropy(&model.forward(&x)?, &b.labels)?;
-        let grads = loss.backward()?;
-        sgd.step(&model.params(), &grads, 0.1)?;
+        int8_nn::threads::in_pool(|| -> Result<()> {
+            let (loss, _) = cross_entropy(&model.forward(&x)?, &b.labels)?;
+            let grads = loss.backward()?;
+            sgd.step(&model.params(), &grads, 0.1)?;
+            Ok(())
+        })?;
         // The first step includes the loader's start; it is not counted.
         if steps > 0 {
             wait += (t1 - t0).as_secs_f64() * 1e3;

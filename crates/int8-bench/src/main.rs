@@ -94,9 +94,7 @@ impl Row {
 fn main() -> std::process::ExitCode {
     // The same allocation policy as the trainer, so that steps are timed as they train.
     int8_nn::alloc::keep_freed_memory();
-    // Everything runs on a worker of rayon's pool, as the trainer runs its steps
-    // (`int8_nn::threads`), so that kernels and steps are timed as they train.
-    match int8_nn::threads::in_pool(run) {
+    match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The message and its causes, without a backtrace.
@@ -108,6 +106,16 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    // Kernels and steps run on a worker of rayon's pool, as the trainer runs its steps
+    // (`int8_nn::threads`), so that they are timed as they train. The data bench waits on its
+    // loader, which must not happen on a worker; it puts each step there itself.
+    if !matches!(cli.what, What::Data { .. }) {
+        return int8_nn::threads::in_pool(|| run_on(cli));
+    }
+    run_on(cli)
+}
+
+fn run_on(cli: Cli) -> Result<()> {
     match cli.what {
         What::Kernels { json, seconds, filter } => {
             println!("{}", kernels::machine_line());

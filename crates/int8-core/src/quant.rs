@@ -167,9 +167,10 @@ impl PassStats {
 }
 
 /// Quantizes `x` with clipping value `clip` into `out` (as long as `x`; every element is
-/// written), starting the stochastic stream at `offset`. Counts saturation and checks finiteness on the way; with `TERMS` it also sums the
-/// products that DSGC's cosine distance needs (in f32 lanes, carried in f64 every 1024 values),
-/// so the distance costs no pass of its own. `clip <= 0` maps everything to zero.
+/// written), starting the stochastic stream at `offset`. Counts saturation and checks finiteness
+/// on the way; with `TERMS` it also sums the products that DSGC's cosine distance needs (in f32
+/// lanes, carried in f64 every 1024 values), so the distance costs no pass of its own. `clip <= 0`
+/// maps everything to zero.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn quantize_slice<const TERMS: bool>(
     x: &[f32],
