@@ -43,6 +43,11 @@ enum Cmd {
         /// to runs/bench/step-<model>.{json,md}).
         #[arg(long)]
         model: Option<String>,
+        /// Keep the layers this name pattern matches in FP32 in the step bench's INT8 model, as
+        /// a recipe's `quant.rules` does (`*` for any run of characters; repeatable), e.g.
+        /// `--fp32 "*.dw.conv"` for MobileNetV2's depthwise convolutions.
+        #[arg(long = "fp32", value_name = "PATTERN")]
+        fp32: Vec<String>,
     },
     /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
@@ -137,9 +142,12 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Cmd::Bench { which, json, seconds, filter, model } => {
+        Cmd::Bench { which, json, seconds, filter, model, fp32 } => {
             if model.is_some() && which != Some(Bench::Step) {
                 bail!("--model picks the step bench's model; run it as `cargo xtask bench step --model NAME`");
+            }
+            if !fp32.is_empty() && which != Some(Bench::Step) {
+                bail!("--fp32 changes the step bench's INT8 model; run it as `cargo xtask bench step --fp32 PATTERN`");
             }
             let benches = match which {
                 Some(b) => vec![b],
@@ -150,12 +158,18 @@ fn run() -> Result<()> {
             }
             let all = which.is_none();
             for bench in benches {
+                // A policy other than the paper's gets its own files, named by its patterns.
+                let policy: String = fp32
+                    .iter()
+                    .map(|p| format!("-fp32-{}", p.replace(|c: char| !c.is_ascii_alphanumeric(), "_")))
+                    .collect();
                 let file = match &model {
-                    Some(m) => format!("{}-{m}.json", bench.name()),
-                    None => format!("{}.json", bench.name()),
+                    Some(m) => format!("{}-{m}{policy}.json", bench.name()),
+                    None => format!("{}{policy}.json", bench.name()),
                 };
                 let json = json.clone().unwrap_or_else(|| root.join("runs/bench").join(file));
-                match run_bench(&root, bench, &json, seconds, filter.as_deref(), model.as_deref()) {
+                let opts = BenchOpts { seconds, filter: filter.as_deref(), model: model.as_deref(), fp32: &fp32 };
+                match run_bench(&root, bench, &json, &opts) {
                     // The data bench needs CIFAR-10 imported; a full run goes on without it.
                     Err(e) if all && bench == Bench::Data => eprintln!("skipped the data bench: {e:#}"),
                     other => other?,
@@ -318,15 +332,21 @@ fn workspace_root() -> Result<PathBuf> {
     manifest.parent().map(Path::to_path_buf).context("xtask must live one level below the workspace root")
 }
 
-/// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
-fn run_bench(
-    root: &Path,
-    bench: Bench,
-    json: &Path,
+/// What `cargo xtask bench` passes on to `int8-bench`.
+struct BenchOpts<'a> {
+    /// Seconds of measurement per timed item (ten times this per precision for the step bench).
     seconds: f64,
-    filter: Option<&str>,
-    model: Option<&str>,
-) -> Result<()> {
+    /// The kernels bench's row filter.
+    filter: Option<&'a str>,
+    /// The step bench's model.
+    model: Option<&'a str>,
+    /// Layer-name patterns the step bench's INT8 model keeps in FP32.
+    fp32: &'a [String],
+}
+
+/// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
+fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result<()> {
+    let BenchOpts { seconds, filter, model, fp32 } = *opts;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -338,6 +358,11 @@ fn run_bench(
     }
     if let (Some(m), Bench::Step) = (model, bench) {
         cmd.args(["--model", m]);
+    }
+    if bench == Bench::Step {
+        for p in fp32 {
+            cmd.args(["--fp32", p]);
+        }
     }
     eprintln!("building and running the {} bench in release mode...", bench.name());
     let mut child = cmd.stdout(Stdio::piped()).spawn().context("cannot start cargo to build int8-bench")?;

@@ -48,6 +48,10 @@ enum What {
         /// The model (a name from `cargo xtask zoo`, built for 10 classes), e.g. mobilenetv2-cifar.
         #[arg(long, default_value = "resnet20")]
         model: String,
+        /// Keep the layers this name pattern matches in FP32 in the INT8 model, as a recipe's
+        /// `quant.rules` does (`*` for any run of characters; repeatable), e.g. `*.dw.conv`.
+        #[arg(long = "fp32", value_name = "PATTERN")]
+        fp32: Vec<String>,
     },
     /// Whether the loader keeps up with INT8 ResNet-20 training on CIFAR-10 (JPEG q75).
     Data {
@@ -122,9 +126,9 @@ fn run_on(cli: Cli) -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::Step { json, seconds, model } => {
+        What::Step { json, seconds, model, fp32 } => {
             println!("{}", kernels::machine_line());
-            let rows = step::run(&model, std::time::Duration::from_secs_f64(seconds))?;
+            let rows = step::run(&model, &fp32, std::time::Duration::from_secs_f64(seconds))?;
             write_json(json, &rows)?;
         }
         What::Data { json, seconds } => {

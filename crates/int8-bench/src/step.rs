@@ -1,15 +1,15 @@
 //! The step bench: one training step of a zoo model, ResNet-20 by default (batch 128 of 32x32
 //! images, forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
-//! first conv and FC in FP32), split into its phases and its ops. The input is random: only time
-//! is measured here.
+//! first conv and FC in FP32, and any further layers a `--fp32` pattern names), split into its
+//! phases and its ops. The input is random: only time is measured here.
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 use int8_nn::layers::cross_entropy;
 use int8_nn::optim::{Sgd, SgdConfig};
-use int8_nn::policy::LayerPolicy;
+use int8_nn::policy::{LayerPolicy, Rule, glob};
 use int8_nn::precision::Int8Config;
 use int8_zoo::Model;
 
@@ -58,13 +58,37 @@ fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::coll
     Ok((ops, total))
 }
 
-/// Runs the bench and prints its rows.
-pub fn run(model: &str, budget: Duration) -> Result<Vec<Row>> {
+/// The INT8 model's policy: the paper's, with the layers that `fp32_patterns` match (as the
+/// recipes' `quant.rules`, `*` for any run of characters) kept in FP32. A pattern that matches no
+/// layer of `model` is an error, since it is most likely a typo.
+fn int8_policy(model: &str, fp32_patterns: &[String]) -> Result<LayerPolicy> {
+    let mut policy = LayerPolicy::paper(Int8Config::default());
+    if fp32_patterns.is_empty() {
+        return Ok(policy);
+    }
+    let probe = int8_zoo::build(model, 10, &policy, 0)?;
+    let l = probe.layers();
+    let names: Vec<&str> = l.convs.iter().map(|c| c.name()).chain(l.linears.iter().map(|f| f.name())).collect();
+    for p in fp32_patterns {
+        if !names.iter().any(|n| glob(p, n)) {
+            bail!(
+                "--fp32 `{p}` matches no conv or linear layer of {model}; its layers are named like `{}`",
+                names.iter().take(4).copied().collect::<Vec<_>>().join("`, `")
+            );
+        }
+        policy.rules.push(Rule { pattern: p.clone(), int8: false });
+    }
+    Ok(policy)
+}
+
+/// Runs the bench and prints its rows; `fp32_patterns` keeps the layers they name in FP32 in the
+/// INT8 model.
+pub fn run(model: &str, fp32_patterns: &[String], budget: Duration) -> Result<Vec<Row>> {
     let batch = 128;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
-    let int8 = int8_zoo::build(model, 10, &LayerPolicy::paper(Int8Config::default()), 0)?;
+    let int8 = int8_zoo::build(model, 10, &int8_policy(model, fp32_patterns)?, 0)?;
     let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
     let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
     print_header();
@@ -99,4 +123,39 @@ pub fn run(model: &str, budget: Duration) -> Result<Vec<Row>> {
     let mut rows = rows;
     rows.extend(extra);
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use int8_nn::precision::Precision;
+
+    use super::*;
+
+    #[test]
+    fn fp32_patterns_keep_exactly_the_matching_layers_in_fp32() {
+        let policy = int8_policy("mobilenetv2-cifar", &["*.dw.conv".to_string()]).unwrap();
+        let model = int8_zoo::build("mobilenetv2-cifar", 10, &policy, 0).unwrap();
+        let l = model.layers();
+        let (mut dw, mut other_int8) = (0, 0);
+        for (i, c) in l.convs.iter().enumerate() {
+            let int8 = matches!(c.precision(), Precision::Int8(_));
+            if c.name().ends_with(".dw.conv") {
+                dw += 1;
+                assert!(!int8, "{} should be FP32", c.name());
+            } else if i > 0 {
+                other_int8 += usize::from(int8);
+                assert!(int8, "{} should stay INT8", c.name());
+            }
+        }
+        assert_eq!(dw, 17, "MobileNetV2 has 17 depthwise convolutions");
+        assert!(other_int8 > 30);
+        // The paper's policy without patterns.
+        assert_eq!(int8_policy("mobilenetv2-cifar", &[]).unwrap(), LayerPolicy::paper(Int8Config::default()));
+    }
+
+    #[test]
+    fn a_pattern_that_matches_no_layer_is_an_error_naming_it() {
+        let e = int8_policy("resnet20", &["*.dw.conv".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("`*.dw.conv` matches no conv or linear layer of resnet20"), "{e}");
+    }
 }
