@@ -59,26 +59,27 @@ fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::coll
 }
 
 /// The INT8 model's policy: the paper's, with the layers that `fp32_patterns` match (as the
-/// recipes' `quant.rules`, `*` for any run of characters) kept in FP32. A pattern that matches no
-/// layer of `model` is an error, since it is most likely a typo.
-fn int8_policy(model: &str, fp32_patterns: &[String]) -> Result<LayerPolicy> {
+/// recipes' `quant.rules`, `*` for any run of characters) kept in FP32.
+fn int8_policy(fp32_patterns: &[String]) -> LayerPolicy {
     let mut policy = LayerPolicy::paper(Int8Config::default());
-    if fp32_patterns.is_empty() {
-        return Ok(policy);
-    }
-    let probe = int8_zoo::build(model, 10, &policy, 0)?;
-    let l = probe.layers();
+    policy.rules.extend(fp32_patterns.iter().map(|p| Rule { pattern: p.clone(), int8: false }));
+    policy
+}
+
+/// Checks that every pattern matches some conv or linear layer of `model` (named `name`): one
+/// that matches none is most likely a typo.
+fn check_patterns(model: &dyn Model, name: &str, fp32_patterns: &[String]) -> Result<()> {
+    let l = model.layers();
     let names: Vec<&str> = l.convs.iter().map(|c| c.name()).chain(l.linears.iter().map(|f| f.name())).collect();
     for p in fp32_patterns {
         if !names.iter().any(|n| glob(p, n)) {
             bail!(
-                "--fp32 `{p}` matches no conv or linear layer of {model}; its layers are named like `{}`",
+                "--fp32 `{p}` matches no conv or linear layer of {name}; its layers are named like `{}`",
                 names.iter().take(4).copied().collect::<Vec<_>>().join("`, `")
             );
         }
-        policy.rules.push(Rule { pattern: p.clone(), int8: false });
     }
-    Ok(policy)
+    Ok(())
 }
 
 /// Runs the bench and prints its rows; `fp32_patterns` keeps the layers they name in FP32 in the
@@ -88,7 +89,8 @@ pub fn run(model: &str, fp32_patterns: &[String], budget: Duration) -> Result<Ve
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
-    let int8 = int8_zoo::build(model, 10, &int8_policy(model, fp32_patterns)?, 0)?;
+    let int8 = int8_zoo::build(model, 10, &int8_policy(fp32_patterns), 0)?;
+    check_patterns(int8.as_ref(), model, fp32_patterns)?;
     let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
     let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
     print_header();
@@ -133,8 +135,9 @@ mod tests {
 
     #[test]
     fn fp32_patterns_keep_exactly_the_matching_layers_in_fp32() {
-        let policy = int8_policy("mobilenetv2-cifar", &["*.dw.conv".to_string()]).unwrap();
-        let model = int8_zoo::build("mobilenetv2-cifar", 10, &policy, 0).unwrap();
+        let patterns = ["*.dw.conv".to_string()];
+        let model = int8_zoo::build("mobilenetv2-cifar", 10, &int8_policy(&patterns), 0).unwrap();
+        check_patterns(model.as_ref(), "mobilenetv2-cifar", &patterns).unwrap();
         let l = model.layers();
         let (mut dw, mut other_int8) = (0, 0);
         for (i, c) in l.convs.iter().enumerate() {
@@ -150,12 +153,14 @@ mod tests {
         assert_eq!(dw, 17, "MobileNetV2 has 17 depthwise convolutions");
         assert!(other_int8 > 30);
         // The paper's policy without patterns.
-        assert_eq!(int8_policy("mobilenetv2-cifar", &[]).unwrap(), LayerPolicy::paper(Int8Config::default()));
+        assert_eq!(int8_policy(&[]), LayerPolicy::paper(Int8Config::default()));
     }
 
     #[test]
     fn a_pattern_that_matches_no_layer_is_an_error_naming_it() {
-        let e = int8_policy("resnet20", &["*.dw.conv".to_string()]).unwrap_err().to_string();
+        let patterns = ["*.dw.conv".to_string()];
+        let model = int8_zoo::build("resnet20", 10, &int8_policy(&patterns), 0).unwrap();
+        let e = check_patterns(model.as_ref(), "resnet20", &patterns).unwrap_err().to_string();
         assert!(e.contains("`*.dw.conv` matches no conv or linear layer of resnet20"), "{e}");
     }
 }
