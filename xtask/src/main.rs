@@ -63,6 +63,10 @@ enum Cmd {
         /// Print the plan and check every recipe, without running.
         #[arg(long)]
         dry_run: bool,
+        /// Rewrite results.csv and results.md from the runs finished so far, without running
+        /// (after a change of the experiment's `baseline`, say).
+        #[arg(long, conflicts_with = "dry_run")]
+        tables: bool,
         /// Override a recipe value in every run, e.g. --set train.epochs=1 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -178,7 +182,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Data { what, data_dir } => data(&root, what, data_dir.as_deref()),
-        Cmd::Sweep { experiment, out, jobs, dry_run, sets, data_dir } => {
+        Cmd::Sweep { experiment, out, jobs, dry_run, tables, sets, data_dir } => {
             let path = if Path::new(&experiment).is_file() {
                 PathBuf::from(&experiment)
             } else {
@@ -204,7 +208,7 @@ fn run() -> Result<()> {
             // Paths are handed to runs that work from the workspace root: make them absolute.
             let cwd = std::env::current_dir().context("cannot read the current folder")?;
             let (out, data_dir) = (cwd.join(out), data_dir.map(|d| cwd.join(d)));
-            let opts = sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, sets, data_dir };
+            let opts = sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, tables, sets, data_dir };
             sweep::sweep(&root, &opts, stop)
         }
         Cmd::Train { args } => {
