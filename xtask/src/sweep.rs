@@ -317,6 +317,9 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
         return Ok(());
     }
     if opts.tables {
+        if !opts.out.is_dir() {
+            bail!("{} does not exist: no run of this sweep has started; run it without --tables", opts.out.display());
+        }
         return write_results(&opts.out, &runs, baseline.as_ref(), None);
     }
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
