@@ -207,6 +207,25 @@ fn int8_scales_apply_per_tensor_and_per_output_channel() {
     let err = conv2d_dx_i8(path, &s, QView { codes: &w, scales: &sw }, QView { codes: &dy, scales: &sdy }, &mut dx)
         .unwrap_err();
     assert!(err.to_string().contains("per tensor"), "{err}");
+
+    // A depthwise convolution's input channels each take one output channel's gradient, so there
+    // per-channel weight scales apply to the input gradient too (one per channel, no other count).
+    for s in
+        [ConvShape::square(2, 4, 7, 4, 3, 1, 1).with_groups(4), ConvShape::square(2, 4, 8, 4, 3, 2, 1).with_groups(4)]
+    {
+        assert!(s.is_depthwise());
+        let (w, dy) = (codes(s.w_len(), 10), codes(s.y_len(), 11));
+        let wd: Vec<f64> = w.iter().enumerate().map(|(i, &v)| v as f64 * sw[i / s.k_group()] as f64).collect();
+        let dyd: Vec<f64> = dy.iter().map(|&v| v as f64 * sdy[0] as f64).collect();
+        let mut dx = vec![f32::NAN; s.x_len()];
+        conv2d_dx_i8(path, &s, QView { codes: &w, scales: &sw }, QView { codes: &dy, scales: &sdy }, &mut dx).unwrap();
+        for (i, (&g, &w)) in dx.iter().zip(&reference::conv2d_dx(&s, &wd, &dyd)).enumerate() {
+            assert!((g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3), "depthwise {s:?} dx at {i}: {g} vs {w}");
+        }
+        let three = QView { codes: &w, scales: &sw[..3] };
+        let err = conv2d_dx_i8(path, &s, three, QView { codes: &dy, scales: &sdy }, &mut dx).unwrap_err();
+        assert!(err.to_string().contains("per tensor"), "{err}");
+    }
 }
 
 /// The weight gradient sums over batch x H x W: here 64 x 64 x 64 = 262,144 products of 127 x 127,

@@ -211,6 +211,38 @@ fn per_channel_weights_still_track_fp32() {
     }
 }
 
+/// A depthwise layer's input channels each take one output channel's gradient, so its input
+/// gradient keeps the per-channel weight scales: a channel with weights 100x smaller than the
+/// others' gets an input gradient as good as theirs, where one scale for the tensor leaves its
+/// weights a few codes.
+#[test]
+fn depthwise_input_gradient_keeps_per_channel_weight_scales() {
+    let (n, c) = (4, 16);
+    let (xd, wd) = ([n, c, 16, 16], [c, 1, 3, 3]);
+    let g = ConvGeometry { padding: (1, 1), groups: c, ..Default::default() };
+    let s = shape_of(&xd, &wd, g);
+    assert!(s.is_depthwise());
+    let xv: Vec<f32> = uniform(s.x_len(), 4).iter().map(|v| v.max(0.0)).collect();
+    let wv: Vec<f32> =
+        uniform(s.w_len(), 5).iter().enumerate().map(|(i, v)| if i < 9 { v * 1e-3 } else { v * 0.1 }).collect();
+    let r = laplace(s.y_len(), 6);
+    let x = var(xv, &xd);
+    let (_, dx32, _) = run(&Conv2d::new("dw", var(wv.clone(), &wd), g, Precision::Fp32).unwrap(), &x, &r);
+    // The input gradient of channel 0 (the small one) of every image.
+    let plane = 16 * 16;
+    let channel0 = |dx: &[f32]| -> Vec<f32> { dx.chunks(c * plane).flat_map(|img| img[..plane].to_vec()).collect() };
+    let cos0 = |weight| {
+        let cfg = Int8Config { weight, ..Default::default() };
+        let (_, dx8, _) = run(&Conv2d::new("dw", var(wv.clone(), &wd), g, Precision::Int8(cfg)).unwrap(), &x, &r);
+        (cosine(&channel0(&dx8), &channel0(&dx32)), cosine(&dx8, &dx32))
+    };
+    let (per_channel, per_channel_all) = cos0(int8_core::quant::Granularity::PerChannel);
+    let (per_tensor, _) = cos0(int8_core::quant::Granularity::PerTensor);
+    eprintln!("channel 0 dx cosine: per-channel {per_channel:.5}, per-tensor {per_tensor:.5}");
+    assert!(per_channel >= 0.99 && per_channel_all >= 0.99, "per-channel: {per_channel}, {per_channel_all}");
+    assert!(per_tensor < 0.99, "per-tensor scales should leave channel 0 a few codes: {per_tensor}");
+}
+
 /// A strided 1x1 layer (a ResNet projection shortcut) quantizes only the pixels it reads: INT8
 /// tracks FP32, and both leave the input gradient exactly zero at the pixels never read.
 #[test]

@@ -283,14 +283,14 @@ pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: Out<'_>, sc
     );
 }
 
-/// Input gradient: `out[n, c] = scale * sum over taps of w[c, tap] * dy[n, c, ...] scattered`.
-pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: Out<'_>, scale: f32) {
+/// Input gradient: `out[n, c] = scale(c) * sum over taps of w[c, tap] * dy[n, c, ...] scattered`.
+pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
     let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
     out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
         || (vec![T::default(); s.out_h() * lay.pw], vec![T::Acc::default(); lay.plane(s)]),
         |scratch, (nc, (out, dy))| {
             let c = nc % s.c_in;
-            input_grad_plane(s, &lay, scratch, dy, &w[c * kk..(c + 1) * kk], out, scale);
+            input_grad_plane(s, &lay, scratch, dy, &w[c * kk..(c + 1) * kk], out, scale(c));
         },
     );
 }

@@ -62,7 +62,7 @@ pub fn conv2d_dx_f32<'x>(s: &ConvShape, w: &[f32], dy: &[f32], dx: impl Into<Out
         ],
     )?;
     if s.is_depthwise() {
-        depthwise::input_grad(s, w, dy, dx, 1.0);
+        depthwise::input_grad(s, w, dy, dx, |_| 1.0);
         return Ok(());
     }
     if let Some(t) = dx_as_forward(s) {

@@ -118,7 +118,8 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
 }
 
 /// Input gradient: `dx = (s_w * s_dy) * conv_transpose(dyq, wq)`, overwriting `dx`. Both operands
-/// need one scale each.
+/// need one scale each, except that a depthwise weight may have one per channel: there each input
+/// channel's gradient comes from its own output channel alone.
 pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: impl Into<Out<'x>>) -> Result<()> {
     let dx = dx.into();
     check(
@@ -129,9 +130,14 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
             ("conv input gradient", dx.len(), s.x_len()),
         ],
     )?;
+    if s.is_depthwise() && w.scales.len() == s.c_out {
+        let sdy = tensor_scale("conv output gradient", &dy)?;
+        depthwise::input_grad(s, w.codes, dy.codes, dx, |c| w.scales[c] * sdy);
+        return Ok(());
+    }
     let sc = tensor_scale("conv weight (for the input gradient)", &w)? * tensor_scale("conv output gradient", &dy)?;
     if s.is_depthwise() {
-        depthwise::input_grad(s, w.codes, dy.codes, dx, sc);
+        depthwise::input_grad(s, w.codes, dy.codes, dx, |_| sc);
         return Ok(());
     }
     if let Some(t) = dx_as_forward(s) {

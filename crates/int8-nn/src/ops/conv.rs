@@ -15,7 +15,7 @@ use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::{f32_data, per_tensor_weight, with_values, zeroed};
+use super::{f32_data, input_grad_weight, with_values, zeroed};
 use crate::error::to_candle;
 use crate::precision::Precision;
 use crate::stats::LayerState;
@@ -184,7 +184,7 @@ impl CustomOp2 for Conv2dOp {
                     let Some(saved) = saved.as_ref() else {
                         candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
                     };
-                    let wq = per_tensor_weight(&self.name, &saved.w, w)?;
+                    let wq = input_grad_weight(&self.name, &saved.w, w, s.is_depthwise())?;
                     dx = fresh(s.x_len(), |dx| conv2d_dx_i8(self.path, &s, (&*wq).into(), (&dyq).into(), dx))
                         .map_err(to_candle)?
                         .0;

@@ -10,7 +10,7 @@ use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
 use super::basic::values;
 use super::zeroed;
-use super::{f32_data, per_tensor_weight};
+use super::{f32_data, input_grad_weight};
 use crate::error::to_candle;
 use crate::precision::Precision;
 use crate::stats::LayerState;
@@ -156,7 +156,7 @@ impl CustomOp3 for LinearOp {
                 let Some(saved) = saved.as_ref() else {
                     candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
                 };
-                let wq = per_tensor_weight(&self.name, &saved.w, w)?;
+                let wq = input_grad_weight(&self.name, &saved.w, w, false)?;
                 let sdy = dyq.scales[0];
                 // dx = dy W, dW = dy^T x, each an exact INT8 product scaled once.
                 gemm_i8_scaled(

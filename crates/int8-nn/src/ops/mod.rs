@@ -34,16 +34,18 @@ pub(crate) fn with_values<R>(
     f(&t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The weight codes an input gradient needs: the forward pass's codes when they have one scale,
-/// else `w` quantized again per tensor (the input gradient sums over output channels, so it cannot
-/// apply one scale per output channel).
-pub(crate) fn per_tensor_weight<'a>(
+/// The weight codes an input gradient needs: the forward pass's codes when they have one scale or
+/// `per_channel_ok` (a depthwise convolution, whose input channels each take the gradient of one
+/// output channel), else `w` quantized again per tensor (the input gradient sums over output
+/// channels, so it cannot apply one scale per output channel).
+pub(crate) fn input_grad_weight<'a>(
     name: &str,
     saved: &'a int8_core::quant::QTensor,
     w: &candle_core::Tensor,
+    per_channel_ok: bool,
 ) -> candle_core::Result<std::borrow::Cow<'a, int8_core::quant::QTensor>> {
     use int8_core::quant::{Granularity, Rounding, quantize};
-    if saved.channels() == 1 {
+    if saved.channels() == 1 || per_channel_ok {
         return Ok(std::borrow::Cow::Borrowed(saved));
     }
     with_values(w, "weight", |wv| {
