@@ -67,6 +67,10 @@ enum Cmd {
         /// (after a change of the experiment's `baseline`, say).
         #[arg(long, conflicts_with = "dry_run")]
         tables: bool,
+        /// Build the trainer from the workspace again and run with it; otherwise a sweep that ran
+        /// before reuses the copy it made then, so that all its runs run the same code.
+        #[arg(long)]
+        rebuild: bool,
         /// Override a recipe value in every run, e.g. --set train.epochs=1 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -182,7 +186,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Data { what, data_dir } => data(&root, what, data_dir.as_deref()),
-        Cmd::Sweep { experiment, out, jobs, dry_run, tables, sets, data_dir } => {
+        Cmd::Sweep { experiment, out, jobs, dry_run, tables, rebuild, sets, data_dir } => {
             let path = if Path::new(&experiment).is_file() {
                 PathBuf::from(&experiment)
             } else {
@@ -208,7 +212,8 @@ fn run() -> Result<()> {
             // Paths are handed to runs that work from the workspace root: make them absolute.
             let cwd = std::env::current_dir().context("cannot read the current folder")?;
             let (out, data_dir) = (cwd.join(out), data_dir.map(|d| cwd.join(d)));
-            let opts = sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, tables, sets, data_dir };
+            let opts =
+                sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, tables, rebuild, sets, data_dir };
             sweep::sweep(&root, &opts, stop)
         }
         Cmd::Train { args } => {

@@ -254,6 +254,8 @@ pub struct SweepOptions {
     pub dry_run: bool,
     /// Rewrite the results tables from the finished runs only.
     pub tables: bool,
+    /// Build the trainer again and replace the sweep's copy.
+    pub rebuild: bool,
     /// Overrides for every run.
     pub sets: Vec<String>,
     /// A data folder searched first.
@@ -327,14 +329,26 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     write_atomic(&opts.out.join("plan.json"), serde_json::to_string_pretty(&plan_json)?.as_bytes())?;
     std::fs::copy(&opts.experiment, opts.out.join("experiment.toml")).context("cannot copy the experiment")?;
 
-    // The runs start from a copy of the trainer, so that a rebuild while the sweep goes on (other
-    // work in the same checkout) cannot give one sweep's runs different code.
-    let built = build_trainer(root)?;
+    // The runs start from a copy of the trainer made when the sweep first ran, so that neither a
+    // rebuild while the sweep goes on (other work in the same checkout) nor a change of the code
+    // before it is resumed gives one sweep's runs different code; `--rebuild` takes the
+    // workspace's current code (after a fix, say).
     let trainer = opts.out.join(format!(".int8-train{}", std::env::consts::EXE_SUFFIX));
-    let part = opts.out.join(".int8-train.part");
-    std::fs::copy(&built, &part)
-        .and_then(|_| std::fs::rename(&part, &trainer))
-        .with_context(|| format!("cannot copy the trainer {} into {}", built.display(), opts.out.display()))?;
+    if opts.rebuild || !trainer.is_file() {
+        let built = build_trainer(root)?;
+        let part = opts.out.join(".int8-train.part");
+        std::fs::copy(&built, &part)
+            .and_then(|_| std::fs::rename(&part, &trainer))
+            .with_context(|| format!("cannot copy the trainer {} into {}", built.display(), opts.out.display()))?;
+        println!("trainer: built from the workspace, copied to {}", trainer.display());
+    } else {
+        println!(
+            "trainer: this sweep's copy {} (made {}), so that all its runs run the same code; \
+             --rebuild takes the workspace's current code",
+            trainer.display(),
+            age(&trainer)
+        );
+    }
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / opts.jobs).max(1);
     let todo = start_order(&runs, |r| finished(&opts.out.join(&r.name)).is_some());
     let skipped = runs.len() - todo.len();
@@ -471,13 +485,23 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     }
     if !failed.is_empty() {
         bail!(
-            "{} of {} runs failed (their train.log says why): {}",
+            "{} of {} runs failed (their train.log says why): {}; they resume with this sweep's trainer \
+             copy, so after a fix of the code run it again with --rebuild",
             failed.len(),
             runs.len(),
             failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
     Ok(())
+}
+
+/// How long ago `file` was last written, or `?`.
+fn age(file: &Path) -> String {
+    std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map_or_else(|| "?".into(), |d| format!("{} ago", fmt_secs(d.as_secs_f64())))
 }
 
 /// Builds the trainer in release mode and returns its path.

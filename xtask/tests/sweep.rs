@@ -1,6 +1,6 @@
 //! The sweep end to end, as CI runs it: `experiments/ci.toml` (a few hundred real Fashion-MNIST
 //! images, one epoch, FP32 and INT8 with DSGC on and off) is killed part way, run again to the
-//! end, and run a third time with nothing left to do.
+//! end with the same trainer, and run a third time, rebuilt, with nothing left to do.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -45,14 +45,20 @@ fn a_killed_sweep_finishes_on_the_next_run_without_redoing_finished_runs() {
     let first = sweep(&out, Some(6));
     assert!(!first.status.success(), "killed runs are reported as failures");
     assert!(String::from_utf8_lossy(&first.stderr).contains("3 of 3 runs failed"));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("trainer: built from the workspace"));
     for run in RUNS {
         assert!(out.join(run).join("checkpoints/last.safetensors").exists(), "{run} kept a checkpoint");
         assert!(!out.join(run).join("summary.json").exists());
     }
 
-    // Run again: each run resumes from its checkpoint and finishes.
+    // Run again: each run resumes from its checkpoint, with the trainer the sweep started with
+    // (the copy is not replaced), and finishes.
+    let copy = out.join(format!(".int8-train{}", std::env::consts::EXE_SUFFIX));
+    let made = std::fs::metadata(&copy).unwrap().modified().unwrap();
     let second = sweep(&out, None);
     assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("trainer: this sweep's copy"));
+    assert_eq!(std::fs::metadata(&copy).unwrap().modified().unwrap(), made);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
@@ -95,9 +101,11 @@ fn a_killed_sweep_finishes_on_the_next_run_without_redoing_finished_runs() {
     // A third time there is nothing to do, and nothing is rewritten.
     let stamp = |run: &str| std::fs::metadata(out.join(run).join("summary.json")).unwrap().modified().unwrap();
     let before: Vec<_> = RUNS.iter().map(|r| stamp(r)).collect();
-    let third = sweep(&out, None);
+    // `--rebuild` replaces the trainer's copy with the workspace's build.
+    let third = sweep_with(&out, None, &["--rebuild"]);
     assert!(third.status.success());
     assert!(String::from_utf8_lossy(&third.stdout).contains("3 finished runs skipped"));
+    assert!(String::from_utf8_lossy(&third.stdout).contains("trainer: built from the workspace"));
     assert_eq!(before, RUNS.iter().map(|r| stamp(r)).collect::<Vec<_>>());
     assert_eq!(std::fs::read_to_string(out.join("results.csv")).unwrap(), csv);
 
