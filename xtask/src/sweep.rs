@@ -543,8 +543,8 @@ pub struct Baseline {
     pub name: String,
     /// The folder its runs were read from, relative to the workspace root.
     pub dir: PathBuf,
-    /// Its finished FP32 runs: the planned run, top-1 and mean step time.
-    pub fp32: Vec<(PlannedRun, f64, f64)>,
+    /// Its finished FP32 runs and their top-1.
+    pub fp32: Vec<(PlannedRun, f64)>,
 }
 
 impl Baseline {
@@ -580,15 +580,15 @@ impl Baseline {
         for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let cells: Vec<&str> = line.split(',').collect();
             let bad = || anyhow::anyhow!("{} line {}: not a results row: {line}", csv_path.display(), i + 2);
-            let [run, _, _, precision, _, _, _, _, top1, _, _, _, step_ms] = cells[..] else { return Err(bad()) };
+            let [run, _, _, precision, _, _, _, _, top1, _, _, _, _] = cells[..] else { return Err(bad()) };
             if precision != "fp32" {
                 continue;
             }
-            let (top1, step_ms): (f64, f64) = (top1.parse().map_err(|_| bad())?, step_ms.parse().map_err(|_| bad())?);
+            let top1: f64 = top1.parse().map_err(|_| bad())?;
             let planned = plan.runs.iter().find(|r| r.name == run).with_context(|| {
                 format!("{}: run {run} is not in {}; rerun its sweep", csv_path.display(), plan_path.display())
             })?;
-            fp32.push((planned.clone(), top1, step_ms));
+            fp32.push((planned.clone(), top1));
         }
         let dir = dir.strip_prefix(root).unwrap_or(dir).to_path_buf();
         Ok(Self { name: name.to_string(), dir, fp32 })
@@ -596,15 +596,15 @@ impl Baseline {
 
     /// The FP32 run `run` (an INT8 run of another experiment) compares with: the same recipe,
     /// seed and overrides other than `quant.*` and the seed's.
-    fn partner(&self, run: &PlannedRun) -> Option<(f64, f64)> {
+    fn partner(&self, run: &PlannedRun) -> Option<f64> {
         let schedule = |r: &PlannedRun| -> Vec<String> {
             r.sets.iter().filter(|s| !s.starts_with("quant.") && !s.starts_with("train.seed=")).cloned().collect()
         };
         let want = schedule(run);
         self.fp32
             .iter()
-            .find(|(r, _, _)| r.recipe_name == run.recipe_name && r.seed == run.seed && schedule(r) == want)
-            .map(|&(_, top1, step_ms)| (top1, step_ms))
+            .find(|(r, _)| r.recipe_name == run.recipe_name && r.seed == run.seed && schedule(r) == want)
+            .map(|&(_, top1)| top1)
     }
 }
 
@@ -707,24 +707,23 @@ pub fn write_results(
     md.push_str("\n\n");
     md.push_str("| recipe | INT8 setting | seeds | INT8 - FP32 top-1 (pp) | INT8 / FP32 step time |\n| --- | --- | ---: | ---: | ---: |\n");
     for ((recipe, ablation), int8_rows) in &groups {
-        // (INT8 top-1, FP32 top-1, INT8 step ms, FP32 step ms) of each seed with both.
+        // INT8 top-1, FP32 top-1, and the INT8 and FP32 step ms of runs of this sweep, of each seed
+        // with both: the step times of another sweep's runs are not compared, as they may have run
+        // on another machine or beside other work.
+        type Pair = (f64, f64, Option<(f64, f64)>);
         let fp32: HashMap<u64, &Summary> = rows
             .iter()
             .filter(|(r, _)| r.precision == "fp32" && &r.recipe_name == recipe)
             .map(|(r, s)| (r.seed, s))
             .collect();
-        let from_baseline = fp32.is_empty() && baseline.is_some();
-        let pairs: Vec<(f64, f64, f64, f64)> = if fp32.is_empty()
+        let pairs: Vec<Pair> = if fp32.is_empty()
             && let Some(b) = baseline
         {
-            int8_rows
-                .iter()
-                .filter_map(|(r, s)| b.partner(r).map(|(top1, step_ms)| (s.top1, top1, s.step_ms, step_ms)))
-                .collect()
+            int8_rows.iter().filter_map(|(r, s)| b.partner(r).map(|top1| (s.top1, top1, None))).collect()
         } else {
             int8_rows
                 .iter()
-                .filter_map(|(r, s)| fp32.get(&r.seed).map(|f| (s.top1, f.top1, s.step_ms, f.step_ms)))
+                .filter_map(|(r, s)| fp32.get(&r.seed).map(|f| (s.top1, f.top1, Some((s.step_ms, f.step_ms)))))
                 .collect()
         };
         if pairs.is_empty() {
@@ -733,12 +732,10 @@ pub fn write_results(
         }
         let diffs: Vec<f64> = pairs.iter().map(|p| p.0 - p.1).collect();
         let (m, sd) = mean_std(&diffs);
-        // Another sweep's runs may have run on another machine or beside other work.
-        let ratio = if from_baseline {
-            "not compared (FP32 from the baseline)".to_string()
-        } else {
-            format!("{:.2}", pairs.iter().map(|p| p.2).sum::<f64>() / pairs.iter().map(|p| p.3).sum::<f64>())
-        };
+        let steps: Option<Vec<(f64, f64)>> = pairs.iter().map(|p| p.2).collect();
+        let ratio = steps.map_or("not compared (FP32 from the baseline)".to_string(), |st| {
+            format!("{:.2}", st.iter().map(|p| p.0).sum::<f64>() / st.iter().map(|p| p.1).sum::<f64>())
+        });
         md.push_str(&format!(
             "| {recipe} | {ablation} | {} | {m:+.2}{} | {ratio} |\n",
             pairs.len(),
@@ -903,7 +900,7 @@ mod tests {
         let mut other = runs[0].clone();
         other.seed = 5;
         assert_eq!(b.partner(&other), None);
-        assert_eq!(b.partner(&runs[1]), Some((72.0, 100.0)));
+        assert_eq!(b.partner(&runs[1]), Some(72.0));
 
         // A baseline that is nowhere, or whose table is not a results table, is an error that
         // names the place.
