@@ -130,16 +130,21 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
             ("conv input gradient", dx.len(), s.x_len()),
         ],
     )?;
-    if s.is_depthwise() && w.scales.len() == s.c_out {
+    if s.is_depthwise() {
         let sdy = tensor_scale("conv output gradient", &dy)?;
-        depthwise::input_grad(s, w.codes, dy.codes, dx, |c| w.scales[c] * sdy);
+        match *w.scales {
+            [sw] => depthwise::input_grad(s, w.codes, dy.codes, dx, |_| sw * sdy),
+            ref sw if sw.len() == s.c_out => depthwise::input_grad(s, w.codes, dy.codes, dx, |c| sw[c] * sdy),
+            ref sw => {
+                return Err(CoreError::InvalidArgument {
+                    what: "depthwise conv weight (for the input gradient)",
+                    why: format!("needs one scale or one per channel ({}), got {}", s.c_out, sw.len()),
+                });
+            }
+        }
         return Ok(());
     }
     let sc = tensor_scale("conv weight (for the input gradient)", &w)? * tensor_scale("conv output gradient", &dy)?;
-    if s.is_depthwise() {
-        depthwise::input_grad(s, w.codes, dy.codes, dx, |_| sc);
-        return Ok(());
-    }
     if let Some(t) = dx_as_forward(s) {
         let flipped = flip_transpose(s, w.codes);
         return conv2d_fwd_i8(path, &t, dy, QView { codes: &flipped, scales: w.scales }, dx);
