@@ -165,12 +165,12 @@ fn run() -> Result<()> {
                 bail!("--json names one file; pick one bench (for example `cargo xtask bench kernels --json FILE`)");
             }
             let all = which.is_none();
+            // A policy other than the paper's gets its own files, named by its patterns.
+            let policy: String = fp32
+                .iter()
+                .map(|p| format!("-fp32-{}", p.replace(|c: char| !c.is_ascii_alphanumeric(), "_")))
+                .collect();
             for bench in benches {
-                // A policy other than the paper's gets its own files, named by its patterns.
-                let policy: String = fp32
-                    .iter()
-                    .map(|p| format!("-fp32-{}", p.replace(|c: char| !c.is_ascii_alphanumeric(), "_")))
-                    .collect();
                 let file = match &model {
                     Some(m) => format!("{}-{m}{policy}.json", bench.name()),
                     None => format!("{}{policy}.json", bench.name()),
