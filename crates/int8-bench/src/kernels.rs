@@ -208,7 +208,7 @@ impl LayerWork {
         let pointwise = strided_pointwise(s);
         let k = pointwise.unwrap_or(*s);
         let dy = random_f32(s.y_len(), 13);
-        let mut clip = ClipState::new(ClipMode::Dsgc { interval: 100 });
+        let mut clip = ClipState::new(ClipMode::dsgc(100));
         clip.update("dy", &dy)?;
         Ok(LayerWork {
             s: *s,

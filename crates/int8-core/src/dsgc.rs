@@ -140,7 +140,7 @@ pub fn search_clip(name: &str, g: &[f32]) -> Result<ClipChoice> {
 }
 
 /// How a layer picks the clip value for its gradient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ClipMode {
     /// Clip at `max|g|` every iteration (no DSGC; the paper's ablation baseline).
     MaxAbs,
@@ -148,12 +148,25 @@ pub enum ClipMode {
     Dsgc {
         /// Iterations between searches (the paper refreshes about every 100).
         interval: u64,
+        /// Also search before the interval ends when the clip value in force has gone stale: when
+        /// the gradient's cosine distance at that value exceeds `stale_ratio` times the distance
+        /// measured right after the last search. `None` searches only every `interval`, as the
+        /// paper does. Early in training a gradient can grow 20-fold within one interval; its old
+        /// clip value then saturates a few percent of the entries and bends its direction.
+        stale_ratio: Option<f32>,
     },
+}
+
+impl ClipMode {
+    /// DSGC every `interval` iterations and at no other time, as in the paper.
+    pub const fn dsgc(interval: u64) -> Self {
+        ClipMode::Dsgc { interval, stale_ratio: None }
+    }
 }
 
 impl Default for ClipMode {
     fn default() -> Self {
-        ClipMode::Dsgc { interval: 100 }
+        ClipMode::dsgc(100)
     }
 }
 
@@ -168,28 +181,49 @@ pub struct ClipUpdate {
     pub searched: bool,
 }
 
+/// The part of a [`ClipState`] that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ClipSnapshot {
+    /// Gradients seen.
+    pub calls: u64,
+    /// The clip value in force, if one has been chosen.
+    pub clip: Option<f32>,
+    /// The distance measured right after the last search (the staleness test's reference).
+    pub reference: Option<f64>,
+    /// Searches run, periodic and stale ones together.
+    pub searches: u64,
+}
+
+/// The smallest reference distance the staleness test compares with, so that a search on an
+/// all-zero gradient (distance 0) does not make every later gradient stale.
+const STALE_FLOOR: f64 = 1e-6;
+
 /// A layer's gradient clip value, searched periodically.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipState {
     mode: ClipMode,
-    calls: u64,
-    clip: Option<f32>,
+    snap: ClipSnapshot,
 }
 
 impl ClipState {
     /// A fresh state: the first [`ClipState::update`] chooses the clip value.
     pub fn new(mode: ClipMode) -> Self {
-        Self { mode, calls: 0, clip: None }
+        Self { mode, snap: ClipSnapshot::default() }
     }
 
-    /// Restores a state saved with [`ClipState::clip`] and [`ClipState::calls`] (for resumed runs).
-    pub fn restore(mode: ClipMode, calls: u64, clip: Option<f32>) -> Self {
-        Self { mode, calls, clip }
+    /// Restores a state saved with [`ClipState::snapshot`] (for resumed runs).
+    pub fn restore(mode: ClipMode, snap: ClipSnapshot) -> Self {
+        Self { mode, snap }
+    }
+
+    /// What a checkpoint keeps of this state.
+    pub fn snapshot(&self) -> ClipSnapshot {
+        self.snap
     }
 
     /// The clip value in force, if any has been chosen.
     pub fn clip(&self) -> Option<f32> {
-        self.clip
+        self.snap.clip
     }
 
     /// How the clip value is chosen.
@@ -199,50 +233,97 @@ impl ClipState {
 
     /// How many gradients this state has seen.
     pub fn calls(&self) -> u64 {
-        self.calls
+        self.snap.calls
+    }
+
+    /// How many searches have run (periodic and stale ones).
+    pub fn searches(&self) -> u64 {
+        self.snap.searches
+    }
+
+    /// Whether the periodic search is due on this call (always on the first).
+    fn periodic_due(&self) -> bool {
+        match self.mode {
+            ClipMode::MaxAbs => false,
+            ClipMode::Dsgc { interval, .. } => {
+                self.snap.clip.is_none() || self.snap.calls.is_multiple_of(interval.max(1))
+            }
+        }
+    }
+
+    /// Whether `distance`, measured at the clip value in force, says that value has gone stale.
+    fn stale(&self, distance: f64) -> bool {
+        match (self.mode, self.snap.reference) {
+            (ClipMode::Dsgc { stale_ratio: Some(r), .. }, Some(reference)) => {
+                distance > r as f64 * reference.max(STALE_FLOOR)
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs a search and puts its clip value in force; the caller records the reference distance.
+    fn search(&mut self, name: &str, g: &[f32]) -> Result<f32> {
+        let choice = search_clip(name, g)?;
+        self.snap.searches += 1;
+        self.snap.clip = Some(choice.clip);
+        Ok(choice.clip)
     }
 
     /// Chooses the clip value for gradient `g` as [`ClipState::update`] does and quantizes `g` with
     /// it, measuring the cosine distance of the codes actually produced in the same pass. Between
     /// searches this is one pass over the gradient where `update` and a separate quantization
-    /// take two.
+    /// take two; a stale clip value costs a search and a second pass.
     pub fn quantize(&mut self, name: &str, g: &[f32], rounding: Rounding) -> Result<(QTensor, ClipUpdate)> {
-        let (clip, searched) = match self.mode {
-            ClipMode::MaxAbs => (max_abs(name, g)?, false),
-            ClipMode::Dsgc { interval } if self.clip.is_none() || self.calls.is_multiple_of(interval.max(1)) => {
-                (search_clip(name, g)?.clip, true)
-            }
-            ClipMode::Dsgc { .. } => (self.clip.unwrap_or(0.0), false),
+        let mut searched = self.periodic_due();
+        let clip = match self.mode {
+            ClipMode::MaxAbs => max_abs(name, g)?,
+            ClipMode::Dsgc { .. } if searched => self.search(name, g)?,
+            ClipMode::Dsgc { .. } => self.snap.clip.unwrap_or(0.0),
         };
-        self.calls += 1;
-        self.clip = Some(clip);
-        let (q, stats) = quantize_pass::<true>(name, g, clip, rounding)?;
-        Ok((q, ClipUpdate { clip, distance: distance_from_terms(stats.gq, stats.qq, stats.gg), searched }))
+        self.snap.calls += 1;
+        self.snap.clip = Some(clip);
+        let pass = |clip: f32, searched: bool| -> Result<(QTensor, ClipUpdate)> {
+            let (q, s) = quantize_pass::<true>(name, g, clip, rounding)?;
+            Ok((q, ClipUpdate { clip, distance: distance_from_terms(s.gq, s.qq, s.gg), searched }))
+        };
+        let (mut q, mut up) = pass(clip, searched)?;
+        if !searched && self.stale(up.distance) {
+            searched = true;
+            let clip = self.search(name, g)?;
+            (q, up) = pass(clip, true)?;
+        }
+        if searched {
+            // The reference is measured like every later distance (same pass, same rounding).
+            self.snap.reference = Some(up.distance);
+        }
+        Ok((q, up))
     }
 
-    /// Chooses the clip value for gradient `g`: a search when one is due, else the value in force.
-    /// The distance at the chosen value is always measured (one pass), since DCLR needs it.
+    /// Chooses the clip value for gradient `g`: a search when one is due or the value in force
+    /// has gone stale, else that value. The distance at the chosen value is always measured (one
+    /// pass), since DCLR needs it.
     pub fn update(&mut self, name: &str, g: &[f32]) -> Result<ClipUpdate> {
-        let due = match self.mode {
-            ClipMode::MaxAbs => false,
-            ClipMode::Dsgc { interval } => self.clip.is_none() || self.calls.is_multiple_of(interval.max(1)),
-        };
-        self.calls += 1;
+        let due = self.periodic_due();
+        self.snap.calls += 1;
         let update = match self.mode {
             ClipMode::MaxAbs => {
                 let clip = max_abs(name, g)?;
                 ClipUpdate { clip, distance: cosine_distance(g, clip), searched: false }
             }
-            ClipMode::Dsgc { .. } if due => {
-                let choice = search_clip(name, g)?;
-                ClipUpdate { clip: choice.clip, distance: choice.distance, searched: true }
-            }
             ClipMode::Dsgc { .. } => {
-                let clip = self.clip.unwrap_or(0.0);
-                ClipUpdate { clip, distance: cosine_distance(g, clip), searched: false }
+                let kept = self.snap.clip.unwrap_or(0.0);
+                let kept_distance = if due { f64::NAN } else { cosine_distance(g, kept) };
+                if due || self.stale(kept_distance) {
+                    let clip = self.search(name, g)?;
+                    let up = ClipUpdate { clip, distance: cosine_distance(g, clip), searched: true };
+                    self.snap.reference = Some(up.distance);
+                    up
+                } else {
+                    ClipUpdate { clip: kept, distance: kept_distance, searched: false }
+                }
             }
         };
-        self.clip = Some(update.clip);
+        self.snap.clip = Some(update.clip);
         Ok(update)
     }
 }
@@ -341,7 +422,7 @@ mod tests {
     #[test]
     fn fused_quantize_matches_update_then_quantize() {
         let g = student_t(70_000, 3, 21);
-        for mode in [ClipMode::MaxAbs, ClipMode::Dsgc { interval: 2 }] {
+        for mode in [ClipMode::MaxAbs, ClipMode::dsgc(2), ClipMode::Dsgc { interval: 3, stale_ratio: Some(1.5) }] {
             let (mut fused, mut split) = (ClipState::new(mode), ClipState::new(mode));
             for step in 0..4 {
                 let gs: Vec<f32> = g.iter().map(|v| v * (1.0 + step as f32)).collect();
@@ -376,7 +457,7 @@ mod tests {
 
     #[test]
     fn clip_state_searches_on_the_first_call_and_then_every_interval() {
-        let mut state = ClipState::new(ClipMode::Dsgc { interval: 3 });
+        let mut state = ClipState::new(ClipMode::dsgc(3));
         let g1 = laplace(4096, 1);
         let searched: Vec<bool> = (0..7).map(|_| state.update("g", &g1).unwrap().searched).collect();
         assert_eq!(searched, vec![true, false, false, true, false, false, true]);
@@ -402,5 +483,67 @@ mod tests {
                 .to_string()
                 .contains("layer1.grad")
         );
+    }
+
+    #[test]
+    fn a_stale_clip_value_triggers_a_search_before_the_interval_ends() {
+        let ratio = 4.0f32;
+        let mode = ClipMode::Dsgc { interval: 100, stale_ratio: Some(ratio) };
+        let g = laplace(20_000, 7);
+        let scaled = |k: f32| g.iter().map(|v| v * k).collect::<Vec<f32>>();
+        let mut state = ClipState::new(mode);
+        let first = state.update("g", &g).unwrap();
+        assert!(first.searched);
+        let reference = cosine_distance(&g, first.clip);
+        // The same gradient again, and one 10% larger: the clip value in force still fits. (The best
+        // clip value of a Laplace gradient is sharp: 30% larger already quadruples the distance.)
+        for k in [1.0, 1.1] {
+            let up = state.update("g", &scaled(k)).unwrap();
+            assert!(!up.searched, "x{k}");
+            assert!(cosine_distance(&scaled(k), first.clip) <= ratio as f64 * reference, "x{k}");
+        }
+        // Grown 20-fold (saturating) or shrunk 20-fold (rounding most entries to zero), the old clip value gives
+        // a distance far above `ratio` times the reference, so the state searches again.
+        for k in [20.0, 1.0 / 20.0] {
+            let gk = scaled(k);
+            let old = state.clip().unwrap();
+            assert!(cosine_distance(&gk, old) > ratio as f64 * reference, "x{k}");
+            let up = state.update("g", &gk).unwrap();
+            assert!(up.searched, "x{k}");
+            assert_eq!(up.clip, search_clip("g", &gk).unwrap().clip, "x{k}");
+            assert!(up.distance < 1.5 * reference, "x{k}: {} vs {reference}", up.distance);
+            assert!(!state.update("g", &gk).unwrap().searched, "x{k}: the new value fits");
+        }
+        assert_eq!(state.searches(), 3);
+        // Without a ratio (the paper), only the interval triggers searches.
+        let mut paper = ClipState::new(ClipMode::dsgc(100));
+        let searched: Vec<bool> =
+            [1.0, 20.0, 1.0 / 20.0].iter().map(|&k| paper.update("g", &scaled(k)).unwrap().searched).collect();
+        assert_eq!(searched, vec![true, false, false]);
+    }
+
+    #[test]
+    fn a_restored_clip_state_continues_exactly() {
+        let mode = ClipMode::Dsgc { interval: 5, stale_ratio: Some(2.0) };
+        let g = student_t(10_000, 3, 4);
+        let grads: Vec<Vec<f32>> =
+            (0..12).map(|t| g.iter().map(|v| v * (1.0 + 0.6 * t as f32).powi(2)).collect()).collect();
+        let mut whole = ClipState::new(mode);
+        let mut first = ClipState::new(mode);
+        for gt in &grads[..6] {
+            assert_eq!(
+                whole.quantize("g", gt, Rounding::Nearest).unwrap(),
+                first.quantize("g", gt, Rounding::Nearest).unwrap()
+            );
+        }
+        let mut resumed = ClipState::restore(mode, first.snapshot());
+        for gt in &grads[6..] {
+            assert_eq!(
+                whole.quantize("g", gt, Rounding::Nearest).unwrap(),
+                resumed.quantize("g", gt, Rounding::Nearest).unwrap()
+            );
+        }
+        assert_eq!(whole, resumed);
+        assert!(whole.searches() > 3, "the growing gradient made some searches stale ones: {}", whole.searches());
     }
 }

@@ -49,7 +49,7 @@ impl Default for Int8Config {
         Self {
             weight: Granularity::PerTensor,
             grad_rounding: GradRounding::Nearest,
-            clip: ClipMode::Dsgc { interval: 100 },
+            clip: ClipMode::dsgc(100),
             dclr: Some(Dclr::default()),
         }
     }

@@ -1,6 +1,6 @@
 //! Per-layer quantization state and the statistics it exposes after each step.
 
-use int8_core::dsgc::{ClipMode, ClipState};
+use int8_core::dsgc::{ClipMode, ClipSnapshot, ClipState};
 use int8_core::quant::QTensor;
 
 use crate::precision::Int8Config;
@@ -19,6 +19,8 @@ pub struct LayerStats {
     pub phi: f64,
     /// Whether this step ran a DSGC search.
     pub searched: bool,
+    /// DSGC searches run so far (periodic and stale ones).
+    pub searches: u64,
     /// Fraction of input values clipped in the forward pass.
     pub saturation_x: f32,
     /// Fraction of weight values clipped.
@@ -54,29 +56,27 @@ impl LayerState {
 }
 
 /// The part of a layer's INT8 state that a checkpoint must keep for a resumed run to continue
-/// exactly: the step count (it seeds stochastic rounding), the clip state's call count (it times
-/// the next DSGC search) and the clip value in force.
+/// exactly: the step count (it seeds stochastic rounding) and the clip state (its call count times
+/// the next DSGC search; the clip value in force and its reference distance).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct QuantSnapshot {
     /// Backward passes seen.
     pub steps: u64,
-    /// Gradients the clip state has seen.
-    pub calls: u64,
-    /// The clip value in force, if one has been chosen.
-    pub clip: Option<f32>,
+    /// The gradient clip state.
+    pub clip: ClipSnapshot,
 }
 
 impl LayerState {
     /// What a checkpoint keeps of this state.
     pub fn snapshot(&self) -> QuantSnapshot {
-        QuantSnapshot { steps: self.stats.steps, calls: self.clip.calls(), clip: self.clip.clip() }
+        QuantSnapshot { steps: self.stats.steps, clip: self.clip.snapshot() }
     }
 
     /// Restores a snapshot, keeping the clip mode this layer was built with.
     pub fn restore(&mut self, snap: QuantSnapshot) {
-        self.clip = ClipState::restore(self.clip.mode(), snap.calls, snap.clip);
+        self.clip = ClipState::restore(self.clip.mode(), snap.clip);
         self.stats.steps = snap.steps;
-        if let Some(c) = snap.clip {
+        if let Some(c) = snap.clip.clip {
             self.stats.clip = c;
         }
     }
@@ -91,6 +91,7 @@ impl LayerState {
         self.stats.clip = up.clip;
         self.stats.distance = up.distance;
         self.stats.searched = up.searched;
+        self.stats.searches = self.clip.searches();
         self.stats.phi = cfg.dclr.map_or(1.0, |d| d.phi(up.distance));
         self.stats.saturation_dy = dyq.saturation_rate();
         if self.keep_grad {

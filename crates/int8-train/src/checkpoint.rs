@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::Tensor;
+use int8_core::dsgc::ClipSnapshot;
 use int8_nn::optim::Sgd;
 use int8_nn::stats::QuantSnapshot;
 use int8_zoo::Model;
@@ -50,17 +51,26 @@ pub struct QuantRecord {
     pub calls: u64,
     /// The clip value in force.
     pub clip: Option<f32>,
+    /// The cosine distance measured right after the last DSGC search (checkpoints written before
+    /// it was kept have none: a stale clip value is then first noticed after the next search).
+    #[serde(default)]
+    pub reference: Option<f64>,
+    /// DSGC searches run so far.
+    #[serde(default)]
+    pub searches: u64,
 }
 
 impl From<QuantSnapshot> for QuantRecord {
     fn from(s: QuantSnapshot) -> Self {
-        Self { steps: s.steps, calls: s.calls, clip: s.clip }
+        let c = s.clip;
+        Self { steps: s.steps, calls: c.calls, clip: c.clip, reference: c.reference, searches: c.searches }
     }
 }
 
 impl From<QuantRecord> for QuantSnapshot {
     fn from(q: QuantRecord) -> Self {
-        Self { steps: q.steps, calls: q.calls, clip: q.clip }
+        let clip = ClipSnapshot { calls: q.calls, clip: q.clip, reference: q.reference, searches: q.searches };
+        Self { steps: q.steps, clip }
     }
 }
 
@@ -231,4 +241,22 @@ pub fn restore_all(model: &dyn Model, sgd: &mut Sgd, ck: &Loaded, path: &Path) -
         }
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_state_saved_before_the_staleness_test_still_loads() {
+        let old: QuantRecord = serde_json::from_str(r#"{"steps": 7, "calls": 7, "clip": 0.5}"#).unwrap();
+        let snap = QuantSnapshot::from(old);
+        assert_eq!(snap.clip, ClipSnapshot { calls: 7, clip: Some(0.5), reference: None, searches: 0 });
+        let new = QuantRecord::from(QuantSnapshot {
+            steps: 9,
+            clip: ClipSnapshot { calls: 9, clip: Some(0.25), reference: Some(1e-3), searches: 2 },
+        });
+        let back: QuantRecord = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+    }
 }

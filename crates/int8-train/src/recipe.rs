@@ -232,6 +232,10 @@ pub struct QuantConfig {
     pub dsgc: bool,
     /// Iterations between DSGC searches (the paper: about 100).
     pub clip_interval: u64,
+    /// Search again before `clip_interval` ends when the gradient's cosine distance at the clip
+    /// value in force exceeds this many times the distance right after the last search (above 1;
+    /// unset, as in the paper: only every `clip_interval`).
+    pub clip_stale_ratio: Option<f32>,
     /// Deviation counteractive learning-rate scaling (Sec. 4.2).
     pub dclr: bool,
     /// DCLR's alpha (the paper: 20).
@@ -256,6 +260,7 @@ impl Default for QuantConfig {
             precision: PrecisionName::Int8,
             dsgc: true,
             clip_interval: 100,
+            clip_stale_ratio: None,
             dclr: true,
             alpha: 20.0,
             beta: 0.1,
@@ -341,6 +346,11 @@ impl Recipe {
         if q.clip_interval == 0 {
             return Err("quant.clip_interval must be at least 1".into());
         }
+        if let Some(r) = q.clip_stale_ratio
+            && !(r > 1.0 && r.is_finite())
+        {
+            return Err(format!("quant.clip_stale_ratio must be a number above 1 (such as 4), got {r}"));
+        }
         if !(q.beta > 0.0 && q.beta <= 1.0) || q.alpha < 0.0 {
             return Err("quant.beta must be in (0, 1] and quant.alpha at least 0".into());
         }
@@ -368,7 +378,11 @@ impl Recipe {
                 RoundingName::Nearest => GradRounding::Nearest,
                 RoundingName::Stochastic => GradRounding::Stochastic { seed: self.train.seed ^ 0x5EED_0F6E_AD00 },
             },
-            clip: if q.dsgc { ClipMode::Dsgc { interval: q.clip_interval } } else { ClipMode::MaxAbs },
+            clip: if q.dsgc {
+                ClipMode::Dsgc { interval: q.clip_interval, stale_ratio: q.clip_stale_ratio }
+            } else {
+                ClipMode::MaxAbs
+            },
             dclr: q.dclr.then_some(Dclr { alpha: q.alpha, beta: q.beta }),
         };
         LayerPolicy {
@@ -426,7 +440,7 @@ lr = 0.05
         assert_eq!((r.quant.alpha, r.quant.beta, r.quant.clip_interval), (20.0, 0.1, 100));
         let p = r.policy();
         assert!(!p.first_conv_int8 && !p.linear_int8);
-        assert_eq!(p.int8.unwrap().clip, ClipMode::Dsgc { interval: 100 });
+        assert_eq!(p.int8.unwrap().clip, ClipMode::dsgc(100));
         let back = parse(&r.to_toml(), &[]).unwrap();
         assert_eq!(back, r);
     }
@@ -461,6 +475,8 @@ lr = 0.05
             ("optim.schedule=multistep", "milestones"),
             ("quant.beta=0", "quant.beta"),
             ("quant.clip_interval=0", "clip_interval"),
+            ("quant.clip_stale_ratio=1", "clip_stale_ratio"),
+            ("quant.clip_stale_ratio=nan", "clip_stale_ratio"),
         ] {
             let err = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
@@ -474,6 +490,9 @@ lr = 0.05
         assert_eq!(cfg.clip, ClipMode::MaxAbs);
         assert_eq!(cfg.dclr, None);
         assert!(matches!(cfg.grad_rounding, GradRounding::Stochastic { .. }));
+        let r = parse(MINIMAL, &["quant.clip_stale_ratio=4"]).unwrap();
+        assert_eq!(r.policy().int8.unwrap().clip, ClipMode::Dsgc { interval: 100, stale_ratio: Some(4.0) });
+        assert!(r.to_toml().contains("clip_stale_ratio = 4"), "the saved recipe keeps it");
     }
 
     #[test]

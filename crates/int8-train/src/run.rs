@@ -125,7 +125,8 @@ pub fn evaluate(model: &dyn Model, test: &Arc<dyn Source>, batch: usize) -> Resu
     Ok((loss / n, 100.0 * top1 as f64 / n, 100.0 * top5 as f64 / n))
 }
 
-/// The TensorBoard scalars of each INT8 layer: clip value, cosine distance, DCLR phi, saturation.
+/// The TensorBoard scalars of each INT8 layer: clip value, cosine distance, DCLR phi, saturation,
+/// and the DSGC searches run so far.
 fn layer_scalars(model: &dyn Model) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for (name, s) in model.int8_stats() {
@@ -135,6 +136,7 @@ fn layer_scalars(model: &dyn Model) -> Vec<(String, f64)> {
         out.push((format!("quant/{name}/saturation_x"), s.saturation_x as f64));
         out.push((format!("quant/{name}/saturation_w"), s.saturation_w as f64));
         out.push((format!("quant/{name}/saturation_dy"), s.saturation_dy as f64));
+        out.push((format!("quant/{name}/searches"), s.searches as f64));
     }
     out
 }

@@ -16,8 +16,9 @@ use serde_json::Value;
 
 const FASHION: &str = "/usr/share/datasets/fashion-mnist";
 
-/// A two-epoch INT8 recipe over 512 training images, with DSGC searching every 2 steps and
-/// stochastic gradient rounding, so that resuming must restore the clip state and the
+/// A two-epoch INT8 recipe over 512 training images, with DSGC searching every 5 steps and
+/// whenever the clip value goes stale (a distance 1.1 times the last search's), and stochastic
+/// gradient rounding, so that resuming must restore the clip state and the
 /// rounding stream as well as weights and momentum.
 fn recipe(extra: &[&str]) -> Recipe {
     assert!(
@@ -43,7 +44,8 @@ lr = 0.05
 weight_decay = 5e-4
 schedule = "cosine"
 [quant]
-clip_interval = 2
+clip_interval = 5
+clip_stale_ratio = 1.1
 grad_rounding = "stochastic"
 "#;
     let sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -86,7 +88,7 @@ fn tensorboard_reads_every_tag_the_trainer_writes() {
         .map(String::from)
         .collect();
     for layer in ["conv2", "conv3"] {
-        for what in ["clip", "cosine_distance", "phi", "saturation_x", "saturation_w", "saturation_dy"] {
+        for what in ["clip", "cosine_distance", "phi", "saturation_x", "saturation_w", "saturation_dy", "searches"] {
             want.push(format!("quant/{layer}/{what}"));
         }
     }
@@ -187,6 +189,9 @@ fn a_killed_and_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     );
     assert_eq!(qa.quant, qb.quant);
     assert_eq!(qa.quant["conv2"].steps, 16);
+    // Four periodic searches in 16 steps; more means a stale clip value triggered some, and the
+    // resumed run restored what decides them.
+    assert!(qa.quant["conv2"].searches + qa.quant["conv3"].searches > 8, "{:?}", qa.quant);
     let strip = |h: &[checkpoint::EpochRecord]| {
         h.iter().map(|e| (e.epoch, e.train_loss, e.train_top1, e.test_loss, e.test_top1)).collect::<Vec<_>>()
     };
