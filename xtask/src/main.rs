@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod scalars;
 mod sweep;
 
 #[derive(Parser, Debug)]
@@ -95,6 +96,21 @@ enum Cmd {
     },
     /// List the models (with parameter counts) and the recipes.
     Zoo,
+    /// Print a run's TensorBoard curves as a Markdown table: `cargo xtask scalars RUN_DIR --tag
+    /// "quant/features.1.dw.conv/*" --to 300`; without --tag, list the tags.
+    Scalars {
+        /// A run's folder (holding events.out.tfevents.* files), e.g. runs/quick/quick-int8-s0.
+        run: PathBuf,
+        /// Tags to show as columns, `*` matching any run of characters (repeatable).
+        #[arg(long = "tag", value_name = "PATTERN")]
+        tags: Vec<String>,
+        /// First step shown.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Last step shown.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -231,6 +247,10 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Zoo => zoo(),
+        Cmd::Scalars { run, tags, from, to } => {
+            print!("{}", scalars::render(&run, &scalars::Select { tags, from, to })?);
+            Ok(())
+        }
     }
 }
 

@@ -42,6 +42,14 @@ pub enum TrainError {
         /// What is wrong and what to do.
         why: String,
     },
+    /// A TensorBoard event file cannot be read.
+    #[error("{path}: {why}")]
+    Events {
+        /// The event file or run folder.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
     /// The run diverged; the last good checkpoint is kept.
     #[error(
         "the run diverged at epoch {epoch}, step {step}: {why}; {kept}; lower optim.lr or check the data, then rerun"

@@ -1,10 +1,12 @@
 //! A small TensorBoard event-file writer: scalars, histograms, text and session starts, each an
 //! `Event` protocol buffer (encoded with `prost`) framed as a TFRecord (length, masked CRC32C of
-//! the length, data, masked CRC32C of the data). Written here rather than taken from
+//! the length, data, masked CRC32C of the data); and [`read_scalars`], which reads a run folder's
+//! scalar curves back as TensorBoard shows them (for `cargo xtask scalars`). Written here rather than taken from
 //! `tensorboard-rs`, which is unmaintained, pulls a protobuf crate with a security advisory and
 //! leaves histograms and text unimplemented. The messages mirror TensorFlow's `event.proto`,
 //! `summary.proto`, `tensor.proto` and `tensor_shape.proto`, with only the fields used here.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -265,6 +267,82 @@ impl Drop for EventWriter {
     }
 }
 
+/// A run's scalar curves: each tag's (step, value) points in step order.
+pub type Scalars = BTreeMap<String, Vec<(u64, f32)>>;
+
+/// Reads the scalars of every event file in `dir` (`events.out.tfevents.*`, in name order, which
+/// is the order they were started), as TensorBoard shows them: a session start at step `s` (a
+/// resumed run) drops every point logged at `s` or later before it, which an interrupted session
+/// wrote past its checkpoint. A record whose checksum is wrong is an error naming the file; a
+/// record cut short at the end of a file (a writer killed mid-write) ends that file.
+pub fn read_scalars(dir: &Path) -> Result<Scalars> {
+    let entries = std::fs::read_dir(dir).map_err(TrainError::io(dir))?;
+    let mut files = Vec::new();
+    for e in entries {
+        let e = e.map_err(TrainError::io(dir))?;
+        if e.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+            files.push(e.path());
+        }
+    }
+    if files.is_empty() {
+        let why = "holds no TensorBoard event file (events.out.tfevents.*); give a run's folder".to_string();
+        return Err(TrainError::Events { path: dir.into(), why });
+    }
+    files.sort();
+    let mut out = Scalars::new();
+    for path in &files {
+        let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
+        for event in decode_records(&bytes).map_err(|why| TrainError::Events { path: path.clone(), why })? {
+            let step = event.step.max(0) as u64;
+            match event.what {
+                Some(EventWhat::SessionLog(log)) if log.status == 1 => {
+                    for points in out.values_mut() {
+                        points.retain(|p| p.0 < step);
+                    }
+                }
+                Some(EventWhat::Summary(summary)) => {
+                    for v in summary.value {
+                        if let Some(ValueKind::SimpleValue(x)) = v.value {
+                            out.entry(v.tag).or_default().push((step, x));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for points in out.values_mut() {
+        points.sort_by_key(|p| p.0);
+    }
+    Ok(out)
+}
+
+/// The events of one file's TFRecords, checking both checksums of each record.
+fn decode_records(bytes: &[u8]) -> std::result::Result<Vec<Event>, String> {
+    let mut events = Vec::new();
+    let mut at = 0;
+    while at + 12 <= bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let crc = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if crc(&bytes[at + 8..]) != masked_crc(len_bytes) {
+            return Err(format!("the record at byte {at} has a bad length checksum; the file is damaged"));
+        }
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap_or_default()) as usize;
+        let end = (at + 12).saturating_add(len);
+        if end.saturating_add(4) > bytes.len() {
+            break;
+        }
+        let data = &bytes[at + 12..end];
+        if crc(&bytes[end..]) != masked_crc(data) {
+            return Err(format!("the record at byte {at} has a bad data checksum; the file is damaged"));
+        }
+        let event = Event::decode(data).map_err(|e| format!("the record at byte {at} is not an event ({e})"))?;
+        events.push(event);
+        at = end + 4;
+    }
+    Ok(events)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +385,39 @@ mod tests {
         assert_eq!((h.min, h.max, h.num, h.sum), (-1.0, 2.0, 4.0, 1.5));
         assert_eq!(h.bucket.iter().sum::<f64>(), 4.0);
         assert_eq!((h.bucket[0], h.bucket[HISTOGRAM_BUCKETS - 1]), (1.0, 1.0));
+    }
+
+    #[test]
+    fn scalars_read_back_as_tensorboard_shows_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = EventWriter::create(dir.path(), "0").unwrap();
+        for step in 1..=6 {
+            w.scalars(step, &[("train/loss".into(), step as f64), ("quant/a/clip".into(), 0.5)]).unwrap();
+        }
+        w.histogram(6, "weights/fc", &[1.0, 2.0]).unwrap();
+        drop(w);
+        // A resumed session, started at step 4: the first session's points from step 4 on go.
+        let mut w = EventWriter::create(dir.path(), "1").unwrap();
+        w.session_start(4).unwrap();
+        w.scalars(4, &[("train/loss".into(), 40.0)]).unwrap();
+        drop(w);
+        let s = read_scalars(dir.path()).unwrap();
+        assert_eq!(s.keys().collect::<Vec<_>>(), ["quant/a/clip", "train/loss"]);
+        assert_eq!(s["train/loss"], vec![(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]);
+        assert_eq!(s["quant/a/clip"].len(), 3);
+
+        // A record cut short at the end is where the file ends; a flipped byte is an error.
+        let path = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let whole = bytes.len();
+        std::fs::write(&path, &bytes[..whole - 5]).unwrap();
+        assert_eq!(read_scalars(dir.path()).unwrap()["train/loss"].len(), 4);
+        bytes[whole / 2] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_scalars(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains("damaged"), "{err}");
+
+        let empty = tempfile::tempdir().unwrap();
+        assert!(read_scalars(empty.path()).unwrap_err().to_string().contains("no TensorBoard event file"));
     }
 }

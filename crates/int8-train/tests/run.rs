@@ -137,6 +137,7 @@ fn tensorboard_reads_every_tag_the_trainer_writes() {
     // The resolved recipe as text.
     let text = &ev["tensors"]["recipe"][0][1];
     assert!(text.as_str().unwrap().contains("model = \"cnn-small\""), "{text}");
+    same_scalars_as_tensorboard(dir.path(), &ev);
 }
 
 /// Every tensor of a checkpoint, by name.
@@ -214,6 +215,23 @@ fn a_killed_and_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
         ev["scalars"]["train/loss"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
     assert_eq!(steps, loss.keys().copied().collect::<Vec<_>>(), "steps are unique and in order");
     assert_eq!(steps, vec![1, 2, 4, 6, 8, 10, 12, 14, 16]);
+    same_scalars_as_tensorboard(broken.path(), &ev);
+}
+
+/// Our reader (`cargo xtask scalars`) gives every tag the points TensorBoard's reader gives.
+fn same_scalars_as_tensorboard(dir: &Path, ev: &Value) {
+    let ours = int8_train::tensorboard::read_scalars(dir).unwrap();
+    let theirs = ev["scalars"].as_object().unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    for (tag, points) in &ours {
+        let want: Vec<(u64, f32)> = theirs[tag]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+            .collect();
+        assert_eq!(points, &want, "{tag}");
+    }
 }
 
 #[test]
