@@ -284,6 +284,11 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     let mut resolved = Vec::new();
     for r in &runs {
         let recipe = Recipe::load(&r.recipe, &r.sets).with_context(|| format!("run {}", r.name))?;
+        // Layer rules are checked against the model's layer names, which takes building it.
+        let policy = recipe.policy();
+        if !policy.rules.is_empty() {
+            int8_zoo::build(&recipe.model, 10, &policy, 0).with_context(|| format!("run {}", r.name))?;
+        }
         // A run folder made with another recipe (the experiment changed since) is not reused.
         let saved = opts.out.join(&r.name).join("recipe.toml");
         if let Ok(text) = std::fs::read_to_string(&saved)
@@ -841,6 +846,34 @@ mod tests {
         };
         std::fs::create_dir_all(out.join(&run.name)).unwrap();
         std::fs::write(out.join(&run.name).join("summary.json"), serde_json::to_string(&s).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_layer_rule_that_names_no_layer_fails_the_sweep_before_any_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let experiment = dir.path().join("typo.toml");
+        std::fs::write(
+            &experiment,
+            r#"
+            recipes = ["resnet20-cifar10", "mobilenetv2-cifar10"]
+            precisions = ["int8"]
+            set = ['quant.rules=[{ pattern = "*.dw.conv", int8 = false }]']
+            "#,
+        )
+        .unwrap();
+        let opts = SweepOptions {
+            experiment,
+            out: dir.path().join("out"),
+            jobs: 1,
+            dry_run: true,
+            tables: false,
+            rebuild: false,
+            sets: vec![],
+            data_dir: None,
+        };
+        let err = format!("{:#}", sweep(Path::new("."), &opts, Arc::new(AtomicBool::new(false))).unwrap_err());
+        assert!(err.contains("resnet20-cifar10-int8-s0") && err.contains("`*.dw.conv`"), "{err}");
+        assert!(!opts.out.exists(), "nothing was written");
     }
 
     #[test]

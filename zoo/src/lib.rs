@@ -26,6 +26,19 @@ pub enum ZooError {
     /// The registry has no model of this name.
     #[error("unknown model `{0}`; `cargo xtask zoo` lists the models")]
     UnknownModel(String),
+    /// A layer rule's pattern names no layer of the model (a typo would otherwise leave the
+    /// policy silently unchanged).
+    #[error(
+        "the layer rule `{pattern}` (quant.rules) matches no conv or linear layer of {model}; its layers are named like `{examples}`"
+    )]
+    UnmatchedRule {
+        /// The rule's pattern.
+        pattern: String,
+        /// The model.
+        model: String,
+        /// The first few layer names.
+        examples: String,
+    },
     /// Building or running a layer failed.
     #[error(transparent)]
     Nn(#[from] int8_nn::NnError),
@@ -101,8 +114,24 @@ pub const MODELS: &[&str] = &[
     "resnet56",
 ];
 
-/// Builds model `name` for `classes` classes with `policy`, initialised from `seed`.
+/// Builds model `name` for `classes` classes with `policy`, initialised from `seed`. A policy rule
+/// whose pattern matches none of the model's conv or linear layers is an error naming it.
 pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
+    let model = build_unchecked(name, classes, policy, seed)?;
+    let l = model.layers();
+    let names: Vec<&str> = l.convs.iter().map(|c| c.name()).chain(l.linears.iter().map(|f| f.name())).collect();
+    if let Some(rule) = policy.rules.iter().find(|r| !names.iter().any(|n| int8_nn::policy::glob(&r.pattern, n))) {
+        return Err(ZooError::UnmatchedRule {
+            pattern: rule.pattern.clone(),
+            model: name.to_string(),
+            examples: names.iter().take(4).copied().collect::<Vec<_>>().join("`, `"),
+        });
+    }
+    drop(l);
+    Ok(model)
+}
+
+fn build_unchecked(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
     match name {
         "alexnet" => Ok(Box::new(alexnet::AlexNet::new(classes, policy, seed)?)),
         "cnn-small" => Ok(Box::new(small_cnn::SmallCnn::new(classes, policy, seed)?)),

@@ -2,7 +2,7 @@
 //! policy, and a forward and backward pass.
 
 use candle_core::{Device, Tensor};
-use int8_nn::policy::LayerPolicy;
+use int8_nn::policy::{LayerPolicy, Rule};
 use int8_nn::precision::Int8Config;
 use int8_zoo::{MODELS, build, param_count};
 
@@ -47,6 +47,21 @@ fn the_paper_policy_keeps_the_stem_and_classifier_in_fp32() {
     assert_eq!(int8.len(), 20);
     assert!(!int8.iter().any(|n| n == "conv1" || n == "fc"));
     assert!(int8.iter().any(|n| n == "layer2.0.shortcut.conv"));
+}
+
+#[test]
+fn a_layer_rule_that_matches_no_layer_is_an_error_naming_it() {
+    let rule = |pattern: &str| LayerPolicy {
+        rules: vec![Rule { pattern: pattern.into(), int8: false }],
+        ..LayerPolicy::paper(Int8Config::default())
+    };
+    // MobileNetV2's depthwise layers; ResNet-20 has none, so the rule is most likely a mistake.
+    let m = build("mobilenetv2-cifar", 10, &rule("*.dw.conv"), 0).unwrap();
+    assert_eq!(m.int8_stats().len(), 51 - 17);
+    let e = build("resnet20", 10, &rule("*.dw.conv"), 0).unwrap_err().to_string();
+    assert!(e.contains("`*.dw.conv` (quant.rules) matches no conv or linear layer of resnet20"), "{e}");
+    assert!(e.contains("`conv1`"), "names some layers: {e}");
+    assert!(build("resnet20", 10, &rule("layer3.*"), 0).is_ok());
 }
 
 #[test]

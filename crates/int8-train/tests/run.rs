@@ -235,6 +235,15 @@ fn same_scalars_as_tensorboard(dir: &Path, ev: &Value) {
 }
 
 #[test]
+fn a_layer_rule_that_names_no_layer_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(&[r#"quant.rules=[{ pattern = "layer9.*", int8 = false }]"#]);
+    let err = run(&r, &opts(dir.path())).unwrap_err().to_string();
+    assert!(err.contains("`layer9.*`") && err.contains("cnn-small"), "{err}");
+    assert!(!dir.path().join("checkpoints").exists());
+}
+
+#[test]
 fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     // A learning rate of 1e45 (past f32's range) with warmup: step 1 runs at rate 0 and is
