@@ -9,7 +9,8 @@
 //! with a coarse geometric grid followed by a golden-section refinement around its best point: about
 //! 40 evaluations, where a dense 1000-point grid needs 1000, landing within 1% of the grid's best
 //! distance on heavy-tailed gradients (see the tests). [`ClipState`] holds a layer's clip value
-//! between searches.
+//! between searches, and can search early when that value has gone stale (an addition to the
+//! paper, off by default).
 
 use rayon::prelude::*;
 
@@ -198,7 +199,8 @@ pub struct ClipSnapshot {
 /// all-zero gradient (distance 0) does not make every later gradient stale.
 const STALE_FLOOR: f64 = 1e-6;
 
-/// A layer's gradient clip value, searched periodically.
+/// A layer's gradient clip value, searched periodically (and, with `stale_ratio`, whenever the
+/// value in force has gone stale).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipState {
     mode: ClipMode,

@@ -1,10 +1,11 @@
 //! A small TensorBoard event-file writer: scalars, histograms, text and session starts, each an
 //! `Event` protocol buffer (encoded with `prost`) framed as a TFRecord (length, masked CRC32C of
 //! the length, data, masked CRC32C of the data); and [`read_scalars`], which reads a run folder's
-//! scalar curves back as TensorBoard shows them (for `cargo xtask scalars`). Written here rather than taken from
-//! `tensorboard-rs`, which is unmaintained, pulls a protobuf crate with a security advisory and
-//! leaves histograms and text unimplemented. The messages mirror TensorFlow's `event.proto`,
-//! `summary.proto`, `tensor.proto` and `tensor_shape.proto`, with only the fields used here.
+//! scalar curves back as TensorBoard shows them (for `cargo xtask scalars`). Written here rather
+//! than taken from `tensorboard-rs`, which is unmaintained, pulls a protobuf crate with a security
+//! advisory and leaves histograms and text unimplemented. The messages mirror TensorFlow's
+//! `event.proto`, `summary.proto`, `tensor.proto` and `tensor_shape.proto`, with only the fields
+//! used here.
 
 use std::collections::BTreeMap;
 use std::fs::File;
