@@ -849,6 +849,33 @@ mod tests {
     }
 
     #[test]
+    fn every_committed_experiment_plans_with_valid_recipes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("experiments"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 10, "{files:?}");
+        let out = tempfile::tempdir().unwrap();
+        for experiment in files {
+            let opts = SweepOptions {
+                out: out.path().join(experiment.file_stem().unwrap()),
+                experiment: experiment.clone(),
+                jobs: 1,
+                dry_run: true,
+                tables: false,
+                rebuild: false,
+                sets: vec![],
+                data_dir: None,
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            sweep(&root, &opts, stop).unwrap_or_else(|e| panic!("{}: {e:#}", experiment.display()));
+        }
+    }
+
+    #[test]
     fn a_layer_rule_that_names_no_layer_fails_the_sweep_before_any_run() {
         let dir = tempfile::tempdir().unwrap();
         let experiment = dir.path().join("typo.toml");
