@@ -860,19 +860,24 @@ mod tests {
         assert!(files.len() >= 10, "{files:?}");
         let out = tempfile::tempdir().unwrap();
         for experiment in files {
-            let opts = SweepOptions {
-                out: out.path().join(experiment.file_stem().unwrap()),
-                experiment: experiment.clone(),
-                jobs: 1,
-                dry_run: true,
-                tables: false,
-                rebuild: false,
-                sets: vec![],
-                data_dir: None,
-            };
-            let stop = Arc::new(AtomicBool::new(false));
-            sweep(&root, &opts, stop).unwrap_or_else(|e| panic!("{}: {e:#}", experiment.display()));
+            let dest = out.path().join(experiment.file_stem().unwrap());
+            dry_run(&root, &experiment, &dest).unwrap_or_else(|e| panic!("{}: {e:#}", experiment.display()));
         }
+    }
+
+    /// `cargo xtask sweep EXPERIMENT --dry-run --out OUT`, run from `root`.
+    fn dry_run(root: &Path, experiment: &Path, out: &Path) -> Result<()> {
+        let opts = SweepOptions {
+            experiment: experiment.to_path_buf(),
+            out: out.to_path_buf(),
+            jobs: 1,
+            dry_run: true,
+            tables: false,
+            rebuild: false,
+            sets: vec![],
+            data_dir: None,
+        };
+        sweep(root, &opts, Arc::new(AtomicBool::new(false)))
     }
 
     #[test]
@@ -888,19 +893,10 @@ mod tests {
             "#,
         )
         .unwrap();
-        let opts = SweepOptions {
-            experiment,
-            out: dir.path().join("out"),
-            jobs: 1,
-            dry_run: true,
-            tables: false,
-            rebuild: false,
-            sets: vec![],
-            data_dir: None,
-        };
-        let err = format!("{:#}", sweep(Path::new("."), &opts, Arc::new(AtomicBool::new(false))).unwrap_err());
+        let out = dir.path().join("out");
+        let err = format!("{:#}", dry_run(Path::new("."), &experiment, &out).unwrap_err());
         assert!(err.contains("resnet20-cifar10-int8-s0") && err.contains("`*.dw.conv`"), "{err}");
-        assert!(!opts.out.exists(), "nothing was written");
+        assert!(!out.exists(), "nothing was written");
     }
 
     #[test]
