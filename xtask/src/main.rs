@@ -99,7 +99,8 @@ enum Cmd {
     /// Print a run's TensorBoard curves as a Markdown table: `cargo xtask scalars RUN_DIR --tag
     /// "quant/features.1.dw.conv/*" --to 300`; without --tag, list the tags.
     Scalars {
-        /// A run's folder (holding events.out.tfevents.* files), e.g. runs/quick/quick-int8-s0.
+        /// A run's folder (holding events.out.tfevents.* files), e.g.
+        /// runs/quick/cnn-small-fashion-mnist-int8-s0.
         run: PathBuf,
         /// Tags to show as columns, `*` matching any run of characters (repeatable).
         #[arg(long = "tag", value_name = "PATTERN")]

@@ -29,7 +29,7 @@ pub enum ZooError {
     /// A layer rule's pattern names no layer of the model (a typo would otherwise leave the
     /// policy silently unchanged).
     #[error(
-        "the layer rule `{pattern}` (quant.rules) matches no conv or linear layer of {model}; its layers are named like `{examples}`"
+        "the layer rule `{pattern}` matches no conv or linear layer of {model}; its layers are named like `{examples}`"
     )]
     UnmatchedRule {
         /// The rule's pattern.

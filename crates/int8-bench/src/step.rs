@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use int8_nn::layers::cross_entropy;
 use int8_nn::optim::{Sgd, SgdConfig};
@@ -73,7 +73,7 @@ pub fn run(model: &str, fp32_patterns: &[String], budget: Duration) -> Result<Ve
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
-    let int8 = int8_zoo::build(model, 10, &int8_policy(fp32_patterns), 0)?;
+    let int8 = int8_zoo::build(model, 10, &int8_policy(fp32_patterns), 0).context("--fp32")?;
     let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
     let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
     print_header();
