@@ -49,6 +49,10 @@ enum Cmd {
         /// `--fp32 "*.dw.conv"` for MobileNetV2's depthwise convolutions.
         #[arg(long = "fp32", value_name = "PATTERN")]
         fp32: Vec<String>,
+        /// Round the step bench's INT8 output-gradient codes stochastically, as a recipe's
+        /// `quant.grad_rounding = "stochastic"` does (its rows go to files named -stochastic-grads).
+        #[arg(long)]
+        stochastic_grads: bool,
     },
     /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
@@ -167,12 +171,17 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Cmd::Bench { which, json, seconds, filter, model, fp32 } => {
+        Cmd::Bench { which, json, seconds, filter, model, fp32, stochastic_grads } => {
             if model.is_some() && which != Some(Bench::Step) {
                 bail!("--model picks the step bench's model; run it as `cargo xtask bench step --model NAME`");
             }
             if !fp32.is_empty() && which != Some(Bench::Step) {
                 bail!("--fp32 changes the step bench's INT8 model; run it as `cargo xtask bench step --fp32 PATTERN`");
+            }
+            if stochastic_grads && which != Some(Bench::Step) {
+                bail!(
+                    "--stochastic-grads changes the step bench's INT8 model; run it as `cargo xtask bench step --stochastic-grads`"
+                );
             }
             let benches = match which {
                 Some(b) => vec![b],
@@ -183,17 +192,26 @@ fn run() -> Result<()> {
             }
             let all = which.is_none();
             // A policy other than the paper's gets its own files, named by its patterns.
-            let policy: String = fp32
+            let mut policy: String = fp32
                 .iter()
                 .map(|p| format!("-fp32-{}", p.replace(|c: char| !c.is_ascii_alphanumeric(), "_")))
                 .collect();
+            if stochastic_grads {
+                policy += "-stochastic-grads";
+            }
             for bench in benches {
                 let file = match &model {
                     Some(m) => format!("{}-{m}{policy}.json", bench.name()),
                     None => format!("{}{policy}.json", bench.name()),
                 };
                 let json = json.clone().unwrap_or_else(|| root.join("runs/bench").join(file));
-                let opts = BenchOpts { seconds, filter: filter.as_deref(), model: model.as_deref(), fp32: &fp32 };
+                let opts = BenchOpts {
+                    seconds,
+                    filter: filter.as_deref(),
+                    model: model.as_deref(),
+                    fp32: &fp32,
+                    stochastic_grads,
+                };
                 match run_bench(&root, bench, &json, &opts) {
                     // The data bench needs CIFAR-10 imported; a full run goes on without it.
                     Err(e) if all && bench == Bench::Data => eprintln!("skipped the data bench: {e:#}"),
@@ -372,11 +390,13 @@ struct BenchOpts<'a> {
     model: Option<&'a str>,
     /// Layer-name patterns the step bench's INT8 model keeps in FP32.
     fp32: &'a [String],
+    /// Whether the step bench's INT8 model rounds gradient codes stochastically.
+    stochastic_grads: bool,
 }
 
 /// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
 fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result<()> {
-    let BenchOpts { seconds, filter, model, fp32 } = *opts;
+    let BenchOpts { seconds, filter, model, fp32, stochastic_grads } = *opts;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -392,6 +412,9 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result
     if bench == Bench::Step {
         for p in fp32 {
             cmd.args(["--fp32", p]);
+        }
+        if stochastic_grads {
+            cmd.arg("--stochastic-grads");
         }
     }
     eprintln!("building and running the {} bench in release mode...", bench.name());

@@ -52,6 +52,10 @@ enum What {
         /// `quant.rules` does (`*` for any run of characters; repeatable), e.g. `*.dw.conv`.
         #[arg(long = "fp32", value_name = "PATTERN")]
         fp32: Vec<String>,
+        /// Round the INT8 layers' output-gradient codes stochastically (a recipe's
+        /// `quant.grad_rounding = "stochastic"`) instead of to nearest.
+        #[arg(long)]
+        stochastic_grads: bool,
     },
     /// Whether the loader keeps up with INT8 ResNet-20 training on CIFAR-10 (JPEG q75).
     Data {
@@ -126,9 +130,10 @@ fn run_on(cli: Cli) -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::Step { json, seconds, model, fp32 } => {
+        What::Step { json, seconds, model, fp32, stochastic_grads } => {
             println!("{}", kernels::machine_line());
-            let rows = step::run(&model, &fp32, std::time::Duration::from_secs_f64(seconds))?;
+            let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
+            let rows = step::run(&model, &policy, std::time::Duration::from_secs_f64(seconds))?;
             write_json(json, &rows)?;
         }
         What::Data { json, seconds } => {

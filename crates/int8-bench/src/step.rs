@@ -1,6 +1,7 @@
 //! The step bench: one training step of a zoo model, ResNet-20 by default (batch 128 of 32x32
 //! images, forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
-//! first conv and FC in FP32, and any further layers a `--fp32` pattern names), split into its
+//! first conv and FC in FP32, and any further layers a `--fp32` pattern names; gradients rounded to
+//! nearest, or stochastically with `--stochastic-grads`), split into its
 //! phases and its ops. The input is random: only time is measured here.
 
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use candle_core::{Device, Tensor};
 use int8_nn::layers::cross_entropy;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::{LayerPolicy, Rule};
-use int8_nn::precision::Int8Config;
+use int8_nn::precision::{GradRounding, Int8Config};
 use int8_zoo::Model;
 
 use crate::{Row, print_header, print_row};
@@ -58,22 +59,32 @@ fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::coll
     Ok((ops, total))
 }
 
-/// The INT8 model's policy: the paper's, with the layers that `fp32_patterns` match (as the
-/// recipes' `quant.rules`, `*` for any run of characters) kept in FP32.
-fn int8_policy(fp32_patterns: &[String]) -> LayerPolicy {
-    let mut policy = LayerPolicy::paper(Int8Config::default());
-    policy.rules.extend(fp32_patterns.iter().map(|p| Rule { pattern: p.clone(), int8: false }));
+/// How the INT8 model departs from the paper's policy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int8Policy<'a> {
+    /// Layers these patterns match (as the recipes' `quant.rules`, `*` for any run of
+    /// characters) stay FP32.
+    pub fp32_patterns: &'a [String],
+    /// Output-gradient codes round stochastically instead of to nearest.
+    pub stochastic_grads: bool,
+}
+
+/// The INT8 model's policy: the paper's, changed as `p` says.
+fn int8_policy(p: &Int8Policy) -> LayerPolicy {
+    let grad_rounding =
+        if p.stochastic_grads { GradRounding::Stochastic { seed: 0x5EED } } else { GradRounding::Nearest };
+    let mut policy = LayerPolicy::paper(Int8Config { grad_rounding, ..Int8Config::default() });
+    policy.rules.extend(p.fp32_patterns.iter().map(|p| Rule { pattern: p.clone(), int8: false }));
     policy
 }
 
-/// Runs the bench and prints its rows; `fp32_patterns` keeps the layers they name in FP32 in the
-/// INT8 model.
-pub fn run(model: &str, fp32_patterns: &[String], budget: Duration) -> Result<Vec<Row>> {
+/// Runs the bench and prints its rows, the INT8 model built with `policy`.
+pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row>> {
     let batch = 128;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
-    let int8 = int8_zoo::build(model, 10, &int8_policy(fp32_patterns), 0).context("--fp32")?;
+    let int8 = int8_zoo::build(model, 10, &int8_policy(policy), 0).context("--fp32")?;
     let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
     let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
     print_header();
@@ -119,7 +130,8 @@ mod tests {
     #[test]
     fn fp32_patterns_keep_exactly_the_matching_layers_in_fp32() {
         let patterns = ["*.dw.conv".to_string()];
-        let model = int8_zoo::build("mobilenetv2-cifar", 10, &int8_policy(&patterns), 0).unwrap();
+        let policy = Int8Policy { fp32_patterns: &patterns, stochastic_grads: false };
+        let model = int8_zoo::build("mobilenetv2-cifar", 10, &int8_policy(&policy), 0).unwrap();
         let l = model.layers();
         let (mut dw, mut other_int8) = (0, 0);
         for (i, c) in l.convs.iter().enumerate() {
@@ -135,6 +147,8 @@ mod tests {
         assert_eq!(dw, 17, "MobileNetV2 has 17 depthwise convolutions");
         assert!(other_int8 > 30);
         // The paper's policy without patterns.
-        assert_eq!(int8_policy(&[]), LayerPolicy::paper(Int8Config::default()));
+        assert_eq!(int8_policy(&Int8Policy::default()), LayerPolicy::paper(Int8Config::default()));
+        let stochastic = int8_policy(&Int8Policy { stochastic_grads: true, ..Default::default() });
+        assert!(matches!(stochastic.int8.unwrap().grad_rounding, GradRounding::Stochastic { .. }));
     }
 }
