@@ -282,11 +282,14 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     let runs = plan(&exp, &opts.sets).with_context(|| format!("{}", opts.experiment.display()))?;
     // Type every recipe before anything runs, so that a typo fails in a second, not an hour in.
     let mut resolved = Vec::new();
+    // (model, rule patterns) already checked: the seeds of a recipe share them.
+    let mut checked_rules = std::collections::HashSet::new();
     for r in &runs {
         let recipe = Recipe::load(&r.recipe, &r.sets).with_context(|| format!("run {}", r.name))?;
         // Layer rules are checked against the model's layer names, which takes building it.
         let policy = recipe.policy();
-        if !policy.rules.is_empty() {
+        let patterns: Vec<&str> = policy.rules.iter().map(|rule| rule.pattern.as_str()).collect();
+        if !patterns.is_empty() && checked_rules.insert((recipe.model.clone(), patterns.join("\n"))) {
             int8_zoo::build(&recipe.model, 10, &policy, 0).with_context(|| format!("run {}", r.name))?;
         }
         // A run folder made with another recipe (the experiment changed since) is not reused.

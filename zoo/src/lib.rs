@@ -118,6 +118,9 @@ pub const MODELS: &[&str] = &[
 /// whose pattern matches none of the model's conv or linear layers is an error naming it.
 pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Result<Box<dyn Model>> {
     let model = build_unchecked(name, classes, policy, seed)?;
+    if policy.rules.is_empty() {
+        return Ok(model);
+    }
     let l = model.layers();
     let names: Vec<&str> = l.convs.iter().map(|c| c.name()).chain(l.linears.iter().map(|f| f.name())).collect();
     if let Some(rule) = policy.rules.iter().find(|r| !names.iter().any(|n| int8_nn::policy::glob(&r.pattern, n))) {
