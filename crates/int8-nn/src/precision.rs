@@ -4,6 +4,7 @@
 use int8_core::dclr::Dclr;
 use int8_core::dsgc::ClipMode;
 use int8_core::quant::{Granularity, Rounding};
+use int8_core::rng::CounterRng;
 
 /// INT8 settings of one layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,28 +19,39 @@ pub struct Int8Config {
     pub dclr: Option<Dclr>,
 }
 
-/// Rounding of gradient codes. Stochastic rounding draws a fresh stream every step from the seed.
+/// Rounding of gradient codes. Stochastic rounding draws a fresh stream for every layer at every
+/// step, derived from the seed, the layer's name and the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradRounding {
     /// To the nearest code.
     Nearest,
     /// Stochastic, seeded.
     Stochastic {
-        /// The layer's base seed; step `t` uses a stream derived from it and `t`.
+        /// The run's base seed; layer `name` at step `t` uses a stream derived from it, `name`
+        /// and `t`.
         seed: u64,
     },
 }
 
 impl GradRounding {
-    /// The quantizer's rounding for step `step`.
-    pub fn at_step(self, step: u64) -> Rounding {
+    /// The quantizer's rounding for layer `layer` at step `step`. Streams of different layers
+    /// are independent, so no two layers round the entries at the same position the same way
+    /// (layers whose gradients have one shape, as a depthwise convolution and the expansion
+    /// before it, would otherwise make correlated rounding errors at every step).
+    pub fn stream(self, layer: &str, step: u64) -> Rounding {
         match self {
             GradRounding::Nearest => Rounding::Nearest,
             GradRounding::Stochastic { seed } => {
-                Rounding::Stochastic { seed: seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) }
+                Rounding::Stochastic { seed: CounterRng::new(seed ^ fnv1a(layer.as_bytes())).bits(step) }
             }
         }
     }
+}
+
+/// FNV-1a, 64 bits: a hash of a layer's name that is the same on every machine and every run
+/// (unlike the standard library's), so that a resumed run draws the same streams.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xCBF2_9CE4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
 impl Default for Int8Config {
@@ -63,4 +75,56 @@ pub enum Precision {
     Fp32,
     /// INT8 forward and backward.
     Int8(Int8Config),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use int8_core::quant::quantize_with_clip;
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        // From the FNV reference test suite (Fowler, Noll and Vo).
+        assert_eq!(fnv1a(b""), 0xCBF2_9CE4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xAF63_DC4C_8601_EC8C);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_F739_67E8);
+    }
+
+    #[test]
+    fn nearest_rounding_is_the_same_for_every_layer_and_step() {
+        assert_eq!(GradRounding::Nearest.stream("a", 0), Rounding::Nearest);
+        assert_eq!(GradRounding::Nearest.stream("b", 7), Rounding::Nearest);
+    }
+
+    #[test]
+    fn stochastic_streams_are_reproducible_and_differ_by_layer_step_and_seed() {
+        let r = GradRounding::Stochastic { seed: 3 };
+        assert_eq!(r.stream("features.1.dw.conv", 5), r.stream("features.1.dw.conv", 5));
+        let all = [
+            r.stream("features.1.dw.conv", 5),
+            r.stream("features.1.expand.conv", 5),
+            r.stream("features.1.dw.conv", 6),
+            GradRounding::Stochastic { seed: 4 }.stream("features.1.dw.conv", 5),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn two_layers_round_one_gradient_independently() {
+        // Every entry lies half-way between two codes, so each layer rounds it up with
+        // probability 1/2; with independent streams two layers agree on about half of the
+        // entries, with one shared stream they would agree on all of them.
+        let n = 20_000;
+        let x = vec![0.5f32; n];
+        let r = GradRounding::Stochastic { seed: 11 };
+        let a = quantize_with_clip("a", &x, 127.0, r.stream("features.2.expand.conv", 9)).unwrap();
+        let b = quantize_with_clip("b", &x, 127.0, r.stream("features.2.dw.conv", 9)).unwrap();
+        let agree = a.data.iter().zip(&b.data).filter(|(p, q)| p == q).count() as f64 / n as f64;
+        // Binomial(20000, 1/2): the standard deviation of the fraction is 0.0035.
+        assert!((agree - 0.5).abs() < 0.02, "agreement {agree}");
+    }
 }

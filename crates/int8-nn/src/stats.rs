@@ -86,7 +86,7 @@ impl LayerState {
     /// and the gradient itself when kept.
     pub fn quantize_grad(&mut self, name: &str, g: &[f32], cfg: &Int8Config) -> int8_core::Result<QTensor> {
         let step = self.stats.steps;
-        let (dyq, up) = self.clip.quantize(&format!("{name}.grad_output"), g, cfg.grad_rounding.at_step(step))?;
+        let (dyq, up) = self.clip.quantize(&format!("{name}.grad_output"), g, cfg.grad_rounding.stream(name, step))?;
         self.stats.steps = step + 1;
         self.stats.clip = up.clip;
         self.stats.distance = up.distance;
