@@ -35,9 +35,9 @@ pub enum GradRounding {
 
 impl GradRounding {
     /// The quantizer's rounding for layer `layer` at step `step`. Streams of different layers
-    /// are independent, so no two layers round the entries at the same position the same way
-    /// (layers whose gradients have one shape, as a depthwise convolution and the expansion
-    /// before it, would otherwise make correlated rounding errors at every step).
+    /// are independent, so two layers round entries at the same position independently (layers
+    /// whose gradients have one shape, as a depthwise convolution and the expansion before it,
+    /// would otherwise make correlated rounding errors at every step).
     pub fn stream(self, layer: &str, step: u64) -> Rounding {
         match self {
             GradRounding::Nearest => Rounding::Nearest,
