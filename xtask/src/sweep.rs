@@ -679,7 +679,14 @@ pub fn write_results(
 
     let mut md = String::from("# Results\n\n");
     let how = match jobs_threads {
-        Some((jobs, threads)) => format!("Runs ran {jobs} at a time with {threads} threads each"),
+        Some((jobs, threads)) => {
+            let threads = if threads == 1 { "1 thread".to_string() } else { format!("{threads} threads") };
+            if jobs == 1 {
+                format!("Runs ran one at a time with {threads}")
+            } else {
+                format!("Runs ran {jobs} at a time with {threads} each")
+            }
+        }
         None => "Tables rewritten from the finished runs (`--tables`); each run's train.log says how it ran".into(),
     };
     md.push_str(&format!(
@@ -951,6 +958,10 @@ mod tests {
         write_results(&out, &runs, None, Some((1, 2))).unwrap();
         let md = std::fs::read_to_string(out.join("results.md")).unwrap();
         assert!(md.contains("| 0 | no FP32 run to compare |"), "{md}");
+        assert!(md.contains("Runs ran one at a time with 2 threads;"), "{md}");
+        write_results(&out, &runs, None, Some((2, 1))).unwrap();
+        let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+        assert!(md.contains("Runs ran 2 at a time with 1 thread each;"), "{md}");
 
         // A run on another schedule, or of a seed the baseline lacks, has no partner.
         let mut other = runs[0].clone();
