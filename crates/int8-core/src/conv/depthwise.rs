@@ -123,7 +123,7 @@ fn axpy<T: Elem>(acc: &mut [T::Acc], w: T, x: &[T]) {
 
 /// `sum over k of a[k] * b[k]` in sixteen independent partial sums, so float sums vectorise.
 #[inline(always)]
-fn dot<T: Elem>(a: &[T], b: &[T]) -> T::Acc {
+fn dot_lanes<T: Elem>(a: &[T], b: &[T]) -> T::Acc {
     let mut acc = [T::Acc::default(); 16];
     let mut ca = a.chunks_exact(16);
     let mut cb = b.chunks_exact(16);
@@ -142,6 +142,44 @@ fn dot<T: Elem>(a: &[T], b: &[T]) -> T::Acc {
     sum
 }
 
+/// `sum over k of a[k] * b[k]` for INT8 codes, over the shorter of the two, with AVX2: each
+/// 32-code block is widened to 16 bits and multiplied and summed in pairs by `vpmaddwd` into
+/// 32-bit lanes. Exact for every `i8` value (a pair's sum is at most `2 * 128^2 = 2^15`), and
+/// about twice as fast as the compiler's loop (`vpmovsxbd` and `vpmulld`, eight codes at a time).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_i8_avx2(a: &[i8], b: &[i8]) -> i32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (mut acc0, mut acc1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut k = 0;
+    while k + 32 <= n {
+        // SAFETY: `k + 32 <= n`, so the 32 bytes from `k` lie inside both slices.
+        let (a0, a1, b0, b1) = unsafe {
+            let (pa, pb) = (a.as_ptr().add(k), b.as_ptr().add(k));
+            (
+                _mm_loadu_si128(pa.cast()),
+                _mm_loadu_si128(pa.add(16).cast()),
+                _mm_loadu_si128(pb.cast()),
+                _mm_loadu_si128(pb.add(16).cast()),
+            )
+        };
+        let p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(a0), _mm256_cvtepi8_epi16(b0));
+        let p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(a1), _mm256_cvtepi8_epi16(b1));
+        acc0 = _mm256_add_epi32(acc0, p0);
+        acc1 = _mm256_add_epi32(acc1, p1);
+        k += 32;
+    }
+    let mut lanes = [0i32; 8];
+    // SAFETY: `lanes` holds the 32 bytes stored.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_add_epi32(acc0, acc1)) };
+    let tail: i32 = a[k..n].iter().zip(&b[k..n]).map(|(&x, &y)| x as i32 * y as i32).sum();
+    lanes.iter().sum::<i32>() + tail
+}
+
 /// An element type with its accumulator and its wide accumulator across images.
 pub(crate) trait Elem: Copy + Default + Send + Sync {
     /// Accumulator within one image.
@@ -154,6 +192,11 @@ pub(crate) trait Elem: Copy + Default + Send + Sync {
     fn mul(a: Self, b: Self) -> Self::Acc;
     /// An accumulator as `f32` (exact for `f32`; rounded to nearest for `i32`).
     fn to_f32(a: Self::Acc) -> f32;
+    /// `sum over k of a[k] * b[k]`, over the shorter of the two.
+    #[inline(always)]
+    fn dot(a: &[Self], b: &[Self]) -> Self::Acc {
+        dot_lanes(a, b)
+    }
 }
 
 impl Elem for f32 {
@@ -182,6 +225,15 @@ impl Elem for i8 {
     }
     fn to_f32(a: i32) -> f32 {
         a as f32
+    }
+    #[inline(always)]
+    fn dot(a: &[i8], b: &[i8]) -> i32 {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { dot_i8_avx2(a, b) };
+        }
+        dot_lanes(a, b)
     }
 }
 
@@ -266,7 +318,7 @@ fn weight_grad_plane<T: Elem>(
     lay.fill(s, x, xp);
     fill_rows(s, lay.pw, dy, dyp);
     for (wd, &off) in wide.iter_mut().zip(&lay.offsets) {
-        *wd += T::wide(dot(&dyp[..lay.len], &xp[off..off + lay.len]));
+        *wd += T::wide(T::dot(&dyp[..lay.len], &xp[off..off + lay.len]));
     }
 }
 
@@ -316,4 +368,29 @@ pub(crate) fn weight_grad<T: Elem, O: Send>(
             *o = finish(v);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The INT8 dot product (AVX2 where the CPU has it) equals the naive `i64` sum at every length
+    /// up to 100 (whole 32-code blocks and tails), for random codes and for the extremes -128 and
+    /// 127, whose products are the largest.
+    #[test]
+    fn int8_dot_is_exact_at_every_length() {
+        let rng = crate::rng::CounterRng::new(7);
+        let random: Vec<i8> = (0..200).map(|i| rng.bits(i) as u8 as i8).collect();
+        let lows = [-128i8; 100];
+        let highs = [127i8; 100];
+        for n in 0..=100 {
+            for (a, b) in [(&random[..n], &random[100..100 + n]), (&lows[..n], &lows[..n]), (&lows[..n], &highs[..n])] {
+                let want: i64 = a.iter().zip(b).map(|(&x, &y)| x as i64 * y as i64).sum();
+                assert_eq!(<i8 as Elem>::dot(a, b) as i64, want, "length {n}");
+                assert_eq!(dot_lanes(a, b) as i64, want, "length {n}, portable loop");
+            }
+        }
+        // The shorter operand sets the length.
+        assert_eq!(<i8 as Elem>::dot(&highs[..40], &highs[..33]), 33 * 127 * 127);
+    }
 }
