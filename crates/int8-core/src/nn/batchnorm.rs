@@ -2,12 +2,15 @@
 //! ReLU6 (a ReLU clamped at a cap, `min(max(y, 0), cap)`) fused into the same pass.
 //!
 //! Training normalises with the batch's mean and biased variance; evaluation with running
-//! statistics. Statistics are two-pass (mean, then squared deviations) and summed in f64, so they
-//! hold for large batches and offset data; a channel's planes are small enough that the second
-//! pass reads them from cache. Batch norm is memory-bound, so the backward pass recomputes the
-//! fused ReLU's mask from `x` instead of reading the output.
-//! Work runs in parallel over channels for the reductions and over `(image, channel)` planes for
-//! the elementwise passes.
+//! statistics. Each `(image, channel)` plane's mean and squared deviations are two-pass (the
+//! second from L1), and planes are merged per channel in f64 (Chan, Golub and LeVeque's pairwise
+//! update), so the statistics hold for large batches and offset data. Batch norm is memory-bound:
+//! every pass reads the tensor in memory order (a channel's planes, one per image, are a page or
+//! less each and far apart, which defeats the hardware prefetcher), and the backward pass
+//! recomputes the fused ReLU's mask from `x` instead of reading the output.
+//! The reductions run in parallel over fixed blocks of images and channels, merged in one order
+//! that depends only on the shape, so results do not depend on the thread count; the elementwise
+//! passes run in parallel over planes.
 
 use rayon::prelude::*;
 
@@ -59,8 +62,86 @@ impl NchwDims {
     }
 
     /// The planes of channel `ch`, one per image.
+    #[cfg(test)]
     fn planes<'a>(&self, x: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> {
         (0..self.n).map(move |i| &x[(i * self.c + ch) * self.hw..][..self.hw])
+    }
+}
+
+/// Blocks of images of the reductions: a fixed number, so that the order of merges depends only
+/// on the batch size.
+const IMAGE_BLOCKS: usize = 32;
+
+/// Values each reduction task reads per image at least (a run of whole channel planes).
+const TASK_RUN: usize = 16 * 1024;
+
+/// A per-channel reduction over every plane, in memory order: `plane(ch, start)` reduces the
+/// plane of channel `ch` that starts at `start`, and `merge` folds results, first over a block's
+/// images in order, then over the blocks in order. Tasks are (image block, channel run) pairs, so
+/// each reads long contiguous runs, and the result does not depend on how rayon schedules them.
+fn reduce_planes<A, P, M>(d: NchwDims, plane: P, merge: M) -> Vec<A>
+where
+    A: Copy + Default + Send,
+    P: Fn(usize, usize) -> A + Sync,
+    M: Fn(A, A) -> A + Sync,
+{
+    let blocks = d.n.min(IMAGE_BLOCKS);
+    let run = (TASK_RUN / d.hw).clamp(1, d.c.max(1));
+    let runs = d.c.div_ceil(run);
+    let parts: Vec<Vec<A>> = (0..blocks * runs)
+        .into_par_iter()
+        .map(|t| {
+            let (b, k) = (t / runs, t % runs);
+            let chs = k * run..((k + 1) * run).min(d.c);
+            let mut acc = vec![A::default(); chs.len()];
+            for i in b * d.n / blocks..(b + 1) * d.n / blocks {
+                for (a, ch) in acc.iter_mut().zip(chs.clone()) {
+                    *a = merge(*a, plane(ch, (i * d.c + ch) * d.hw));
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![A::default(); d.c];
+    for (t, part) in parts.into_iter().enumerate() {
+        for (o, a) in out[(t % runs) * run..].iter_mut().zip(part) {
+            *o = merge(*o, a);
+        }
+    }
+    out
+}
+
+/// Count, mean and sum of squared deviations from the mean of a set of values, in f64.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    /// The moments of one plane: its mean, then the squared deviations from it (read from L1).
+    fn of_plane(v: &[f32]) -> Self {
+        let n = v.len() as f64;
+        let mean = plane_moments(v, None) / n;
+        let m = mean as f32;
+        // The deviations are taken from `m`, the mean rounded to f32; about the exact mean the sum
+        // is smaller by `n * (mean - m)^2`.
+        let m2 = (plane_moments(v, Some(m)) - n * (mean - m as f64).powi(2)).max(0.0);
+        Self { n, mean, m2 }
+    }
+
+    /// The moments of the union of two sets (Chan, Golub and LeVeque, 1979).
+    fn merge(a: Self, b: Self) -> Self {
+        if a.n == 0.0 {
+            return b;
+        }
+        if b.n == 0.0 {
+            return a;
+        }
+        let n = a.n + b.n;
+        let delta = b.mean - a.mean;
+        Self { n, mean: a.mean + delta * b.n / n, m2: a.m2 + b.m2 + delta * delta * a.n * b.n / n }
     }
 }
 
@@ -172,18 +253,9 @@ pub fn forward_train<'y>(
         ("beta", beta.len(), d.c),
         ("batch norm output", y.len(), d.len()),
     ])?;
-    let m = (d.n * d.hw) as f64;
-    let stats: Vec<(f32, f32)> = (0..d.c)
-        .into_par_iter()
-        .map(|ch| {
-            let mean = d.planes(x, ch).map(|p| plane_moments(p, None)).sum::<f64>() / m;
-            let mf = mean as f32;
-            let var = d.planes(x, ch).map(|p| plane_moments(p, Some(mf))).sum::<f64>() / m;
-            (mf, var as f32)
-        })
-        .collect();
-    let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
-    let var: Vec<f32> = stats.iter().map(|s| s.1).collect();
+    let stats = reduce_planes(d, |_, start| Moments::of_plane(&x[start..][..d.hw]), Moments::merge);
+    let mean: Vec<f32> = stats.iter().map(|s| s.mean as f32).collect();
+    let var: Vec<f32> = stats.iter().map(|s| (s.m2 / s.n) as f32).collect();
     let inv_std: Vec<f32> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
     let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] * inv_std[ch]).collect();
     let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
@@ -248,21 +320,16 @@ pub fn backward<'x>(
     let mask = |ch: usize| relu.map(|cap| (stats.scale[ch], stats.shift[ch], cap));
     let m = (d.n * d.hw) as f32;
     // Per channel: dbeta = sum(g), dgamma = sum(g * xhat), g = dy masked by the ReLU.
-    let sums: Vec<(f32, f32)> = (0..d.c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut db, mut dg) = (0.0f64, 0.0f64);
-            for i in 0..d.n {
-                let r = (i * d.c + ch) * d.hw..(i * d.c + ch + 1) * d.hw;
-                let (b, g) = plane_grad_sums(&x[r.clone()], &dy[r], mask(ch), stats.mean[ch], stats.inv_std[ch]);
-                db += b;
-                dg += g;
-            }
-            (dg as f32, db as f32)
-        })
-        .collect();
-    let dgamma: Vec<f32> = sums.iter().map(|s| s.0).collect();
-    let dbeta: Vec<f32> = sums.iter().map(|s| s.1).collect();
+    let sums = reduce_planes(
+        d,
+        |ch, start| {
+            let r = start..start + d.hw;
+            plane_grad_sums(&x[r.clone()], &dy[r], mask(ch), stats.mean[ch], stats.inv_std[ch])
+        },
+        |a, b| (a.0 + b.0, a.1 + b.1),
+    );
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
     // dx = gamma * inv_std / m * (m * g - dbeta - xhat * dgamma).
     dx.par_fills(d.hw).enumerate().for_each(|(p, dxp)| {
         let ch = p % d.c;
@@ -380,6 +447,54 @@ mod tests {
                 let fd = (f(&x64, &g64, &p) - f(&x64, &g64, &q)) / (2.0 * h);
                 assert!((fd - dbeta[ch] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "dbeta[{ch}]: {fd} vs {}", dbeta[ch]);
             }
+        }
+    }
+
+    /// A shape whose reductions span several image blocks of unequal size (40 images in 32
+    /// blocks) and several channel runs (16, 16 and 8 planes of 1000 values), against f64 sums
+    /// straight from the definitions, and the same bits whatever the number of threads.
+    #[test]
+    fn blocked_reductions_match_f64_and_do_not_depend_on_threads() {
+        let d = NchwDims { n: 40, c: 40, hw: 1000 };
+        assert!(d.n > IMAGE_BLOCKS && d.c * d.hw > TASK_RUN && !d.c.is_multiple_of(TASK_RUN / d.hw));
+        let x = data(d.len(), 6, 50.0);
+        let dy = data(d.len(), 7, 0.0);
+        let (gamma, beta) = (data(d.c, 8, 1.0), data(d.c, 9, 0.0));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut y = vec![0.0; d.len()];
+                let st = forward_train(d, &x, &gamma, &beta, 1e-5, Some(6.0), &mut y).unwrap();
+                let mut dx = vec![0.0; d.len()];
+                let (dgamma, dbeta) = backward(d, &x, Some(6.0), &dy, &gamma, &st, &mut dx).unwrap();
+                (st, y, dx, dgamma, dbeta)
+            })
+        };
+        let one = run(1);
+        assert!(one == run(3), "results differ between 1 and 3 threads");
+        let (st, _, _, dgamma, dbeta) = one;
+        for ch in 0..d.c {
+            let vals: Vec<f64> = d.planes(&x, ch).flatten().map(|&v| v as f64).collect();
+            let m = vals.len() as f64;
+            let mean = vals.iter().sum::<f64>() / m;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / m;
+            assert!((st.mean[ch] as f64 - mean).abs() < 1e-5 * mean.abs(), "mean[{ch}] {} vs {mean}", st.mean[ch]);
+            assert!((st.var[ch] as f64 - var).abs() < 1e-5 * var, "var[{ch}] {} vs {var}", st.var[ch]);
+            // dbeta and dgamma: sums of the masked gradient and of its product with x-hat.
+            let (mut db, mut dg) = (0.0f64, 0.0f64);
+            for (xp, gp) in d.planes(&x, ch).zip(d.planes(&dy, ch)) {
+                for (&xv, &g) in xp.iter().zip(gp) {
+                    let xhat = (xv as f64 - mean) / (var + 1e-5).sqrt();
+                    // The forward's own mask (checked against its output in the test above): an
+                    // f64 clamp would differ at values within rounding of 0 or 6.
+                    if passes(xv, (st.scale[ch], st.shift[ch], 6.0)) {
+                        db += g as f64;
+                        dg += g as f64 * xhat;
+                    }
+                }
+            }
+            assert!((dbeta[ch] as f64 - db).abs() < 1e-4 * (1.0 + db.abs()), "dbeta[{ch}] {} vs {db}", dbeta[ch]);
+            assert!((dgamma[ch] as f64 - dg).abs() < 1e-4 * (1.0 + dg.abs()), "dgamma[{ch}] {} vs {dg}", dgamma[ch]);
         }
     }
 
