@@ -30,6 +30,8 @@ struct Phased {
     offsets: Vec<usize>,
     /// Positions each tap visits: `out_h * pw`, less the spare tail of the last row.
     len: usize,
+    /// The output's row length (`s.out_w()`, kept here: the plane kernels use it per row).
+    out_w: usize,
     /// For each input row, where its phase row starts.
     row_starts: Vec<usize>,
     /// For each of the first `sw` input columns: where its column class starts in a phase row's
@@ -58,7 +60,7 @@ impl Phased {
         let row_starts = (0..s.h).map(|r| ((r + ph) % sh) * sw * phase + (r + ph) / sh * pw).collect();
         let col_starts =
             (0..sw.min(s.w)).map(|c0| (((c0 + pw_) % sw) * phase + (c0 + pw_) / sw, (c0 + pw_) / sw)).collect();
-        Self { pw, rows, offsets, len: (s.out_h() - 1) * pw + s.out_w(), row_starts, col_starts }
+        Self { pw, rows, offsets, len: (s.out_h() - 1) * pw + s.out_w(), out_w: s.out_w(), row_starts, col_starts }
     }
 
     /// Elements of all the phase planes together.
@@ -252,11 +254,11 @@ fn store_scaled<T: Elem>(dst: &mut [f32], width: usize, src: &[T::Acc], (first, 
     }
 }
 
-/// Copies `dy` (`out_h x out_w`) into `dyp`, rows of `pw` whose spare columns stay zero.
+/// Copies `dy` (`out_h x out_w`) into `dyp`, rows of `lay.pw` whose spare columns stay zero.
 #[inline(always)]
-fn fill_rows<T: Copy>(s: &ConvShape, pw: usize, dy: &[T], dyp: &mut [T]) {
-    for (drow, row) in dyp.chunks_exact_mut(pw).zip(dy.chunks_exact(s.out_w())) {
-        drow[..s.out_w()].copy_from_slice(row);
+fn fill_rows<T: Copy>(lay: &Phased, dy: &[T], dyp: &mut [T]) {
+    for (drow, row) in dyp.chunks_exact_mut(lay.pw).zip(dy.chunks_exact(lay.out_w)) {
+        drow[..lay.out_w].copy_from_slice(row);
     }
 }
 
@@ -283,7 +285,7 @@ fn forward_plane<T: Elem>(
     for (&off, &wt) in lay.offsets.iter().zip(w) {
         axpy(&mut acc[..lay.len], wt, &xp[off..]);
     }
-    store_scaled::<T>(out, s.out_w(), acc, (0, lay.pw), scale);
+    store_scaled::<T>(out, lay.out_w, acc, (0, lay.pw), scale);
 }
 
 /// One channel plane of the input gradient: `out = scale * sum over taps of w[tap] * dy`,
@@ -299,7 +301,7 @@ fn input_grad_plane<T: Elem>(
     out: &mut [f32],
     scale: f32,
 ) {
-    fill_rows(s, lay.pw, dy, dyp);
+    fill_rows(lay, dy, dyp);
     acc.fill(T::Acc::default());
     for (&off, &wt) in lay.offsets.iter().zip(w) {
         axpy(&mut acc[off..off + lay.len], wt, &dyp[..lay.len]);
@@ -319,7 +321,7 @@ fn weight_grad_plane<T: Elem>(
     wide: &mut [T::Wide],
 ) {
     lay.fill(s, x, xp);
-    fill_rows(s, lay.pw, dy, dyp);
+    fill_rows(lay, dy, dyp);
     for (wd, &off) in wide.iter_mut().zip(&lay.offsets) {
         *wd += T::wide(T::dot(&dyp[..lay.len], &xp[off..off + lay.len]));
     }
