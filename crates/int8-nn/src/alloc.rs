@@ -20,7 +20,7 @@
 //! threads (`M_ARENA_MAX = 1`) puts every block on the main heap: on an AMD EPYC VM with 2
 //! threads, `int8-bench step --model mobilenetv2-cifar --seconds 6`, alternating, went from
 //! 2656-2699 to 2371-2423 ms at FP32 and from 2499-2522 to 2145-2150 ms at INT8, page faults from
-//! 3.5 to 0.54 million a run, peak memory 2.22 to 2.12-2.17 GB; ResNet-20 (no block above
+//! 3.5 to 0.54 million a run, peak memory 2.12 to 2.02-2.07 GiB; ResNet-20 (no block above
 //! 64 MiB) did not change. The arena's lock is shared by the step's threads and the loader's;
 //! small blocks come from each thread's cache without it. Binaries call it first thing; a library
 //! leaves the process's allocator alone.
