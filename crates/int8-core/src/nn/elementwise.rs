@@ -1,4 +1,6 @@
-//! Residual add fused with ReLU, and global average pooling: the elementwise glue of a ResNet.
+//! Residual add (plain, or fused with ReLU), ReLU and ReLU6, in-place accumulation, and global
+//! average pooling: the elementwise glue of a ResNet or MobileNetV2, and of the tape's gradient
+//! sums.
 
 use rayon::prelude::*;
 
@@ -17,6 +19,18 @@ const CHUNK: usize = 1 << 14;
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn add_relu_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) {
     y.zip_map(a, b, |u, v| (u + v).max(0.0));
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) {
+    y.zip_map(a, b, |u, v| u + v);
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_assign_chunk(acc: &mut [f32], b: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(b) {
+        *a += v;
+    }
 }
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -43,6 +57,22 @@ pub fn add_relu<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<()> {
         .zip(a.par_chunks(CHUNK))
         .zip(b.par_chunks(CHUNK))
         .for_each(|((y, a), b)| add_relu_chunk(y, a, b));
+    Ok(())
+}
+
+/// `y = a + b` (a residual add without activation, as MobileNetV2's), in one pass.
+pub fn add<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<()> {
+    let y = y.into();
+    check_len("add operand", b.len(), a.len())?;
+    check_len("add output", y.len(), a.len())?;
+    y.par_fills(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((y, a), b)| add_chunk(y, a, b));
+    Ok(())
+}
+
+/// `acc += b` in place, on all threads: how the tape sums the gradients reaching one value.
+pub fn add_assign(acc: &mut [f32], b: &[f32]) -> Result<()> {
+    check_len("accumulated operand", b.len(), acc.len())?;
+    acc.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(a, b)| add_assign_chunk(a, b));
     Ok(())
 }
 
@@ -156,7 +186,13 @@ mod tests {
             }
             add_relu(&x, &g, &mut y).unwrap();
             relu_backward(&x, &g, &mut dx).unwrap();
+            let mut sum = vec![f32::NAN; n];
+            add(&x, &g, &mut sum).unwrap();
+            let mut acc = x.clone();
+            add_assign(&mut acc, &g).unwrap();
             for i in 0..n {
+                assert_eq!(sum[i], x[i] + g[i], "n = {n}, element {i}");
+                assert_eq!(acc[i], x[i] + g[i], "n = {n}, element {i}");
                 assert_eq!(y[i], (x[i] + g[i]).max(0.0), "n = {n}, element {i}");
                 assert_eq!(dx[i], if x[i] > 0.0 { g[i] } else { 0.0 }, "n = {n}, element {i}");
             }

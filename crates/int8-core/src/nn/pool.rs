@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn max_pooling_passes_the_whole_gradient_and_bad_windows_are_errors() {
-        // candle's max_pool2d backward returns 0.25 here; the gradient of a max is 1.
+        // The whole gradient goes to the maximum (1, not a quarter of it spread over the window).
         let p = Pool2d { planes: 1, h: 2, w: 2, k: 2, stride: 2, pad: 0 };
         let (mut y, mut am, mut dx) = ([0.0], [0u32], [0.0; 4]);
         max_pool(&p, &[1.0, 4.0, 3.0, 2.0], &mut y, &mut am).unwrap();
