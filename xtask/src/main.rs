@@ -287,7 +287,7 @@ fn zoo() -> Result<()> {
             1000
         };
         let model = int8_zoo::build(name, classes, &LayerPolicy::fp32(), 0)?;
-        println!("| {name} | {classes} | {} |", group_digits(int8_zoo::param_count(model.as_ref())));
+        println!("| {name} | {classes} | {} |", group_digits(model.param_count()));
     }
     println!(
         "\n| recipe | model | dataset | epochs | batch | lr | schedule |\n| --- | --- | --- | ---: | ---: | ---: | --- |"

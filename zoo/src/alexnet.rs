@@ -4,14 +4,13 @@
 //! trains it in INT8 on ImageNet. Under its default policy the first convolution and every fully
 //! connected layer stay FP32 (`quant.linear_int8` and rules change that).
 
-use candle_core::Tensor;
-use int8_nn::conv::Conv2d;
-use int8_nn::layers::{Dropout, avg_pool2d, max_pool2d, relu};
-use int8_nn::linear::Linear;
+use int8_nn::layers::{Conv2d, Dropout, Linear};
+use int8_nn::ops::{avg_pool2d, max_pool2d, relu};
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{Layer, Module, Tensor};
 
 use crate::blocks::Builder;
-use crate::{Layers, Model, Result, ZooError, init};
+use crate::{Model, Result, ZooError, init};
 
 /// AlexNet.
 #[derive(Debug)]
@@ -103,13 +102,17 @@ impl Model for AlexNet {
         let h = relu(&self.fc7.forward(&self.drop7.forward(&h)?)?)?;
         Ok(self.fc8.forward(&h)?)
     }
+}
 
-    fn layers(&self) -> Layers<'_> {
-        Layers {
-            convs: vec![&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5],
-            bns: Vec::new(),
-            linears: vec![&self.fc6, &self.fc7, &self.fc8],
-            dropouts: vec![&self.drop6, &self.drop7],
+impl Module for AlexNet {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        for c in [&self.conv1, &self.conv2, &self.conv3, &self.conv4, &self.conv5] {
+            c.visit(f);
         }
+        self.drop6.visit(f);
+        self.fc6.visit(f);
+        self.drop7.visit(f);
+        self.fc7.visit(f);
+        self.fc8.visit(f);
     }
 }

@@ -1,10 +1,10 @@
 //! Building blocks shared by the zoo's residual networks: the convolution builder (names,
 //! policy precisions, seeds) and the basic and bottleneck residual blocks (He et al., CVPR 2016).
 
-use candle_core::Tensor;
-use int8_nn::conv::{Conv2d, ConvGeometry};
-use int8_nn::layers::{BatchNorm2d, add_relu};
+use int8_nn::layers::{BatchNorm2d, Conv2d};
+use int8_nn::ops::add_relu;
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{ConvGeometry, Layer, Module, Tensor};
 
 use crate::{Result, init};
 
@@ -86,17 +86,15 @@ impl BasicBlock {
         let s = shortcut_forward(&self.shortcut, x)?;
         Ok(add_relu(&h, &s)?)
     }
+}
 
-    pub(crate) fn convs(&self) -> Vec<&Conv2d> {
-        let mut v = vec![&self.conv1, &self.conv2];
-        v.extend(self.shortcut.as_ref().map(|(c, _)| c));
-        v
-    }
-
-    pub(crate) fn bns(&self) -> Vec<&BatchNorm2d> {
-        let mut v = vec![&self.bn1, &self.bn2];
-        v.extend(self.shortcut.as_ref().map(|(_, b)| b));
-        v
+impl Module for BasicBlock {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        self.conv2.visit(f);
+        self.bn2.visit(f);
+        self.shortcut.visit(f);
     }
 }
 
@@ -166,16 +164,16 @@ impl Bottleneck {
         let s = shortcut_forward(&self.shortcut, x)?;
         Ok(add_relu(&h, &s)?)
     }
+}
 
-    pub(crate) fn convs(&self) -> Vec<&Conv2d> {
-        let mut v = vec![&self.conv1, &self.conv2, &self.conv3];
-        v.extend(self.shortcut.as_ref().map(|(c, _)| c));
-        v
-    }
-
-    pub(crate) fn bns(&self) -> Vec<&BatchNorm2d> {
-        let mut v = vec![&self.bn1, &self.bn2, &self.bn3];
-        v.extend(self.shortcut.as_ref().map(|(_, b)| b));
-        v
+impl Module for Bottleneck {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        self.conv2.visit(f);
+        self.bn2.visit(f);
+        self.conv3.visit(f);
+        self.bn3.visit(f);
+        self.shortcut.visit(f);
     }
 }

@@ -4,14 +4,13 @@
 //! factorised 1x7/7x1 and 1x3/3x1 ones. The paper (Zhu et al., CVPR 2020, Table 4) trains it in
 //! INT8 on ImageNet; its default policy keeps the first convolution and the classifier in FP32.
 
-use candle_core::Tensor;
-use int8_nn::conv::Conv2d;
-use int8_nn::layers::{BatchNorm2d, Dropout, avg_pool2d, global_avg_pool, max_pool2d};
-use int8_nn::linear::Linear;
+use int8_nn::layers::{BatchNorm2d, Conv2d, Dropout, Linear};
+use int8_nn::ops::{avg_pool2d, concat, global_avg_pool, max_pool2d};
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{Layer, Module, Tensor};
 
 use crate::blocks::Builder;
-use crate::{Layers, Model, Result, init};
+use crate::{Model, Result, init};
 
 /// A convolution, batch norm (epsilon 1e-3) and ReLU.
 #[derive(Debug)]
@@ -46,6 +45,13 @@ impl BasicConv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.bn.forward(&self.conv.forward(x)?)?)
+    }
+}
+
+impl Module for BasicConv {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv.visit(f);
+        self.bn.visit(f);
     }
 }
 
@@ -98,30 +104,35 @@ impl Branch {
             Some((a, b)) => vec![a.forward(&h)?, b.forward(&h)?],
         })
     }
+}
 
-    fn convs(&self) -> Vec<&BasicConv> {
-        let mut v: Vec<&BasicConv> = self.convs.iter().collect();
-        if let Some((a, b)) = &self.split {
-            v.extend([a, b]);
-        }
-        v
+impl Module for Branch {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.convs.visit(f);
+        self.split.visit(f);
     }
 }
 
 /// An Inception module: branches whose outputs are concatenated along channels.
 #[derive(Debug)]
-pub struct Module {
+pub struct InceptionModule {
     /// The branches, in torchvision's concatenation order.
     pub branches: Vec<Branch>,
 }
 
-impl Module {
+impl InceptionModule {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut outs = Vec::new();
         for b in &self.branches {
             outs.extend(b.forward(x)?);
         }
-        Ok(Tensor::cat(&outs, 1)?)
+        Ok(concat(&outs, 1)?)
+    }
+}
+
+impl Module for InceptionModule {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.branches.visit(f);
     }
 }
 
@@ -137,7 +148,7 @@ struct Spec<'s> {
     split: Option<[HeadSpec<'s>; 2]>,
 }
 
-fn module(b: &mut Builder, name: &str, inp: usize, specs: Vec<Spec>) -> Result<Module> {
+fn module(b: &mut Builder, name: &str, inp: usize, specs: Vec<Spec>) -> Result<InceptionModule> {
     let mut branches = Vec::new();
     for s in specs {
         let mut c = inp;
@@ -155,7 +166,7 @@ fn module(b: &mut Builder, name: &str, inp: usize, specs: Vec<Spec>) -> Result<M
         };
         branches.push(Branch { pool: s.pool, convs, split });
     }
-    Ok(Module { branches })
+    Ok(InceptionModule { branches })
 }
 
 const K1: (usize, usize) = (1, 1);
@@ -173,7 +184,7 @@ fn spec<'s>(pool: Pool, convs: Vec<ConvSpec<'s>>) -> Spec<'s> {
 }
 
 /// Inception A (35x35): 1x1; 1x1 -> 5x5; 1x1 -> 3x3 -> 3x3; avg pool -> 1x1.
-fn inception_a(b: &mut Builder, name: &str, inp: usize, pool_features: usize) -> Result<Module> {
+fn inception_a(b: &mut Builder, name: &str, inp: usize, pool_features: usize) -> Result<InceptionModule> {
     module(
         b,
         name,
@@ -195,7 +206,7 @@ fn inception_a(b: &mut Builder, name: &str, inp: usize, pool_features: usize) ->
 }
 
 /// Inception B (35 -> 17): 3x3/2; 1x1 -> 3x3 -> 3x3/2; max pool.
-fn inception_b(b: &mut Builder, name: &str, inp: usize) -> Result<Module> {
+fn inception_b(b: &mut Builder, name: &str, inp: usize) -> Result<InceptionModule> {
     module(
         b,
         name,
@@ -216,7 +227,7 @@ fn inception_b(b: &mut Builder, name: &str, inp: usize) -> Result<Module> {
 }
 
 /// Inception C (17x17), with factorised 7x7 convolutions of `c7` channels.
-fn inception_c(b: &mut Builder, name: &str, inp: usize, c7: usize) -> Result<Module> {
+fn inception_c(b: &mut Builder, name: &str, inp: usize, c7: usize) -> Result<InceptionModule> {
     module(
         b,
         name,
@@ -247,7 +258,7 @@ fn inception_c(b: &mut Builder, name: &str, inp: usize, c7: usize) -> Result<Mod
 }
 
 /// Inception D (17 -> 8): 1x1 -> 3x3/2; 1x1 -> 1x7 -> 7x1 -> 3x3/2; max pool.
-fn inception_d(b: &mut Builder, name: &str, inp: usize) -> Result<Module> {
+fn inception_d(b: &mut Builder, name: &str, inp: usize) -> Result<InceptionModule> {
     module(
         b,
         name,
@@ -269,7 +280,7 @@ fn inception_d(b: &mut Builder, name: &str, inp: usize) -> Result<Module> {
 }
 
 /// Inception E (8x8), with split 1x3/3x1 heads.
-fn inception_e(b: &mut Builder, name: &str, inp: usize) -> Result<Module> {
+fn inception_e(b: &mut Builder, name: &str, inp: usize) -> Result<InceptionModule> {
     let split = |a: &'static str, c: &'static str| Some([(a, 384, K13, (0, 1)), (c, 384, K31, (1, 0))]);
     module(
         b,
@@ -298,7 +309,7 @@ pub struct InceptionV3 {
     /// The stem: five basic convs (with two max pools, applied in `forward`).
     pub stem: Vec<BasicConv>,
     /// Mixed_5b .. Mixed_7c.
-    pub mixed: Vec<(String, Module)>,
+    pub mixed: Vec<(String, InceptionModule)>,
     /// Dropout before the classifier.
     pub dropout: Dropout,
     /// 2048 -> classes.
@@ -317,7 +328,7 @@ impl InceptionV3 {
             BasicConv::sq(&mut b, "Conv2d_4a_3x3", 80, 192, 3, 1, 0)?,
         ];
         let mut mixed = Vec::new();
-        let mut add = |name: &str, m: Module| mixed.push((name.to_string(), m));
+        let mut add = |name: &str, m: InceptionModule| mixed.push((name.to_string(), m));
         add("Mixed_5b", inception_a(&mut b, "Mixed_5b", 192, 32)?);
         add("Mixed_5c", inception_a(&mut b, "Mixed_5c", 256, 64)?);
         add("Mixed_5d", inception_a(&mut b, "Mixed_5d", 288, 64)?);
@@ -333,15 +344,16 @@ impl InceptionV3 {
         let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear, false))?;
         Ok(Self { stem, mixed, dropout: Dropout::new("dropout", 0.5, b.next_seed())?, fc })
     }
+}
 
-    fn basic_convs(&self) -> Vec<&BasicConv> {
-        let mut v: Vec<&BasicConv> = self.stem.iter().collect();
+impl Module for InceptionV3 {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.stem.visit(f);
         for (_, m) in &self.mixed {
-            for br in &m.branches {
-                v.extend(br.convs());
-            }
+            m.visit(f);
         }
-        v
+        self.dropout.visit(f);
+        self.fc.visit(f);
     }
 }
 
@@ -361,15 +373,5 @@ impl Model for InceptionV3 {
         }
         let h = self.dropout.forward(&global_avg_pool(&h)?)?;
         Ok(self.fc.forward(&h)?)
-    }
-
-    fn layers(&self) -> Layers<'_> {
-        let bc = self.basic_convs();
-        Layers {
-            convs: bc.iter().map(|c| &c.conv).collect(),
-            bns: bc.iter().map(|c| &c.bn).collect(),
-            linears: vec![&self.fc],
-            dropouts: vec![&self.dropout],
-        }
     }
 }

@@ -7,17 +7,12 @@ pub mod blocks;
 pub mod inception;
 mod init;
 pub mod mobilenetv2;
-mod params;
 pub mod resnet_cifar;
 pub mod resnet_imagenet;
 pub mod small_cnn;
 
-use candle_core::Tensor;
-use int8_nn::conv::Conv2d;
-use int8_nn::layers::{BatchNorm2d, Dropout};
-use int8_nn::linear::Linear;
 use int8_nn::policy::LayerPolicy;
-use int8_nn::stats::LayerStats;
+use int8_nn::{Layer, Module, Tensor};
 use thiserror::Error;
 
 /// Errors of the zoo. Messages are lowercase and say what to do.
@@ -42,61 +37,18 @@ pub enum ZooError {
     /// Building or running a layer failed.
     #[error(transparent)]
     Nn(#[from] int8_nn::NnError),
-    /// A tensor operation failed.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = ZooError> = std::result::Result<T, E>;
 
-pub use int8_nn::optim::Param;
-
-/// A model's layers as the trainer sees them: every convolution, batch norm, fully connected
-/// layer (the classifier last) and dropout.
-#[derive(Debug, Default)]
-pub struct Layers<'a> {
-    /// The convolutions.
-    pub convs: Vec<&'a Conv2d>,
-    /// The batch norms.
-    pub bns: Vec<&'a BatchNorm2d>,
-    /// The fully connected layers, the classifier last.
-    pub linears: Vec<&'a Linear>,
-    /// The dropouts.
-    pub dropouts: Vec<&'a Dropout>,
-}
-
-/// What every model offers the trainer.
-pub trait Model: Send + Sync + std::fmt::Debug {
+/// What every model offers the trainer: its name, its forward pass, and its layers through
+/// [`Module`] (parameters, INT8 statistics, checkpointed state, training mode).
+pub trait Model: Module + Send + Sync + std::fmt::Debug {
     /// The registry name.
     fn name(&self) -> &str;
     /// Logits for a batch of images.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    /// The model's layers.
-    fn layers(&self) -> Layers<'_>;
-
-    /// Training (batch statistics) or evaluation (running statistics) mode.
-    fn set_training(&self, training: bool) {
-        let l = self.layers();
-        for bn in l.bns {
-            bn.set_training(training);
-        }
-        for d in l.dropouts {
-            d.set_training(training);
-        }
-    }
-
-    /// The parameters, with each INT8 layer's current DCLR multiplier.
-    fn params(&self) -> Vec<Param> {
-        let l = self.layers();
-        params::params(&l.convs, &l.bns, &l.linears)
-    }
-
-    /// The statistics of each INT8 layer, by layer name.
-    fn int8_stats(&self) -> Vec<(String, LayerStats)> {
-        let l = self.layers();
-        params::int8_stats(&l.convs, &l.linears)
-    }
 }
 
 /// The models the registry can build.
@@ -121,8 +73,9 @@ pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Res
     if policy.rules.is_empty() {
         return Ok(model);
     }
-    let l = model.layers();
-    let names: Vec<&str> = l.convs.iter().map(|c| c.name()).chain(l.linears.iter().map(|f| f.name())).collect();
+    let layers = model.layers();
+    let names: Vec<&str> =
+        layers.iter().filter(|l| matches!(l, Layer::Conv(_) | Layer::Linear(_))).map(|l| l.name()).collect();
     if let Some(rule) = policy.rules.iter().find(|r| !names.iter().any(|n| int8_nn::policy::glob(&r.pattern, n))) {
         return Err(ZooError::UnmatchedRule {
             pattern: rule.pattern.clone(),
@@ -130,7 +83,7 @@ pub fn build(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) -> Res
             examples: names.iter().take(4).copied().collect::<Vec<_>>().join("`, `"),
         });
     }
-    drop(l);
+    drop(layers);
     Ok(model)
 }
 
@@ -176,9 +129,4 @@ pub fn find_recipe(name_or_path: &str) -> Option<std::path::PathBuf> {
         return Some(p.to_path_buf());
     }
     recipes().into_iter().find(|(n, _)| n == name_or_path).map(|(_, p)| p)
-}
-
-/// The number of trainable parameters of a model.
-pub fn param_count(model: &dyn Model) -> usize {
-    model.params().iter().map(|p| p.var.elem_count()).sum()
 }

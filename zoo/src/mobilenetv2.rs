@@ -5,14 +5,13 @@
 //! has no parameters). With 1000 classes it has torchvision's 3,504,872 parameters. The CIFAR
 //! variant keeps the stem and the second stage at stride 1, so that 32x32 inputs end at 4x4.
 
-use candle_core::Tensor;
-use int8_nn::conv::{Conv2d, ConvGeometry};
-use int8_nn::layers::{BatchNorm2d, global_avg_pool};
-use int8_nn::linear::Linear;
+use int8_nn::layers::{BatchNorm2d, Conv2d, Linear};
+use int8_nn::ops::{add, global_avg_pool};
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{ConvGeometry, Layer, Module, Tensor};
 
 use crate::blocks::Builder;
-use crate::{Layers, Model, Result, init};
+use crate::{Model, Result, init};
 
 /// A convolution followed by batch norm, with or without ReLU6.
 #[derive(Debug)]
@@ -28,6 +27,13 @@ pub struct ConvBn {
 impl ConvBn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.bn.forward(&self.conv.forward(x)?)?)
+    }
+}
+
+impl Module for ConvBn {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv.visit(f);
+        self.bn.visit(f);
     }
 }
 
@@ -51,7 +57,15 @@ impl InvertedResidual {
             h = e.forward(&h)?;
         }
         let h = self.project.forward(&self.depthwise.forward(&h)?)?;
-        Ok(if self.residual { (h + x)? } else { h })
+        Ok(if self.residual { add(&h, x)? } else { h })
+    }
+}
+
+impl Module for InvertedResidual {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.expand.visit(f);
+        self.depthwise.visit(f);
+        self.project.visit(f);
     }
 }
 
@@ -128,16 +142,14 @@ impl MobileNetV2 {
             Linear::new("classifier", w, bias, policy.precision_for("classifier", LayerKind::Linear, false))?;
         Ok(Self { name: name.to_string(), stem, blocks, head, classifier })
     }
+}
 
-    fn conv_bns(&self) -> Vec<&ConvBn> {
-        let mut v = vec![&self.stem];
-        for b in &self.blocks {
-            v.extend(b.expand.as_ref());
-            v.push(&b.depthwise);
-            v.push(&b.project);
-        }
-        v.push(&self.head);
-        v
+impl Module for MobileNetV2 {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.stem.visit(f);
+        self.blocks.visit(f);
+        self.head.visit(f);
+        self.classifier.visit(f);
     }
 }
 
@@ -152,15 +164,5 @@ impl Model for MobileNetV2 {
             h = b.forward(&h)?;
         }
         Ok(self.classifier.forward(&global_avg_pool(&self.head.forward(&h)?)?)?)
-    }
-
-    fn layers(&self) -> Layers<'_> {
-        let cbs = self.conv_bns();
-        Layers {
-            convs: cbs.iter().map(|c| &c.conv).collect(),
-            bns: cbs.iter().map(|c| &c.bn).collect(),
-            linears: vec![&self.classifier],
-            dropouts: Vec::new(),
-        }
     }
 }

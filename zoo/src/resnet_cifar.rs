@@ -5,15 +5,14 @@
 //! (option B), which gives ResNet-20 its 272,474 parameters; zero-padded identity shortcuts
 //! (option A) would give 269,722.
 
-use candle_core::Tensor;
-use int8_nn::conv::Conv2d;
-use int8_nn::layers::{BatchNorm2d, global_avg_pool};
-use int8_nn::linear::Linear;
+use int8_nn::layers::{BatchNorm2d, Conv2d, Linear};
+use int8_nn::ops::global_avg_pool;
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{Layer, Module, Tensor};
 
 pub use crate::blocks::BasicBlock;
 use crate::blocks::Builder;
-use crate::{Layers, Model, Result, init};
+use crate::{Model, Result, init};
 
 /// A CIFAR ResNet of depth `6n + 2`.
 #[derive(Debug)]
@@ -57,13 +56,16 @@ impl ResNetCifar {
     fn blocks(&self) -> impl Iterator<Item = &BasicBlock> {
         self.layer1.iter().chain(&self.layer2).chain(&self.layer3)
     }
+}
 
-    fn convs(&self) -> Vec<&Conv2d> {
-        std::iter::once(&self.conv1).chain(self.blocks().flat_map(|b| b.convs())).collect()
-    }
-
-    fn bns(&self) -> Vec<&BatchNorm2d> {
-        std::iter::once(&self.bn1).chain(self.blocks().flat_map(|b| b.bns())).collect()
+impl Module for ResNetCifar {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        self.layer1.visit(f);
+        self.layer2.visit(f);
+        self.layer3.visit(f);
+        self.fc.visit(f);
     }
 }
 
@@ -78,9 +80,5 @@ impl Model for ResNetCifar {
             h = block.forward(&h)?;
         }
         Ok(self.fc.forward(&global_avg_pool(&h)?)?)
-    }
-
-    fn layers(&self) -> Layers<'_> {
-        Layers { convs: self.convs(), bns: self.bns(), linears: vec![&self.fc], ..Default::default() }
     }
 }

@@ -5,14 +5,13 @@
 //! bottlenecks; with 1000 classes they have torchvision's 11,689,512, 21,797,672 and 25,557,032
 //! parameters.
 
-use candle_core::Tensor;
-use int8_nn::conv::Conv2d;
-use int8_nn::layers::{BatchNorm2d, global_avg_pool, max_pool2d};
-use int8_nn::linear::Linear;
+use int8_nn::layers::{BatchNorm2d, Conv2d, Linear};
+use int8_nn::ops::{global_avg_pool, max_pool2d};
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{Layer, Module, Tensor};
 
 use crate::blocks::{BasicBlock, Bottleneck, Builder};
-use crate::{Layers, Model, Result, ZooError, init};
+use crate::{Model, Result, ZooError, init};
 
 /// A residual block of either kind.
 #[derive(Debug)]
@@ -30,18 +29,13 @@ impl Block {
             Block::Bottleneck(b) => b.forward(x),
         }
     }
+}
 
-    fn convs(&self) -> Vec<&Conv2d> {
+impl Module for Block {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
         match self {
-            Block::Basic(b) => b.convs(),
-            Block::Bottleneck(b) => b.convs(),
-        }
-    }
-
-    fn bns(&self) -> Vec<&BatchNorm2d> {
-        match self {
-            Block::Basic(b) => b.bns(),
-            Block::Bottleneck(b) => b.bns(),
+            Block::Basic(b) => b.visit(f),
+            Block::Bottleneck(b) => b.visit(f),
         }
     }
 }
@@ -101,13 +95,16 @@ impl ResNet {
     fn blocks(&self) -> impl Iterator<Item = &Block> {
         self.layers.iter().flatten()
     }
+}
 
-    fn convs(&self) -> Vec<&Conv2d> {
-        std::iter::once(&self.conv1).chain(self.blocks().flat_map(|b| b.convs())).collect()
-    }
-
-    fn bns(&self) -> Vec<&BatchNorm2d> {
-        std::iter::once(&self.bn1).chain(self.blocks().flat_map(|b| b.bns())).collect()
+impl Module for ResNet {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        for stage in &self.layers {
+            stage.visit(f);
+        }
+        self.fc.visit(f);
     }
 }
 
@@ -122,9 +119,5 @@ impl Model for ResNet {
             h = block.forward(&h)?;
         }
         Ok(self.fc.forward(&global_avg_pool(&h)?)?)
-    }
-
-    fn layers(&self) -> Layers<'_> {
-        Layers { convs: self.convs(), bns: self.bns(), linears: vec![&self.fc], ..Default::default() }
     }
 }

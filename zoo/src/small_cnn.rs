@@ -3,13 +3,12 @@
 //! after the first two, global average pooling and a linear classifier. Under the paper's policy
 //! the first convolution and the classifier stay FP32.
 
-use candle_core::Tensor;
-use int8_nn::conv::{Conv2d, ConvGeometry};
-use int8_nn::layers::{BatchNorm2d, global_avg_pool, max_pool2d};
-use int8_nn::linear::Linear;
+use int8_nn::layers::{BatchNorm2d, Conv2d, Linear};
+use int8_nn::ops::{global_avg_pool, max_pool2d};
 use int8_nn::policy::{LayerKind, LayerPolicy};
+use int8_nn::{ConvGeometry, Layer, Module, Tensor};
 
-use crate::{Layers, Model, Result, init};
+use crate::{Model, Result, init};
 
 /// The small CNN.
 #[derive(Debug)]
@@ -49,13 +48,17 @@ impl SmallCnn {
             fc: Linear::new("fc", w, b, policy.precision_for("fc", LayerKind::Linear, false))?,
         })
     }
+}
 
-    fn convs(&self) -> [&Conv2d; 3] {
-        [&self.conv1, &self.conv2, &self.conv3]
-    }
-
-    fn bns(&self) -> [&BatchNorm2d; 3] {
-        [&self.bn1, &self.bn2, &self.bn3]
+impl Module for SmallCnn {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        self.conv2.visit(f);
+        self.bn2.visit(f);
+        self.conv3.visit(f);
+        self.bn3.visit(f);
+        self.fc.visit(f);
     }
 }
 
@@ -69,9 +72,5 @@ impl Model for SmallCnn {
         let h = max_pool2d(&self.bn2.forward(&self.conv2.forward(&h)?)?, 2, 2, 0)?;
         let h = self.bn3.forward(&self.conv3.forward(&h)?)?;
         Ok(self.fc.forward(&global_avg_pool(&h)?)?)
-    }
-
-    fn layers(&self) -> Layers<'_> {
-        Layers { convs: self.convs().to_vec(), bns: self.bns().to_vec(), linears: vec![&self.fc], ..Default::default() }
     }
 }

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
 use int8_core::dsgc::{cosine_distance, search_clip};
 use int8_datasets::archive::extract_tar_gz;
 use int8_datasets::image_folder::ImageFolder;
 use int8_datasets::loader::{CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD};
-use int8_nn::layers::cross_entropy;
+use int8_nn::Tensor;
+use int8_nn::ops::cross_entropy;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::LayerPolicy;
 use int8_nn::precision::Int8Config;
@@ -16,15 +16,17 @@ use int8_zoo::Model;
 use int8_zoo::resnet_cifar::ResNetCifar;
 
 /// The CIFAR-10 JPEG archive: `$INT8_CIFAR10_JPEG`, or `shared/datasets/` beside an ancestor of
-/// this crate (where every developer machine and CI run has it).
-fn cifar_archive() -> Option<PathBuf> {
+/// this crate (where every developer machine and CI run has it). Its absence fails the test: the
+/// claims these tests back need real images.
+fn cifar_archive() -> PathBuf {
     if let Ok(p) = std::env::var("INT8_CIFAR10_JPEG") {
-        return Some(PathBuf::from(p));
+        return PathBuf::from(p);
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .map(|a| a.join("shared/datasets/cifar10-jpeg.tar.gz"))
         .find(|p| p.exists())
+        .expect("no cifar10-jpeg.tar.gz in shared/datasets/ beside the checkout: set INT8_CIFAR10_JPEG to its path")
 }
 
 /// Sixteen SGD steps on one batch; the mean loss of the last three steps must be at least a
@@ -35,7 +37,7 @@ fn fit_and_check(what: &str, model: &dyn Model, x: &Tensor, labels: &[u32]) {
     for _ in 0..16 {
         let (loss, report) = cross_entropy(&model.forward(x).unwrap(), labels).unwrap();
         let grads = loss.backward().unwrap();
-        sgd.step(&model.params(), &grads, 0.05).unwrap();
+        sgd.step(&model.trainables(), &grads, 0.05).unwrap();
         losses.push(report.loss);
     }
     eprintln!("{what}: losses {:?}", losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>());
@@ -46,10 +48,7 @@ fn fit_and_check(what: &str, model: &dyn Model, x: &Tensor, labels: &[u32]) {
 
 #[test]
 fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
-    let Some(archive) = cifar_archive() else {
-        eprintln!("skipped: no cifar10-jpeg.tar.gz found (set INT8_CIFAR10_JPEG to its path)");
-        return;
-    };
+    let archive = cifar_archive();
     // The first 13 training images of each class: 130 real images, 128 used.
     let dir = tempfile::tempdir().unwrap();
     let keep = |p: &std::path::Path| {
@@ -69,19 +68,19 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
         pixels.extend(img.to_chw(mean, std));
         labels.push(label);
     }
-    let x = Tensor::from_vec(pixels, (128, 3, 32, 32), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(pixels, (128, 3, 32, 32)).unwrap();
 
     for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
         let model = ResNetCifar::new("resnet20", 3, 10, &policy, 0).unwrap();
         // Keep the gradient that reaches a stage-2 convolution, for the DSGC checks below.
         let probe = &model.layer2[1].conv1;
-        probe.keep_grad(true);
+        probe.quant().keep_grad(true);
         fit_and_check(what, &model, &x, &labels);
 
         if what == "int8" {
             // On this real conv gradient, the DSGC search lands within 1% of the best of a dense
             // 1000-point grid, and beats clipping at max|g|.
-            let g = probe.last_grad().expect("the probe layer kept its gradient");
+            let g = probe.quant().last_grad().expect("the probe layer kept its gradient");
             let amax = g.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let grid = (1..=1000).map(|i| cosine_distance(&g, amax * i as f32 / 1000.0)).fold(f64::INFINITY, f64::min);
             let found = search_clip("layer2.1.conv1.grad_output", &g).unwrap();
@@ -100,10 +99,7 @@ fn resnet20_loss_falls_on_real_cifar10_at_both_precisions() {
 #[test]
 fn small_cnn_loss_falls_on_real_fashion_mnist_at_both_precisions() {
     let dir = std::path::Path::new("/usr/share/datasets/fashion-mnist");
-    if !dir.exists() {
-        eprintln!("skipped: {} is absent (apt-get install -y dataset-fashion-mnist)", dir.display());
-        return;
-    }
+    assert!(dir.exists(), "{} is absent: apt-get install -y dataset-fashion-mnist (scripts/setup does)", dir.display());
     let ds = int8_datasets::idx::read_idx_pair(
         &dir.join("train-images-idx3-ubyte.gz"),
         &dir.join("train-labels-idx1-ubyte.gz"),
@@ -115,7 +111,7 @@ fn small_cnn_loss_falls_on_real_fashion_mnist_at_both_precisions() {
     let n = 256;
     let pixels: Vec<f32> = ds.images.data[..n * 784].iter().map(|&v| (v as f32 / 255.0 - 0.2860) / 0.3530).collect();
     let labels: Vec<u32> = ds.labels[..n].iter().map(|&l| l as u32).collect();
-    let x = Tensor::from_vec(pixels, (n, 1, 28, 28), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(pixels, (n, 1, 28, 28)).unwrap();
     for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
         let model = int8_zoo::build("cnn-small", 10, &policy, 0).unwrap();
         fit_and_check(what, model.as_ref(), &x, &labels);
@@ -127,10 +123,7 @@ fn small_cnn_loss_falls_on_real_fashion_mnist_at_both_precisions() {
 /// every parameter gets a finite gradient and moves, and every INT8 layer reports statistics.
 #[test]
 fn imagenet_models_take_a_training_step_on_real_images_at_both_precisions() {
-    let Some(archive) = cifar_archive() else {
-        eprintln!("skipped: no cifar10-jpeg.tar.gz found (set INT8_CIFAR10_JPEG to its path)");
-        return;
-    };
+    let archive = cifar_archive();
     let dir = tempfile::tempdir().unwrap();
     let keep = |p: &std::path::Path| {
         p.components().nth(1).is_some_and(|c| c.as_os_str() == "test")
@@ -148,33 +141,31 @@ fn imagenet_models_take_a_training_step_on_real_images_at_both_precisions() {
             pixels.extend(img.to_chw(mean, std));
             labels.push(label);
         }
-        let x = Tensor::from_vec(pixels, (2, 3, side, side), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(pixels, (2, 3, side, side)).unwrap();
         for (what, policy) in [("fp32", LayerPolicy::fp32()), ("int8", LayerPolicy::paper(Int8Config::default()))] {
             let model = int8_zoo::build(name, 10, &policy, 0).unwrap();
-            let before: Vec<Vec<f32>> =
-                model.params().iter().map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+            let before: Vec<Vec<f32>> = model.trainables().iter().map(|t| t.param.to_vec()).collect();
             let (loss, report) = cross_entropy(&model.forward(&x).unwrap(), &labels).unwrap();
             assert!(report.loss.is_finite() && report.loss > 0.0, "{name} {what}: loss {}", report.loss);
             let grads = loss.backward().unwrap();
             let mut should_move = Vec::new();
-            for p in model.params() {
-                let g =
-                    grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{name} {what}: no gradient for {}", p.name));
-                let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-                assert!(g.iter().all(|v| v.is_finite()), "{name} {what}: {} has a non-finite gradient", p.name);
+            for t in model.trainables() {
+                let p = t.param;
+                let g = grads.of(p).unwrap_or_else(|| panic!("{name} {what}: no gradient for {}", p.name())).to_vec();
+                assert!(g.iter().all(|v| v.is_finite()), "{name} {what}: {} has a non-finite gradient", p.name());
                 // A value must move when its step (lr times its gradient) is well above its
                 // float spacing.
-                let w: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                let w = p.to_vec();
                 should_move
-                    .push(p.decay || g.iter().zip(&w).any(|(g, w)| (0.01 * g).abs() > 1e-6 * w.abs().max(1e-30)));
+                    .push(p.decay() || g.iter().zip(&w).any(|(g, w)| (0.01 * g).abs() > 1e-6 * w.abs().max(1e-30)));
             }
             let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
-            sgd.step(&model.params(), &grads, 0.01).unwrap();
-            for ((p, b), should) in model.params().iter().zip(&before).zip(should_move) {
-                let now: Vec<f32> = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-                assert!(now.iter().all(|v| v.is_finite()), "{name} {what}: {} is not finite", p.name);
+            sgd.step(&model.trainables(), &grads, 0.01).unwrap();
+            for ((t, b), should) in model.trainables().iter().zip(&before).zip(should_move) {
+                let now = t.param.to_vec();
+                assert!(now.iter().all(|v| v.is_finite()), "{name} {what}: {} is not finite", t.param.name());
                 if should {
-                    assert_ne!(now, *b, "{name} {what}: {} did not move", p.name);
+                    assert_ne!(now, *b, "{name} {what}: {} did not move", t.param.name());
                 }
             }
             let stats = model.int8_stats();

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
 use int8_datasets::image_folder::ImageFolder;
 use int8_datasets::loader::{
     Augment, Augmented, CIFAR10_MEAN, CIFAR10_STD, InMemory, Source, Streamed, epoch, epoch_order, make_batch,
 };
 use int8_datasets::registry::{known, locate, search_dirs};
 use int8_datasets::transform::ResizedCrop;
-use int8_nn::layers::cross_entropy;
+use int8_nn::Tensor;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::LayerPolicy;
 use int8_nn::precision::Int8Config;
@@ -55,13 +54,9 @@ pub fn run(workspace: &Path, budget: Duration) -> Result<Vec<DataRow>> {
         let Ok(b) = batches.recv() else { break };
         let b = b?;
         let t1 = Instant::now();
-        let x = Tensor::from_vec(b.images, b.dims.to_vec(), &Device::Cpu)?;
-        int8_nn::threads::in_pool(|| -> Result<()> {
-            let (loss, _) = cross_entropy(&model.forward(&x)?, &b.labels)?;
-            let grads = loss.backward()?;
-            sgd.step(&model.params(), &grads, 0.1)?;
-            Ok(())
-        })?;
+        let x = Tensor::from_vec(b.images, b.dims)?;
+        int8_nn::threads::in_pool(|| int8_train::step::train_step(model.as_ref(), &mut sgd, &x, &b.labels, 0.1))?
+            .map_err(|why| anyhow::anyhow!("the bench's step diverged: {why}"))?;
         // The first step includes the loader's start; it is not counted.
         if steps > 0 {
             wait += (t1 - t0).as_secs_f64() * 1e3;

@@ -7,35 +7,30 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
-use int8_nn::layers::cross_entropy;
+use int8_nn::Tensor;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::{LayerPolicy, Rule};
 use int8_nn::precision::{GradRounding, Int8Config};
+use int8_train::step::train_step;
 use int8_zoo::Model;
 
 use crate::{Row, print_header, print_row};
 
+/// One step, or an error if it diverged (random data at this learning rate should not).
+fn step(model: &dyn Model, sgd: &mut Sgd, x: &Tensor, labels: &[u32]) -> Result<int8_train::step::Step> {
+    train_step(model, sgd, x, labels, 0.01)?.map_err(|why| anyhow::anyhow!("the bench's step diverged: {why}"))
+}
+
 /// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up.
 fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -> Result<[f64; 3]> {
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
-    let mut step = |t: &mut [f64; 3]| -> Result<()> {
-        let t0 = Instant::now();
-        let (loss, _) = cross_entropy(&model.forward(x)?, labels)?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        sgd.step(&model.params(), &grads, 0.01)?;
-        let t3 = Instant::now();
-        t[0] += (t1 - t0).as_secs_f64() * 1e3;
-        t[1] += (t2 - t1).as_secs_f64() * 1e3;
-        t[2] += (t3 - t2).as_secs_f64() * 1e3;
-        Ok(())
-    };
-    step(&mut [0.0; 3])?;
+    step(model, &mut sgd, x, labels)?;
     let (start, mut n, mut t) = (Instant::now(), 0usize, [0.0; 3]);
     while n < 3 || start.elapsed() < budget {
-        step(&mut t)?;
+        let s = step(model, &mut sgd, x, labels)?;
+        for (acc, d) in t.iter_mut().zip([s.forward, s.backward, s.update]) {
+            *acc += d.as_secs_f64() * 1e3;
+        }
         n += 1;
     }
     Ok(t.map(|v| v / n as f64))
@@ -49,9 +44,7 @@ fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::coll
     int8_nn::profile::set_enabled(true);
     let t = Instant::now();
     for _ in 0..steps {
-        let (loss, _) = cross_entropy(&model.forward(x)?, labels)?;
-        let grads = loss.backward()?;
-        sgd.step(&model.params(), &grads, 0.01)?;
+        step(model, &mut sgd, x, labels)?;
     }
     let total = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
     int8_nn::profile::set_enabled(false);
@@ -81,7 +74,7 @@ fn int8_policy(p: &Int8Policy) -> LayerPolicy {
 /// Runs the bench and prints its rows, the INT8 model built with `policy`.
 pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row>> {
     let batch = 128;
-    let x = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), &Device::Cpu)?;
+    let x = Tensor::randn((batch, 3, 32, 32), 0);
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
     let int8 = int8_zoo::build(model, 10, &int8_policy(policy), 0).context("--fp32")?;
@@ -109,7 +102,7 @@ pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row
         extra.push(Row::new(format!("op {name}"), f, i));
     }
     extra.push(Row::new(
-        "op other (candle autograd, allocation, update)",
+        "op other (tape, allocation, update)",
         f_total - f_ops.values().sum::<f64>(),
         i_total - i_ops.values().sum::<f64>(),
     ));
@@ -132,10 +125,10 @@ mod tests {
         let patterns = ["*.dw.conv".to_string()];
         let policy = Int8Policy { fp32_patterns: &patterns, stochastic_grads: false };
         let model = int8_zoo::build("mobilenetv2-cifar", 10, &int8_policy(&policy), 0).unwrap();
-        let l = model.layers();
+        let convs: Vec<_> = model.layers().into_iter().filter(|l| matches!(l, int8_nn::Layer::Conv(_))).collect();
         let (mut dw, mut other_int8) = (0, 0);
-        for (i, c) in l.convs.iter().enumerate() {
-            let int8 = matches!(c.precision(), Precision::Int8(_));
+        for (i, c) in convs.iter().enumerate() {
+            let int8 = matches!(c.precision(), Some(Precision::Int8(_)));
             if c.name().ends_with(".dw.conv") {
                 dw += 1;
                 assert!(!int8, "{} should be FP32", c.name());

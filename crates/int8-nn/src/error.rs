@@ -5,9 +5,6 @@ use thiserror::Error;
 /// Everything that can go wrong in `int8-nn`. Messages are lowercase and say what to do.
 #[derive(Debug, Error)]
 pub enum NnError {
-    /// A tensor operation failed.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
     /// A kernel or the quantizer refused its input (a non-finite gradient, a bad shape).
     #[error(transparent)]
     Core(#[from] int8_core::CoreError),
@@ -19,13 +16,14 @@ pub enum NnError {
         /// What is wrong and what to do.
         why: String,
     },
+    /// Tensors of shapes an op cannot take.
+    #[error("{0}")]
+    Shape(String),
+    /// The tape was used in a way it cannot follow (a backward pass from a loss that was not
+    /// recorded, or run twice over one graph).
+    #[error("{0}")]
+    Graph(String),
 }
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = NnError> = std::result::Result<T, E>;
-
-/// Carries an `int8-core` error through candle's custom-op interface, which only returns
-/// `candle_core::Error`; the message (naming the tensor) survives.
-pub(crate) fn to_candle(e: int8_core::CoreError) -> candle_core::Error {
-    candle_core::Error::wrap(e)
-}

@@ -1,25 +1,37 @@
-//! `int8-nn`: layers whose forward and backward passes run on `int8-core`'s kernels, wrapped as
-//! candle custom ops, with the per-layer INT8 state of Zhu et al., CVPR 2020 (DSGC clip values,
-//! DCLR multipliers, saturation statistics).
+//! `int8-nn`: tensors, the autograd tape, and the layers of INT8 training (Zhu et al., CVPR 2020)
+//! on `int8-core`'s kernels.
 //!
-//! The conv and linear layers ([`conv::Conv2d`], [`linear::Linear`]) at FP32 and INT8; the FP32
-//! layers around them ([`layers`]: batch norm with a fused ReLU or ReLU6, residual add + ReLU,
-//! ReLU6, max, average and global average pooling, dropout, cross-entropy); the layer [`policy`];
-//! the SGD optimizer with DCLR multipliers and schedules ([`optim`]); the per-op step breakdown
-//! ([`profile`]); and how a training process allocates ([`alloc`]) and runs its steps
-//! ([`threads`]).
+//! - [`Tensor`] (a shape and values on a [`Device`]) and the [`tape`] that records ops and runs
+//!   them backwards; [`Param`], a named trainable leaf; [`no_grad`] for evaluation.
+//! - [`ops`]: every op's forward and backward pass (conv and linear at FP32 or INT8, batch norm,
+//!   activations, pooling, dropout, the loss, concat, reshape, arithmetic).
+//! - [`layers`]: [`layers::Conv2d`], [`layers::Linear`], [`layers::BatchNorm2d`],
+//!   [`layers::Dropout`]; [`Module`], how a model lists its layers.
+//! - The per-layer INT8 state of the paper ([`stats`]: DSGC clip values, DCLR multipliers,
+//!   saturation), the layer [`policy`] and [`precision`], the SGD optimizer with DCLR and the
+//!   schedules ([`optim`]).
+//! - How a training process runs: the per-op step breakdown ([`profile`]), memory counters
+//!   ([`memory`]), allocation policy ([`alloc`]) and where steps run ([`threads`]).
 
 pub mod alloc;
-pub mod conv;
 mod error;
 pub mod layers;
-pub mod linear;
-mod ops;
+pub mod memory;
+pub mod module;
+pub mod ops;
 pub mod optim;
+mod param;
 pub mod policy;
 pub mod precision;
 pub mod profile;
 pub mod stats;
+pub mod tape;
+mod tensor;
 pub mod threads;
 
 pub use error::{NnError, Result};
+pub use module::{Layer, Module};
+pub use ops::conv::ConvGeometry;
+pub use param::Param;
+pub use tape::{Gradients, no_grad};
+pub use tensor::{Device, Shape, Storage, Tensor};

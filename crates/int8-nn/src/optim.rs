@@ -2,26 +2,25 @@
 //! learning-rate multiplier through which DCLR (Zhu et al., CVPR 2020, Sec. 4.2, Eq. 11) scales
 //! each INT8 layer's step by `phi(d)`; and the learning-rate schedules.
 //!
-//! Updates run on detached values (read, update, write back with `Var::set`), so the autograd
-//! graph never grows across steps.
+//! Updates write the parameters in place (see [`Param`]), after the backward pass has released
+//! what the graph saved of them.
 
 use std::collections::HashMap;
 
-use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{NnError, Result};
+use crate::param::Param;
+use crate::tape::Gradients;
+use crate::tensor::Tensor;
 
-/// A trainable parameter with what the optimizer needs to know about it.
-#[derive(Debug, Clone)]
-pub struct Param {
-    /// Dotted name, as in checkpoints (`layer1.0.conv1.weight`).
-    pub name: String,
-    /// The variable.
-    pub var: Var,
-    /// Whether weight decay applies (not to batch-norm parameters and biases, by default).
-    pub decay: bool,
-    /// The learning-rate multiplier: DCLR's `phi(d)` for INT8 layers, 1 otherwise.
+/// A parameter with the learning-rate multiplier of its layer: DCLR's `phi(d)` for INT8 layers,
+/// 1 otherwise (see [`crate::Module::trainables`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Trainable<'a> {
+    /// The parameter.
+    pub param: &'a Param,
+    /// The learning-rate multiplier.
     pub lr_scale: f64,
 }
 
@@ -36,72 +35,125 @@ pub struct SgdConfig {
     pub weight_decay: f64,
 }
 
+/// Values per parallel work item of the update.
+const CHUNK: usize = 1 << 14;
+/// Parameters up to this size update on the calling thread: handing a pass to the pool costs
+/// more than the pass (most parameters of the zoo's CIFAR models are below it).
+const PAR_MIN: usize = 1 << 16;
+
 /// SGD with momentum buffers kept per parameter name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Sgd {
-    config: Option<SgdConfig>,
-    buffers: HashMap<String, Vec<f32>>,
+    config: SgdConfig,
+    buffers: HashMap<String, Tensor>,
 }
 
 impl Sgd {
     /// A fresh optimizer.
     pub fn new(config: SgdConfig) -> Self {
-        Self { config: Some(config), buffers: HashMap::new() }
+        Self { config, buffers: HashMap::new() }
     }
 
-    /// The momentum buffers (for checkpoints).
-    pub fn buffers(&self) -> &HashMap<String, Vec<f32>> {
+    /// The momentum buffers by parameter name (for checkpoints).
+    pub fn buffers(&self) -> &HashMap<String, Tensor> {
         &self.buffers
     }
 
     /// Restores momentum buffers from a checkpoint.
     pub fn set_buffers(&mut self, buffers: HashMap<String, Vec<f32>>) {
-        self.buffers = buffers;
+        self.buffers =
+            buffers.into_iter().map(|(k, v)| (k, Tensor::cpu_untracked(v.clone(), v.len().into()))).collect();
     }
 
     /// One update at learning rate `lr`: for each parameter with a gradient,
     /// `g = grad + wd * w`, `buf = momentum * buf + g` (`g` on the first step),
-    /// `d = g + momentum * buf` (Nesterov) or `buf`, and `w -= lr * lr_scale * d`.
-    pub fn step(&mut self, params: &[Param], grads: &GradStore, lr: f64) -> Result<()> {
-        let cfg = self.config.unwrap_or(SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0 });
-        for p in params {
-            let Some(grad) = grads.get(p.var.as_tensor()) else { continue };
-            let g = grad.flatten_all()?.to_vec1::<f32>()?;
-            let mut w = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            if g.len() != w.len() {
-                return Err(NnError::BadInput {
-                    layer: p.name.clone(),
-                    why: format!("gradient of {} values for {} weights", g.len(), w.len()),
+    /// `d = g + momentum * buf` (Nesterov) or `buf`, and `w -= lr * lr_scale * d`. A gradient or
+    /// an updated weight that is not finite stops the update with an error naming the parameter,
+    /// and that parameter is left as it was.
+    pub fn step(&mut self, params: &[Trainable<'_>], grads: &Gradients, lr: f64) -> Result<()> {
+        let cfg = self.config;
+        for t in params {
+            let p = t.param;
+            let Some(grad) = grads.of(p) else { continue };
+            let g = grad.cpu()?;
+            let diverged = |why: String| NnError::BadInput { layer: p.name().to_string(), why };
+            if g.len() != p.elem_count() {
+                return Err(diverged(format!("gradient of {} values for {} weights", g.len(), p.elem_count())));
+            }
+            let wd = if p.decay() { cfg.weight_decay as f32 } else { 0.0 };
+            let (m, lr) = (cfg.momentum as f32, (lr * t.lr_scale) as f32);
+            let rule = Rule { wd, m, lr, nesterov: cfg.nesterov };
+            let first = !self.buffers.contains_key(p.name());
+            let buf = self.buffers.entry(p.name().to_string()).or_insert_with(|| Tensor::zeros(g.len()));
+            let b = buf.make_cpu_mut();
+            // Check the whole update before writing any of it, so that a refused step changes
+            // nothing. A gradient that is not finite makes its weight not finite too.
+            let bad = p.update(|w| {
+                let bad = find_first(w.len(), |r| {
+                    r.clone().find_map(|i| {
+                        let (wi, _) = rule.apply(w[i], g[i], b[i], first);
+                        (!wi.is_finite()).then_some((i, wi))
+                    })
                 });
+                if bad.is_none() {
+                    let write = |(w, (g, b)): (&mut [f32], (&[f32], &mut [f32]))| {
+                        for ((wi, &gi), bi) in w.iter_mut().zip(g).zip(b) {
+                            (*wi, *bi) = rule.apply(*wi, gi, *bi, first);
+                        }
+                    };
+                    if w.len() <= PAR_MIN {
+                        write((w, (g, b)));
+                    } else {
+                        w.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(b.par_chunks_mut(CHUNK))).for_each(write);
+                    }
+                }
+                bad
+            });
+            if let Some((i, v)) = bad {
+                if first {
+                    self.buffers.remove(p.name());
+                }
+                if let Some(j) = g.iter().position(|v| !v.is_finite()) {
+                    return Err(diverged(format!(
+                        "gradient value {} at index {j} is not finite: the run has diverged; lower the learning rate",
+                        g[j]
+                    )));
+                }
+                return Err(diverged(format!(
+                    "the update made weight {i} {v}: the run has diverged; lower the learning rate"
+                )));
             }
-            if let Some(i) = g.iter().position(|v| !v.is_finite()) {
-                return Err(NnError::BadInput {
-                    layer: p.name.clone(),
-                    why: format!(
-                        "gradient value {} at index {i} is not finite: the run has diverged; lower the learning rate",
-                        g[i]
-                    ),
-                });
-            }
-            let wd = if p.decay { cfg.weight_decay as f32 } else { 0.0 };
-            let (m, step) = (cfg.momentum as f32, (lr * p.lr_scale) as f32);
-            let first = !self.buffers.contains_key(&p.name);
-            let buf = self.buffers.entry(p.name.clone()).or_insert_with(|| vec![0.0; w.len()]);
-            for ((wi, &gi), bi) in w.iter_mut().zip(&g).zip(buf.iter_mut()) {
-                let gi = gi + wd * *wi;
-                *bi = if first { gi } else { m * *bi + gi };
-                let d = if cfg.nesterov { gi + m * *bi } else { *bi };
-                *wi -= step * d;
-            }
-            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-                return Err(NnError::BadInput {
-                    layer: p.name.clone(),
-                    why: format!("the update made weight {i} {}: the run has diverged; lower the learning rate", w[i]),
-                });
-            }
-            p.var.set(&Tensor::from_vec(w, p.var.shape(), p.var.device())?)?;
         }
         Ok(())
+    }
+}
+
+/// The first `Some` that `f` finds over the index ranges of `0..n`: in one call up to
+/// [`PAR_MIN`] values, over chunks in parallel above that.
+fn find_first<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> Option<T> + Sync) -> Option<T> {
+    if n <= PAR_MIN {
+        return f(0..n);
+    }
+    (0..n.div_ceil(CHUNK)).into_par_iter().find_map_first(|k| f(k * CHUNK..((k + 1) * CHUNK).min(n)))
+}
+
+/// One parameter's update rule, in f32 as PyTorch computes it.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    wd: f32,
+    m: f32,
+    lr: f32,
+    nesterov: bool,
+}
+
+impl Rule {
+    /// The new weight and momentum buffer of one value.
+    #[inline(always)]
+    fn apply(self, w: f32, g: f32, buf: f32, first: bool) -> (f32, f32) {
+        let g = g + self.wd * w;
+        let buf = if first { g } else { self.m * buf + g };
+        let d = if self.nesterov { g + self.m * buf } else { buf };
+        (w - self.lr * d, buf)
     }
 }
 
@@ -165,11 +217,9 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
-    fn param(name: &str, w: &[f32], decay: bool, lr_scale: f64) -> Param {
-        let var = Var::from_tensor(&Tensor::from_vec(w.to_vec(), w.len(), &Device::Cpu).unwrap()).unwrap();
-        Param { name: name.into(), var, decay, lr_scale }
+    fn param(name: &str, w: &[f32], decay: bool) -> Param {
+        Param::new(name, Tensor::from_vec(w.to_vec(), w.len()).unwrap(), decay)
     }
 
     /// Runs three steps with gradient `grad(w) = w * c` (from a loss `c/2 * sum w^2`) and returns
@@ -177,11 +227,12 @@ mod tests {
     fn run(cfg: SgdConfig, p: &Param, c: f32, lr: f64) -> Vec<f32> {
         let mut sgd = Sgd::new(cfg);
         for _ in 0..3 {
-            let loss = (p.var.as_tensor().sqr().unwrap().sum_all().unwrap() * (c as f64 / 2.0)).unwrap();
+            let w = p.value();
+            let loss = w.mul(&w).unwrap().sum_all().unwrap().scale(c / 2.0).unwrap();
             let grads = loss.backward().unwrap();
-            sgd.step(std::slice::from_ref(p), &grads, lr).unwrap();
+            sgd.step(&[Trainable { param: p, lr_scale: 1.0 }], &grads, lr).unwrap();
         }
-        p.var.as_tensor().to_vec1::<f32>().unwrap()
+        p.to_vec()
     }
 
     /// The same three steps in f64, written out from PyTorch's definition.
@@ -201,7 +252,7 @@ mod tests {
         for nesterov in [false, true] {
             for decay in [false, true] {
                 let cfg = SgdConfig { momentum: 0.9, nesterov, weight_decay: 5e-4 };
-                let p = param("w", &[1.0, -2.0, 0.5], decay, 1.0);
+                let p = param("w", &[1.0, -2.0, 0.5], decay);
                 let got = run(cfg, &p, 0.3, 0.1);
                 for (g, w0) in got.iter().zip([1.0, -2.0, 0.5]) {
                     let want = reference(cfg, w0, 0.3, 0.1, decay);
@@ -212,46 +263,70 @@ mod tests {
     }
 
     #[test]
+    fn long_parameters_update_every_value_as_short_ones_do() {
+        // Past several parallel chunks, and not a multiple of one: each value must get exactly
+        // the update it gets alone.
+        let n = 3 * CHUNK + 17;
+        let w0: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+        let cfg = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 5e-4 };
+        let long = param("long", &w0, true);
+        let got = run(cfg, &long, 0.3, 0.1);
+        for i in [0, 1, CHUNK - 1, CHUNK, 2 * CHUNK + 5, n - 1] {
+            let short = param("short", &w0[i..=i], true);
+            assert_eq!(got[i], run(cfg, &short, 0.3, 0.1)[0], "value {i}");
+        }
+    }
+
+    #[test]
     fn dclr_scales_a_layers_step_by_exactly_phi() {
         let cfg = SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0 };
         let phi = 0.37;
         // From zero weights and gradients of 1 and -2, the new weights are exactly the steps.
-        let (a, b) = (param("a", &[0.0, 0.0], true, 1.0), param("b", &[0.0, 0.0], true, phi));
-        let coef = Tensor::from_vec(vec![1.0f32, -2.0], 2, &Device::Cpu).unwrap();
-        let loss = ((a.var.as_tensor() * &coef).unwrap().sum_all().unwrap()
-            + (b.var.as_tensor() * &coef).unwrap().sum_all().unwrap())
-        .unwrap();
-        let grads = loss.backward().unwrap();
-        Sgd::new(cfg).step(&[a.clone(), b.clone()], &grads, 0.5).unwrap();
-        let (wa, wb) = (a.var.as_tensor().to_vec1::<f32>().unwrap(), b.var.as_tensor().to_vec1::<f32>().unwrap());
-        assert_eq!(wa, vec![-0.5, 1.0]);
+        let (a, b) = (param("a", &[0.0, 0.0], true), param("b", &[0.0, 0.0], true));
+        let coef = Tensor::from_vec(vec![1.0f32, -2.0], 2).unwrap();
+        let loss =
+            a.value().mul(&coef).unwrap().sum_all().unwrap().add(&b.value().mul(&coef).unwrap().sum_all().unwrap());
+        let grads = loss.unwrap().backward().unwrap();
+        let ps = [Trainable { param: &a, lr_scale: 1.0 }, Trainable { param: &b, lr_scale: phi }];
+        Sgd::new(cfg).step(&ps, &grads, 0.5).unwrap();
+        assert_eq!(a.to_vec(), vec![-0.5, 1.0]);
         let step = (0.5 * phi) as f32;
-        assert_eq!(wb, vec![-step, 2.0 * step]);
+        assert_eq!(b.to_vec(), vec![-step, 2.0 * step]);
     }
 
     #[test]
     fn a_non_finite_gradient_stops_the_step_with_the_parameter_name() {
-        let p = param("layer2.0.conv1.weight", &[1.0], true, 1.0);
-        let loss = (p.var.as_tensor().sqrt().unwrap() * f64::NAN).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
+        let p = param("layer2.0.conv1.weight", &[1.0], true);
+        let grads = p.value().scale(f32::NAN).unwrap().sum_all().unwrap().backward().unwrap();
         let err = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.0 })
-            .step(std::slice::from_ref(&p), &grads, 0.1)
+            .step(&[Trainable { param: &p, lr_scale: 1.0 }], &grads, 0.1)
             .unwrap_err();
         assert!(err.to_string().contains("layer2.0.conv1.weight"), "{err}");
-        assert_eq!(p.var.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0], "a refused step changes nothing");
+        assert_eq!(p.to_vec(), vec![1.0], "a refused step changes nothing");
     }
 
     #[test]
     fn an_update_that_overflows_is_refused() {
-        let p = param("fc.weight", &[1.0, 2.0], true, 1.0);
-        let loss = (p.var.as_tensor() * 1e30).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
+        let p = param("fc.weight", &[1.0, 2.0], true);
+        let grads = p.value().scale(1e30).unwrap().sum_all().unwrap().backward().unwrap();
         let err = Sgd::new(SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0 })
-            .step(std::slice::from_ref(&p), &grads, 1e30)
+            .step(&[Trainable { param: &p, lr_scale: 1.0 }], &grads, 1e30)
             .unwrap_err()
             .to_string();
         assert!(err.contains("fc.weight") && err.contains("diverged"), "{err}");
-        assert_eq!(p.var.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+        assert_eq!(p.to_vec(), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn a_value_held_elsewhere_is_not_changed_by_the_update() {
+        let p = param("w", &[1.0, 2.0, 3.0], true);
+        let before = p.value();
+        let grads = p.value().sum_all().unwrap().backward().unwrap();
+        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
+        sgd.step(&[Trainable { param: &p, lr_scale: 1.0 }], &grads, 0.5).unwrap();
+        assert_eq!(before.to_vec(), vec![1.0, 2.0, 3.0]);
+        assert_eq!(p.to_vec(), vec![0.5, 1.5, 2.5]);
+        assert!(!p.value().shares_storage(&before));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Per-layer quantization state and the statistics it exposes after each step.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use int8_core::dsgc::{ClipMode, ClipSnapshot, ClipState};
 use int8_core::quant::QTensor;
 
@@ -98,5 +100,51 @@ impl LayerState {
             self.last_grad = Some(g.to_vec());
         }
         Ok(dyq)
+    }
+}
+
+/// The INT8 state of one conv or linear layer, shared between the layer and the ops it records
+/// (the backward pass quantizes the output gradient with it and records the step's statistics).
+#[derive(Debug, Clone)]
+pub struct QuantState(Arc<Mutex<LayerState>>);
+
+impl QuantState {
+    /// A fresh state for a clip mode.
+    pub fn new(mode: ClipMode) -> Self {
+        Self(Arc::new(Mutex::new(LayerState::new(mode))))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LayerState> {
+        // A poisoned lock only means another thread panicked mid-update; the state is plain data.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last step's statistics (all zero, with `phi = 1`, before the first INT8 step).
+    pub fn stats(&self) -> LayerStats {
+        self.lock().stats
+    }
+
+    /// What a checkpoint keeps.
+    pub fn snapshot(&self) -> QuantSnapshot {
+        self.lock().snapshot()
+    }
+
+    /// Restores a checkpoint's snapshot.
+    pub fn restore(&self, snap: QuantSnapshot) {
+        self.lock().restore(snap);
+    }
+
+    /// Keeps (or stops keeping) a copy of each output gradient, for histograms.
+    pub fn keep_grad(&self, keep: bool) {
+        let mut st = self.lock();
+        st.keep_grad = keep;
+        if !keep {
+            st.last_grad = None;
+        }
+    }
+
+    /// The last output gradient, when kept.
+    pub fn last_grad(&self) -> Option<Vec<f32>> {
+        self.lock().last_grad.clone()
     }
 }

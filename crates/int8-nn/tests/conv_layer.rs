@@ -1,13 +1,15 @@
-//! The conv layer under candle's autograd, against independent references: the f64 convolution of
-//! `int8-core`, finite differences of it, and (for INT8) the FP32 layer.
+//! The conv layer on the tape, against independent references: the f64 convolution of
+//! `int8-core`, finite differences of it, and for INT8 the f64 convolution of the quantized codes
+//! (which an FP32 layer would not match) and the FP32 layer.
 
-use candle_core::{Device, Tensor, Var};
 use int8_core::conv::{ConvShape, reference};
 use int8_core::dclr::Dclr;
 use int8_core::dsgc::{ClipMode, cosine_distance};
+use int8_core::quant::{Granularity, Rounding, quantize};
 use int8_core::rng::CounterRng;
-use int8_nn::conv::{Conv2d, ConvGeometry};
+use int8_nn::layers::Conv2d;
 use int8_nn::precision::{Int8Config, Precision};
+use int8_nn::{ConvGeometry, Tensor};
 
 fn uniform(n: usize, seed: u64) -> Vec<f32> {
     let rng = CounterRng::new(seed);
@@ -29,18 +31,21 @@ fn shape_of(x: &[usize], w: &[usize], g: ConvGeometry) -> ConvShape {
     g.shape("test", x, w).unwrap()
 }
 
-fn var(data: Vec<f32>, dims: &[usize]) -> Var {
-    Var::from_tensor(&Tensor::from_vec(data, dims, &Device::Cpu).unwrap()).unwrap()
+fn tensor(data: Vec<f32>, dims: &[usize]) -> Tensor {
+    Tensor::from_vec(data, dims).unwrap()
+}
+
+/// An input that wants its gradient.
+fn var(data: Vec<f32>, dims: &[usize]) -> Tensor {
+    tensor(data, dims).requires_grad()
 }
 
 /// Runs `sum(conv(x, w) * r)` forward and backward; returns `(y, dx, dw)`.
-fn run(layer: &Conv2d, x: &Var, r: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let y = layer.forward(x.as_tensor()).unwrap();
-    let rt = Tensor::from_vec(r.to_vec(), y.dims(), &Device::Cpu).unwrap();
-    let loss = (&y * &rt).unwrap().sum_all().unwrap();
-    let grads = loss.backward().unwrap();
-    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    (flat(&y), flat(grads.get(x.as_tensor()).unwrap()), flat(grads.get(layer.weight().as_tensor()).unwrap()))
+fn run(layer: &Conv2d, x: &Tensor, r: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let y = layer.forward(x).unwrap();
+    let rt = Tensor::from_vec(r.to_vec(), y.dims()).unwrap();
+    let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+    (y.to_vec(), grads.get(x).unwrap().to_vec(), grads.of(layer.weight()).unwrap().to_vec())
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -66,7 +71,7 @@ fn fp32_layer_matches_the_f64_reference_and_finite_differences() {
     for (xd, wd, g) in cases {
         let s = shape_of(&xd, &wd, g);
         let (xv, wv, r) = (uniform(s.x_len(), 1), uniform(s.w_len(), 2), uniform(s.y_len(), 3));
-        let layer = Conv2d::new("fp32", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+        let layer = Conv2d::new("fp32", tensor(wv.clone(), &wd), g, Precision::Fp32).unwrap();
         let x = var(xv.clone(), &xd);
         let (y, dx, dw) = run(&layer, &x, &r);
         let close = |what: &str, got: &[f32], want: &[f64]| {
@@ -122,8 +127,8 @@ fn layer_like(n: usize) -> LayerLike {
 #[test]
 fn int8_gradients_track_fp32_with_dsgc() {
     let LayerLike { x: xv, w: wv, r, xd, wd, g } = layer_like(8);
-    let fp32 = Conv2d::new("conv", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
-    let int8 = Conv2d::new("conv", var(wv.clone(), &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+    let fp32 = Conv2d::new("conv", tensor(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+    let int8 = Conv2d::new("conv", tensor(wv.clone(), &wd), g, Precision::Int8(Int8Config::default())).unwrap();
     let x = var(xv, &xd);
     let (y32, dx32, dw32) = run(&fp32, &x, &r);
     let (y8, dx8, dw8) = run(&int8, &x, &r);
@@ -132,14 +137,14 @@ fn int8_gradients_track_fp32_with_dsgc() {
         cosine(&y8, &y32),
         cosine(&dx8, &dx32),
         cosine(&dw8, &dw32),
-        int8.stats()
+        int8.quant().stats()
     );
     assert!(cosine(&y8, &y32) >= 0.999, "forward cosine {}", cosine(&y8, &y32));
     assert!(cosine(&dx8, &dx32) >= 0.99, "dx cosine {}", cosine(&dx8, &dx32));
     assert!(cosine(&dw8, &dw32) >= 0.99, "dw cosine {}", cosine(&dw8, &dw32));
     // The FP32 layer records nothing; the INT8 one records its step.
-    assert_eq!(fp32.stats().steps, 0);
-    let st = int8.stats();
+    assert_eq!(fp32.quant().stats().steps, 0);
+    let st = int8.quant().stats();
     assert_eq!(st.steps, 1);
     assert!(st.searched, "DSGC searches on the first step");
     assert!(st.clip > 0.0 && st.distance > 0.0 && st.distance < 0.05, "{st:?}");
@@ -157,40 +162,41 @@ fn dsgc_distance_is_below_clipping_at_max_on_the_layer_gradient() {
     let amax = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let maxclip = Precision::Int8(Int8Config { clip: ClipMode::MaxAbs, ..Default::default() });
     let layers = [
-        Conv2d::new("dsgc", var(wv.clone(), &wd), g, Precision::Int8(Int8Config::default())).unwrap(),
-        Conv2d::new("max", var(wv, &wd), g, maxclip).unwrap(),
+        Conv2d::new("dsgc", tensor(wv.clone(), &wd), g, Precision::Int8(Int8Config::default())).unwrap(),
+        Conv2d::new("max", tensor(wv, &wd), g, maxclip).unwrap(),
     ];
     let x = var(xv, &xd);
     for l in &layers {
-        l.keep_grad(true);
+        l.quant().keep_grad(true);
         run(l, &x, &r);
     }
-    let (dsgc, max) = (layers[0].stats(), layers[1].stats());
+    let (dsgc, max) = (layers[0].quant().stats(), layers[1].quant().stats());
     assert_eq!(max.clip, amax);
     assert!((max.distance - cosine_distance(&r, amax)).abs() < 1e-9);
     assert!(dsgc.distance < max.distance, "dsgc {} vs clip-at-max {}", dsgc.distance, max.distance);
     assert!(dsgc.clip < amax);
     assert!(dsgc.phi > max.phi, "a closer gradient keeps more of its learning rate");
-    assert_eq!(layers[0].last_grad().as_deref(), Some(&r[..]));
+    assert_eq!(layers[0].quant().last_grad().as_deref(), Some(&r[..]));
 }
 
 #[test]
 fn a_non_finite_gradient_is_an_error_naming_the_layer() {
     let LayerLike { x: xv, w: wv, mut r, xd, wd, g } = layer_like(2);
     r[17] = f32::NAN;
-    let layer = Conv2d::new("layer1.0.conv1", var(wv, &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+    let layer = Conv2d::new("layer1.0.conv1", tensor(wv, &wd), g, Precision::Int8(Int8Config::default())).unwrap();
     let x = var(xv, &xd);
-    let y = layer.forward(x.as_tensor()).unwrap();
-    let rt = Tensor::from_vec(r, y.dims(), &Device::Cpu).unwrap();
-    let err = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap_err().to_string();
+    let y = layer.forward(&x).unwrap();
+    let rt = Tensor::from_vec(r, y.dims()).unwrap();
+    let err = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap_err().to_string();
     assert!(err.contains("layer1.0.conv1.grad_output"), "{err}");
 }
 
 #[test]
 fn mismatched_channels_are_a_clear_error() {
-    let layer = Conv2d::new("stem", var(vec![0.0; 4 * 3 * 9], &[4, 3, 3, 3]), ConvGeometry::default(), Precision::Fp32)
-        .unwrap();
-    let x = Tensor::zeros((1, 5, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let layer =
+        Conv2d::new("stem", tensor(vec![0.0; 4 * 3 * 9], &[4, 3, 3, 3]), ConvGeometry::default(), Precision::Fp32)
+            .unwrap();
+    let x = Tensor::zeros((1, 5, 8, 8));
     let err = layer.forward(&x).unwrap_err().to_string();
     assert!(err.contains("stem") && err.contains("5 channels"), "{err}");
 }
@@ -201,8 +207,8 @@ fn per_channel_weights_still_track_fp32() {
     // Give the output channels very different weight ranges, where per-channel scales matter.
     let wv: Vec<f32> = wv.iter().enumerate().map(|(i, v)| v * (1 + i / (16 * 9)) as f32).collect();
     let cfg = Int8Config { weight: int8_core::quant::Granularity::PerChannel, ..Default::default() };
-    let fp32 = Conv2d::new("conv", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
-    let int8 = Conv2d::new("conv", var(wv, &wd), g, Precision::Int8(cfg)).unwrap();
+    let fp32 = Conv2d::new("conv", tensor(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+    let int8 = Conv2d::new("conv", tensor(wv, &wd), g, Precision::Int8(cfg)).unwrap();
     let x = var(xv, &xd);
     let (y32, dx32, dw32) = run(&fp32, &x, &r);
     let (y8, dx8, dw8) = run(&int8, &x, &r);
@@ -227,13 +233,13 @@ fn depthwise_input_gradient_keeps_per_channel_weight_scales() {
         uniform(s.w_len(), 5).iter().enumerate().map(|(i, v)| if i < 9 { v * 1e-3 } else { v * 0.1 }).collect();
     let r = laplace(s.y_len(), 6);
     let x = var(xv, &xd);
-    let (_, dx32, _) = run(&Conv2d::new("dw", var(wv.clone(), &wd), g, Precision::Fp32).unwrap(), &x, &r);
+    let (_, dx32, _) = run(&Conv2d::new("dw", tensor(wv.clone(), &wd), g, Precision::Fp32).unwrap(), &x, &r);
     // The input gradient of channel 0 (the small one) of every image.
     let plane = 16 * 16;
     let channel0 = |dx: &[f32]| -> Vec<f32> { dx.chunks(c * plane).flat_map(|img| img[..plane].to_vec()).collect() };
     let cos0 = |weight| {
         let cfg = Int8Config { weight, ..Default::default() };
-        let (_, dx8, _) = run(&Conv2d::new("dw", var(wv.clone(), &wd), g, Precision::Int8(cfg)).unwrap(), &x, &r);
+        let (_, dx8, _) = run(&Conv2d::new("dw", tensor(wv.clone(), &wd), g, Precision::Int8(cfg)).unwrap(), &x, &r);
         (cosine(&channel0(&dx8), &channel0(&dx32)), cosine(&dx8, &dx32))
     };
     let (per_channel, per_channel_all) = cos0(int8_core::quant::Granularity::PerChannel);
@@ -252,8 +258,8 @@ fn int8_strided_pointwise_layer_tracks_fp32_and_leaves_unread_pixels_zero() {
     let xv: Vec<f32> = uniform(s.x_len(), 11).iter().map(|v| v.max(0.0)).collect();
     let wv: Vec<f32> = uniform(s.w_len(), 12).iter().map(|v| v * 0.1).collect();
     let r = laplace(s.y_len(), 13);
-    let fp32 = Conv2d::new("shortcut", var(wv.clone(), &wd), g, Precision::Fp32).unwrap();
-    let int8 = Conv2d::new("shortcut", var(wv, &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+    let fp32 = Conv2d::new("shortcut", tensor(wv.clone(), &wd), g, Precision::Fp32).unwrap();
+    let int8 = Conv2d::new("shortcut", tensor(wv, &wd), g, Precision::Int8(Int8Config::default())).unwrap();
     let x = var(xv, &xd);
     let (y32, dx32, dw32) = run(&fp32, &x, &r);
     let (y8, dx8, dw8) = run(&int8, &x, &r);
@@ -267,5 +273,82 @@ fn int8_strided_pointwise_layer_tracks_fp32_and_leaves_unread_pixels_zero() {
         } else {
             assert!(b != 0.0, "pixel {i} is read");
         }
+    }
+}
+
+/// The f64 values of the codes `quantize` gives `v` per tensor (or per output channel).
+fn dequantized(v: &[f32], granularity: Granularity, channels: usize) -> Vec<f64> {
+    quantize("t", v, granularity, channels, Rounding::Nearest).unwrap().dequantize().iter().map(|&x| x as f64).collect()
+}
+
+/// An INT8 layer computes exactly the convolutions of the codes it quantized, in the forward pass
+/// and both gradients, over a table of geometries: the f64 reference convolution of the
+/// dequantized codes matches its results to f32 rounding, where an FP32 layer would be off by the
+/// quantization error. Weights are per tensor except for the depthwise case (per output channel,
+/// which its input gradient keeps); the gradient is clipped at its maximum (no DSGC), so its codes
+/// are plain per-tensor quantization too.
+#[test]
+fn int8_layer_computes_exactly_the_convolutions_of_its_codes() {
+    let cases = [
+        ("3x3 s1", [2, 8, 9, 9], [12, 8, 3, 3], ConvGeometry { padding: (1, 1), ..Default::default() }),
+        ("3x3 s2", [2, 8, 9, 9], [12, 8, 3, 3], ConvGeometry { stride: 2, padding: (1, 1), ..Default::default() }),
+        ("1x1 s2", [2, 8, 9, 9], [12, 8, 1, 1], ConvGeometry { stride: 2, ..Default::default() }),
+        ("7x7 s2 p3", [1, 3, 15, 15], [8, 3, 7, 7], ConvGeometry { stride: 2, padding: (3, 3), ..Default::default() }),
+        ("dilation 2", [2, 4, 9, 9], [6, 4, 3, 3], ConvGeometry { padding: (2, 2), dilation: 2, ..Default::default() }),
+        ("groups 2", [2, 8, 7, 7], [6, 4, 3, 3], ConvGeometry { padding: (1, 1), groups: 2, ..Default::default() }),
+        ("1x3 rect", [2, 4, 6, 6], [5, 4, 1, 3], ConvGeometry { padding: (0, 1), ..Default::default() }),
+        ("depthwise", [2, 6, 8, 8], [6, 1, 3, 3], ConvGeometry { padding: (1, 1), groups: 6, ..Default::default() }),
+    ];
+    for (what, xd, wd, g) in cases {
+        let s = shape_of(&xd, &wd, g);
+        let xv: Vec<f32> = uniform(s.x_len(), 21).iter().map(|v| v.max(0.0)).collect();
+        let wv: Vec<f32> =
+            uniform(s.w_len(), 22).iter().enumerate().map(|(i, v)| v * (1 + i % 3) as f32 * 0.1).collect();
+        let r = laplace(s.y_len(), 23);
+        let weight = if s.is_depthwise() { Granularity::PerChannel } else { Granularity::PerTensor };
+        let cfg = Int8Config { weight, clip: ClipMode::MaxAbs, ..Int8Config::default() };
+        let layer = Conv2d::new("conv", tensor(wv.clone(), &wd), g, Precision::Int8(cfg)).unwrap();
+        let x = var(xv.clone(), &xd);
+        let (y, dx, dw) = run(&layer, &x, &r);
+        // A strided 1x1 layer quantizes the pixels it reads, whose range may be smaller than the
+        // whole input's: the reference reads the same subsample.
+        let xq = if s.kh == 1 && s.kw == 1 && g.stride > 1 {
+            let sub = int8_core::conv::subsample(&s, &xv);
+            let q = dequantized(&sub, Granularity::PerTensor, 1);
+            let mut full = vec![0.0; s.x_len()];
+            let (ho, wo) = (s.out_h(), s.out_w());
+            for (k, v) in q.into_iter().enumerate() {
+                let (plane, p) = (k / (ho * wo), k % (ho * wo));
+                full[plane * s.h * s.w + (p / wo) * g.stride * s.w + (p % wo) * g.stride] = v;
+            }
+            full
+        } else {
+            dequantized(&xv, Granularity::PerTensor, 1)
+        };
+        let (wq, dyq) = (dequantized(&wv, weight, s.c_out), dequantized(&r, Granularity::PerTensor, 1));
+        let check = |name: &str, got: &[f32], want: Vec<f64>| {
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (i, (&a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a as f64 - b).abs() <= 2e-6 * scale, "{what} {name}[{i}]: {a} vs {b} (scale {scale})");
+            }
+        };
+        check("y", &y, reference::conv2d_fwd(&s, &xq, &wq));
+        let dx_want = reference::conv2d_dx(&s, &wq, &dyq);
+        if s.kh == 1 && s.kw == 1 && g.stride > 1 {
+            // Pixels the layer never read get exactly zero.
+            for (i, (&a, b)) in dx.iter().zip(&dx_want).enumerate() {
+                if *b == 0.0 {
+                    assert_eq!(a, 0.0, "{what} dx[{i}]");
+                }
+            }
+        }
+        check("dx", &dx, dx_want);
+        check("dw", &dw, reference::conv2d_dw(&s, &xq, &dyq));
+        // The unquantized convolution is measurably elsewhere.
+        let exact = reference::conv2d_fwd(&s, &f64s(&xv), &f64s(&wv));
+        let want = reference::conv2d_fwd(&s, &xq, &wq);
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let gap = exact.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+        assert!(gap > 1e-4 * scale, "{what}: quantization must change the result ({gap})");
     }
 }

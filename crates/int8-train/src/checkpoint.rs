@@ -6,8 +6,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::Tensor;
 use int8_core::dsgc::ClipSnapshot;
+use int8_nn::Layer;
+use int8_nn::layers::RunningStats;
 use int8_nn::optim::Sgd;
 use int8_nn::stats::QuantSnapshot;
 use int8_zoo::Model;
@@ -113,28 +114,31 @@ pub struct TrainState {
 /// Writes a checkpoint of `model`, `sgd` and `state` to `path`, atomically.
 pub fn save(path: &Path, model: &dyn Model, sgd: &Sgd, state: &TrainState) -> Result<()> {
     let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for p in model.params() {
-        let t = p.var.as_tensor();
-        named.push((p.name.clone(), t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
-    }
-    for bn in model.layers().bns {
-        let r = bn.running();
-        named.push((format!("{}.running_mean", bn.name()), vec![r.mean.len()], r.mean));
-        named.push((format!("{}.running_var", bn.name()), vec![r.var.len()], r.var));
+    let mut state = state.clone();
+    state.quant.clear();
+    state.dropout.clear();
+    for layer in model.layers() {
+        for p in layer.params() {
+            named.push((p.name().to_string(), p.shape().dims().to_vec(), p.to_vec()));
+        }
+        if let Some(q) = layer.quant() {
+            state.quant.insert(layer.name().to_string(), QuantRecord::from(q.snapshot()));
+        }
+        match layer {
+            Layer::BatchNorm(bn) => {
+                let r = bn.running();
+                named.push((format!("{}.running_mean", bn.name()), vec![r.mean.len()], r.mean));
+                named.push((format!("{}.running_var", bn.name()), vec![r.var.len()], r.var));
+            }
+            Layer::Dropout(d) => {
+                state.dropout.insert(d.name().to_string(), d.calls());
+            }
+            Layer::Conv(_) | Layer::Linear(_) => {}
+        }
     }
     for (name, buf) in sgd.buffers() {
-        named.push((format!("{MOMENTUM}{name}"), vec![buf.len()], buf.clone()));
+        named.push((format!("{MOMENTUM}{name}"), vec![buf.elem_count()], buf.to_vec()));
     }
-    let mut state = state.clone();
-    let l = model.layers();
-    state.quant = l
-        .convs
-        .iter()
-        .map(|c| (c.name().to_string(), c.quant_snapshot()))
-        .chain(l.linears.iter().map(|f| (f.name().to_string(), f.quant_snapshot())))
-        .map(|(n, s)| (n, QuantRecord::from(s)))
-        .collect();
-    state.dropout = l.dropouts.iter().map(|d| (d.name().to_string(), d.calls())).collect();
     let bytes: Vec<Vec<u8>> = named.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = named
         .iter()
@@ -198,15 +202,17 @@ pub fn restore_weights(model: &dyn Model, ck: &Loaded, path: &Path) -> Result<()
         }
         Ok(values)
     };
-    for p in model.params() {
-        let values = get(&p.name, p.var.dims())?;
-        p.var.set(&Tensor::from_vec(values.clone(), p.var.shape(), p.var.device())?)?;
-    }
-    for bn in model.layers().bns {
-        let c = bn.running().mean.len();
-        let mean = get(&format!("{}.running_mean", bn.name()), &[c])?.clone();
-        let var = get(&format!("{}.running_var", bn.name()), &[c])?.clone();
-        bn.set_running(int8_nn::layers::RunningStats { mean, var });
+    for layer in model.layers() {
+        for p in layer.params() {
+            let values = get(p.name(), p.shape().dims())?;
+            p.set_values(values.clone())?;
+        }
+        if let Layer::BatchNorm(bn) = layer {
+            let c = bn.running().mean.len();
+            let mean = get(&format!("{}.running_mean", bn.name()), &[c])?.clone();
+            let var = get(&format!("{}.running_var", bn.name()), &[c])?.clone();
+            bn.set_running(RunningStats { mean, var });
+        }
     }
     Ok(())
 }
@@ -224,19 +230,11 @@ pub fn restore_all(model: &dyn Model, sgd: &mut Sgd, ck: &Loaded, path: &Path) -
         .filter_map(|(n, (_, v))| n.strip_prefix(MOMENTUM).map(|p| (p.to_string(), v.clone())))
         .collect();
     sgd.set_buffers(buffers);
-    let l = model.layers();
-    for c in &l.convs {
-        if let Some(q) = state.quant.get(c.name()) {
-            c.restore_quant((*q).into());
+    for layer in model.layers() {
+        if let (Some(q), Some(rec)) = (layer.quant(), state.quant.get(layer.name())) {
+            q.restore((*rec).into());
         }
-    }
-    for f in &l.linears {
-        if let Some(q) = state.quant.get(f.name()) {
-            f.restore_quant((*q).into());
-        }
-    }
-    for d in &l.dropouts {
-        if let Some(&calls) = state.dropout.get(d.name()) {
+        if let (Layer::Dropout(d), Some(&calls)) = (layer, state.dropout.get(layer.name())) {
             d.set_calls(calls);
         }
     }

@@ -9,6 +9,7 @@ pub mod data;
 pub mod progress;
 pub mod recipe;
 pub mod run;
+pub mod step;
 pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
@@ -81,9 +82,6 @@ pub enum TrainError {
     /// Building the model failed.
     #[error(transparent)]
     Zoo(#[from] int8_zoo::ZooError),
-    /// A tensor operation failed.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 impl TrainError {

@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use int8_datasets::loader::{Source, epoch_from};
-use int8_nn::layers::cross_entropy;
+use int8_nn::ops::cross_entropy;
 use int8_nn::optim::{Schedule, Sgd};
-use int8_nn::precision::Precision;
+use int8_nn::{Layer, Tensor, no_grad};
 use int8_zoo::Model;
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +23,7 @@ use crate::checkpoint::{self, EpochRecord, TrainState};
 use crate::data::{self, RunData};
 use crate::progress::{Progress, ProgressMode};
 use crate::recipe::{PrecisionName, Recipe};
+use crate::step::train_step;
 use crate::tensorboard::EventWriter;
 use crate::{Result, TrainError, write_atomic};
 
@@ -104,17 +104,18 @@ pub fn finished(out: &Path) -> Option<Summary> {
 }
 
 fn tensor(images: Vec<f32>, dims: [usize; 4]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(images, dims.to_vec(), &Device::Cpu)?)
+    Ok(Tensor::from_vec(images, dims)?)
 }
 
-/// Test loss, top-1 and top-5 (%) of `model` on `test` (whose transform is the evaluation one).
+/// Test loss, top-1 and top-5 (%) of `model` on `test` (whose transform is the evaluation one),
+/// in evaluation mode and recording nothing.
 pub fn evaluate(model: &dyn Model, test: &Arc<dyn Source>, batch: usize) -> Result<(f64, f64, f64)> {
     model.set_training(false);
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
     for b in epoch_from(test.clone(), batch, false, 0, 0, 2, 0)? {
         let b = b?;
-        let logits = model.forward(&tensor(b.images, b.dims)?)?;
-        let (_, r) = cross_entropy(&logits, &b.labels)?;
+        let x = tensor(b.images, b.dims)?;
+        let (_, r) = no_grad(|| -> Result<_> { Ok(cross_entropy(&model.forward(&x)?, &b.labels)?) })?;
         loss += r.loss * b.labels.len() as f64;
         top1 += r.top1;
         top5 += r.top5;
@@ -143,22 +144,22 @@ fn layer_scalars(model: &dyn Model) -> Vec<(String, f64)> {
 
 /// Histograms of every parameter and of each INT8 convolution's last output gradient.
 fn histograms(tb: &mut EventWriter, step: u64, model: &dyn Model) -> Result<()> {
-    for p in model.params() {
-        let v = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-        tb.histogram(step, &format!("weights/{}", p.name), &v)?;
-    }
-    for c in model.layers().convs {
-        if let Some(g) = c.last_grad() {
+    for layer in model.layers() {
+        for p in layer.params() {
+            tb.histogram(step, &format!("weights/{}", p.name()), &p.to_vec())?;
+        }
+        if let (Layer::Conv(c), Some(g)) = (layer, layer.quant().and_then(|q| q.last_grad())) {
             tb.histogram(step, &format!("grads/{}.grad_output", c.name()), &g)?;
         }
     }
     Ok(())
 }
 
+/// Whether each INT8 convolution keeps its next output gradient (for the histograms).
 fn keep_grads(model: &dyn Model, keep: bool) {
-    for c in model.layers().convs {
-        if matches!(c.precision(), Precision::Int8(_)) {
-            c.keep_grad(keep);
+    for layer in model.layers() {
+        if let (Layer::Conv(_), Some(q)) = (layer, layer.int8()) {
+            q.keep_grad(keep);
         }
     }
 }
@@ -257,7 +258,7 @@ impl Trainer<'_> {
             tb.text(0, "recipe", &format!("```toml\n{}```", self.state.recipe))?;
         }
         let int8_layers = self.model.int8_stats().len();
-        let params = int8_zoo::param_count(self.model.as_ref());
+        let params = self.model.param_count();
         let mut progress = Progress::new(self.opts.progress, total, self.state.global_step);
         progress.message(&format!(
             "{} on {} ({} train / {} test images, {} classes), {} at {}: {} parameters, {} INT8 layers; {} -> {}",
@@ -290,23 +291,15 @@ impl Trainer<'_> {
                 }
                 let n = b.labels.len();
                 let images = tensor(b.images, b.dims)?;
-                let t0 = Instant::now();
                 // Forward, backward and update run on a worker of rayon's pool, so that the
                 // kernels' many parallel calls do not each hand over to it (see `int8_nn::threads`).
                 let (model, sgd, labels) = (self.model.as_ref(), &mut self.sgd, &b.labels);
-                let stepped = int8_nn::threads::in_pool(|| -> Result<std::result::Result<_, String>> {
-                    let (loss, report) = cross_entropy(&model.forward(&images)?, labels)?;
-                    if !report.loss.is_finite() {
-                        return Ok(Err(format!("the loss is {}", report.loss)));
-                    }
-                    let grads = loss.backward()?;
-                    Ok(sgd.step(&model.params(), &grads, lr).map(|()| report).map_err(|e| e.to_string()))
-                })?;
-                let report = match stepped {
-                    Ok(report) => report,
+                let stepped = int8_nn::threads::in_pool(|| train_step(model, sgd, &images, labels, lr))?;
+                let done = match stepped {
+                    Ok(done) => done,
                     Err(why) => return Err(self.diverged(epoch + 1, why)),
                 };
-                let dt = t0.elapsed().as_secs_f64();
+                let (report, dt) = (done.report, (done.forward + done.backward + done.update).as_secs_f64());
                 if !first_step_of_session {
                     self.state.step_seconds += dt;
                     self.state.steps_timed += 1;

@@ -1,12 +1,9 @@
-//! 2-D convolution as a candle custom op, FP32 or INT8 in both passes (Zhu et al., CVPR 2020,
-//! Sec. 3, Fig. 2): INT8 quantizes X and W in the forward pass and keeps their codes (one byte per
-//! element) for the backward pass, which quantizes dY once with the layer's DSGC clip value (Sec.
-//! 4.1) and runs dX and dW on INT8 GEMMs. It records the layer's statistics, DCLR's multiplier
-//! among them (Sec. 4.2), for the optimizer to read.
+//! 2-D convolution, FP32 or INT8 in both passes (Zhu et al., CVPR 2020, Sec. 3, Fig. 2): INT8
+//! quantizes X and W in the forward pass and keeps their codes (one byte per element) for the
+//! backward pass, which quantizes dY once with the layer's DSGC clip value (Sec. 4.1) and runs dX
+//! and dW on INT8 GEMMs. It records the layer's statistics, DCLR's multiplier among them (Sec.
+//! 4.2), for the optimizer to read. Also the per-channel bias add of convolutions with a bias.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
     strided_pointwise, subsample, upsample,
@@ -15,19 +12,21 @@ use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::{f32_data, input_grad_weight, with_values, zeroed};
-use crate::error::to_candle;
-use crate::precision::Precision;
-use crate::stats::LayerState;
+use super::{cpu_out, input_grad_weight, zeroed};
+use crate::error::{NnError, Result};
+use crate::precision::{Int8Config, Precision};
+use crate::stats::QuantState;
+use crate::tape::{Backward, record};
+use crate::tensor::{Shape, Tensor};
 
-/// Stride, padding, dilation and groups of a convolution (square).
+/// Stride, padding, dilation and groups of a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
-    /// Stride.
+    /// Stride (rows and columns).
     pub stride: usize,
     /// Zero padding (rows, columns), on both sides of each.
     pub padding: (usize, usize),
-    /// Dilation.
+    /// Dilation (rows and columns).
     pub dilation: usize,
     /// Groups.
     pub groups: usize,
@@ -41,16 +40,17 @@ impl Default for ConvGeometry {
 
 impl ConvGeometry {
     /// The full shape for input dims `x` (`n, c, h, w`) and weight dims `w` (`o, c/g, kh, kw`).
-    pub fn shape(&self, name: &str, x: &[usize], w: &[usize]) -> candle_core::Result<ConvShape> {
+    pub fn shape(&self, name: &str, x: &[usize], w: &[usize]) -> Result<ConvShape> {
+        let bad = |why: String| NnError::BadInput { layer: name.into(), why };
         let (&[n, c_in, h, wd], &[c_out, c_in_g, kh, kw]) = (x, w) else {
-            candle_core::bail!("layer `{name}`: conv input {x:?} and weight {w:?} must both be 4-D (NCHW, OIHW)");
+            return Err(bad(format!("conv input {x:?} and weight {w:?} must both be 4-D (NCHW, OIHW)")));
         };
         if c_in_g * self.groups != c_in {
-            candle_core::bail!(
-                "layer `{name}`: the input has {c_in} channels but the weight expects {} ({c_in_g} per group x {} groups)",
+            return Err(bad(format!(
+                "the input has {c_in} channels but the weight expects {} ({c_in_g} per group x {} groups)",
                 c_in_g * self.groups,
                 self.groups
-            );
+            )));
         }
         let (s, p, d) = (self.stride, self.padding, self.dilation);
         let shape = ConvShape {
@@ -66,142 +66,208 @@ impl ConvGeometry {
             dilation: (d, d),
             groups: self.groups,
         };
-        shape.validate().map_err(to_candle)?;
+        shape.validate().map_err(|e| bad(e.to_string()))?;
         Ok(shape)
     }
 }
 
-/// The INT8 codes the forward pass keeps for the backward pass.
-#[derive(Debug)]
-struct Saved {
-    x: QTensor,
-    w: QTensor,
-}
-
-/// One application of a conv layer: the op candle records in the graph.
-#[derive(Debug)]
-pub(crate) struct Conv2dOp {
-    pub name: String,
+/// What a convolution needs besides its operands: the layer's name, geometry, precision, INT8
+/// state and GEMM path.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvArgs<'a> {
+    pub name: &'a str,
     pub geometry: ConvGeometry,
     pub precision: Precision,
-    pub state: Arc<Mutex<LayerState>>,
+    pub quant: &'a QuantState,
     pub path: Int8Path,
-    saved: Mutex<Option<Saved>>,
 }
 
-impl Conv2dOp {
-    pub(crate) fn new(
-        name: String,
-        geometry: ConvGeometry,
-        precision: Precision,
-        state: Arc<Mutex<LayerState>>,
-        path: Int8Path,
-    ) -> Self {
-        Self { name, geometry, precision, state, path, saved: Mutex::new(None) }
-    }
-
-    /// The stride-1 shape that an INT8 strided 1x1 convolution runs on, over its input's
-    /// subsample; `None` for other convolutions and at FP32.
-    fn int8_pointwise(&self, full: &ConvShape) -> Option<ConvShape> {
-        strided_pointwise(full).filter(|_| matches!(self.precision, Precision::Int8(_)))
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, LayerState> {
-        // A poisoned lock only means another thread panicked mid-update; the state is plain data.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+/// The op's name in the step breakdown: what ran.
+fn op_name(precision: Precision, depthwise: bool) -> &'static str {
+    match (precision, depthwise) {
+        (Precision::Fp32, false) => "conv2d",
+        (Precision::Fp32, true) => "depthwise-conv2d",
+        (Precision::Int8(_), false) => "int8-conv2d",
+        (Precision::Int8(_), true) => "int8-depthwise-conv2d",
     }
 }
 
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "int8-conv2d"
-    }
+/// `conv(x, w)` for `x` (`n x c x h x w`) and `w` (`out x in/groups x kh x kw`).
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> {
+    let full = a.geometry.shape(a.name, x.dims(), w.dims())?;
+    let name = op_name(a.precision, full.is_depthwise());
+    let _t = crate::profile::span(name, false);
+    let rec = record(&[x, w]);
+    // A strided 1x1 convolution reads a subsample of its input: in INT8 only that is quantized
+    // (and kept for the backward pass). FP32 reads the pixels in place, which is faster for it
+    // than copying them out.
+    let pointwise = strided_pointwise(&full).filter(|_| matches!(a.precision, Precision::Int8(_)));
+    let s = pointwise.unwrap_or(full);
+    let (xv, wv) = (x.cpu()?, w.cpu()?);
+    let sub = pointwise.map(|_| subsample(&full, xv));
+    let xv = sub.as_deref().unwrap_or(xv);
+    let out_shape = Shape::from([full.n, full.c_out, full.out_h(), full.out_w()]);
+    let (y, saved) = match a.precision {
+        Precision::Fp32 => {
+            let y = fresh(s.y_len(), |y| conv2d_fwd_f32(&s, xv, wv, y))?.0;
+            // dX reads W, dW reads X: keep each only if the other's gradient is wanted.
+            let saved = rec
+                .as_ref()
+                .map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) });
+            (y, saved)
+        }
+        Precision::Int8(cfg) => {
+            let xq = quantize(&format!("{}.input", a.name), xv, Granularity::PerTensor, 1, Rounding::Nearest)?;
+            let wq = quantize(&format!("{}.weight", a.name), wv, cfg.weight, s.c_out, Rounding::Nearest)?;
+            let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&xq).into(), (&wq).into(), y))?;
+            {
+                let mut st = a.quant.lock();
+                st.stats.saturation_x = xq.saturation_rate();
+                st.stats.saturation_w = wq.saturation_rate();
+            }
+            // The input gradient needs the f32 weights only to quantize them per tensor again.
+            let keep_w = wq.channels() > 1 && !s.is_depthwise();
+            let saved = rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32: keep_w.then(|| w.detach()), cfg });
+            (y, saved)
+        }
+    };
+    let y = cpu_out(y, out_shape);
+    Ok(match (rec, saved) {
+        (Some(r), Some(saved)) => r.output(
+            name,
+            y,
+            ConvBackward { layer: a.name.to_string(), full, pointwise, path: a.path, quant: a.quant.clone(), saved },
+        ),
+        _ => y,
+    })
+}
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = crate::profile::span(self.name(), false);
-        let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
-        let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
-        let full = self.geometry.shape(&self.name, l1.dims(), l2.dims())?;
-        // A strided 1x1 convolution reads a subsample of its input: in INT8 only that is
-        // quantized (and kept for the backward pass). FP32 reads the pixels in place, which is
-        // faster for it than copying them out.
-        let pointwise = self.int8_pointwise(&full);
+/// What the forward pass keeps for the backward pass.
+enum Saved {
+    /// FP32: the operands the wanted gradients read.
+    Fp32 { x: Option<Tensor>, w: Option<Tensor> },
+    /// INT8: the codes of X (its subsample for a strided 1x1) and W, and the f32 weights when
+    /// the input gradient must quantize them again.
+    Int8 { x: QTensor, w: QTensor, w_f32: Option<Tensor>, cfg: Int8Config },
+}
+
+struct ConvBackward {
+    layer: String,
+    full: ConvShape,
+    pointwise: Option<ConvShape>,
+    path: Int8Path,
+    quant: QuantState,
+    saved: Saved,
+}
+
+impl Backward for ConvBackward {
+    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let Self { layer, full, pointwise, path, quant, saved } = *self;
         let s = pointwise.unwrap_or(full);
-        let sub = pointwise.map(|_| subsample(&full, x));
-        let x = sub.as_deref().unwrap_or(x);
-        let y = match self.precision {
-            Precision::Fp32 => fresh(s.y_len(), |y| conv2d_fwd_f32(&s, x, w, y)).map_err(to_candle)?.0,
-            Precision::Int8(cfg) => {
-                let xq = quantize(&format!("{}.input", self.name), x, Granularity::PerTensor, 1, Rounding::Nearest)
-                    .map_err(to_candle)?;
-                let wq = quantize(&format!("{}.weight", self.name), w, cfg.weight, s.c_out, Rounding::Nearest)
-                    .map_err(to_candle)?;
-                let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(self.path, &s, (&xq).into(), (&wq).into(), y))
-                    .map_err(to_candle)?;
-                {
-                    let mut st = self.state();
-                    st.stats.saturation_x = xq.saturation_rate();
-                    st.stats.saturation_w = wq.saturation_rate();
-                }
-                *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { x: xq, w: wq });
-                y
+        let g = grad.cpu()?;
+        let (mut dx, dw) = match saved {
+            Saved::Fp32 { x, w } => {
+                let dx = match &w {
+                    Some(w) => {
+                        let wv = w.cpu()?;
+                        Some(fresh(s.x_len(), |dx| conv2d_dx_f32(&s, wv, g, dx))?.0)
+                    }
+                    None => None,
+                };
+                let dw = match &x {
+                    Some(x) => {
+                        let mut dw = zeroed(s.w_len());
+                        conv2d_dw_f32(&s, x.cpu()?, g, &mut dw)?;
+                        Some(dw)
+                    }
+                    None => None,
+                };
+                (dx, dw)
+            }
+            Saved::Int8 { x, w, w_f32, cfg } => {
+                // dY is quantized (and the layer's DSGC state advanced) whatever is wanted of it.
+                let dyq = quant.lock().quantize_grad(&layer, g, &cfg)?;
+                let dx = if needs[0] {
+                    let wq = input_grad_weight(&layer, &w, w_f32.as_ref(), s.is_depthwise())?;
+                    Some(fresh(s.x_len(), |dx| conv2d_dx_i8(path, &s, (&*wq).into(), (&dyq).into(), dx))?.0)
+                } else {
+                    None
+                };
+                let dw = if needs[1] {
+                    let mut dw = zeroed(s.w_len());
+                    conv2d_dw_i8(path, &s, (&x).into(), (&dyq).into(), &mut dw)?;
+                    Some(dw)
+                } else {
+                    None
+                };
+                (dx, dw)
             }
         };
-        Ok((CpuStorage::F32(y), Shape::from((full.n, full.c_out, full.out_h(), full.out_w()))))
+        if let (Some(_), Some(sub)) = (pointwise, dx.as_ref()) {
+            // `upsample` writes every pixel, the ones the convolution never read as zero.
+            dx = Some(
+                fresh(full.x_len(), |placed| {
+                    upsample(&full, sub, placed);
+                    Ok(())
+                })?
+                .0,
+            );
+        }
+        let x_shape = Shape::from([full.n, full.c_in, full.h, full.w]);
+        let w_shape = Shape::from([full.c_out, full.c_in / full.groups, full.kh, full.kw]);
+        Ok(vec![dx.map(|v| cpu_out(v, x_shape)), dw.map(|v| cpu_out(v, w_shape))])
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let _t = crate::profile::span(self.name(), true);
-        let full = self.geometry.shape(&self.name, x.dims(), w.dims())?;
-        // See the forward pass: in INT8 a strided 1x1 convolution works on its input's subsample,
-        // and its input gradient is zero at the pixels it never read.
-        let pointwise = self.int8_pointwise(&full);
-        let s = pointwise.unwrap_or(full);
-        let (mut dx, mut dw) = (Vec::new(), zeroed(s.w_len()));
-        with_values(grad, "output gradient", |g| {
-            match self.precision {
-                Precision::Fp32 => with_values(x, "input", |xv| {
-                    with_values(w, "weight", |wv| {
-                        dx = fresh(s.x_len(), |dx| conv2d_dx_f32(&s, wv, g, dx)).map_err(to_candle)?.0;
-                        conv2d_dw_f32(&s, xv, g, &mut dw).map_err(to_candle)
-                    })
-                })?,
-                Precision::Int8(cfg) => {
-                    let dyq = self.state().quantize_grad(&self.name, g, &cfg).map_err(to_candle)?;
-                    let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-                    let Some(saved) = saved.as_ref() else {
-                        candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
-                    };
-                    let wq = input_grad_weight(&self.name, &saved.w, w, s.is_depthwise())?;
-                    dx = fresh(s.x_len(), |dx| conv2d_dx_i8(self.path, &s, (&*wq).into(), (&dyq).into(), dx))
-                        .map_err(to_candle)?
-                        .0;
-                    conv2d_dw_i8(self.path, &s, (&saved.x).into(), (&dyq).into(), &mut dw).map_err(to_candle)?;
-                }
+    fn saved_bytes(&self) -> usize {
+        match &self.saved {
+            Saved::Fp32 { x, w } => {
+                4 * (x.as_ref().map_or(0, Tensor::elem_count) + w.as_ref().map_or(0, Tensor::elem_count))
             }
-            Ok(())
-        })?;
-        if pointwise.is_some() {
-            // `upsample` writes every pixel, the ones the convolution never read as zero.
-            dx = fresh(full.x_len(), |placed| {
-                upsample(&full, &dx, placed);
-                Ok(())
-            })
-            .map_err(to_candle)?
-            .0;
+            Saved::Int8 { x, w, w_f32, .. } => {
+                x.data.len() + w.data.len() + 4 * w_f32.as_ref().map_or(0, Tensor::elem_count)
+            }
         }
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+    }
+}
+
+/// `y + b[c]` for NCHW `y` and a bias `b` of one value per channel.
+pub(crate) fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _t = crate::profile::span("bias", false);
+    let &[n, c, h, w] = y.dims() else {
+        return Err(NnError::Shape(format!("a channel bias needs an NCHW input, got {}", y.shape())));
+    };
+    if b.dims() != [c] {
+        return Err(NnError::Shape(format!("a bias of shape {} for {c} channels", b.shape())));
+    }
+    let (yv, bv, hw) = (y.cpu()?, b.cpu()?, h * w);
+    let mut out = zeroed(n * c * hw);
+    for (p, (o, i)) in out.chunks_mut(hw.max(1)).zip(yv.chunks(hw.max(1))).enumerate() {
+        let bias = bv[p % c];
+        for (o, &i) in o.iter_mut().zip(i) {
+            *o = i + bias;
+        }
+    }
+    let out = cpu_out(out, y.shape());
+    Ok(match record(&[y, b]) {
+        None => out,
+        Some(r) => r.output("bias", out, BiasBackward { c, hw }),
+    })
+}
+
+struct BiasBackward {
+    c: usize,
+    hw: usize,
+}
+
+impl Backward for BiasBackward {
+    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let db = needs[1].then(|| -> Result<Tensor> {
+            let mut db = vec![0f64; self.c];
+            for (p, plane) in grad.cpu()?.chunks(self.hw.max(1)).enumerate() {
+                db[p % self.c] += plane.iter().map(|&v| f64::from(v)).sum::<f64>();
+            }
+            Ok(cpu_out(db.into_iter().map(|v| v as f32).collect(), self.c))
+        });
+        Ok(vec![needs[0].then(|| grad.clone()), db.transpose()?])
     }
 }

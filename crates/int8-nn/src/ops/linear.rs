@@ -1,188 +1,159 @@
-//! Fully connected layer as a candle custom op, FP32 or INT8 in both passes: the same treatment
-//! as the conv op (Zhu et al., CVPR 2020, Sec. 3-4), for networks whose last layer is trained in
+//! Fully connected layer, `y = x w^T + b`, FP32 or INT8 in both passes: the same treatment as the
+//! convolution (Zhu et al., CVPR 2020, Sec. 3-4), for networks whose last layer is trained in
 //! INT8 too.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8_scaled};
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::basic::values;
-use super::zeroed;
-use super::{f32_data, input_grad_weight};
-use crate::error::to_candle;
-use crate::precision::Precision;
-use crate::stats::LayerState;
-
-#[derive(Debug)]
-struct Saved {
-    x: QTensor,
-    w: QTensor,
-}
-
-/// One application of a linear layer on `(x, w, b)`: `y = x w^T + b`.
-#[derive(Debug)]
-pub(crate) struct LinearOp {
-    pub name: String,
-    pub precision: Precision,
-    pub state: Arc<Mutex<LayerState>>,
-    pub path: Int8Path,
-    saved: Mutex<Option<Saved>>,
-}
-
-impl LinearOp {
-    pub(crate) fn new(name: String, precision: Precision, state: Arc<Mutex<LayerState>>, path: Int8Path) -> Self {
-        Self { name, precision, state, path, saved: Mutex::new(None) }
-    }
-}
-
-/// A row-major view, with a shape error carried as a candle error.
-fn mm<T: Copy>(v: &[T], rows: usize, cols: usize) -> candle_core::Result<MatRef<'_, T>> {
-    MatRef::row_major(v, rows, cols).map_err(to_candle)
-}
+use super::{cpu_out, input_grad_weight, zeroed};
+use crate::error::{NnError, Result};
+use crate::precision::{Int8Config, Precision};
+use crate::stats::QuantState;
+use crate::tape::{Backward, record};
+use crate::tensor::Tensor;
 
 /// `(batch, in, out)` from the operand dims, or an error naming the layer.
-fn dims(name: &str, x: &[usize], w: &[usize], b: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
+fn dims(name: &str, x: &[usize], w: &[usize], b: &[usize]) -> Result<(usize, usize, usize)> {
     match (x, w, b) {
         (&[n, i], &[o, wi], &[bo]) if i == wi && o == bo => Ok((n, i, o)),
-        _ => candle_core::bail!(
-            "layer `{name}`: input {x:?}, weight {w:?} and bias {b:?} do not make a linear layer (n x in, out x in, out)"
-        ),
+        _ => Err(NnError::BadInput {
+            layer: name.into(),
+            why: format!("input {x:?}, weight {w:?} and bias {b:?} do not make a linear layer (n x in, out x in, out)"),
+        }),
     }
 }
 
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "int8-linear"
+fn op_name(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Fp32 => "linear",
+        Precision::Int8(_) => "int8-linear",
     }
+}
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = crate::profile::span(self.name(), false);
-        let (n, i, o) = dims(&self.name, l1.dims(), l2.dims(), l3.dims())?;
-        let x = f32_data(s1, l1, &format!("layer `{}` input", self.name))?;
-        let w = f32_data(s2, l2, &format!("layer `{}` weight", self.name))?;
-        let b = f32_data(s3, l3, &format!("layer `{}` bias", self.name))?;
-        let mut y = zeroed(n * o);
-        match self.precision {
-            Precision::Fp32 => {
-                let (xm, wm) =
-                    (MatRef::row_major(x, n, i).map_err(to_candle)?, MatRef::row_major(w, o, i).map_err(to_candle)?);
-                gemm_f32(xm, wm.t(), MatMut::row_major(&mut y, n, o).map_err(to_candle)?, false, Parallelism::Rayon)
-                    .map_err(to_candle)?;
-            }
-            Precision::Int8(cfg) => {
-                let xq = quantize(&format!("{}.input", self.name), x, Granularity::PerTensor, 1, Rounding::Nearest)
-                    .map_err(to_candle)?;
-                let wq = quantize(&format!("{}.weight", self.name), w, cfg.weight, o, Rounding::Nearest)
-                    .map_err(to_candle)?;
-                // y^T = W x^T, so that per-output-channel weight scales are row scales.
-                let sx = xq.scales[0];
-                let scales: Vec<f32> = (0..o).map(|r| sx * wq.scales[if wq.channels() == 1 { 0 } else { r }]).collect();
-                let a = MatRef::row_major(&wq.data, o, i).map_err(to_candle)?;
-                let bm = MatRef::row_major(&xq.data, n, i).map_err(to_candle)?.t();
-                let c = MatMut::new(&mut y, o, n, 1, o).map_err(to_candle)?;
-                gemm_i8_scaled(self.path, a, bm, c, &scales, Parallelism::Rayon).map_err(to_candle)?;
-                {
-                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.stats.saturation_x = xq.saturation_rate();
-                    st.stats.saturation_w = wq.saturation_rate();
-                }
-                *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { x: xq, w: wq });
-            }
+/// `x w^T + b` for layer `name`.
+pub(crate) fn linear(
+    name: &str,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    precision: Precision,
+    quant: &QuantState,
+    path: Int8Path,
+) -> Result<Tensor> {
+    let op = op_name(precision);
+    let _t = crate::profile::span(op, false);
+    let (n, i, o) = dims(name, x.dims(), w.dims(), b.dims())?;
+    let rec = record(&[x, w, b]);
+    let (xv, wv, bv) = (x.cpu()?, w.cpu()?, b.cpu()?);
+    let mut y = zeroed(n * o);
+    let saved = match precision {
+        Precision::Fp32 => {
+            gemm_f32(
+                MatRef::row_major(xv, n, i)?,
+                MatRef::row_major(wv, o, i)?.t(),
+                MatMut::row_major(&mut y, n, o)?,
+                false,
+                Parallelism::Rayon,
+            )?;
+            rec.as_ref().map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) })
         }
-        for row in y.chunks_exact_mut(o) {
-            for (v, &bias) in row.iter_mut().zip(b) {
-                *v += bias;
+        Precision::Int8(cfg) => {
+            let xq = quantize(&format!("{name}.input"), xv, Granularity::PerTensor, 1, Rounding::Nearest)?;
+            let wq = quantize(&format!("{name}.weight"), wv, cfg.weight, o, Rounding::Nearest)?;
+            // y^T = W x^T, so that per-output-channel weight scales are row scales.
+            let sx = xq.scales[0];
+            let scales: Vec<f32> = (0..o).map(|r| sx * wq.scales[if wq.channels() == 1 { 0 } else { r }]).collect();
+            let a = MatRef::row_major(&wq.data, o, i)?;
+            let bm = MatRef::row_major(&xq.data, n, i)?.t();
+            gemm_i8_scaled(path, a, bm, MatMut::new(&mut y, o, n, 1, o)?, &scales, Parallelism::Rayon)?;
+            {
+                let mut st = quant.lock();
+                st.stats.saturation_x = xq.saturation_rate();
+                st.stats.saturation_w = wq.saturation_rate();
             }
+            let w_f32 = (wq.channels() > 1).then(|| w.detach());
+            rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32, cfg })
         }
-        Ok((CpuStorage::F32(y), Shape::from((n, o))))
+    };
+    for row in y.chunks_exact_mut(o) {
+        for (v, &bias) in row.iter_mut().zip(bv) {
+            *v += bias;
+        }
     }
+    let y = cpu_out(y, (n, o));
+    Ok(match (rec, saved) {
+        (Some(r), Some(saved)) => r.output(
+            op,
+            y,
+            LinearBackward { layer: name.to_string(), dims: (n, i, o), path, quant: quant.clone(), saved },
+        ),
+        _ => y,
+    })
+}
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _t = crate::profile::span(self.name(), true);
-        let (n, i, o) = dims(&self.name, x.dims(), w.dims(), b.dims())?;
-        let g = values(grad)?;
-        let (mut dx, mut dw) = (zeroed(n * i), zeroed(o * i));
+enum Saved {
+    Fp32 { x: Option<Tensor>, w: Option<Tensor> },
+    Int8 { x: QTensor, w: QTensor, w_f32: Option<Tensor>, cfg: Int8Config },
+}
+
+struct LinearBackward {
+    layer: String,
+    dims: (usize, usize, usize),
+    path: Int8Path,
+    quant: QuantState,
+    saved: Saved,
+}
+
+impl Backward for LinearBackward {
+    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let (n, i, o) = self.dims;
+        let g = grad.cpu()?;
         let mut db = zeroed(o);
         for row in g.chunks_exact(o) {
             for (d, &v) in db.iter_mut().zip(row) {
                 *d += v;
             }
         }
-        match self.precision {
-            Precision::Fp32 => {
-                let (xv, wv) = (values(x)?, values(w)?);
-                gemm_f32(
-                    mm(&g, n, o)?,
-                    mm(&wv, o, i)?,
-                    MatMut::row_major(&mut dx, n, i).map_err(to_candle)?,
-                    false,
-                    Parallelism::Rayon,
-                )
-                .map_err(to_candle)?;
-                gemm_f32(
-                    mm(&g, n, o)?.t(),
-                    mm(&xv, n, i)?,
-                    MatMut::row_major(&mut dw, o, i).map_err(to_candle)?,
-                    false,
-                    Parallelism::Rayon,
-                )
-                .map_err(to_candle)?;
+        let (mut dx, mut dw) = (needs[0].then(|| zeroed(n * i)), needs[1].then(|| zeroed(o * i)));
+        match self.saved {
+            Saved::Fp32 { x, w } => {
+                if let (Some(dx), Some(w)) = (dx.as_mut(), &w) {
+                    let (gm, wm) = (MatRef::row_major(g, n, o)?, MatRef::row_major(w.cpu()?, o, i)?);
+                    gemm_f32(gm, wm, MatMut::row_major(dx, n, i)?, false, Parallelism::Rayon)?;
+                }
+                if let (Some(dw), Some(x)) = (dw.as_mut(), &x) {
+                    let (gm, xm) = (MatRef::row_major(g, n, o)?.t(), MatRef::row_major(x.cpu()?, n, i)?);
+                    gemm_f32(gm, xm, MatMut::row_major(dw, o, i)?, false, Parallelism::Rayon)?;
+                }
             }
-            Precision::Int8(cfg) => {
-                let dyq = self
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .quantize_grad(&self.name, &g, &cfg)
-                    .map_err(to_candle)?;
-                let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(saved) = saved.as_ref() else {
-                    candle_core::bail!("layer `{}`: backward ran without a forward pass on the cpu", self.name);
-                };
-                let wq = input_grad_weight(&self.name, &saved.w, w, false)?;
+            Saved::Int8 { x, w, w_f32, cfg } => {
+                let dyq = self.quant.lock().quantize_grad(&self.layer, g, &cfg)?;
                 let sdy = dyq.scales[0];
                 // dx = dy W, dW = dy^T x, each an exact INT8 product scaled once.
-                gemm_i8_scaled(
-                    self.path,
-                    mm(&dyq.data, n, o)?,
-                    mm(&wq.data, o, i)?,
-                    MatMut::row_major(&mut dx, n, i).map_err(to_candle)?,
-                    &vec![sdy * wq.scales[0]; n],
-                    Parallelism::Rayon,
-                )
-                .map_err(to_candle)?;
-                gemm_i8_scaled(
-                    self.path,
-                    mm(&dyq.data, n, o)?.t(),
-                    mm(&saved.x.data, n, i)?,
-                    MatMut::row_major(&mut dw, o, i).map_err(to_candle)?,
-                    &vec![sdy * saved.x.scales[0]; o],
-                    Parallelism::Rayon,
-                )
-                .map_err(to_candle)?;
+                if let Some(dx) = dx.as_mut() {
+                    let wq = input_grad_weight(&self.layer, &w, w_f32.as_ref(), false)?;
+                    let (gm, wm) = (MatRef::row_major(&dyq.data, n, o)?, MatRef::row_major(&wq.data, o, i)?);
+                    let scales = vec![sdy * wq.scales[0]; n];
+                    gemm_i8_scaled(self.path, gm, wm, MatMut::row_major(dx, n, i)?, &scales, Parallelism::Rayon)?;
+                }
+                if let Some(dw) = dw.as_mut() {
+                    let (gm, xm) = (MatRef::row_major(&dyq.data, n, o)?.t(), MatRef::row_major(&x.data, n, i)?);
+                    let scales = vec![sdy * x.scales[0]; o];
+                    gemm_i8_scaled(self.path, gm, xm, MatMut::row_major(dw, o, i)?, &scales, Parallelism::Rayon)?;
+                }
             }
         }
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-            Some(Tensor::from_vec(db, b.shape(), b.device())?),
-        ))
+        Ok(vec![dx.map(|v| cpu_out(v, (n, i))), dw.map(|v| cpu_out(v, (o, i))), needs[2].then(|| cpu_out(db, o))])
+    }
+
+    fn saved_bytes(&self) -> usize {
+        match &self.saved {
+            Saved::Fp32 { x, w } => {
+                4 * (x.as_ref().map_or(0, Tensor::elem_count) + w.as_ref().map_or(0, Tensor::elem_count))
+            }
+            Saved::Int8 { x, w, w_f32, .. } => {
+                x.data.len() + w.data.len() + 4 * w_f32.as_ref().map_or(0, Tensor::elem_count)
+            }
+        }
     }
 }

@@ -1,66 +1,41 @@
-//! candle custom ops whose forward and backward run on `int8-core`'s kernels.
+//! The ops: forward and backward of everything the models compute, on `int8-core`'s kernels, each
+//! recorded on the tape (see [`crate::tape`]) with a backward object that owns what it saved.
+//!
+//! One file per kind of op: [`conv`] and [`linear`] (FP32 or INT8 in both passes, Zhu et al.,
+//! CVPR 2020), [`batch_norm`] (with a fused ReLU or ReLU6), [`activation`] (ReLU, ReLU6, the
+//! residual add + ReLU), [`pool`] (max, average, global average), [`dropout`], [`loss`] (softmax
+//! cross-entropy), [`shape`] (reshape, concat) and [`arith`] (add, multiply, scale, sum). The
+//! layers of [`crate::layers`] call them with their parameters; models call the parameterless ones
+//! directly.
 
-pub(crate) mod basic;
+pub mod activation;
+pub mod arith;
+pub(crate) mod batch_norm;
 pub(crate) mod conv;
+pub mod dropout;
 pub(crate) mod linear;
+pub mod loss;
+pub mod pool;
+pub mod shape;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout};
+pub use activation::{add_relu, relu, relu6};
+pub use arith::add;
+pub use loss::{LossReport, cross_entropy};
+pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};
+pub use shape::concat;
 
-/// The contiguous f32 data of a custom op's operand, or an error naming it.
-pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what} must be f32, got {:?}; convert it with .to_dtype(DType::F32)", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("{what} must be contiguous; call .contiguous() on it first"),
-    }
-}
+use crate::tensor::{Shape, Tensor};
 
-/// Runs `f` on the f32 contents of `t`, borrowed from its storage without a copy when the tensor
-/// is contiguous on the cpu (the usual case in a backward pass), copied otherwise.
-pub(crate) fn with_values<R>(
-    t: &candle_core::Tensor,
-    what: &str,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), true) = (&*storage, layout.is_contiguous()) {
-            return f(f32_data(cpu, layout, what)?);
-        }
-    }
-    f(&t.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// The weight codes an input gradient needs: the forward pass's codes when they have one scale or
-/// `per_channel_ok` (a depthwise convolution, whose input channels each take the gradient of one
-/// output channel), else `w` quantized again per tensor (the input gradient sums over output
-/// channels, so it cannot apply one scale per output channel).
-pub(crate) fn input_grad_weight<'a>(
-    name: &str,
-    saved: &'a int8_core::quant::QTensor,
-    w: &candle_core::Tensor,
-    per_channel_ok: bool,
-) -> candle_core::Result<std::borrow::Cow<'a, int8_core::quant::QTensor>> {
-    use int8_core::quant::{Granularity, Rounding, quantize};
-    if saved.channels() == 1 || per_channel_ok {
-        return Ok(std::borrow::Cow::Borrowed(saved));
-    }
-    with_values(w, "weight", |wv| {
-        quantize(&format!("{name}.weight"), wv, Granularity::PerTensor, 1, Rounding::Nearest)
-            .map(std::borrow::Cow::Owned)
-            .map_err(crate::error::to_candle)
-    })
+/// An op's output: `values` on the CPU under `shape` (whose size the kernel wrote).
+pub(crate) fn cpu_out(values: Vec<f32>, shape: impl Into<Shape>) -> Tensor {
+    Tensor::cpu_untracked(values, shape.into())
 }
 
 /// A buffer of `n` zeros for an op's output or gradient, zeroed by all of rayon's threads.
 ///
 /// `vec![0f32; n]` zeroes in `calloc` on one thread; with the process keeping freed memory
 /// ([`crate::alloc`]) that is a `memset` of every output and gradient of the step, up to 8 MB each,
-/// at the speed of one core. Spread over the cores, `int8-bench step` measured FP32 311-326 ms and
-/// INT8 205 ms against 342-362 ms and 235-258 ms with `calloc`, alternating the two binaries.
+/// at the speed of one core.
 pub(crate) fn zeroed(n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     // Below this, one thread zeroes it faster than rayon can share it out.
@@ -77,6 +52,34 @@ pub(crate) fn zeroed(n: usize) -> Vec<f32> {
     // SAFETY: the capacity is at least `n`, and the loop above wrote all of the first `n` elements.
     unsafe { v.set_len(n) };
     v
+}
+
+/// The weight codes an INT8 input gradient needs: the forward pass's codes when they have one
+/// scale or `per_channel_ok` (a depthwise convolution, whose input channels each take the gradient
+/// of one output channel), else `w` quantized again per tensor (the input gradient sums over
+/// output channels, so it cannot apply one scale per output channel).
+pub(crate) fn input_grad_weight<'a>(
+    name: &str,
+    saved: &'a int8_core::quant::QTensor,
+    w: Option<&Tensor>,
+    per_channel_ok: bool,
+) -> crate::Result<std::borrow::Cow<'a, int8_core::quant::QTensor>> {
+    use int8_core::quant::{Granularity, Rounding, quantize};
+    if saved.channels() == 1 || per_channel_ok {
+        return Ok(std::borrow::Cow::Borrowed(saved));
+    }
+    let Some(w) = w else {
+        return Err(crate::NnError::Graph(format!(
+            "layer `{name}`: the f32 weights for its input gradient were not kept; this is a bug in int8-nn"
+        )));
+    };
+    Ok(std::borrow::Cow::Owned(quantize(
+        &format!("{name}.weight"),
+        w.cpu()?,
+        Granularity::PerTensor,
+        1,
+        Rounding::Nearest,
+    )?))
 }
 
 #[cfg(test)]

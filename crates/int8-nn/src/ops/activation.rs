@@ -1,0 +1,92 @@
+//! Activations where they cannot be fused into the batch norm before them: ReLU, ReLU6, and the
+//! residual add + ReLU that ends a ResNet block (one pass forward and one back).
+
+use int8_core::nn::elementwise;
+use int8_core::out::fresh;
+
+use super::cpu_out;
+use crate::error::{NnError, Result};
+use crate::tape::{Backward, record};
+use crate::tensor::Tensor;
+
+/// `max(a + b, 0)`: the end of a residual block.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _t = crate::profile::span("add-relu", false);
+    if a.shape() != b.shape() {
+        return Err(NnError::Shape(format!("residual add of shapes {} and {}: they must match", a.shape(), b.shape())));
+    }
+    let (av, bv) = (a.cpu()?, b.cpu()?);
+    let (y, ()) = fresh(a.elem_count(), |y| elementwise::add_relu(av, bv, y))?;
+    let y = cpu_out(y, a.shape());
+    Ok(match record(&[a, b]) {
+        None => y,
+        Some(r) => {
+            let saved = y.clone();
+            r.output("add-relu", y, AddReluBackward { y: saved })
+        }
+    })
+}
+
+/// Keeps the output: its sign says where the gradient passes.
+struct AddReluBackward {
+    y: Tensor,
+}
+
+impl Backward for AddReluBackward {
+    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let (y, g) = (self.y.cpu()?, grad.cpu()?);
+        let (d, ()) = fresh(self.y.elem_count(), |d| elementwise::relu_backward(y, g, d))?;
+        let d = cpu_out(d, self.y.shape());
+        Ok(vec![needs[0].then(|| d.clone()), needs[1].then_some(d)])
+    }
+
+    fn saved_bytes(&self) -> usize {
+        4 * self.y.elem_count()
+    }
+}
+
+/// ReLU, `max(x, 0)`.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    clamp_relu(x, f32::INFINITY)
+}
+
+/// ReLU6, `min(max(x, 0), 6)` (MobileNetV2 fuses it into batch norm instead:
+/// [`crate::layers::BatchNorm2d::with_relu6`]).
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    clamp_relu(x, 6.0)
+}
+
+fn clamp_name(cap: f32) -> &'static str {
+    if cap.is_finite() { "relu6" } else { "relu" }
+}
+
+/// `min(max(x, 0), cap)`.
+fn clamp_relu(x: &Tensor, cap: f32) -> Result<Tensor> {
+    let name = clamp_name(cap);
+    let _t = crate::profile::span(name, false);
+    let xv = x.cpu()?;
+    let (y, ()) = fresh(x.elem_count(), |y| elementwise::clamp_relu(xv, cap, y))?;
+    let y = cpu_out(y, x.shape());
+    Ok(match record(&[x]) {
+        None => y,
+        Some(r) => r.output(name, y, ClampBackward { x: x.detach(), cap }),
+    })
+}
+
+/// Keeps the input: the gradient passes where it lies strictly inside `(0, cap)`.
+struct ClampBackward {
+    x: Tensor,
+    cap: f32,
+}
+
+impl Backward for ClampBackward {
+    fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let (x, g) = (self.x.cpu()?, grad.cpu()?);
+        let (dx, ()) = fresh(self.x.elem_count(), |dx| elementwise::clamp_relu_backward(x, self.cap, g, dx))?;
+        Ok(vec![Some(cpu_out(dx, self.x.shape()))])
+    }
+
+    fn saved_bytes(&self) -> usize {
+        4 * self.x.elem_count()
+    }
+}

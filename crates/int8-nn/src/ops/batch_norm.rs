@@ -1,0 +1,100 @@
+//! Batch normalization over channels (FP32 at both precisions), optionally with a ReLU or ReLU6
+//! fused into the same pass. Training normalises with the batch's statistics, which the backward
+//! object keeps; evaluation with the running statistics the layer passes in.
+
+use int8_core::nn::batchnorm::{self, BatchStats, NchwDims};
+use int8_core::out::fresh;
+
+use super::cpu_out;
+use crate::error::{NnError, Result};
+use crate::tape::{Backward, record};
+use crate::tensor::Tensor;
+
+fn dims(name: &str, x: &Tensor) -> Result<NchwDims> {
+    match *x.dims() {
+        [n, c, h, w] => Ok(NchwDims { n, c, hw: h * w }),
+        [n, c] => Ok(NchwDims { n, c, hw: 1 }),
+        _ => {
+            Err(NnError::BadInput { layer: name.into(), why: format!("needs an NCHW or NC input, got {}", x.shape()) })
+        }
+    }
+}
+
+/// Training forward of layer `name` on `x` with scale `gamma` and shift `beta`, and the fused
+/// activation's cap (`None`, infinite for ReLU, 6 for ReLU6): the output and the batch
+/// statistics (for the layer's running averages).
+pub(crate) fn train(
+    name: &str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    relu: Option<f32>,
+) -> Result<(Tensor, BatchStats)> {
+    let _t = crate::profile::span("batch-norm", false);
+    let d = dims(name, x)?;
+    let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
+    let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
+    let y = cpu_out(y, x.shape());
+    let y = match record(&[x, gamma, beta]) {
+        None => y,
+        Some(r) => {
+            let saved = TrainBackward { d, x: x.detach(), gamma: gamma.detach(), relu, stats: stats.clone() };
+            r.output("batch-norm", y, saved)
+        }
+    };
+    Ok((y, stats))
+}
+
+/// Keeps the input, gamma and the batch statistics; the fused activation's mask is recomputed from
+/// them.
+struct TrainBackward {
+    d: NchwDims,
+    x: Tensor,
+    gamma: Tensor,
+    relu: Option<f32>,
+    stats: BatchStats,
+}
+
+impl Backward for TrainBackward {
+    fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let (x, g, gamma) = (self.x.cpu()?, grad.cpu()?, self.gamma.cpu()?);
+        let (dx, (dgamma, dbeta)) =
+            fresh(self.x.elem_count(), |dx| batchnorm::backward(self.d, x, self.relu, g, gamma, &self.stats, dx))?;
+        Ok(vec![
+            Some(cpu_out(dx, self.x.shape())),
+            Some(cpu_out(dgamma, self.gamma.shape())),
+            Some(cpu_out(dbeta, self.gamma.shape())),
+        ])
+    }
+
+    fn saved_bytes(&self) -> usize {
+        4 * (self.x.elem_count() + 5 * self.stats.mean.len())
+    }
+}
+
+/// Evaluation forward with running statistics `mean` and `var`. It has no backward pass: call
+/// it inside [`crate::no_grad`], or train in training mode.
+pub(crate) fn eval(
+    name: &str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    (mean, var): (&[f32], &[f32]),
+    eps: f32,
+    relu: Option<f32>,
+) -> Result<Tensor> {
+    let _t = crate::profile::span("batch-norm-eval", false);
+    let d = dims(name, x)?;
+    if record(&[x, gamma, beta]).is_some() {
+        return Err(NnError::BadInput {
+            layer: name.into(),
+            why: "runs with its running statistics (evaluation mode) while gradients are recorded, and that has no \
+                  backward pass: evaluate inside int8_nn::no_grad, or switch the model to training mode"
+                .into(),
+        });
+    }
+    let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
+    let (y, ()) = fresh(x.elem_count(), |y| batchnorm::forward_eval(d, xv, gv, bv, mean, var, eps, relu, y))?;
+    Ok(cpu_out(y, x.shape()))
+}

@@ -1,0 +1,89 @@
+//! A trainable parameter: a named leaf of the tape whose value the optimizer updates in place.
+
+use std::sync::RwLock;
+
+use crate::error::{NnError, Result};
+use crate::tape::LeafId;
+use crate::tensor::{Shape, Tensor};
+
+/// A named tensor that training updates: a layer's weight, bias, or batch-norm scale and shift.
+/// Its value is a leaf of the tape, with the same [`LeafId`] for the parameter's whole life, so
+/// [`crate::Gradients::of`] finds its gradient after any backward pass.
+#[derive(Debug)]
+pub struct Param {
+    name: String,
+    decay: bool,
+    id: LeafId,
+    value: RwLock<Tensor>,
+}
+
+impl Param {
+    /// A parameter named `name` (as in checkpoints, `layer1.0.conv1.weight`) with initial value
+    /// `value`; `decay` says whether weight decay applies to it (weights, not biases or batch-norm
+    /// parameters).
+    pub fn new(name: impl Into<String>, value: Tensor, decay: bool) -> Self {
+        let id = LeafId::fresh();
+        Self {
+            name: name.into(),
+            decay,
+            id,
+            value: RwLock::new(value.detach().with_track(crate::tape::Track::Leaf(id))),
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether weight decay applies.
+    pub fn decay(&self) -> bool {
+        self.decay
+    }
+
+    /// The leaf id its gradients are kept under.
+    pub fn id(&self) -> LeafId {
+        self.id
+    }
+
+    /// The current value, as a leaf of the tape (ops on it record their gradient for it).
+    pub fn value(&self) -> Tensor {
+        self.value.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Shape {
+        self.value.read().unwrap_or_else(|e| e.into_inner()).shape().clone()
+    }
+
+    /// The number of values.
+    pub fn elem_count(&self) -> usize {
+        self.value.read().unwrap_or_else(|e| e.into_inner()).elem_count()
+    }
+
+    /// The values, copied to the host.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.value.read().unwrap_or_else(|e| e.into_inner()).to_vec()
+    }
+
+    /// Replaces the value (from a checkpoint, say) with `values`, which must have the
+    /// parameter's size; the shape stays.
+    pub fn set_values(&self, values: Vec<f32>) -> Result<()> {
+        let mut v = self.value.write().unwrap_or_else(|e| e.into_inner());
+        if values.len() != v.elem_count() {
+            return Err(NnError::BadInput {
+                layer: self.name.clone(),
+                why: format!("{} values for a parameter of shape {}", values.len(), v.shape()),
+            });
+        }
+        *v = Tensor::from_vec(values, v.shape().clone())?.with_track(crate::tape::Track::Leaf(self.id));
+        Ok(())
+    }
+
+    /// Runs `f` on the values in place: without a copy when nothing else holds them (the graph
+    /// that read them has been dropped or has run backward), copied first otherwise.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let mut v = self.value.write().unwrap_or_else(|e| e.into_inner());
+        f(v.make_cpu_mut())
+    }
+}

@@ -1,0 +1,374 @@
+//! The tensor: a shape, its values on a device, and how it takes part in the autograd tape.
+//!
+//! A [`Tensor`] is an immutable value behind an `Arc`: cloning one, saving it for a backward pass
+//! or reshaping it shares its storage. Its values live in a [`Storage`], an enum of devices (the
+//! CPU for now); ops dispatch on it, so code above `int8-nn` never touches raw memory and does not
+//! change when a device is added. Values are `f32`: INT8 codes exist only inside the ops that make
+//! and consume them (`int8_core::quant::QTensor`).
+
+use std::sync::Arc;
+
+use int8_core::rng::CounterRng;
+
+use crate::error::{NnError, Result};
+use crate::memory;
+use crate::tape::{self, Gradients, LeafId, Track};
+
+/// Where a tensor's values live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// Host memory, computed by `int8-core`'s CPU kernels.
+    Cpu,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+        }
+    }
+}
+
+/// A tensor's dimensions, outermost first (`n, c, h, w` for images). Rank 0 is a scalar.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    /// The dimensions.
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+
+    /// The number of values (1 for a scalar).
+    pub fn elem_count(&self) -> usize {
+        self.0.iter().product()
+    }
+
+    /// The number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl From<Vec<usize>> for Shape {
+    fn from(v: Vec<usize>) -> Self {
+        Shape(v)
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(v: &[usize]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(v: [usize; N]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+impl<const N: usize> From<&[usize; N]> for Shape {
+    fn from(v: &[usize; N]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+impl From<&Shape> for Shape {
+    fn from(s: &Shape) -> Self {
+        s.clone()
+    }
+}
+
+impl From<()> for Shape {
+    fn from((): ()) -> Self {
+        Shape(Vec::new())
+    }
+}
+
+impl From<usize> for Shape {
+    fn from(n: usize) -> Self {
+        Shape(vec![n])
+    }
+}
+
+impl From<(usize, usize)> for Shape {
+    fn from((a, b): (usize, usize)) -> Self {
+        Shape(vec![a, b])
+    }
+}
+
+impl From<(usize, usize, usize)> for Shape {
+    fn from((a, b, c): (usize, usize, usize)) -> Self {
+        Shape(vec![a, b, c])
+    }
+}
+
+impl From<(usize, usize, usize, usize)> for Shape {
+    fn from((a, b, c, d): (usize, usize, usize, usize)) -> Self {
+        Shape(vec![a, b, c, d])
+    }
+}
+
+/// A tensor's values on one device.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// Values in host memory, counted by [`memory`].
+    Cpu(memory::HostBuf),
+}
+
+impl Storage {
+    /// The device holding the values.
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+}
+
+/// A shape, values on a device, and the tensor's place on the autograd tape (see [`crate::tape`]).
+#[derive(Clone)]
+pub struct Tensor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct Inner {
+    shape: Shape,
+    storage: Arc<Storage>,
+    track: Track,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({}, {}", self.inner.shape, self.device())?;
+        match &self.inner.track {
+            Track::None => write!(f, ")"),
+            Track::Leaf(id) => write!(f, ", leaf {})", id.0),
+            Track::Node(n) => write!(f, ", from {})", n.name()),
+        }
+    }
+}
+
+impl Tensor {
+    /// A CPU tensor of `shape` holding `values` (row-major, outermost dimension first).
+    pub fn from_vec(values: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if values.len() != shape.elem_count() {
+            return Err(NnError::Shape(format!(
+                "{} values do not fill a tensor of shape {shape} ({} values)",
+                values.len(),
+                shape.elem_count()
+            )));
+        }
+        Ok(Self::cpu_untracked(values, shape))
+    }
+
+    /// An untracked CPU tensor; `values.len()` must equal the shape's count (checked by callers).
+    pub(crate) fn cpu_untracked(values: Vec<f32>, shape: Shape) -> Tensor {
+        debug_assert_eq!(values.len(), shape.elem_count());
+        Tensor {
+            inner: Arc::new(Inner {
+                shape,
+                storage: Arc::new(Storage::Cpu(memory::HostBuf::new(values))),
+                track: Track::None,
+            }),
+        }
+    }
+
+    /// A tensor of `shape` with every value `v`.
+    pub fn full(shape: impl Into<Shape>, v: f32) -> Tensor {
+        let shape = shape.into();
+        let values = if v == 0.0 { crate::ops::zeroed(shape.elem_count()) } else { vec![v; shape.elem_count()] };
+        Self::cpu_untracked(values, shape)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: impl Into<Shape>) -> Tensor {
+        Self::full(shape, 0.0)
+    }
+
+    /// A tensor of ones.
+    pub fn ones(shape: impl Into<Shape>) -> Tensor {
+        Self::full(shape, 1.0)
+    }
+
+    /// A scalar (rank 0).
+    pub fn scalar(v: f32) -> Tensor {
+        Self::full((), v)
+    }
+
+    /// Standard normal values (Box-Muller over a counter-based stream): the same for a seed on
+    /// every machine.
+    pub fn randn(shape: impl Into<Shape>, seed: u64) -> Tensor {
+        let shape = shape.into();
+        let rng = CounterRng::new(seed);
+        let values = (0..shape.elem_count() as u64)
+            .map(|i| {
+                let (u1, u2) = (rng.uniform_f64(2 * i).max(1e-300), rng.uniform_f64(2 * i + 1));
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        Self::cpu_untracked(values, shape)
+    }
+
+    /// Values uniform in `[lo, hi)` from a counter-based stream.
+    pub fn uniform(shape: impl Into<Shape>, lo: f32, hi: f32, seed: u64) -> Tensor {
+        let shape = shape.into();
+        let rng = CounterRng::new(seed);
+        let values = (0..shape.elem_count() as u64).map(|i| lo + (hi - lo) * rng.uniform(i)).collect();
+        Self::cpu_untracked(values, shape)
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.inner.shape
+    }
+
+    /// The dimensions.
+    pub fn dims(&self) -> &[usize] {
+        self.inner.shape.dims()
+    }
+
+    /// The number of values.
+    pub fn elem_count(&self) -> usize {
+        self.inner.shape.elem_count()
+    }
+
+    /// The number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.inner.shape.rank()
+    }
+
+    /// The device holding the values.
+    pub fn device(&self) -> Device {
+        self.inner.storage.device()
+    }
+
+    /// The storage (shared with every tensor cloned or reshaped from this one).
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// The values, copied to the host.
+    pub fn to_vec(&self) -> Vec<f32> {
+        match &*self.inner.storage {
+            Storage::Cpu(b) => b.to_vec(),
+        }
+    }
+
+    /// The value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.elem_count() != 1 {
+            return Err(NnError::Shape(format!("to_scalar needs one value, the tensor has shape {}", self.shape())));
+        }
+        Ok(self.to_vec()[0])
+    }
+
+    /// The values in host memory, borrowed: what the CPU kernels read.
+    pub(crate) fn cpu(&self) -> Result<&[f32]> {
+        match &*self.inner.storage {
+            Storage::Cpu(b) => Ok(b.as_slice()),
+        }
+    }
+
+    /// The same values, recorded nowhere: gradients do not flow through it.
+    pub fn detach(&self) -> Tensor {
+        if matches!(self.inner.track, Track::None) {
+            return self.clone();
+        }
+        Tensor { inner: Arc::new(Inner { track: Track::None, ..(*self.inner).clone() }) }
+    }
+
+    /// The same values as a new leaf of the tape: a tensor whose gradient [`Tensor::backward`]
+    /// returns (as a [`crate::Param`]'s is).
+    pub fn requires_grad(&self) -> Tensor {
+        self.with_track(Track::Leaf(LeafId::fresh()))
+    }
+
+    /// Whether gradients flow back through this tensor (a leaf, or made by a recorded op).
+    pub fn is_tracked(&self) -> bool {
+        !matches!(self.inner.track, Track::None)
+    }
+
+    /// The tensor's leaf id, if it is a leaf.
+    pub(crate) fn leaf_id(&self) -> Option<LeafId> {
+        match self.inner.track {
+            Track::Leaf(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn track(&self) -> &Track {
+        &self.inner.track
+    }
+
+    pub(crate) fn with_track(&self, track: Track) -> Tensor {
+        Tensor { inner: Arc::new(Inner { track, ..(*self.inner).clone() }) }
+    }
+
+    /// The same values under another shape of the same size; gradients are reshaped back.
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != self.elem_count() {
+            return Err(NnError::Shape(format!(
+                "cannot reshape a tensor of shape {} ({} values) to {shape} ({} values)",
+                self.shape(),
+                self.elem_count(),
+                shape.elem_count()
+            )));
+        }
+        let out = Tensor { inner: Arc::new(Inner { shape, storage: self.inner.storage.clone(), track: Track::None }) };
+        Ok(match tape::record(&[self]) {
+            None => out,
+            Some(rec) => rec.output("reshape", out, crate::ops::shape::Reshape { shape: self.shape().clone() }),
+        })
+    }
+
+    /// The dimensions from `dim` on merged into one (`n x c x h x w` to `n x chw` for `dim = 1`).
+    pub fn flatten_from(&self, dim: usize) -> Result<Tensor> {
+        if dim >= self.rank().max(1) {
+            return Err(NnError::Shape(format!(
+                "cannot flatten a tensor of shape {} from dimension {dim}",
+                self.shape()
+            )));
+        }
+        let mut dims = self.dims()[..dim].to_vec();
+        dims.push(self.dims()[dim..].iter().product());
+        self.reshape(dims)
+    }
+
+    /// Gradients of this one-element tensor (a loss) with respect to every leaf it depends on:
+    /// the tape's recorded ops run backwards in reverse creation order (see [`crate::tape`]).
+    pub fn backward(&self) -> Result<Gradients> {
+        tape::backward(self)
+    }
+
+    /// The storage to write into when no other tensor shares it: how gradients accumulate and
+    /// parameters update in place. `None` when shared.
+    pub(crate) fn unique_cpu_mut(&mut self) -> Option<&mut [f32]> {
+        let inner = Arc::get_mut(&mut self.inner)?;
+        match Arc::get_mut(&mut inner.storage)? {
+            Storage::Cpu(b) => Some(b.as_mut_slice()),
+        }
+    }
+
+    /// The values to write into, copied first if another tensor shares them.
+    pub(crate) fn make_cpu_mut(&mut self) -> &mut [f32] {
+        let inner = Arc::make_mut(&mut self.inner);
+        match Arc::make_mut(&mut inner.storage) {
+            Storage::Cpu(b) => b.as_mut_slice(),
+        }
+    }
+
+    /// Whether two tensors share storage (for tests of in-place updates).
+    pub fn shares_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.inner.storage, &other.inner.storage)
+    }
+}

@@ -1,0 +1,121 @@
+//! Dropping a step's graph frees what its ops saved, and evaluation keeps nothing: over 100
+//! batches the bytes of tensor storage at the peak do not grow. One test in a process of its own,
+//! since the counters are process-wide.
+
+use int8_core::rng::CounterRng;
+use int8_nn::layers::{BatchNorm2d, Conv2d, Linear};
+use int8_nn::memory::{live_bytes, peak_bytes, reset_peak, saved_bytes};
+use int8_nn::ops::{add_relu, cross_entropy, global_avg_pool};
+use int8_nn::optim::{Sgd, SgdConfig};
+use int8_nn::precision::{Int8Config, Precision};
+use int8_nn::{ConvGeometry, Layer, Module, Tensor, no_grad};
+
+struct Net {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    fc: Linear,
+}
+
+impl Net {
+    fn new() -> Self {
+        let g = ConvGeometry { padding: (1, 1), ..Default::default() };
+        let int8 = Precision::Int8(Int8Config::default());
+        let w = |seed| Tensor::randn((8, 8, 3, 3), seed).scale(0.2).unwrap();
+        Net {
+            conv1: Conv2d::new("conv1", w(1), g, int8).unwrap(),
+            bn1: BatchNorm2d::new("bn1", 8, true).unwrap(),
+            conv2: Conv2d::new("conv2", w(2), g, int8).unwrap(),
+            bn2: BatchNorm2d::new("bn2", 8, false).unwrap(),
+            fc: Linear::new("fc", Tensor::randn((10, 8), 3), Tensor::zeros(10), Precision::Fp32).unwrap(),
+        }
+    }
+
+    fn logits(&self, x: &Tensor) -> Tensor {
+        let h = self.bn1.forward(&self.conv1.forward(x).unwrap()).unwrap();
+        let h = self.bn2.forward(&self.conv2.forward(&h).unwrap()).unwrap();
+        self.fc.forward(&global_avg_pool(&add_relu(&h, x).unwrap()).unwrap()).unwrap()
+    }
+}
+
+impl Module for Net {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        self.conv1.visit(f);
+        self.bn1.visit(f);
+        self.conv2.visit(f);
+        self.bn2.visit(f);
+        self.fc.visit(f);
+    }
+}
+
+fn batch(i: u64) -> (Tensor, Vec<u32>) {
+    let rng = CounterRng::new(i);
+    (Tensor::randn((16, 8, 12, 12), i), (0..16).map(|k| (rng.bits(k) % 10) as u32).collect())
+}
+
+#[test]
+fn dropped_graphs_and_evaluation_keep_nothing_alive() {
+    let net = Net::new();
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+    let step = |sgd: &mut Sgd, i: u64| {
+        let (x, labels) = batch(i);
+        let (loss, _) = cross_entropy(&net.logits(&x), &labels).unwrap();
+        assert!(saved_bytes() > 0, "a training forward pass saves for its backward pass");
+        let grads = loss.backward().unwrap();
+        assert_eq!(saved_bytes(), 0, "the backward pass consumed what was saved");
+        sgd.step(&net.trainables(), &grads, 0.01).unwrap();
+    };
+    // Training: after a first step (which makes the momentum buffers), every step ends where it
+    // started and reaches the same peak.
+    step(&mut sgd, 0);
+    let (base, _) = (live_bytes(), reset_peak());
+    for i in 1..=10 {
+        step(&mut sgd, i);
+    }
+    let peak10 = peak_bytes();
+    for i in 11..=100 {
+        step(&mut sgd, i);
+    }
+    assert_eq!(live_bytes(), base, "a training step leaves nothing behind");
+    assert_eq!(peak_bytes(), peak10, "the peak of 100 steps is the peak of 10");
+
+    // Evaluation: nothing saved, and the peak of 100 batches is the peak of 10.
+    net.set_training(false);
+    reset_peak();
+    let eval = |i: u64| {
+        no_grad(|| {
+            let (x, labels) = batch(1000 + i);
+            let logits = net.logits(&x);
+            assert!(!logits.is_tracked());
+            assert_eq!(saved_bytes(), 0);
+            cross_entropy(&logits, &labels).unwrap().1.loss
+        })
+    };
+    for i in 0..10 {
+        eval(i);
+    }
+    let peak10 = peak_bytes();
+    for i in 10..100 {
+        eval(i);
+    }
+    assert_eq!(live_bytes(), base);
+    assert_eq!(peak_bytes(), peak10, "the peak of 100 evaluation batches is the peak of 10");
+    // The eval peak is well under the training peak: no graph, no saved inputs.
+    net.set_training(true);
+
+    // The counters would see a leak: graphs kept alive keep their saved buffers, and the peak
+    // grows with every batch kept.
+    reset_peak();
+    let mut kept = Vec::new();
+    let mut peaks = Vec::new();
+    for i in 0..3 {
+        let (x, labels) = batch(2000 + i);
+        kept.push(cross_entropy(&net.logits(&x), &labels).unwrap().0);
+        peaks.push((peak_bytes(), saved_bytes()));
+    }
+    assert!(peaks[0].0 < peaks[1].0 && peaks[1].0 < peaks[2].0, "{peaks:?}");
+    assert!(peaks[0].1 < peaks[1].1 && peaks[1].1 < peaks[2].1, "{peaks:?}");
+    drop(kept);
+    assert_eq!((live_bytes(), saved_bytes()), (base, 0));
+}
