@@ -1,16 +1,10 @@
 //! Output buffers that kernels fill without a separate zeroing pass over memory.
 //!
-//! Every op of a training step writes a fresh output (an activation, a gradient) that its kernel
-//! overwrites completely. Safe Rust hands out `&mut [f32]` only over initialised memory, so the
-//! plain way is to zero the whole buffer first: one more pass over tens of megabytes a step, at
-//! memory speed. Instead, [`Out`] hands a kernel its output in the chunks that its tasks write
-//! (an image, a plane): zeroed just before the task writes it, while it is in cache, for kernels
-//! that write through GEMMs, or not at all for elementwise passes that compute every value of the
-//! chunk ([`Fill`]). [`fresh`] allocates the buffer and checks that every chunk was written.
-//!
-//! Measured on the 2-core dev machine (`int8-bench step`, alternating binaries, three runs each):
-//! a ResNet-20 training step at batch 128 went from 174-182 to 165-167 ms at INT8, while FP32
-//! stayed within its noise (284-299 ms both ways).
+//! Safe Rust hands out `&mut [f32]` only over initialised memory, and zeroing each fresh output
+//! first would cost one more pass at memory speed; instead [`Out`] hands a kernel its output in the
+//! chunks its tasks write, zeroed just before a task writes them (while in cache) or not at all
+//! when the task computes every value ([`Fill`]), and [`fresh`] checks that every chunk was
+//! written. Measurements: `docs/performance.md`.
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,16 +1,9 @@
 //! Where a training step runs: inside rayon's thread pool.
 //!
-//! Every kernel parallelises with rayon, and a step makes dozens of parallel calls (an INT8 conv
-//! layer alone makes about ten: the max and quantization passes, weight packing, the three
-//! products). Called from a thread outside the pool, each call is handed to the pool's workers
-//! while the caller sleeps until they finish: two context switches per call. Called from a worker
-//! thread, a call splits its work with `join`, and the caller takes part. [`in_pool`] runs a
-//! whole step on a worker, so the hand-over is paid once per step.
-//!
-//! Measured on the 2-core dev machine with `int8-bench profile` (alternating, two runs each): the
-//! ResNet-20 16->32 stride-2 layer, forward + dX + dW, went from 4.24-4.41 to 3.95-4.23 ms at
-//! INT8 and from 8.01-8.14 to 7.54-7.83 ms at FP32; the 32->64 stride-2 layer from 3.40-3.52 to
-//! 3.10-3.14 ms at INT8 and from 5.58-5.63 to 5.37-5.74 ms at FP32.
+//! A step makes dozens of parallel calls, and each one made from outside the pool is handed to the
+//! workers while the caller sleeps (two context switches), where from a worker it splits its work
+//! with `join` and the caller takes part; [`in_pool`] runs a whole step on a worker, so the
+//! hand-over is paid once per step. Measurements: `docs/performance.md`.
 
 /// Runs `f` on a thread of rayon's global pool (the calling thread, if it is one) and returns its
 /// result. `f` must not block on other threads' progress (a channel, a lock held across work): a
