@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use image::imageops::{FilterType, resize};
 use serde::Deserialize;
 
-use crate::image_folder::RgbImage;
+use crate::decoded::DecodedImage;
 use crate::{DatasetError, Result, io_err};
 
 /// The twenty Pascal VOC classes, in the order of their labels.
@@ -311,7 +311,7 @@ pub struct DetectionResize {
 impl DetectionResize {
     /// Decodes `item`'s image (checking it against the annotated size), resizes it and its boxes,
     /// and mirrors both when `flip`.
-    pub fn load(&self, item: &DetectionItem, flip: bool) -> Result<(RgbImage, Vec<Object>)> {
+    pub fn load(&self, item: &DetectionItem, flip: bool) -> Result<(DecodedImage, Vec<Object>)> {
         let bytes = std::fs::read(&item.image).map_err(io_err(&item.image))?;
         let img = image::load_from_memory(&bytes)
             .map_err(|e| invalid(&item.image, format!("does not decode as an image ({e}); delete or replace it")))?
@@ -335,7 +335,7 @@ impl DetectionResize {
             image::imageops::flip_horizontal_in_place(&mut out);
             flip_boxes(&mut objects, nw as f32);
         }
-        Ok((RgbImage { width: nw as usize, height: nh as usize, data: out.into_raw() }, objects))
+        Ok((DecodedImage { width: nw as usize, height: nh as usize, data: out.into_raw() }, objects))
     }
 }
 

@@ -175,6 +175,10 @@ mod tests {
             archive_sha256: None,
             sources: &["a test server"],
             downloads: Box::leak(downloads.into_boxed_slice()),
+            format: crate::registry::Format::Idx,
+            classes: 10,
+            mean: &[0.5],
+            std: &[0.5],
         }
     }
 

@@ -4,45 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::decoded::DecodedImage;
 use crate::{DatasetError, Result, io_err};
-
-/// A decoded RGB image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    /// Width in pixels.
-    pub width: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// Pixels, row-major, three bytes (R, G, B) each.
-    pub data: Vec<u8>,
-}
-
-impl RgbImage {
-    /// The image as `3 x height x width` bytes (planar, as the loader stores images).
-    pub fn to_planar(&self) -> Vec<u8> {
-        let plane = self.width * self.height;
-        let mut planar = vec![0u8; 3 * plane];
-        for (p, px) in self.data.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                planar[c * plane + p] = px[c];
-            }
-        }
-        planar
-    }
-
-    /// The image as `3 x height x width` floats, each channel normalised as
-    /// `(v / 255 - mean[c]) / std[c]`.
-    pub fn to_chw(&self, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
-        let plane = self.width * self.height;
-        let mut out = vec![0f32; 3 * plane];
-        for (i, px) in self.data.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                out[c * plane + i] = (px[c] as f32 / 255.0 - mean[c]) / std[c];
-            }
-        }
-        out
-    }
-}
 
 /// The images of one split folder, with their labels.
 #[derive(Debug, Clone)]
@@ -102,13 +65,13 @@ impl ImageFolder {
 
     /// Decodes image `index`, resizes it (bilinear) so that its shorter side is `side`, and
     /// crops the centre `side x side` square: ImageNet's evaluation transform.
-    pub fn load_center(&self, index: usize, side: usize) -> Result<(RgbImage, u32)> {
+    pub fn load_center(&self, index: usize, side: usize) -> Result<(DecodedImage, u32)> {
         let (img, label) = self.load(index, None)?;
         Ok((crate::transform::resize_center(img, side), label))
     }
 
     /// Decodes image `index`, checking that it is `size` (width, height) when given.
-    pub fn load(&self, index: usize, size: Option<(usize, usize)>) -> Result<(RgbImage, u32)> {
+    pub fn load(&self, index: usize, size: Option<(usize, usize)>) -> Result<(DecodedImage, u32)> {
         let (path, label) = &self.items[index];
         let bytes = std::fs::read(path).map_err(io_err(path))?;
         let img = image::load_from_memory(&bytes)
@@ -126,7 +89,7 @@ impl ImageFolder {
                 why: format!("is {w}x{h}, but this dataset's images are {ew}x{eh}"),
             });
         }
-        Ok((RgbImage { width: w, height: h, data: img.into_raw() }, *label))
+        Ok((DecodedImage { width: w, height: h, data: img.into_raw() }, *label))
     }
 }
 

@@ -8,11 +8,13 @@
 
 pub mod archive;
 pub mod cifar;
+pub mod decoded;
 pub mod detection;
 pub mod fetch;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
+pub mod open;
 pub mod registry;
 pub mod transform;
 

@@ -9,7 +9,20 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::archive::extract_tar_gz;
+use crate::cifar::CifarKind;
+use crate::loader::{CIFAR10_MEAN, CIFAR10_STD};
 use crate::{DatasetError, Result, io_err};
+
+/// How a known dataset is stored, which says how [`crate::open::open`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The four IDX files of the MNIST layout (train/t10k images and labels).
+    Idx,
+    /// CIFAR binary batches of this kind.
+    Cifar(CifarKind),
+    /// `train/` and `test/` image folders of small images, decoded into memory.
+    ImageFolder,
+}
 
 /// A dataset the project knows by name.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +41,14 @@ pub struct KnownDataset {
     pub sources: &'static [&'static str],
     /// What `fetch` downloads: the canonical files with their publishers' MD5 checksums.
     pub downloads: &'static [Download],
+    /// How it is stored.
+    pub format: Format,
+    /// Its number of classes.
+    pub classes: usize,
+    /// Per-channel mean of its training pixels scaled to `[0, 1]`.
+    pub mean: &'static [f32],
+    /// Per-channel standard deviation of the same.
+    pub std: &'static [f32],
 }
 
 /// One file of a dataset's canonical source.
@@ -85,6 +106,10 @@ pub const DATASETS: &[KnownDataset] = &[
                 extract: false,
             },
         ],
+        format: Format::Idx,
+        classes: 10,
+        mean: &[0.2860],
+        std: &[0.3530],
     },
     KnownDataset {
         name: "cifar10-jpeg",
@@ -94,6 +119,10 @@ pub const DATASETS: &[KnownDataset] = &[
         archive_sha256: Some("efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"),
         sources: &["cargo xtask data import cifar10-jpeg <path to cifar10-jpeg.tar.gz>"],
         downloads: &[],
+        format: Format::ImageFolder,
+        classes: 10,
+        mean: &CIFAR10_MEAN,
+        std: &CIFAR10_STD,
     },
     KnownDataset {
         name: "cifar10",
@@ -109,6 +138,30 @@ pub const DATASETS: &[KnownDataset] = &[
             md5: "c32a1d4ab5d03f1284b67883e8d87530",
             extract: true,
         }],
+        format: Format::Cifar(CifarKind::Cifar10),
+        classes: 10,
+        mean: &CIFAR10_MEAN,
+        std: &CIFAR10_STD,
+    },
+    KnownDataset {
+        name: "cifar100",
+        description: "CIFAR-100 (Krizhevsky 2009), official binary batches, the 100 fine labels",
+        folder: "cifar-100-binary",
+        marker_files: &["train.bin", "test.bin"],
+        archive_sha256: None,
+        sources: &["https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"],
+        // The MD5 published on the CIFAR page.
+        downloads: &[Download {
+            url: "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+            file: "cifar-100-binary.tar.gz",
+            md5: "03b5dce01913d631647c71ecec9e9cb8",
+            extract: true,
+        }],
+        format: Format::Cifar(CifarKind::Cifar100Fine),
+        classes: 100,
+        // The per-channel moments of its 50,000 training images, as commonly used.
+        mean: &[0.5071, 0.4865, 0.4409],
+        std: &[0.2673, 0.2564, 0.2762],
     },
 ];
 

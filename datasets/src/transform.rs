@@ -5,15 +5,9 @@
 
 use image::imageops::{FilterType, crop_imm, resize};
 
-use crate::image_folder::RgbImage;
+use crate::decoded::DecodedImage;
 
-/// SplitMix64: the random stream of augmentation and shuffling, a pure function of its input.
-pub(crate) fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub(crate) use int8_core::rng::splitmix64 as mix;
 
 /// A counter-based random stream started from one 64-bit draw.
 #[derive(Debug, Clone)]
@@ -109,25 +103,25 @@ impl ResizedCrop {
 }
 
 /// The buffer of `img`, without copying its pixels.
-fn buffer(img: RgbImage) -> image::RgbImage {
+fn buffer(img: DecodedImage) -> image::RgbImage {
     image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data)
-        .expect("an RgbImage holds width * height * 3 bytes")
+        .expect("an DecodedImage holds width * height * 3 bytes")
 }
 
 /// The window of `img` resized (bilinear) to `side x side`, mirrored left-right when `flip`.
-pub fn crop_resize(img: RgbImage, win: Window, side: usize, flip: bool) -> RgbImage {
+pub fn crop_resize(img: DecodedImage, win: Window, side: usize, flip: bool) -> DecodedImage {
     let buf = buffer(img);
     let crop = crop_imm(&buf, win.x, win.y, win.w, win.h).to_image();
     let mut out = resize(&crop, side as u32, side as u32, FilterType::Triangle);
     if flip {
         image::imageops::flip_horizontal_in_place(&mut out);
     }
-    RgbImage { width: side, height: side, data: out.into_raw() }
+    DecodedImage { width: side, height: side, data: out.into_raw() }
 }
 
 /// ImageNet's evaluation transform: resize (bilinear) so that the shorter side is `side`, then
 /// crop the centre `side x side` square.
-pub fn resize_center(img: RgbImage, side: usize) -> RgbImage {
+pub fn resize_center(img: DecodedImage, side: usize) -> DecodedImage {
     let (w, h) = (img.width as f64, img.height as f64);
     let scale = side as f64 / w.min(h);
     let (nw, nh) = (((w * scale).round() as u32).max(side as u32), ((h * scale).round() as u32).max(side as u32));
@@ -135,7 +129,7 @@ pub fn resize_center(img: RgbImage, side: usize) -> RgbImage {
     let resized = resize(&buf, nw, nh, FilterType::Triangle);
     let (x0, y0) = ((nw - side as u32) / 2, (nh - side as u32) / 2);
     let crop = crop_imm(&resized, x0, y0, side as u32, side as u32).to_image();
-    RgbImage { width: side, height: side, data: crop.into_raw() }
+    DecodedImage { width: side, height: side, data: crop.into_raw() }
 }
 
 #[cfg(test)]
@@ -187,7 +181,7 @@ mod tests {
                 data.extend_from_slice(if x < 4 { &[255, 0, 0] } else { &[0, 0, 255] });
             }
         }
-        let img = RgbImage { width: 8, height: 4, data };
+        let img = DecodedImage { width: 8, height: 4, data };
         let left = crop_resize(img.clone(), Window { x: 0, y: 0, w: 4, h: 4 }, 2, false);
         assert!(left.data.chunks(3).all(|p| p == [255, 0, 0]), "{:?}", left.data);
         let flipped = crop_resize(img.clone(), Window { x: 2, y: 0, w: 4, h: 4 }, 4, true);

@@ -1,8 +1,9 @@
 //! AlexNet (Krizhevsky et al., NeurIPS 2012) in torchvision's single-tower layout: five
 //! convolutions with biases and ReLU, three max pools, and three fully connected layers with
 //! dropout; 61,100,840 parameters at 1000 classes. The paper (Zhu et al., CVPR 2020, Table 4)
-//! trains it in INT8 on ImageNet. Under its default policy the first convolution and every fully
-//! connected layer stay FP32 (`quant.linear_int8` and rules change that).
+//! trains it in INT8 on ImageNet. Under its default policy the first convolution and the last
+//! fully connected layer stay FP32; fc6 and fc7 run in INT8 (`quant.linear_int8` and rules change
+//! that).
 
 use int8_nn::layers::{Conv2d, Dropout, Linear};
 use int8_nn::ops::{avg_pool2d, max_pool2d, relu};
@@ -51,13 +52,13 @@ impl AlexNet {
         let conv3 = conv(&mut b, "conv3", 192, 384, 3, 1, 1, false)?;
         let conv4 = conv(&mut b, "conv4", 384, 256, 3, 1, 1, false)?;
         let conv5 = conv(&mut b, "conv5", 256, 256, 3, 1, 1, false)?;
-        let fc = |b: &mut Builder, name: &str, inp, out| -> Result<Linear> {
+        let fc = |b: &mut Builder, name: &str, inp, out, last| -> Result<Linear> {
             let (w, bias) = init::linear(out, inp, b.next_seed())?;
-            Ok(Linear::new(name, w, bias, policy.precision_for(name, LayerKind::Linear, false))?)
+            Ok(Linear::new(name, w, bias, policy.precision_for(name, LayerKind::Linear { last }))?)
         };
-        let fc6 = fc(&mut b, "fc6", 256 * 6 * 6, 4096)?;
-        let fc7 = fc(&mut b, "fc7", 4096, 4096)?;
-        let fc8 = fc(&mut b, "fc8", 4096, classes)?;
+        let fc6 = fc(&mut b, "fc6", 256 * 6 * 6, 4096, false)?;
+        let fc7 = fc(&mut b, "fc7", 4096, 4096, false)?;
+        let fc8 = fc(&mut b, "fc8", 4096, classes, true)?;
         Ok(Self {
             conv1,
             conv2,

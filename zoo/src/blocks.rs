@@ -43,7 +43,7 @@ impl Builder<'_> {
     ) -> Result<Conv2d> {
         let w = init::conv_weight_rect(out, inp, k, self.next_seed())?;
         let g = ConvGeometry { stride, padding, ..Default::default() };
-        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv, first))?)
+        Ok(Conv2d::new(name, w, g, self.policy.precision_for(name, LayerKind::Conv { first }))?)
     }
 
     /// A fresh seed for the next layer: each layer built draws its own.

@@ -341,7 +341,7 @@ impl InceptionV3 {
         add("Mixed_7b", inception_e(&mut b, "Mixed_7b", 1280)?);
         add("Mixed_7c", inception_e(&mut b, "Mixed_7c", 2048)?);
         let (w, bias) = init::linear(classes, 2048, b.next_seed())?;
-        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear, false))?;
+        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear { last: true }))?;
         Ok(Self { stem, mixed, dropout: Dropout::new("dropout", 0.5, b.next_seed())?, fc })
     }
 }

@@ -101,7 +101,7 @@ impl Builder<'_> {
             format!("{name}.conv"),
             w,
             g,
-            self.policy.precision_for(&format!("{name}.conv"), LayerKind::Conv, self.count == 1),
+            self.policy.precision_for(&format!("{name}.conv"), LayerKind::Conv { first: self.count == 1 }),
         )?;
         let bn = BatchNorm2d::new(format!("{name}.bn"), out, false)?;
         Ok(ConvBn { conv, bn: if relu6 { bn.with_relu6() } else { bn }, relu6 })
@@ -139,7 +139,7 @@ impl MobileNetV2 {
         let head = b.conv_bn(&format!("features.{}", blocks.len() + 1), inp, 1280, 1, 1, 1, true)?;
         let (w, bias) = init::linear(classes, 1280, seed.wrapping_mul(1000).wrapping_add(999))?;
         let classifier =
-            Linear::new("classifier", w, bias, policy.precision_for("classifier", LayerKind::Linear, false))?;
+            Linear::new("classifier", w, bias, policy.precision_for("classifier", LayerKind::Linear { last: true }))?;
         Ok(Self { name: name.to_string(), stem, blocks, head, classifier })
     }
 }

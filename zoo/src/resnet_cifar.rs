@@ -49,7 +49,7 @@ impl ResNetCifar {
         let layer2 = stage(&mut b, 2, 16, 32, 2)?;
         let layer3 = stage(&mut b, 3, 32, 64, 2)?;
         let (w, bias) = init::linear(classes, 64, seed.wrapping_mul(1000).wrapping_add(999))?;
-        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear, false))?;
+        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear { last: true }))?;
         Ok(Self { name: name.to_string(), conv1, bn1: BatchNorm2d::new("bn1", 16, true)?, layer1, layer2, layer3, fc })
     }
 

@@ -88,7 +88,7 @@ impl ResNet {
             stage(4, 512, counts[3], 2)?,
         ];
         let (w, bias) = init::linear(classes, 512 * expansion, seed.wrapping_mul(1000).wrapping_add(999))?;
-        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear, false))?;
+        let fc = Linear::new("fc", w, bias, policy.precision_for("fc", LayerKind::Linear { last: true }))?;
         Ok(Self { name: name.to_string(), conv1, bn1: BatchNorm2d::new("bn1", 64, true)?, layers, fc })
     }
 

@@ -35,7 +35,7 @@ impl SmallCnn {
         let g = ConvGeometry { padding: (1, 1), ..Default::default() };
         let conv = |name: &str, i: usize, o: usize, n: u64, first: bool| -> Result<Conv2d> {
             let w = init::conv_weight(o, i, 3, seed.wrapping_mul(1000).wrapping_add(n))?;
-            Ok(Conv2d::new(name, w, g, policy.precision_for(name, LayerKind::Conv, first))?)
+            Ok(Conv2d::new(name, w, g, policy.precision_for(name, LayerKind::Conv { first }))?)
         };
         let (w, b) = init::linear(classes, 128, seed.wrapping_mul(1000).wrapping_add(999))?;
         Ok(Self {
@@ -45,7 +45,7 @@ impl SmallCnn {
             bn2: BatchNorm2d::new("bn2", 64, true)?,
             conv3: conv("conv3", 64, 128, 3, false)?,
             bn3: BatchNorm2d::new("bn3", 128, true)?,
-            fc: Linear::new("fc", w, b, policy.precision_for("fc", LayerKind::Linear, false))?,
+            fc: Linear::new("fc", w, b, policy.precision_for("fc", LayerKind::Linear { last: true }))?,
         })
     }
 }

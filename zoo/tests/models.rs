@@ -1,6 +1,7 @@
 //! The zoo's models: parameter counts against the reference implementations, the paper's layer
 //! policy, and a forward and backward pass.
 
+use int8_core::dclr::Dclr;
 use int8_nn::policy::{LayerPolicy, Rule};
 use int8_nn::precision::Int8Config;
 use int8_nn::{Layer, Tensor};
@@ -49,6 +50,15 @@ fn resnet20_has_the_reference_parameter_count() {
 }
 
 #[test]
+fn the_paper_policy_keeps_only_the_last_linear_layer_in_fp32() {
+    let m = build("alexnet", 1000, &LayerPolicy::paper(Int8Config::default()), 0).unwrap();
+    let int8: Vec<String> = m.int8_stats().into_iter().map(|(n, _)| n).collect();
+    assert!(int8.iter().any(|n| n == "fc6") && int8.iter().any(|n| n == "fc7"), "{int8:?}");
+    assert!(!int8.iter().any(|n| n == "fc8" || n == "conv1"), "{int8:?}");
+    assert_eq!(int8.len(), 4 + 2);
+}
+
+#[test]
 fn the_paper_policy_keeps_the_stem_and_classifier_in_fp32() {
     let m = build("resnet20", 10, &LayerPolicy::paper(Int8Config::default()), 0).unwrap();
     let int8: Vec<String> = m.int8_stats().into_iter().map(|(n, _)| n).collect();
@@ -91,10 +101,15 @@ fn models_run_forward_and_backward_at_both_precisions() {
                 let norm: f64 = g.iter().map(|&v| f64::from(v).powi(2)).sum();
                 assert!(norm.is_finite() && norm > 0.0, "{}: gradient norm {norm}", t.param.name());
             }
-            // After a step every INT8 layer has statistics, and DCLR's multipliers reach the params.
+            // After a step every INT8 layer has statistics: a gradient that lost something to
+            // quantization, and DCLR's multiplier of exactly that loss, which the optimizer gets.
+            let scales: std::collections::HashMap<String, f64> =
+                m.trainables().iter().map(|t| (t.param.name().to_string(), t.lr_scale)).collect();
             for (layer, st) in m.int8_stats() {
                 assert_eq!(st.steps, 1, "{name} {layer}");
-                assert!(st.phi > 0.0 && st.phi <= 1.0, "{name} {layer}: {st:?}");
+                assert!(st.distance > 0.0, "{name} {layer}: {st:?}");
+                assert_eq!(st.phi, Dclr::default().phi(st.distance), "{name} {layer}");
+                assert_eq!(scales[&format!("{layer}.weight")], st.phi, "{name} {layer}");
             }
         }
     }

@@ -1,16 +1,23 @@
 //! Which layers run in INT8: a configuration, not code. The paper's default (Zhu et al., CVPR
 //! 2020, Sec. 5) keeps the first convolution and the last fully connected layer in FP32 and runs
-//! every other convolution in INT8; rules by layer-name pattern change that either way.
+//! every other convolution and fully connected layer in INT8; rules by layer-name pattern change
+//! that either way.
 
 use crate::precision::{Int8Config, Precision};
 
-/// The kind of a layer, for the policy's defaults.
+/// The kind of a layer and its place in the model, for the policy's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerKind {
-    /// A convolution.
-    Conv,
-    /// A fully connected layer.
-    Linear,
+    /// A convolution; `first` marks the model's first one.
+    Conv {
+        /// Whether it is the model's first convolution.
+        first: bool,
+    },
+    /// A fully connected layer; `last` marks the classifier.
+    Linear {
+        /// Whether it is the model's last layer.
+        last: bool,
+    },
 }
 
 /// A rule: layers whose name matches `pattern` (`*` matches any run of characters) run at
@@ -30,7 +37,8 @@ pub struct LayerPolicy {
     pub int8: Option<Int8Config>,
     /// Whether the first convolution runs in INT8 (the paper keeps it FP32).
     pub first_conv_int8: bool,
-    /// Whether fully connected layers run in INT8 (the paper keeps the last one FP32).
+    /// Whether the last fully connected layer (the classifier) runs in INT8; the paper keeps it
+    /// FP32 and runs the others in INT8.
     pub linear_int8: bool,
     /// Rules applied after the defaults, in order; the last match wins.
     pub rules: Vec<Rule>,
@@ -47,12 +55,12 @@ impl LayerPolicy {
         Self { int8: Some(int8), first_conv_int8: false, linear_int8: false, rules: Vec::new() }
     }
 
-    /// The precision of layer `name` of kind `kind`; `first` marks the model's first convolution.
-    pub fn precision_for(&self, name: &str, kind: LayerKind, first: bool) -> Precision {
+    /// The precision of layer `name` of kind `kind`.
+    pub fn precision_for(&self, name: &str, kind: LayerKind) -> Precision {
         let Some(cfg) = self.int8 else { return Precision::Fp32 };
         let mut int8 = match kind {
-            LayerKind::Conv => !first || self.first_conv_int8,
-            LayerKind::Linear => self.linear_int8,
+            LayerKind::Conv { first } => !first || self.first_conv_int8,
+            LayerKind::Linear { last } => !last || self.linear_int8,
         };
         for rule in &self.rules {
             if glob(&rule.pattern, name) {
@@ -89,18 +97,22 @@ mod tests {
     #[test]
     fn the_paper_default_and_rules() {
         let p = LayerPolicy::paper(Int8Config::default());
-        assert_eq!(p.precision_for("conv1", LayerKind::Conv, true), Precision::Fp32);
-        assert!(matches!(p.precision_for("layer1.0.conv1", LayerKind::Conv, false), Precision::Int8(_)));
-        assert_eq!(p.precision_for("fc", LayerKind::Linear, false), Precision::Fp32);
+        let (first, conv) = (LayerKind::Conv { first: true }, LayerKind::Conv { first: false });
+        let (last, hidden) = (LayerKind::Linear { last: true }, LayerKind::Linear { last: false });
+        assert_eq!(p.precision_for("conv1", first), Precision::Fp32);
+        assert!(matches!(p.precision_for("layer1.0.conv1", conv), Precision::Int8(_)));
+        assert_eq!(p.precision_for("fc", last), Precision::Fp32);
+        assert!(matches!(p.precision_for("fc6", hidden), Precision::Int8(_)), "only the last linear stays FP32");
         let p = LayerPolicy {
             first_conv_int8: true,
             linear_int8: true,
             rules: vec![Rule { pattern: "layer3.*".into(), int8: false }],
             ..LayerPolicy::paper(Int8Config::default())
         };
-        assert!(matches!(p.precision_for("conv1", LayerKind::Conv, true), Precision::Int8(_)));
-        assert!(matches!(p.precision_for("fc", LayerKind::Linear, false), Precision::Int8(_)));
-        assert_eq!(p.precision_for("layer3.1.conv2", LayerKind::Conv, false), Precision::Fp32);
-        assert_eq!(LayerPolicy::fp32().precision_for("layer1.0.conv1", LayerKind::Conv, false), Precision::Fp32);
+        assert!(matches!(p.precision_for("conv1", first), Precision::Int8(_)));
+        assert!(matches!(p.precision_for("fc", last), Precision::Int8(_)));
+        assert_eq!(p.precision_for("layer3.1.conv2", conv), Precision::Fp32);
+        assert_eq!(LayerPolicy::fp32().precision_for("layer1.0.conv1", conv), Precision::Fp32);
+        assert_eq!(LayerPolicy::fp32().precision_for("fc6", hidden), Precision::Fp32);
     }
 }

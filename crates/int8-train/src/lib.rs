@@ -5,7 +5,6 @@
 //! are `xtask`'s; this crate knows nothing of them.
 
 pub mod checkpoint;
-pub mod data;
 pub mod progress;
 pub mod recipe;
 pub mod run;

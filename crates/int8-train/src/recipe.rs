@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use int8_core::dclr::Dclr;
 use int8_core::dsgc::ClipMode;
 use int8_core::quant::Granularity;
+use int8_datasets::open::DataSpec;
 use int8_nn::optim::{Schedule, ScheduleKind, SgdConfig};
 use int8_nn::policy::{LayerPolicy, Rule};
 use int8_nn::precision::{GradRounding, Int8Config};
@@ -20,7 +21,8 @@ use crate::{Result, TrainError};
 pub struct Recipe {
     /// The model's registry name (`cargo xtask zoo` lists them).
     pub model: String,
-    /// The dataset's registry name (`cargo xtask data list`), or `image-folder` with `data.root`.
+    /// The dataset: a registry name (`cargo xtask data list`), `image-folder` with `data.root`,
+    /// or the path of a folder holding a dataset (see `int8_datasets::open`).
     pub dataset: String,
     /// Where the data comes from and how it is augmented.
     #[serde(default)]
@@ -321,26 +323,44 @@ impl Recipe {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot write the recipe as TOML: {e}\n"))
     }
 
+    /// Checks every value against its range, so that a bad one is a recipe error naming its key
+    /// rather than a failed or diverging run.
     fn check(&self) -> std::result::Result<(), String> {
         if !int8_zoo::MODELS.contains(&self.model.as_str()) {
             return Err(format!("unknown model `{}`; known: {}", self.model, int8_zoo::MODELS.join(", ")));
         }
+        let above0 = |key: &str, v: usize| if v == 0 { Err(format!("{key} must be above 0")) } else { Ok(()) };
         let t = &self.train;
-        if t.epochs == 0 || t.batch == 0 || t.eval_batch == 0 || t.eval_every == 0 {
-            return Err("train.epochs, train.batch, train.eval_batch and train.eval_every must be above 0".into());
-        }
+        above0("train.epochs", t.epochs)?;
+        above0("train.batch", t.batch)?;
+        above0("train.eval_batch", t.eval_batch)?;
+        above0("train.eval_every", t.eval_every)?;
+        above0("train.log_every", t.log_every)?;
         let o = &self.optim;
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return Err(format!("optim.lr must be a positive number, got {}", o.lr));
+        let number = |key: &str, v: f64, ok: bool, range: &str| {
+            if v.is_finite() && ok { Ok(()) } else { Err(format!("{key} must be {range}, got {v}")) }
+        };
+        number("optim.lr", o.lr, o.lr > 0.0, "a positive number")?;
+        number("optim.momentum", o.momentum, (0.0..1.0).contains(&o.momentum), "in [0, 1)")?;
+        number("optim.weight_decay", o.weight_decay, o.weight_decay >= 0.0, "at least 0")?;
+        number("optim.gamma", o.gamma, o.gamma > 0.0 && o.gamma <= 1.0, "in (0, 1]")?;
+        number("optim.step_every", o.step_every, o.step_every > 0.0, "above 0")?;
+        number("optim.min_lr", o.min_lr, o.min_lr >= 0.0 && o.min_lr <= o.lr, "in [0, optim.lr]")?;
+        let epochs = t.epochs as f64;
+        number(
+            "optim.warmup_epochs",
+            o.warmup_epochs,
+            (0.0..epochs).contains(&o.warmup_epochs),
+            "in [0, train.epochs)",
+        )?;
+        for &m in &o.milestones {
+            number("optim.milestones", m, m > 0.0, "a list of positive epochs")?;
         }
-        if !(0.0..1.0).contains(&o.momentum) || o.weight_decay < 0.0 {
-            return Err("optim.momentum must be in [0, 1) and optim.weight_decay at least 0".into());
+        if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("optim.milestones must rise, got {:?}", o.milestones));
         }
         if o.schedule == ScheduleName::Multistep && o.milestones.is_empty() {
             return Err("optim.schedule = \"multistep\" needs optim.milestones, e.g. [80, 120]".into());
-        }
-        if o.schedule == ScheduleName::Step && o.step_every <= 0.0 {
-            return Err("optim.step_every must be above 0".into());
         }
         let q = &self.quant;
         if q.clip_interval == 0 {
@@ -351,14 +371,29 @@ impl Recipe {
         {
             return Err(format!("quant.clip_stale_ratio must be a number above 1 (such as 4), got {r}"));
         }
-        if !(q.beta > 0.0 && q.beta <= 1.0) || q.alpha < 0.0 {
-            return Err("quant.beta must be in (0, 1] and quant.alpha at least 0".into());
-        }
+        number("quant.alpha", q.alpha, q.alpha >= 0.0, "at least 0")?;
+        number("quant.beta", q.beta, q.beta > 0.0 && q.beta <= 1.0, "in (0, 1]")?;
         let d = &self.data;
+        if d.size == 0 || d.size > 4096 {
+            return Err(format!("data.size must be an image side in 1..=4096 pixels, got {}", d.size));
+        }
+        if d.pad > 64 {
+            return Err(format!("data.pad must be at most 64 pixels (CIFAR uses 4), got {}", d.pad));
+        }
+        for &m in d.mean.iter().flatten() {
+            number("data.mean", f64::from(m), true, "a list of finite numbers")?;
+        }
+        for &s in d.std.iter().flatten() {
+            number("data.std", f64::from(s), s > 0.0, "a list of positive numbers")?;
+        }
         if let (Some(m), Some(s)) = (&d.mean, &d.std)
-            && (m.len() != s.len() || s.iter().any(|&v| v <= 0.0))
+            && m.len() != s.len()
         {
-            return Err("data.mean and data.std must have one entry per channel, and std must be positive".into());
+            return Err(format!(
+                "data.mean has {} entries and data.std {}: give one per channel in each",
+                m.len(),
+                s.len()
+            ));
         }
         Ok(())
     }
@@ -393,6 +428,25 @@ impl Recipe {
         }
     }
 
+    /// What the run asks of its data, for `int8_datasets::open::open`; `data_dir` is searched
+    /// first (`--data-dir`).
+    pub fn data_spec(&self, data_dir: Option<&Path>) -> DataSpec {
+        let d = &self.data;
+        DataSpec {
+            dataset: self.dataset.clone(),
+            root: d.root.clone(),
+            data_dir: data_dir.map(Path::to_path_buf),
+            train_limit: d.train_limit,
+            test_limit: d.test_limit,
+            seed: self.train.seed,
+            pad: d.pad,
+            flip: d.flip,
+            mean: d.mean.clone(),
+            std: d.std.clone(),
+            size: d.size,
+        }
+    }
+
     /// SGD's settings.
     pub fn sgd(&self) -> SgdConfig {
         SgdConfig {
@@ -421,7 +475,7 @@ mod tests {
 
     const MINIMAL: &str = r#"
 model = "cnn-small"
-dataset = "fashion-mnist"
+dataset = "cifar100"
 [train]
 epochs = 2
 batch = 64
@@ -481,6 +535,47 @@ lr = 0.05
             let err = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    /// Every numeric key has a range, and a value outside it is an error naming the key (the
+    /// value is accepted first at the edge of its range, where there is one).
+    #[test]
+    fn every_numeric_key_is_checked() {
+        for (bad, good) in [
+            ("train.batch=0", "train.batch=1"),
+            ("train.eval_batch=0", "train.eval_batch=1"),
+            ("train.eval_every=0", "train.eval_every=1"),
+            ("train.log_every=0", "train.log_every=1"),
+            ("optim.lr=0", "optim.lr=1e-9"),
+            ("optim.lr=inf", "optim.lr=10"),
+            ("optim.momentum=1", "optim.momentum=0"),
+            ("optim.weight_decay=-1e-4", "optim.weight_decay=0"),
+            ("optim.weight_decay=nan", "optim.weight_decay=1"),
+            ("optim.gamma=0", "optim.gamma=1"),
+            ("optim.gamma=2", "optim.gamma=0.5"),
+            ("optim.step_every=0", "optim.step_every=0.5"),
+            ("optim.min_lr=-1", "optim.min_lr=0"),
+            ("optim.min_lr=1", "optim.min_lr=0.05"),
+            ("optim.warmup_epochs=2", "optim.warmup_epochs=1.5"),
+            ("optim.warmup_epochs=-1", "optim.warmup_epochs=0"),
+            ("optim.milestones=[1, 1]", "optim.milestones=[1, 1.5]"),
+            ("optim.milestones=[-1]", "optim.milestones=[1]"),
+            ("quant.alpha=-1", "quant.alpha=0"),
+            ("quant.beta=1.5", "quant.beta=1"),
+            ("data.size=0", "data.size=1"),
+            ("data.size=5000", "data.size=4096"),
+            ("data.pad=65", "data.pad=64"),
+            ("data.std=[0]", "data.std=[1]"),
+            ("data.std=[-0.5]", "data.std=[0.5]"),
+            ("data.mean=[nan]", "data.mean=[0]"),
+        ] {
+            let key = bad.split('=').next().unwrap();
+            let err = parse(MINIMAL, &[bad]).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+            parse(MINIMAL, &[good]).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let err = parse(MINIMAL, &["data.mean=[0.5, 0.5]", "data.std=[0.5]"]).unwrap_err().to_string();
+        assert!(err.contains("data.mean") && err.contains("data.std"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use int8_datasets::loader::{Source, epoch_from};
+use int8_datasets::open::Opened;
 use int8_nn::ops::cross_entropy;
 use int8_nn::optim::{Schedule, Sgd};
 use int8_nn::{Layer, Tensor, no_grad};
@@ -20,7 +21,6 @@ use int8_zoo::Model;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, EpochRecord, TrainState};
-use crate::data::{self, RunData};
 use crate::progress::{Progress, ProgressMode};
 use crate::recipe::{PrecisionName, Recipe};
 use crate::step::train_step;
@@ -197,11 +197,22 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
             why: "already holds a run; pass --resume to continue it, or choose another --out".into(),
         });
     }
-    let data = data::load(recipe, opts.data_dir.as_deref())?;
+    let data = int8_datasets::open::open(&recipe.data_spec(opts.data_dir.as_deref()))?;
     let model = int8_zoo::build(&recipe.model, data.classes, &recipe.policy(), recipe.train.seed)?;
     let mut sgd = Sgd::new(recipe.sgd());
     let mut state = TrainState { recipe: resolved.clone(), ..Default::default() };
     let resuming = opts.resume && last.exists();
+    let mut start = if resuming { "resuming".to_string() } else { "starting".to_string() };
+    if opts.resume && !resuming {
+        // The run stopped before its first checkpoint (or never ran): it starts again from step
+        // 0, and what the stopped session logged goes, so that TensorBoard shows one run.
+        let removed = remove_stale_logs(out)?;
+        start = format!(
+            "starting from step 0: --resume found no checkpoint in {} (the run stopped before its first){}",
+            out.display(),
+            if removed > 0 { format!("; removed the {removed} log file(s) it left") } else { String::new() }
+        );
+    }
     if resuming {
         let ck = checkpoint::load(&last)?;
         state = checkpoint::restore_all(model.as_ref(), &mut sgd, &ck, &last)?;
@@ -214,7 +225,22 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     }
     write_atomic(&out.join("recipe.toml"), resolved.as_bytes())?;
     let mut trainer = Trainer { recipe, opts, model, sgd, state, data, schedule: recipe.schedule() };
-    trainer.train(resuming)
+    trainer.train(resuming, &start)
+}
+
+/// Removes the TensorBoard event files and metrics a run folder holds; returns how many.
+fn remove_stale_logs(out: &Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(0) };
+    let mut removed = 0;
+    for e in entries {
+        let path = e.map_err(TrainError::io(out))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("events.out.tfevents.") || name == "metrics.json" {
+            std::fs::remove_file(&path).map_err(TrainError::io(&path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 struct Trainer<'a> {
@@ -223,7 +249,7 @@ struct Trainer<'a> {
     model: Box<dyn Model>,
     sgd: Sgd,
     state: TrainState,
-    data: RunData,
+    data: Opened,
     schedule: Schedule,
 }
 
@@ -244,7 +270,7 @@ impl Trainer<'_> {
         TrainError::Diverged { epoch, step: self.state.global_step + 1, why, kept }
     }
 
-    fn train(&mut self, resuming: bool) -> Result<Summary> {
+    fn train(&mut self, resuming: bool, start: &str) -> Result<Summary> {
         let r = self.recipe;
         let (epochs, batch) = (r.train.epochs, r.train.batch);
         let steps_per_epoch = self.data.train.len().div_ceil(batch);
@@ -271,7 +297,7 @@ impl Trainer<'_> {
             self.data.root.display(),
             params,
             int8_layers,
-            if resuming { format!("resuming at step {}", self.state.global_step) } else { "starting".into() },
+            if resuming { format!("resuming at step {}", self.state.global_step) } else { start.to_string() },
             self.opts.out.display()
         ));
         self.model.set_training(true);

@@ -218,6 +218,30 @@ fn a_killed_and_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     same_scalars_as_tensorboard(broken.path(), &ev);
 }
 
+/// A run killed before its first checkpoint starts again from step 0 on --resume, and removes
+/// what the killed session logged: TensorBoard sees each step once.
+#[test]
+fn resuming_a_run_killed_before_its_first_checkpoint_leaves_no_stale_events() {
+    let r = recipe(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.kill_at_step = Some(2);
+    assert!(matches!(one_thread(|| run(&r, &o)), Err(TrainError::Interrupted { step: 2, .. })));
+    assert!(!dir.path().join("checkpoints/last.safetensors").exists());
+    o.kill_at_step = None;
+    o.resume = true;
+    one_thread(|| run(&r, &o)).unwrap();
+    let events = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents."))
+        .count();
+    assert_eq!(events, 1, "the killed session's event file is gone");
+    let ev = read_events(dir.path());
+    let steps: Vec<i64> =
+        ev["scalars"]["train/loss"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+    assert_eq!(steps, vec![1, 2, 4, 6, 8, 10, 12, 14, 16]);
+}
+
 /// Our reader (`cargo xtask scalars`) gives every tag the points TensorBoard's reader gives.
 fn same_scalars_as_tensorboard(dir: &Path, ev: &Value) {
     let ours = int8_train::tensorboard::read_scalars(dir).unwrap();
