@@ -1,4 +1,4 @@
-//! `cargo xtask`: the project's command line (see `../shared/ARCHITECTURE.md`).
+//! `cargo xtask`: the project's command line (see `docs/architecture.md`).
 //!
 //! It knows nothing of kernels or math: benches run in the `int8-bench` binary and training runs
 //! in the `int8-train` binary, which this builds in release mode and spawns. `sweep` expands an

@@ -172,6 +172,25 @@ impl Fill<'_> {
     }
 }
 
+/// A new vector of `n` zeros, zeroed by all of rayon's threads: for buffers a kernel accumulates
+/// into or fills piecemeal. (`vec![0.0; n]` zeroes on one thread, at one core's memory speed.)
+pub fn zeros(n: usize) -> Vec<f32> {
+    // Below this, one thread zeroes it faster than rayon can share it out.
+    const CHUNK: usize = 1 << 14;
+    if n <= CHUNK {
+        return vec![0f32; n];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(CHUNK).for_each(|c| {
+        for e in c {
+            e.write(0.0);
+        }
+    });
+    // SAFETY: the capacity is at least `n`, and the loop above wrote all of the first `n` elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// A new vector of `n` values written by `write` through an [`Out`], and what `write` returned.
 /// Errors if `write` fails or leaves part of the output untaken (a kernel bug; the values would
 /// be undefined), so the vector returned is always fully written.
@@ -254,6 +273,15 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("wrote 5 of 10"), "{e}");
+    }
+
+    #[test]
+    fn zeros_have_the_length_asked_for_and_only_zeros() {
+        for n in [0, 1, (1 << 14) - 1, 1 << 14, (1 << 14) + 1, 5 * (1 << 14) + 7] {
+            let v = zeros(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|&x| x.to_bits() == 0), "n = {n}");
+        }
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl Tensor {
     /// A tensor of `shape` with every value `v`.
     pub fn full(shape: impl Into<Shape>, v: f32) -> Tensor {
         let shape = shape.into();
-        let values = if v == 0.0 { crate::ops::zeroed(shape.elem_count()) } else { vec![v; shape.elem_count()] };
+        let values = if v == 0.0 { crate::ops::zeros(shape.elem_count()) } else { vec![v; shape.elem_count()] };
         Self::cpu_untracked(values, shape)
     }
 

@@ -8,7 +8,7 @@ use crate::error::{NnError, Result};
 use crate::module::{Layer, Module};
 use crate::tensor::Tensor;
 
-/// Inverted dropout: in training, each value is zeroed with probability `p` and the others are
+/// Inverted dropout: in training, each value is zeros with probability `p` and the others are
 /// scaled by `1 / (1 - p)`.
 #[derive(Debug)]
 pub struct Dropout {

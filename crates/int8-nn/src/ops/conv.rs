@@ -12,7 +12,7 @@ use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::{cpu_out, input_grad_weight, zeroed};
+use super::{cpu_out, input_grad_weight, zeros};
 use crate::error::{NnError, Result};
 use crate::precision::{Int8Config, Precision};
 use crate::stats::QuantState;
@@ -176,7 +176,7 @@ impl Backward for ConvBackward {
                 };
                 let dw = match &x {
                     Some(x) => {
-                        let mut dw = zeroed(s.w_len());
+                        let mut dw = zeros(s.w_len());
                         conv2d_dw_f32(&s, x.cpu()?, g, &mut dw)?;
                         Some(dw)
                     }
@@ -194,7 +194,7 @@ impl Backward for ConvBackward {
                     None
                 };
                 let dw = if needs[1] {
-                    let mut dw = zeroed(s.w_len());
+                    let mut dw = zeros(s.w_len());
                     conv2d_dw_i8(path, &s, (&x).into(), (&dyq).into(), &mut dw)?;
                     Some(dw)
                 } else {
@@ -240,7 +240,7 @@ pub(crate) fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Err(NnError::Shape(format!("a bias of shape {} for {c} channels", b.shape())));
     }
     let (yv, bv, hw) = (y.cpu()?, b.cpu()?, h * w);
-    let mut out = zeroed(n * c * hw);
+    let mut out = zeros(n * c * hw);
     for (p, (o, i)) in out.chunks_mut(hw.max(1)).zip(yv.chunks(hw.max(1))).enumerate() {
         let bias = bv[p % c];
         for (o, &i) in o.iter_mut().zip(i) {

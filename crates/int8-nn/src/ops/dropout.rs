@@ -1,4 +1,4 @@
-//! Inverted dropout with a mask drawn from a counter-based stream: each value is zeroed with
+//! Inverted dropout with a mask drawn from a counter-based stream: each value is zeros with
 //! probability `p` and the others scaled by `1 / (1 - p)`. The mask is a pure function of the
 //! seed, so the backward pass draws it again rather than keeping it.
 

@@ -5,7 +5,7 @@
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8_scaled};
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
-use super::{cpu_out, input_grad_weight, zeroed};
+use super::{cpu_out, input_grad_weight, zeros};
 use crate::error::{NnError, Result};
 use crate::precision::{Int8Config, Precision};
 use crate::stats::QuantState;
@@ -45,7 +45,7 @@ pub(crate) fn linear(
     let (n, i, o) = dims(name, x.dims(), w.dims(), b.dims())?;
     let rec = record(&[x, w, b]);
     let (xv, wv, bv) = (x.cpu()?, w.cpu()?, b.cpu()?);
-    let mut y = zeroed(n * o);
+    let mut y = zeros(n * o);
     let saved = match precision {
         Precision::Fp32 => {
             gemm_f32(
@@ -108,13 +108,13 @@ impl Backward for LinearBackward {
     fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let (n, i, o) = self.dims;
         let g = grad.cpu()?;
-        let mut db = zeroed(o);
+        let mut db = zeros(o);
         for row in g.chunks_exact(o) {
             for (d, &v) in db.iter_mut().zip(row) {
                 *d += v;
             }
         }
-        let (mut dx, mut dw) = (needs[0].then(|| zeroed(n * i)), needs[1].then(|| zeroed(o * i)));
+        let (mut dx, mut dw) = (needs[0].then(|| zeros(n * i)), needs[1].then(|| zeros(o * i)));
         match self.saved {
             Saved::Fp32 { x, w } => {
                 if let (Some(dx), Some(w)) = (dx.as_mut(), &w) {

@@ -31,28 +31,8 @@ pub(crate) fn cpu_out(values: Vec<f32>, shape: impl Into<Shape>) -> Tensor {
     Tensor::cpu_untracked(values, shape.into())
 }
 
-/// A buffer of `n` zeros for an op's output or gradient, zeroed by all of rayon's threads.
-///
-/// `vec![0f32; n]` zeroes in `calloc` on one thread; with the process keeping freed memory
-/// ([`crate::alloc`]) that is a `memset` of every output and gradient of the step, up to 8 MB each,
-/// at the speed of one core.
-pub(crate) fn zeroed(n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    // Below this, one thread zeroes it faster than rayon can share it out.
-    const CHUNK: usize = 1 << 14;
-    if n <= CHUNK {
-        return vec![0f32; n];
-    }
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n].par_chunks_mut(CHUNK).for_each(|c| {
-        for e in c {
-            e.write(0.0);
-        }
-    });
-    // SAFETY: the capacity is at least `n`, and the loop above wrote all of the first `n` elements.
-    unsafe { v.set_len(n) };
-    v
-}
+/// A buffer of `n` zeros for an op's output or gradient (see [`int8_core::out::zeros`]).
+pub(crate) use int8_core::out::zeros;
 
 /// The weight codes an INT8 input gradient needs: the forward pass's codes when they have one
 /// scale or `per_channel_ok` (a depthwise convolution, whose input channels each take the gradient
@@ -80,16 +60,4 @@ pub(crate) fn input_grad_weight<'a>(
         1,
         Rounding::Nearest,
     )?))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn zeroed_buffers_have_the_length_asked_for_and_only_zeros() {
-        for n in [0, 1, (1 << 14) - 1, 1 << 14, (1 << 14) + 1, 5 * (1 << 14) + 7] {
-            let v = super::zeroed(n);
-            assert_eq!(v.len(), n);
-            assert!(v.iter().all(|&x| x.to_bits() == 0), "n = {n}");
-        }
-    }
 }

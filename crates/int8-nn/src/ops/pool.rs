@@ -4,7 +4,7 @@
 use int8_core::nn::elementwise;
 use int8_core::nn::pool::{self, Pool2d};
 
-use super::{cpu_out, zeroed};
+use super::{cpu_out, zeros};
 use crate::error::{NnError, Result};
 use crate::tape::{Backward, record};
 use crate::tensor::{Shape, Tensor};
@@ -27,7 +27,7 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Ten
     let _t = crate::profile::span("max-pool", false);
     let (p, out) = geometry("max pooling", x, k, stride, pad)?;
     let n: usize = out.iter().product();
-    let (mut y, mut argmax) = (zeroed(n), vec![0u32; n]);
+    let (mut y, mut argmax) = (zeros(n), vec![0u32; n]);
     pool::max_pool(&p, x.cpu()?, &mut y, &mut argmax)?;
     let y = cpu_out(y, out);
     Ok(match record(&[x]) {
@@ -45,7 +45,7 @@ struct MaxPoolBackward {
 
 impl Backward for MaxPoolBackward {
     fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let mut dx = zeroed(self.x.elem_count());
+        let mut dx = zeros(self.x.elem_count());
         pool::max_pool_backward(&self.p, grad.cpu()?, &self.argmax, &mut dx)?;
         Ok(vec![Some(cpu_out(dx, self.x))])
     }
@@ -59,7 +59,7 @@ impl Backward for MaxPoolBackward {
 pub fn avg_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     let _t = crate::profile::span("avg-pool", false);
     let (p, out) = geometry("average pooling", x, k, stride, pad)?;
-    let mut y = zeroed(out.iter().product());
+    let mut y = zeros(out.iter().product());
     pool::avg_pool(&p, x.cpu()?, &mut y)?;
     let y = cpu_out(y, out);
     Ok(match record(&[x]) {
@@ -75,7 +75,7 @@ struct AvgPoolBackward {
 
 impl Backward for AvgPoolBackward {
     fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let mut dx = zeroed(self.x.elem_count());
+        let mut dx = zeros(self.x.elem_count());
         pool::avg_pool_backward(&self.p, grad.cpu()?, &mut dx)?;
         Ok(vec![Some(cpu_out(dx, self.x))])
     }
@@ -85,7 +85,7 @@ impl Backward for AvgPoolBackward {
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let _t = crate::profile::span("global-avg-pool", false);
     let [n, c, h, w] = nchw("global average pooling", x)?;
-    let mut y = zeroed(n * c);
+    let mut y = zeros(n * c);
     elementwise::global_avg_pool(x.cpu()?, h * w, &mut y)?;
     let y = cpu_out(y, (n, c));
     Ok(match record(&[x]) {
@@ -101,7 +101,7 @@ struct GlobalAvgPoolBackward {
 
 impl Backward for GlobalAvgPoolBackward {
     fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let mut dx = zeroed(self.x.elem_count());
+        let mut dx = zeros(self.x.elem_count());
         elementwise::global_avg_pool_backward(grad.cpu()?, self.hw, &mut dx)?;
         Ok(vec![Some(cpu_out(dx, self.x))])
     }

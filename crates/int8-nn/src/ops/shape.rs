@@ -43,7 +43,7 @@ pub fn concat(parts: &[Tensor], dim: usize) -> Result<Tensor> {
     let outer: usize = first.dims()[..dim].iter().product();
     let inners: Vec<usize> = parts.iter().map(|p| p.elem_count() / outer.max(1)).collect();
     let row: usize = inners.iter().sum();
-    let mut y = super::zeroed(outer * row);
+    let mut y = super::zeros(outer * row);
     let sources = parts.iter().map(|p| p.cpu()).collect::<Result<Vec<_>>>()?;
     y.par_chunks_mut(row.max(1)).enumerate().for_each(|(o, dst)| {
         let mut at = 0;
@@ -79,7 +79,7 @@ impl Backward for ConcatBackward {
         let mut out = Vec::with_capacity(self.inners.len());
         for ((&inner, shape), &need) in self.inners.iter().zip(self.shapes).zip(needs) {
             if need {
-                let mut d = super::zeroed(self.outer * inner);
+                let mut d = super::zeros(self.outer * inner);
                 d.par_chunks_mut(inner.max(1)).enumerate().for_each(|(o, dst)| {
                     dst.copy_from_slice(&g[o * row + at..o * row + at + inner]);
                 });
