@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's command line (see `docs/architecture.md`).
 //!
-//! It knows nothing of kernels or math: benches run in the `int8-bench` binary and training runs
-//! in the `int8-train` binary, which this builds in release mode and spawns. `sweep` expands an
-//! experiment into runs and tabulates them (see [`sweep`]).
+//! It links none of the workspace's crates, so that it builds in seconds (the rust-analyzer xtask
+//! pattern): benches run in the `int8-bench` binary, and training and the tool commands (`zoo`,
+//! `data`, `scalars`, a sweep's recipe check) in the `int8-train` binary, which this builds in
+//! release mode and spawns. `sweep` expands an experiment into runs and tabulates them (see
+//! [`sweep`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -14,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod scalars;
 mod sweep;
 
 #[derive(Parser, Debug)]
@@ -220,7 +221,22 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Data { what, data_dir } => data(&root, what, data_dir.as_deref()),
+        Cmd::Data { what, data_dir } => {
+            let mut args: Vec<std::ffi::OsString> = vec!["data".into()];
+            match what {
+                DataCmd::List => args.push("list".into()),
+                DataCmd::Import { name, path } => {
+                    // The trainer works from the workspace root: hand it an absolute path.
+                    let path = std::env::current_dir().context("cannot read the current folder")?.join(path);
+                    args.extend(["import".into(), name.into(), path.into()]);
+                }
+                DataCmd::Fetch { name } => args.extend(["fetch".into(), name.into()]),
+            }
+            if let Some(d) = data_dir {
+                args.extend(["--data-dir".into(), std::env::current_dir()?.join(d).into()]);
+            }
+            trainer_tool(&root, &args)
+        }
         Cmd::Sweep { experiment, out, jobs, dry_run, tables, rebuild, sets, data_dir } => {
             let path = if Path::new(&experiment).is_file() {
                 PathBuf::from(&experiment)
@@ -251,127 +267,36 @@ fn run() -> Result<()> {
                 sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, tables, rebuild, sets, data_dir };
             sweep::sweep(&root, &opts, stop)
         }
-        Cmd::Train { args } => {
-            let trainer = sweep::build_trainer(&root)?;
-            // A Ctrl-C reaches the trainer too, which stops after its step with a checkpoint:
-            // wait for it rather than leave it behind.
-            ctrlc::set_handler(|| {}).context("cannot install the Ctrl-C handler")?;
-            let status = Command::new(&trainer)
-                .args(&args)
-                .status()
-                .with_context(|| format!("cannot start {}", trainer.display()))?;
-            if !status.success() {
-                std::process::exit(status.code().unwrap_or(1));
-            }
-            Ok(())
-        }
-        Cmd::Zoo => zoo(),
+        Cmd::Train { args } => trainer_tool(&root, &args),
+        Cmd::Zoo => trainer_tool(&root, &["zoo"]),
         Cmd::Scalars { run, tags, from, to } => {
-            print!("{}", scalars::render(&run, &scalars::Select { tags, from, to })?);
-            Ok(())
+            let mut args: Vec<std::ffi::OsString> = vec!["scalars".into(), run.into()];
+            for t in tags {
+                args.extend(["--tag".into(), t.into()]);
+            }
+            if let Some(f) = from {
+                args.extend(["--from".into(), f.to_string().into()]);
+            }
+            if let Some(t) = to {
+                args.extend(["--to".into(), t.to_string().into()]);
+            }
+            trainer_tool(&root, &args)
         }
     }
 }
 
-/// `cargo xtask zoo`: every model with its parameter count, and every recipe.
-fn zoo() -> Result<()> {
-    use int8_nn::policy::LayerPolicy;
-    println!("| model | classes | parameters |\n| --- | ---: | ---: |");
-    for name in int8_zoo::MODELS {
-        let classes = if name.starts_with("resnet") && !["resnet18", "resnet34", "resnet50"].contains(name)
-            || name.ends_with("-cifar")
-            || *name == "cnn-small"
-        {
-            10
-        } else {
-            1000
-        };
-        let model = int8_zoo::build(name, classes, &LayerPolicy::fp32(), 0)?;
-        println!("| {name} | {classes} | {} |", group_digits(model.param_count()));
+/// Builds the trainer in release mode and runs it with `args` from the current folder, passing
+/// its exit status on. A Ctrl-C reaches the trainer too (which stops a training run after its
+/// step with a checkpoint): wait for it rather than leave it behind.
+fn trainer_tool(root: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
+    let trainer = sweep::build_trainer(root)?;
+    ctrlc::set_handler(|| {}).context("cannot install the Ctrl-C handler")?;
+    let status =
+        Command::new(&trainer).args(args).status().with_context(|| format!("cannot start {}", trainer.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
     }
-    println!(
-        "\n| recipe | model | dataset | epochs | batch | lr | schedule |\n| --- | --- | --- | ---: | ---: | ---: | --- |"
-    );
-    for (name, path) in int8_zoo::recipes() {
-        match int8_train::recipe::Recipe::load(&path, &[]) {
-            Ok(r) => println!(
-                "| {name} | {} | {} | {} | {} | {} | {:?} |",
-                r.model, r.dataset, r.train.epochs, r.train.batch, r.optim.lr, r.optim.schedule
-            ),
-            Err(e) => println!("| {name} | invalid: {e} | | | | | |"),
-        }
-    }
-    println!("\ntrain one: cargo xtask train RECIPE [--precision fp32|int8]; recipes live in zoo/recipes/");
     Ok(())
-}
-
-fn group_digits(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// `cargo xtask data ...`.
-fn data(root: &Path, what: DataCmd, data_dir: Option<&Path>) -> Result<()> {
-    use int8_datasets::registry::{DATASETS, import, known, locate, search_dirs};
-    let cache = root.join("datasets/cache");
-    let dirs = search_dirs(data_dir, &cache);
-    match what {
-        DataCmd::List => {
-            println!("| dataset | status | what it is |");
-            println!("| --- | --- | --- |");
-            for ds in DATASETS {
-                let status = match locate(ds, &dirs) {
-                    Some(p) => format!("found: {}", p.display()),
-                    None if !ds.downloads.is_empty() => {
-                        format!("missing: `cargo xtask data fetch {}` (or {})", ds.name, ds.sources.join(" or "))
-                    }
-                    None => format!("missing: {}", ds.sources.first().copied().unwrap_or("no known source")),
-                };
-                println!("| {} | {status} | {} |", ds.name, ds.description);
-            }
-            println!(
-                "\nsearched, in order: {}",
-                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-            );
-            Ok(())
-        }
-        DataCmd::Import { name, path } => {
-            let ds = known(&name)?;
-            if !path.exists() {
-                bail!("{}: no such file or folder; pass the dataset's .tar.gz archive or its folder", path.display());
-            }
-            eprintln!("importing {name} from {} (checking its checksum, then extracting)...", path.display());
-            let dest = import(ds, &path, &cache)?;
-            println!("{name}: {}", dest.display());
-            Ok(())
-        }
-        DataCmd::Fetch { name } => {
-            let ds = known(&name)?;
-            if let Some(found) = locate(ds, &dirs) {
-                println!("{name}: already at {}", found.display());
-                return Ok(());
-            }
-            eprintln!("fetching {name} into {} (each file checked against its published MD5)...", cache.display());
-            let mut last = (String::new(), 0u64);
-            let dest = int8_datasets::fetch::fetch(ds, &cache, &mut |file, got, total| {
-                // One line per file and per 10 MiB, so that logs stay short.
-                if last.0 != file || got >= last.1 + (10 << 20) || total == Some(got) {
-                    let of = total.map(|t| format!(" of {:.1} MiB", t as f64 / 1048576.0)).unwrap_or_default();
-                    eprintln!("  {file}: {:.1} MiB{of}", got as f64 / 1048576.0);
-                    last = (file.to_string(), got);
-                }
-            })?;
-            println!("{name}: {}", dest.display());
-            Ok(())
-        }
-    }
 }
 
 /// The workspace root: the parent of this crate's manifest directory.

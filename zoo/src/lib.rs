@@ -1,6 +1,6 @@
 //! `int8-zoo`: models as named structs with their layers as fields, built by name from a registry
-//! with a layer policy, so that precision is configuration, not code. Recipes (TOML) live in
-//! `zoo/recipes/` and are read by the trainer.
+//! with a layer policy, so that precision is configuration, not code. (Recipes, which say how to
+//! train them, are the trainer's: `crates/int8-train/recipes/`.)
 
 pub mod alexnet;
 pub mod blocks;
@@ -102,31 +102,4 @@ fn build_unchecked(name: &str, classes: usize, policy: &LayerPolicy, seed: u64) 
         "resnet56" => Ok(Box::new(resnet_cifar::ResNetCifar::new(name, 9, classes, policy, seed)?)),
         _ => Err(ZooError::UnknownModel(name.to_string())),
     }
-}
-
-/// The folder of the zoo's recipes, `zoo/recipes/`.
-pub fn recipes_dir() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes")
-}
-
-/// The zoo's recipes by name (`resnet20-cifar10`), sorted, with their files.
-pub fn recipes() -> Vec<(String, std::path::PathBuf)> {
-    let mut out: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(recipes_dir())
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .filter_map(|p| Some((p.file_stem()?.to_str()?.to_string(), p)))
-        .collect();
-    out.sort();
-    out
-}
-
-/// A recipe given by file path, or by name from the zoo.
-pub fn find_recipe(name_or_path: &str) -> Option<std::path::PathBuf> {
-    let p = std::path::Path::new(name_or_path);
-    if p.is_file() {
-        return Some(p.to_path_buf());
-    }
-    recipes().into_iter().find(|(n, _)| n == name_or_path).map(|(_, p)| p)
 }

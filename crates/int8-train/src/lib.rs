@@ -5,9 +5,11 @@
 //! are `xtask`'s; this crate knows nothing of them.
 
 pub mod checkpoint;
+pub mod commands;
 pub mod progress;
 pub mod recipe;
 pub mod run;
+pub mod scalars;
 pub mod step;
 pub mod tensorboard;
 

@@ -1,20 +1,31 @@
-//! `int8-train`: trains one recipe. `cargo xtask train` and `cargo xtask sweep` build and spawn
-//! this binary; it can also be run directly.
+//! `int8-train`: trains one recipe (`int8-train RECIPE ...`), and the tool commands `cargo xtask`
+//! runs rather than linking the whole stack (`zoo`, `data`, `scalars`, and `plan` for sweeps).
+//! `cargo xtask train` and `cargo xtask sweep` build and spawn this binary; it can also be run
+//! directly.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use int8_train::commands;
 use int8_train::progress::ProgressMode;
 use int8_train::recipe::Recipe;
 use int8_train::run::{RunOptions, run};
 
 #[derive(Parser, Debug)]
-#[command(name = "int8-train", about = "Train one recipe at FP32 or INT8 (Zhu et al., CVPR 2020)")]
+#[command(
+    name = "int8-train",
+    about = "Train one recipe at FP32 or INT8 (Zhu et al., CVPR 2020); or a tool command",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
-    /// A recipe file, or a recipe name from zoo/recipes (`cargo xtask zoo` lists them).
-    recipe: String,
+    #[command(subcommand)]
+    tool: Option<Tool>,
+    /// A recipe file, or a built-in recipe's name (`int8-train zoo` lists them).
+    #[arg(required = true)]
+    recipe: Option<String>,
     /// Override the recipe's precision (quant.precision).
     #[arg(long)]
     precision: Option<Prec>,
@@ -33,6 +44,56 @@ struct Cli {
     /// How to show progress.
     #[arg(long, value_enum, default_value_t = Show::Auto)]
     progress: Show,
+}
+
+#[derive(Subcommand, Debug)]
+enum Tool {
+    /// The models with their parameter counts, and the built-in recipes.
+    Zoo,
+    /// List, import or fetch datasets.
+    Data {
+        #[command(subcommand)]
+        what: DataCmd,
+        /// Look here first (then $INT8_DATA_DIR, datasets/cache/, /usr/share/datasets/).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+    },
+    /// A run's TensorBoard curves as a Markdown table (without --tag: the list of tags).
+    Scalars {
+        /// A run's folder (holding events.out.tfevents.* files).
+        run: PathBuf,
+        /// Tags to show as columns, `*` matching any run of characters (repeatable).
+        #[arg(long = "tag", value_name = "PATTERN")]
+        tags: Vec<String>,
+        /// First step shown.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Last step shown.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// For sweeps: read a JSON list of `{recipe, sets}` on stdin, type each recipe and check its
+    /// layer rules, and print the answers as a JSON list.
+    #[command(hide = true)]
+    Plan,
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCmd {
+    /// Each known dataset and where it was found, or how to get it.
+    List,
+    /// Import a dataset from a local .tar.gz archive or folder into datasets/cache/.
+    Import {
+        /// The dataset's name (see `data list`).
+        name: String,
+        /// The archive or folder.
+        path: PathBuf,
+    },
+    /// Download a dataset from its canonical source.
+    Fetch {
+        /// The dataset's name.
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,18 +126,44 @@ fn main() {
     }
 }
 
+/// Runs a tool command.
+fn tool(t: Tool) -> Result<()> {
+    match t {
+        Tool::Zoo => print!("{}", commands::zoo()?),
+        Tool::Data { what, data_dir } => match what {
+            DataCmd::List => print!("{}", commands::data_list(data_dir.as_deref())),
+            DataCmd::Import { name, path } => println!("{name}: {}", commands::data_import(&name, &path)?.display()),
+            DataCmd::Fetch { name } => {
+                println!("{name}: {}", commands::data_fetch(&name, data_dir.as_deref())?.display())
+            }
+        },
+        Tool::Scalars { run, tags, from, to } => {
+            print!("{}", int8_train::scalars::render(&run, &int8_train::scalars::Select { tags, from, to })?)
+        }
+        Tool::Plan => {
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
+                .context("cannot read the plan on stdin")?;
+            let requests: Vec<commands::PlanRequest> =
+                serde_json::from_str(&input).context("the plan on stdin is not a JSON list of {recipe, sets}")?;
+            println!("{}", serde_json::to_string(&commands::plan(&requests))?);
+        }
+    }
+    Ok(())
+}
+
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    let Some(path) = int8_zoo::find_recipe(&cli.recipe) else {
-        let names: Vec<String> = int8_zoo::recipes().into_iter().map(|r| r.0).collect();
-        bail!("no recipe file or zoo recipe `{}`; the zoo has: {}", cli.recipe, names.join(", "));
-    };
+    if let Some(t) = cli.tool {
+        return tool(t);
+    }
+    let name = cli.recipe.context("name a recipe: a file, or a built-in one (`int8-train zoo` lists them)")?;
     let mut sets = cli.sets.clone();
     if let Some(p) = cli.precision {
         sets.push(format!("quant.precision={}", if matches!(p, Prec::Fp32) { "fp32" } else { "int8" }));
     }
-    let recipe = Recipe::load(&path, &sets)?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string();
+    let recipe = Recipe::find(&name, &sets)?;
+    let stem = int8_train::recipe::recipe_name(&name);
     let out = cli.out.unwrap_or_else(|| PathBuf::from("runs/train").join(format!("{stem}-{}", recipe.quant.precision)));
     let mut opts = RunOptions::new(out);
     opts.resume = cli.resume;

@@ -1,6 +1,8 @@
 //! Recipes: typed TOML describing one training run (model, data, schedule, optimizer and the
 //! quantization settings of Zhu et al., CVPR 2020), with unknown keys rejected, `--set key=value`
-//! overrides applied before typing, and checks that name the offending key.
+//! overrides applied before typing, and checks that name the offending key. The project's own
+//! recipes live in `crates/int8-train/recipes/` and are compiled into the trainer ([`builtin`]),
+//! so a name works wherever the binary runs; any other recipe is given as a file.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
 
-/// One training run, as written in `zoo/recipes/<model>-<dataset>.toml`.
+mod compiled {
+    include!(concat!(env!("OUT_DIR"), "/recipes.rs"));
+}
+
+/// The recipes compiled into the trainer (`crates/int8-train/recipes/*.toml`): name and text,
+/// sorted by name.
+pub fn builtin() -> &'static [(&'static str, &'static str)] {
+    compiled::BUILTIN
+}
+
+/// The name a recipe gives its runs: a built-in recipe's name, or a file's stem.
+pub fn recipe_name(name_or_path: &str) -> String {
+    Path::new(name_or_path).file_stem().and_then(|s| s.to_str()).unwrap_or(name_or_path).to_string()
+}
+
+/// One training run, as written in `crates/int8-train/recipes/<model>-<dataset>.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -299,6 +316,25 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
 }
 
 impl Recipe {
+    /// A recipe file's path, or a built-in recipe's name (a file of that name wins), with `sets`
+    /// applied in order, typed and checked.
+    pub fn find(name_or_path: &str, sets: &[String]) -> Result<Self> {
+        let path = Path::new(name_or_path);
+        if path.is_file() {
+            return Self::load(path, sets);
+        }
+        match builtin().iter().find(|(name, _)| *name == name_or_path) {
+            Some((name, text)) => Self::parse(text, &Path::new("recipes").join(format!("{name}.toml")), sets),
+            None => Err(TrainError::Recipe {
+                path: path.to_path_buf(),
+                why: format!(
+                    "is neither a recipe file nor a built-in recipe; the built-in ones are {}",
+                    builtin().iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    }
+
     /// Reads a recipe file, applies `sets` in order, types and checks it.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
@@ -591,17 +627,24 @@ lr = 0.05
     }
 
     #[test]
-    fn every_zoo_recipe_is_valid_and_uses_the_papers_quantization() {
-        let recipes = int8_zoo::recipes();
-        let names: Vec<&str> = recipes.iter().map(|r| r.0.as_str()).collect();
+    fn every_builtin_recipe_is_valid_and_uses_the_papers_quantization() {
+        let names: Vec<&str> = builtin().iter().map(|r| r.0).collect();
         for want in ["resnet20-cifar10", "mobilenetv2-cifar10", "cnn-small-fashion-mnist", "resnet50-imagenet"] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
-        for (name, path) in &recipes {
-            let r = Recipe::load(path, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // The compiled copies are the files' current text.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), names.len());
+        for (name, text) in builtin() {
+            assert_eq!(&std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap(), text);
+            let r = Recipe::find(name, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(name.starts_with(&r.model.replace("-cifar", "")), "{name} trains {}", r.model);
             assert_eq!((r.quant.alpha, r.quant.beta, r.quant.clip_interval), (20.0, 0.1, 100), "{name}");
             assert!(r.quant.dsgc && r.quant.dclr && r.optim.momentum == 0.9, "{name}");
         }
+        let err = Recipe::find("resnet21-cifar10", &[]).unwrap_err().to_string();
+        assert!(err.contains("resnet21-cifar10") && err.contains("resnet20-cifar10"), "{err}");
+        assert_eq!(recipe_name("runs/x/my-recipe.toml"), "my-recipe");
+        assert_eq!(recipe_name("resnet20-cifar10"), "resnet20-cifar10");
     }
 }

@@ -1,12 +1,14 @@
-//! `cargo xtask scalars`: a run's TensorBoard curves as a Markdown table, for reading them without
-//! TensorBoard (over SSH, in notes) and for quoting a figure with the command that printed it.
+//! `cargo xtask scalars` (`int8-train scalars`): a run's TensorBoard curves as a Markdown table, for
+//! reading them without TensorBoard (over SSH, in notes) and for quoting a figure with the command
+//! that printed it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use int8_nn::policy::glob;
-use int8_train::tensorboard::read_scalars;
+
+use crate::tensorboard::read_scalars;
+use crate::{Result, TrainError};
 
 /// Which points to print.
 #[derive(Debug, Clone, Default)]
@@ -21,7 +23,7 @@ pub struct Select {
 
 /// The table (or, without tag patterns, the list of tags) for the run folder `dir`.
 pub fn render(dir: &Path, select: &Select) -> Result<String> {
-    let all = read_scalars(dir).with_context(|| format!("reading the TensorBoard events of {}", dir.display()))?;
+    let all = read_scalars(dir)?;
     if select.tags.is_empty() {
         let mut out = String::from("| tag | points | steps |\n| --- | ---: | --- |\n");
         for (tag, points) in &all {
@@ -35,11 +37,10 @@ pub fn render(dir: &Path, select: &Select) -> Result<String> {
     for pattern in &select.tags {
         let matched: Vec<&String> = all.keys().filter(|t| glob(pattern, t)).collect();
         if matched.is_empty() {
-            bail!(
-                "--tag `{pattern}` matches no tag of {}; `cargo xtask scalars {}` lists them",
-                dir.display(),
-                dir.display()
-            );
+            return Err(TrainError::Events {
+                path: dir.to_path_buf(),
+                why: format!("--tag `{pattern}` matches no tag; `cargo xtask scalars {}` lists them", dir.display()),
+            });
         }
         for t in matched {
             if !tags.contains(&t) {
@@ -79,7 +80,7 @@ fn number(v: f32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use int8_train::tensorboard::EventWriter;
+    use crate::tensorboard::EventWriter;
 
     #[test]
     fn a_table_of_the_chosen_tags_and_steps() {
