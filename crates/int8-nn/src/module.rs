@@ -123,6 +123,31 @@ pub trait Module {
     }
 }
 
+// Each layer is a module of one layer.
+impl Module for Conv2d {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        f(Layer::Conv(self));
+    }
+}
+
+impl Module for Linear {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        f(Layer::Linear(self));
+    }
+}
+
+impl Module for BatchNorm2d {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        f(Layer::BatchNorm(self));
+    }
+}
+
+impl Module for Dropout {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        f(Layer::Dropout(self));
+    }
+}
+
 impl<M: Module> Module for Vec<M> {
     fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
         for m in self {

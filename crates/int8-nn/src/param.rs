@@ -3,7 +3,7 @@
 use std::sync::RwLock;
 
 use crate::error::{NnError, Result};
-use crate::tape::LeafId;
+use crate::tensor::LeafId;
 use crate::tensor::{Shape, Tensor};
 
 /// A named tensor that training updates: a layer's weight, bias, or batch-norm scale and shift.
@@ -27,7 +27,7 @@ impl Param {
             name: name.into(),
             decay,
             id,
-            value: RwLock::new(value.detach().with_track(crate::tape::Track::Leaf(id))),
+            value: RwLock::new(value.detach().with_track(crate::tensor::Track::Leaf(id))),
         }
     }
 
@@ -76,7 +76,7 @@ impl Param {
                 why: format!("{} values for a parameter of shape {}", values.len(), v.shape()),
             });
         }
-        *v = Tensor::from_vec(values, v.shape().clone())?.with_track(crate::tape::Track::Leaf(self.id));
+        *v = Tensor::from_vec(values, v.shape().clone())?.with_track(crate::tensor::Track::Leaf(self.id));
         Ok(())
     }
 

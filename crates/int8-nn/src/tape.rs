@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{NnError, Result};
-use crate::tensor::{Shape, Tensor};
+pub(crate) use crate::tensor::Backward;
+pub use crate::tensor::LeafId;
+use crate::tensor::{Node, Shape, Tensor, Track};
 use crate::{memory, ops, profile};
 
 thread_local! {
@@ -49,79 +51,6 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(RECORDING.with(|r| r.replace(false)));
     f()
-}
-
-/// Identifies a leaf of the tape (a parameter, or a tensor made with
-/// [`Tensor::requires_grad`]); gradients are returned by it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeafId(pub(crate) u64);
-
-impl LeafId {
-    pub(crate) fn fresh() -> LeafId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        LeafId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-}
-
-/// How a tensor takes part in autograd.
-#[derive(Clone)]
-pub(crate) enum Track {
-    /// Not at all: data, constants, detached values, anything made while not recording.
-    None,
-    /// A leaf whose gradient is returned.
-    Leaf(LeafId),
-    /// The output of a recorded op.
-    Node(Arc<Node>),
-}
-
-/// What an op keeps for its backward pass, and how it turns its output's gradient into its
-/// inputs'.
-pub(crate) trait Backward: Send {
-    /// The gradients of the op's inputs, in order, given its output's gradient `grad` (of the
-    /// output's shape); `needs[i]` says whether input `i` is tracked (an untracked input's
-    /// gradient is not computed: return `None` for it).
-    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
-
-    /// Bytes held for the backward pass (for [`memory::saved_bytes`]).
-    fn saved_bytes(&self) -> usize {
-        0
-    }
-}
-
-/// One recorded op.
-pub(crate) struct Node {
-    /// Creation order (process-wide), so that inputs always have smaller numbers.
-    seq: u64,
-    /// The op's name, as the step breakdown shows it.
-    name: &'static str,
-    /// Each input's edge and shape.
-    inputs: Vec<(Track, Shape)>,
-    /// The backward object, taken when it runs.
-    backward: Mutex<Option<Box<dyn Backward>>>,
-    /// Bytes the backward object holds (counted in [`memory::saved_bytes`] until it is dropped).
-    saved: usize,
-}
-
-impl Node {
-    pub(crate) fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn take(&self) -> Option<Box<dyn Backward>> {
-        let b = self.backward.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if b.is_some() {
-            memory::sub_saved(self.saved);
-        }
-        b
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.backward.get_mut().unwrap_or_else(|e| e.into_inner()).is_some() {
-            memory::sub_saved(self.saved);
-        }
-    }
 }
 
 /// An op about to be recorded: made by [`record`] when recording is on and an input is tracked.
@@ -190,8 +119,16 @@ impl Gradients {
     }
 }
 
+impl Tensor {
+    /// Gradients of this one-element tensor (a loss) with respect to every leaf it depends on:
+    /// the tape's recorded ops run backwards in reverse creation order (see [`crate::tape`]).
+    pub fn backward(&self) -> Result<Gradients> {
+        backward(self)
+    }
+}
+
 /// Runs the backward pass from `loss` (one value); see the module's documentation.
-pub(crate) fn backward(loss: &Tensor) -> Result<Gradients> {
+fn backward(loss: &Tensor) -> Result<Gradients> {
     if loss.elem_count() != 1 {
         return Err(NnError::Graph(format!(
             "backward starts from a single value (a loss), got a tensor of shape {}; reduce it first (sum_all)",

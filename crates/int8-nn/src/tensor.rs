@@ -1,4 +1,7 @@
-//! The tensor: a shape, its values on a device, and how it takes part in the autograd tape.
+//! The tensor: a shape, its values on a device, and its place in the autograd graph (a leaf, or
+//! the node of the op that made it). The node types live here with the tensor because each holds
+//! the other (a node's backward object takes and returns tensors); recording ops and running the
+//! graph backwards is [`crate::tape`]'s.
 //!
 //! A [`Tensor`] is an immutable value behind an `Arc`: cloning one, saving it for a backward pass
 //! or reshaping it shares its storage. Its values live in a [`Storage`], an enum of devices (the
@@ -6,13 +9,13 @@
 //! change when a device is added. Values are `f32`: INT8 codes exist only inside the ops that make
 //! and consume them (`int8_core::quant::QTensor`).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use int8_core::rng::CounterRng;
 
 use crate::error::{NnError, Result};
 use crate::memory;
-use crate::tape::{self, Gradients, LeafId, Track};
 
 /// Where a tensor's values live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -185,7 +188,7 @@ impl Tensor {
     /// A tensor of `shape` with every value `v`.
     pub fn full(shape: impl Into<Shape>, v: f32) -> Tensor {
         let shape = shape.into();
-        let values = if v == 0.0 { crate::ops::zeros(shape.elem_count()) } else { vec![v; shape.elem_count()] };
+        let values = if v == 0.0 { int8_core::out::zeros(shape.elem_count()) } else { vec![v; shape.elem_count()] };
         Self::cpu_untracked(values, shape)
     }
 
@@ -309,45 +312,14 @@ impl Tensor {
         &self.inner.track
     }
 
+    /// The same storage under `shape` (of the same size, which callers check), untracked.
+    pub(crate) fn with_shape(&self, shape: Shape) -> Tensor {
+        debug_assert_eq!(shape.elem_count(), self.elem_count());
+        Tensor { inner: Arc::new(Inner { shape, storage: self.inner.storage.clone(), track: Track::None }) }
+    }
+
     pub(crate) fn with_track(&self, track: Track) -> Tensor {
         Tensor { inner: Arc::new(Inner { track, ..(*self.inner).clone() }) }
-    }
-
-    /// The same values under another shape of the same size; gradients are reshaped back.
-    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
-        let shape = shape.into();
-        if shape.elem_count() != self.elem_count() {
-            return Err(NnError::Shape(format!(
-                "cannot reshape a tensor of shape {} ({} values) to {shape} ({} values)",
-                self.shape(),
-                self.elem_count(),
-                shape.elem_count()
-            )));
-        }
-        let out = Tensor { inner: Arc::new(Inner { shape, storage: self.inner.storage.clone(), track: Track::None }) };
-        Ok(match tape::record(&[self]) {
-            None => out,
-            Some(rec) => rec.output("reshape", out, crate::ops::shape::Reshape { shape: self.shape().clone() }),
-        })
-    }
-
-    /// The dimensions from `dim` on merged into one (`n x c x h x w` to `n x chw` for `dim = 1`).
-    pub fn flatten_from(&self, dim: usize) -> Result<Tensor> {
-        if dim >= self.rank().max(1) {
-            return Err(NnError::Shape(format!(
-                "cannot flatten a tensor of shape {} from dimension {dim}",
-                self.shape()
-            )));
-        }
-        let mut dims = self.dims()[..dim].to_vec();
-        dims.push(self.dims()[dim..].iter().product());
-        self.reshape(dims)
-    }
-
-    /// Gradients of this one-element tensor (a loss) with respect to every leaf it depends on:
-    /// the tape's recorded ops run backwards in reverse creation order (see [`crate::tape`]).
-    pub fn backward(&self) -> Result<Gradients> {
-        tape::backward(self)
     }
 
     /// The storage to write into when no other tensor shares it: how gradients accumulate and
@@ -370,5 +342,78 @@ impl Tensor {
     /// Whether two tensors share storage (for tests of in-place updates).
     pub fn shares_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.inner.storage, &other.inner.storage)
+    }
+}
+
+/// Identifies a leaf of the tape (a parameter, or a tensor made with
+/// [`Tensor::requires_grad`]); gradients are returned by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeafId(pub(crate) u64);
+
+impl LeafId {
+    pub(crate) fn fresh() -> LeafId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        LeafId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// How a tensor takes part in autograd.
+#[derive(Clone)]
+pub(crate) enum Track {
+    /// Not at all: data, constants, detached values, anything made while not recording.
+    None,
+    /// A leaf whose gradient is returned.
+    Leaf(LeafId),
+    /// The output of a recorded op.
+    Node(Arc<Node>),
+}
+
+/// What an op keeps for its backward pass, and how it turns its output's gradient into its
+/// inputs'.
+pub(crate) trait Backward: Send {
+    /// The gradients of the op's inputs, in order, given its output's gradient `grad` (of the
+    /// output's shape); `needs[i]` says whether input `i` is tracked (an untracked input's
+    /// gradient is not computed: return `None` for it).
+    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+
+    /// Bytes held for the backward pass (for [`memory::saved_bytes`]).
+    fn saved_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// One recorded op.
+pub(crate) struct Node {
+    /// Creation order (process-wide), so that inputs always have smaller numbers.
+    pub(crate) seq: u64,
+    /// The op's name, as the step breakdown shows it.
+    pub(crate) name: &'static str,
+    /// Each input's edge and shape.
+    pub(crate) inputs: Vec<(Track, Shape)>,
+    /// The backward object, taken when it runs.
+    pub(crate) backward: Mutex<Option<Box<dyn Backward>>>,
+    /// Bytes the backward object holds (counted in [`memory::saved_bytes`] until it is dropped).
+    pub(crate) saved: usize,
+}
+
+impl Node {
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub(crate) fn take(&self) -> Option<Box<dyn Backward>> {
+        let b = self.backward.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if b.is_some() {
+            memory::sub_saved(self.saved);
+        }
+        b
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.backward.get_mut().unwrap_or_else(|e| e.into_inner()).is_some() {
+            memory::sub_saved(self.saved);
+        }
     }
 }

@@ -641,6 +641,8 @@ lr = 0.05
             assert!(name.starts_with(&r.model.replace("-cifar", "")), "{name} trains {}", r.model);
             assert_eq!((r.quant.alpha, r.quant.beta, r.quant.clip_interval), (20.0, 0.1, 100), "{name}");
             assert!(r.quant.dsgc && r.quant.dclr && r.optim.momentum == 0.9, "{name}");
+            // A run killed mid-epoch loses at most this many steps.
+            assert!(r.train.checkpoint_every > 0, "{name} checkpoints only at epoch ends");
         }
         let err = Recipe::find("resnet21-cifar10", &[]).unwrap_err().to_string();
         assert!(err.contains("resnet21-cifar10") && err.contains("resnet20-cifar10"), "{err}");

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use int8_core::nn::batchnorm::BatchStats;
 
 use crate::error::Result;
-use crate::module::{Layer, Module};
 use crate::ops::batch_norm;
 use crate::param::Param;
 use crate::tensor::Tensor;
@@ -118,11 +117,5 @@ impl BatchNorm2d {
     /// Replaces the running statistics (when loading a checkpoint).
     pub fn set_running(&self, stats: RunningStats) {
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = stats;
-    }
-}
-
-impl Module for BatchNorm2d {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
-        f(Layer::BatchNorm(self));
     }
 }

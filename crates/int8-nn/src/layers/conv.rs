@@ -5,7 +5,6 @@ use int8_core::dsgc::ClipMode;
 use int8_core::gemm::Int8Path;
 
 use crate::error::{NnError, Result};
-use crate::module::{Layer, Module};
 use crate::ops::conv::{ConvArgs, ConvGeometry, add_channel_bias, conv2d};
 use crate::param::Param;
 use crate::precision::Precision;
@@ -108,11 +107,5 @@ impl Conv2d {
     /// The layer's INT8 state: DSGC clip state, statistics, DCLR multiplier.
     pub fn quant(&self) -> &QuantState {
         &self.quant
-    }
-}
-
-impl Module for Conv2d {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
-        f(Layer::Conv(self));
     }
 }

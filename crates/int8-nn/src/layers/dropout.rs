@@ -5,7 +5,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{NnError, Result};
-use crate::module::{Layer, Module};
 use crate::tensor::Tensor;
 
 /// Inverted dropout: in training, each value is zeros with probability `p` and the others are
@@ -56,11 +55,5 @@ impl Dropout {
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         crate::ops::dropout::dropout(x, self.p, self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-    }
-}
-
-impl Module for Dropout {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
-        f(Layer::Dropout(self));
     }
 }

@@ -4,7 +4,6 @@ use int8_core::dsgc::ClipMode;
 use int8_core::gemm::Int8Path;
 
 use crate::error::{NnError, Result};
-use crate::module::{Layer, Module};
 use crate::param::Param;
 use crate::precision::Precision;
 use crate::stats::QuantState;
@@ -84,11 +83,5 @@ impl Linear {
     /// The layer's INT8 state: DSGC clip state, statistics, DCLR multiplier.
     pub fn quant(&self) -> &QuantState {
         &self.quant
-    }
-}
-
-impl Module for Linear {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
-        f(Layer::Linear(self));
     }
 }

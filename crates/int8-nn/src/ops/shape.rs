@@ -1,5 +1,5 @@
-//! Ops that move values without computing: reshape and flatten (which share storage; see
-//! [`Tensor::reshape`]) and concatenation along a dimension (Inception's branches).
+//! Ops that move values without computing: reshape and flatten (which share storage) and
+//! concatenation along a dimension (Inception's branches).
 
 use rayon::prelude::*;
 
@@ -7,6 +7,39 @@ use super::cpu_out;
 use crate::error::{NnError, Result};
 use crate::tape::{Backward, record};
 use crate::tensor::{Shape, Tensor};
+
+impl Tensor {
+    /// The same values under another shape of the same size; gradients are reshaped back.
+    pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != self.elem_count() {
+            return Err(NnError::Shape(format!(
+                "cannot reshape a tensor of shape {} ({} values) to {shape} ({} values)",
+                self.shape(),
+                self.elem_count(),
+                shape.elem_count()
+            )));
+        }
+        let out = self.detach().with_shape(shape);
+        Ok(match record(&[self]) {
+            None => out,
+            Some(rec) => rec.output("reshape", out, Reshape { shape: self.shape().clone() }),
+        })
+    }
+
+    /// The dimensions from `dim` on merged into one (`n x c x h x w` to `n x chw` for `dim = 1`).
+    pub fn flatten_from(&self, dim: usize) -> Result<Tensor> {
+        if dim >= self.rank().max(1) {
+            return Err(NnError::Shape(format!(
+                "cannot flatten a tensor of shape {} from dimension {dim}",
+                self.shape()
+            )));
+        }
+        let mut dims = self.dims()[..dim].to_vec();
+        dims.push(self.dims()[dim..].iter().product());
+        self.reshape(dims)
+    }
+}
 
 /// The backward pass of a reshape: the gradient takes the input's shape back.
 pub(crate) struct Reshape {
