@@ -57,6 +57,23 @@ enum What {
         #[arg(long)]
         stochastic_grads: bool,
     },
+    /// The step bench's memory child: one precision's model, four steps, its peak resident set
+    /// (MiB) on stdout.
+    #[command(hide = true)]
+    StepMemory {
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// fp32 or int8.
+        #[arg(long)]
+        precision: String,
+        /// As for `step`.
+        #[arg(long = "fp32", value_name = "PATTERN")]
+        fp32: Vec<String>,
+        /// As for `step`.
+        #[arg(long)]
+        stochastic_grads: bool,
+    },
     /// Whether the loader keeps up with INT8 ResNet-20 training on CIFAR-10 (JPEG q75).
     Data {
         /// Also write the rows as JSON here.
@@ -136,6 +153,10 @@ fn run_on(cli: Cli) -> Result<()> {
             let rows = step::run(&model, &policy, std::time::Duration::from_secs_f64(seconds))?;
             write_json(json, &rows)?;
         }
+        What::StepMemory { model, precision, fp32, stochastic_grads } => {
+            let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
+            step::memory_child(&model, precision == "int8", &policy)?;
+        }
         What::Data { json, seconds } => {
             println!("{}", kernels::machine_line());
             let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -153,9 +174,11 @@ pub fn print_header() {
     println!("| --- | ---: | ---: | ---: |");
 }
 
-/// Prints one Markdown row.
+/// Prints one Markdown row (a missing value as `-`).
 pub fn print_row(r: &Row) {
-    println!("| {} | {:.3} | {:.3} | {:.2}x |", r.name, r.fp32_ms, r.int8_ms, r.speedup);
+    let cell = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.3}") };
+    let speedup = if r.speedup.is_nan() { "-".to_string() } else { format!("{:.2}x", r.speedup) };
+    println!("| {} | {} | {} | {speedup} |", r.name, cell(r.fp32_ms), cell(r.int8_ms));
 }
 
 /// Writes the rows as JSON, atomically (a temporary file renamed into place).

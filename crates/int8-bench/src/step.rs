@@ -1,8 +1,9 @@
 //! The step bench: one training step of a zoo model, ResNet-20 by default (batch 128 of 32x32
 //! images, forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
 //! first conv and FC in FP32, and any further layers a `--fp32` pattern names; gradients rounded to
-//! nearest, or stochastically with `--stochastic-grads`), split into its
-//! phases and its ops. The input is random: only time is measured here.
+//! nearest, or stochastically with `--stochastic-grads`), split into its phases and its ops, with
+//! the step's peak memory: the process's resident set, the tensors' storage, and what the tape
+//! keeps for the backward pass. The input is random: only time and memory are measured here.
 
 use std::time::{Duration, Instant};
 
@@ -21,10 +22,78 @@ fn step(model: &dyn Model, sgd: &mut Sgd, x: &Tensor, labels: &[u32]) -> Result<
     train_step(model, sgd, x, labels, 0.01)?.map_err(|why| anyhow::anyhow!("the bench's step diverged: {why}"))
 }
 
-/// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up.
-fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -> Result<[f64; 3]> {
+/// A step's peak memory in MiB: tensor storage, and the tape's saved buffers.
+#[derive(Debug, Clone, Copy)]
+struct Peaks {
+    tensors: f64,
+    saved: f64,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The peaks since int8-nn's counters were last reset.
+fn peaks() -> Peaks {
+    Peaks {
+        tensors: int8_nn::memory::peak_bytes() as f64 / MIB,
+        saved: int8_nn::memory::peak_saved_bytes() as f64 / MIB,
+    }
+}
+
+/// The process's peak resident set in MiB (`VmHWM`; Linux), NaN where unknown.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+/// The peak resident set of a process that builds `model` at one precision and takes a few
+/// steps: this binary run again (`step-memory`), since a process keeps the memory it freed (see
+/// `int8_nn::alloc`), so that two models measured in one process would share one peak.
+fn child_rss(model: &str, int8: bool, policy: &Int8Policy) -> Result<f64> {
+    let exe = std::env::current_exe().context("cannot find this bench's own binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["step-memory", "--model", model, "--precision", if int8 { "int8" } else { "fp32" }]);
+    for p in policy.fp32_patterns {
+        cmd.args(["--fp32", p]);
+    }
+    if policy.stochastic_grads {
+        cmd.arg("--stochastic-grads");
+    }
+    let out = cmd.output().context("cannot run the memory child")?;
+    if !out.status.success() {
+        anyhow::bail!("the memory child failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("the memory child printed no number")
+}
+
+/// What `step-memory` does in the child: build, take four steps, print the peak RSS in MiB.
+pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy) -> Result<()> {
+    let (x, labels) = batch();
+    let m = int8_zoo::build(model, 10, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() }, 0)?;
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+    for _ in 0..4 {
+        step(m.as_ref(), &mut sgd, &x, &labels)?;
+    }
+    println!("{}", peak_rss_mib());
+    Ok(())
+}
+
+/// The bench's batch: 128 random 32x32 images and their labels.
+fn batch() -> (Tensor, Vec<u32>) {
+    let batch = 128;
+    (Tensor::randn((batch, 3, 32, 32), 0), (0..batch as u32).map(|i| i % 10).collect())
+}
+
+/// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up,
+/// and the peak memory of those steps.
+fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -> Result<([f64; 3], Peaks)> {
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
     step(model, &mut sgd, x, labels)?;
+    int8_nn::memory::reset_peak();
     let (start, mut n, mut t) = (Instant::now(), 0usize, [0.0; 3]);
     while n < 3 || start.elapsed() < budget {
         let s = step(model, &mut sgd, x, labels)?;
@@ -33,7 +102,7 @@ fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -
         }
         n += 1;
     }
-    Ok(t.map(|v| v / n as f64))
+    Ok((t.map(|v| v / n as f64), peaks()))
 }
 
 /// Per-op milliseconds per step over a few profiled steps, and the step's own time.
@@ -73,33 +142,48 @@ fn int8_policy(p: &Int8Policy) -> LayerPolicy {
 
 /// Runs the bench and prints its rows, the INT8 model built with `policy`.
 pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row>> {
-    let batch = 128;
-    let x = Tensor::randn((batch, 3, 32, 32), 0);
-    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    let (x, labels) = batch();
+    let batch = labels.len();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
     let int8 = int8_zoo::build(model, 10, &int8_policy(policy), 0).context("--fp32")?;
-    let f = time_steps(fp32.as_ref(), &x, &labels, budget)?;
-    let i = time_steps(int8.as_ref(), &x, &labels, budget)?;
+    let (f, fm) = time_steps(fp32.as_ref(), &x, &labels, budget)?;
+    let (i, im) = time_steps(int8.as_ref(), &x, &labels, budget)?;
     print_header();
     let rows = vec![
         Row::new(format!("{model}-step-b{batch}"), f.iter().sum(), i.iter().sum()),
         Row::new(format!("{model}-forward-b{batch}"), f[0], i[0]),
         Row::new(format!("{model}-backward-b{batch}"), f[1], i[1]),
         Row::new(format!("{model}-update-b{batch}"), f[2], i[2]),
+        Row::new(
+            "peak resident set, each precision in a process of its own (MiB, not ms)",
+            child_rss(model, false, policy)?,
+            child_rss(model, true, policy)?,
+        ),
+        Row::new("peak tensor storage (MiB, not ms)", fm.tensors, im.tensors),
+        Row::new("peak kept by the tape for backward (MiB, not ms)", fm.saved, im.saved),
     ];
     for r in &rows {
         print_row(r);
     }
-    // Where a step's time goes, per op (forward and backward), at each precision.
+    // Where a step's time goes, per kind of op (forward and backward), at each precision: the
+    // INT8 model's row of a kind sums its INT8 and FP32 variants (its first convolution stays
+    // FP32), and the INT8 variants follow on rows of their own.
     let (f_ops, f_total) = breakdown(fp32.as_ref(), &x, &labels)?;
     let (i_ops, i_total) = breakdown(int8.as_ref(), &x, &labels)?;
-    let mut names: Vec<&String> = f_ops.keys().chain(i_ops.keys()).collect();
-    names.sort();
-    names.dedup();
+    let kind = |name: &str| name.strip_prefix("int8-").unwrap_or(name).to_string();
+    let mut kinds: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
+    for (name, ms) in &f_ops {
+        kinds.entry(kind(name)).or_default().0 += ms;
+    }
+    for (name, ms) in &i_ops {
+        kinds.entry(kind(name)).or_default().1 += ms;
+    }
     let mut extra = Vec::new();
-    for name in names {
-        let (f, i) = (f_ops.get(name).copied().unwrap_or(0.0), i_ops.get(name).copied().unwrap_or(0.0));
-        extra.push(Row::new(format!("op {name}"), f, i));
+    for (name, (f, i)) in &kinds {
+        extra.push(Row::new(format!("op {name}"), *f, *i));
+        for (variant, ms) in i_ops.iter().filter(|(n, _)| n.starts_with("int8-") && kind(n) == *name) {
+            extra.push(Row::new(format!("op {name}: of which {variant}"), f64::NAN, *ms));
+        }
     }
     extra.push(Row::new(
         "op other (tape, allocation, update)",

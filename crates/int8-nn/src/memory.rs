@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static SAVED: AtomicUsize = AtomicUsize::new(0);
+static PEAK_SAVED: AtomicUsize = AtomicUsize::new(0);
 
 /// Bytes of tensor storage in host memory alive now.
 pub fn live_bytes() -> usize {
@@ -20,9 +21,10 @@ pub fn peak_bytes() -> usize {
     PEAK.load(Ordering::Relaxed)
 }
 
-/// Starts a new peak from what is alive now.
+/// Starts new peaks (of tensor storage and of what the tape keeps) from what is alive now.
 pub fn reset_peak() {
     PEAK.store(live_bytes(), Ordering::Relaxed);
+    PEAK_SAVED.store(saved_bytes(), Ordering::Relaxed);
 }
 
 /// Bytes that recorded ops keep for their backward passes, alive now (part of them may share
@@ -31,8 +33,14 @@ pub fn saved_bytes() -> usize {
     SAVED.load(Ordering::Relaxed)
 }
 
+/// The most bytes the tape kept at once since the last [`reset_peak`].
+pub fn peak_saved_bytes() -> usize {
+    PEAK_SAVED.load(Ordering::Relaxed)
+}
+
 pub(crate) fn add_saved(bytes: usize) {
-    SAVED.fetch_add(bytes, Ordering::Relaxed);
+    let now = SAVED.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK_SAVED.fetch_max(now, Ordering::Relaxed);
 }
 
 pub(crate) fn sub_saved(bytes: usize) {
