@@ -56,6 +56,10 @@ enum What {
         /// `quant.grad_rounding = "stochastic"`) instead of to nearest.
         #[arg(long)]
         stochastic_grads: bool,
+        /// Also time PyTorch's FP32 step of the same model with this Python (one that has torch;
+        /// `cargo xtask bench step --peer pytorch` makes one), as a column of its own.
+        #[arg(long, value_name = "PYTHON")]
+        peer_python: Option<PathBuf>,
     },
     /// The step bench's memory child: one precision's model, four steps, its peak resident set
     /// (MiB) on stdout.
@@ -108,11 +112,14 @@ pub struct Row {
     pub int8_ms: f64,
     /// `fp32_ms / int8_ms`.
     pub speedup: f64,
+    /// PyTorch's FP32 milliseconds for the same work, where measured (`--peer-python`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pytorch_fp32_ms: Option<f64>,
 }
 
 impl Row {
     fn new(name: impl Into<String>, fp32_ms: f64, int8_ms: f64) -> Self {
-        Self { name: name.into(), fp32_ms, int8_ms, speedup: fp32_ms / int8_ms }
+        Self { name: name.into(), fp32_ms, int8_ms, speedup: fp32_ms / int8_ms, pytorch_fp32_ms: None }
     }
 }
 
@@ -147,10 +154,10 @@ fn run_on(cli: Cli) -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::Step { json, seconds, model, fp32, stochastic_grads } => {
+        What::Step { json, seconds, model, fp32, stochastic_grads, peer_python } => {
             println!("{}", kernels::machine_line());
             let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
-            let rows = step::run(&model, &policy, std::time::Duration::from_secs_f64(seconds))?;
+            let rows = step::run(&model, &policy, std::time::Duration::from_secs_f64(seconds), peer_python.as_deref())?;
             write_json(json, &rows)?;
         }
         What::StepMemory { model, precision, fp32, stochastic_grads } => {
@@ -168,17 +175,38 @@ fn run_on(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Prints the Markdown header; rows are printed as they are measured.
-pub fn print_header() {
-    println!("| name | fp32 ms | int8 ms | speedup |");
-    println!("| --- | ---: | ---: | ---: |");
+/// Prints the Markdown header; rows are printed as they are measured. `peer` adds PyTorch's
+/// columns.
+pub fn print_header_with(peer: bool) {
+    if peer {
+        println!("| name | fp32 ms | int8 ms | speedup | pytorch fp32 ms | pytorch fp32 / int8 |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    } else {
+        println!("| name | fp32 ms | int8 ms | speedup |");
+        println!("| --- | ---: | ---: | ---: |");
+    }
 }
 
-/// Prints one Markdown row (a missing value as `-`).
-pub fn print_row(r: &Row) {
+/// Prints the Markdown header without PyTorch's columns.
+pub fn print_header() {
+    print_header_with(false);
+}
+
+/// Prints one Markdown row (a missing value as `-`); `peer` adds PyTorch's columns.
+pub fn print_row_with(r: &Row, peer: bool) {
     let cell = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.3}") };
-    let speedup = if r.speedup.is_nan() { "-".to_string() } else { format!("{:.2}x", r.speedup) };
-    println!("| {} | {} | {} | {speedup} |", r.name, cell(r.fp32_ms), cell(r.int8_ms));
+    let ratio = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.2}x") };
+    let mut line = format!("| {} | {} | {} | {}", r.name, cell(r.fp32_ms), cell(r.int8_ms), ratio(r.speedup));
+    if peer {
+        let torch = r.pytorch_fp32_ms.unwrap_or(f64::NAN);
+        line += &format!(" | {} | {}", cell(torch), ratio(torch / r.int8_ms));
+    }
+    println!("{line} |");
+}
+
+/// Prints one Markdown row without PyTorch's columns.
+pub fn print_row(r: &Row) {
+    print_row_with(r, false);
 }
 
 /// Writes the rows as JSON, atomically (a temporary file renamed into place).

@@ -5,6 +5,7 @@
 //! the step's peak memory: the process's resident set, the tensors' storage, and what the tape
 //! keeps for the backward pass. The input is random: only time and memory are measured here.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -15,7 +16,7 @@ use int8_nn::precision::{GradRounding, Int8Config};
 use int8_train::step::train_step;
 use int8_zoo::Model;
 
-use crate::{Row, print_header, print_row};
+use crate::{Row, print_header_with, print_row_with};
 
 /// One step, or an error if it diverged (random data at this learning rate should not).
 fn step(model: &dyn Model, sgd: &mut Sgd, x: &Tensor, labels: &[u32]) -> Result<int8_train::step::Step> {
@@ -140,20 +141,45 @@ fn int8_policy(p: &Int8Policy) -> LayerPolicy {
     policy
 }
 
-/// Runs the bench and prints its rows, the INT8 model built with `policy`.
-pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row>> {
+/// PyTorch's FP32 forward, backward and update milliseconds for `model`, from
+/// `peer/pytorch_step.py` run by `python` on as many threads as our steps use.
+fn pytorch(python: &Path, model: &str, budget: Duration) -> Result<[f64; 3]> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peer/pytorch_step.py");
+    let threads = rayon::current_num_threads().to_string();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--model", model, "--threads", &threads, "--seconds", &budget.as_secs_f64().to_string()])
+        .output()
+        .with_context(|| format!("cannot run {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("PyTorch's step failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("PyTorch's step printed no JSON")?;
+    let ms = |k: &str| v[k].as_f64().with_context(|| format!("PyTorch's step printed no {k}"));
+    eprintln!("pytorch {}: {} steps", v["torch"], v["steps"]);
+    Ok([ms("forward_ms")?, ms("backward_ms")?, ms("update_ms")?])
+}
+
+/// Runs the bench and prints its rows, the INT8 model built with `policy`; with `peer`, PyTorch's
+/// FP32 step of the same model is timed too (after ours, on the same threads).
+pub fn run(model: &str, policy: &Int8Policy, budget: Duration, peer: Option<&Path>) -> Result<Vec<Row>> {
     let (x, labels) = batch();
     let batch = labels.len();
     let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
     let int8 = int8_zoo::build(model, 10, &int8_policy(policy), 0).context("--fp32")?;
     let (f, fm) = time_steps(fp32.as_ref(), &x, &labels, budget)?;
     let (i, im) = time_steps(int8.as_ref(), &x, &labels, budget)?;
-    print_header();
+    let torch = peer.map(|python| pytorch(python, model, budget)).transpose()?;
+    let with_torch = |mut r: Row, k: Option<usize>| {
+        r.pytorch_fp32_ms = torch.map(|t| k.map_or(t.iter().sum(), |k| t[k]));
+        r
+    };
+    print_header_with(peer.is_some());
     let rows = vec![
-        Row::new(format!("{model}-step-b{batch}"), f.iter().sum(), i.iter().sum()),
-        Row::new(format!("{model}-forward-b{batch}"), f[0], i[0]),
-        Row::new(format!("{model}-backward-b{batch}"), f[1], i[1]),
-        Row::new(format!("{model}-update-b{batch}"), f[2], i[2]),
+        with_torch(Row::new(format!("{model}-step-b{batch}"), f.iter().sum(), i.iter().sum()), None),
+        with_torch(Row::new(format!("{model}-forward-b{batch}"), f[0], i[0]), Some(0)),
+        with_torch(Row::new(format!("{model}-backward-b{batch}"), f[1], i[1]), Some(1)),
+        with_torch(Row::new(format!("{model}-update-b{batch}"), f[2], i[2]), Some(2)),
         Row::new(
             "peak resident set, each precision in a process of its own (MiB, not ms)",
             child_rss(model, false, policy)?,
@@ -163,7 +189,7 @@ pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row
         Row::new("peak kept by the tape for backward (MiB, not ms)", fm.saved, im.saved),
     ];
     for r in &rows {
-        print_row(r);
+        print_row_with(r, peer.is_some());
     }
     // Where a step's time goes, per kind of op (forward and backward), at each precision: the
     // INT8 model's row of a kind sums its INT8 and FP32 variants (its first convolution stays
@@ -191,7 +217,7 @@ pub fn run(model: &str, policy: &Int8Policy, budget: Duration) -> Result<Vec<Row
         i_total - i_ops.values().sum::<f64>(),
     ));
     for r in &extra {
-        print_row(r);
+        print_row_with(r, peer.is_some());
     }
     let mut rows = rows;
     rows.extend(extra);
