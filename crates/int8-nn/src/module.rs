@@ -91,14 +91,15 @@ pub trait Module {
         let mut out = Vec::new();
         self.visit(&mut |l| {
             let lr_scale = l.int8().map_or(1.0, |q| q.stats().phi);
-            out.extend(l.params().into_iter().map(|param| Trainable { param, lr_scale }));
+            out.extend(l.params().into_iter().filter(|p| p.trainable()).map(|param| Trainable { param, lr_scale }));
         });
         out
     }
 
-    /// The number of trainable values.
+    /// The number of trainable values (frozen parameters, such as a frozen batch norm's, are not
+    /// counted, as torchvision counts its detectors' parameters).
     fn param_count(&self) -> usize {
-        self.layers().iter().flat_map(|l| l.params()).map(Param::elem_count).sum()
+        self.layers().iter().flat_map(|l| l.params()).filter(|p| p.trainable()).map(Param::elem_count).sum()
     }
 
     /// Training (batch statistics, dropout) or evaluation (running statistics, no dropout). To

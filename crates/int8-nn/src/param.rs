@@ -8,13 +8,16 @@ use crate::tensor::{Shape, Tensor};
 
 /// A named tensor that training updates: a layer's weight, bias, or batch-norm scale and shift.
 /// Its value is a leaf of the tape, with the same [`LeafId`] for the parameter's whole life, so
-/// [`crate::Gradients::of`] finds its gradient after any backward pass.
+/// [`crate::Gradients::of`] finds its gradient after any backward pass. A frozen parameter (a
+/// frozen batch norm's scale and shift) is saved and loaded like the others but takes no
+/// gradient and no update.
 #[derive(Debug)]
 pub struct Param {
     name: String,
     decay: bool,
     id: LeafId,
     value: RwLock<Tensor>,
+    frozen: bool,
 }
 
 impl Param {
@@ -23,12 +26,19 @@ impl Param {
     /// parameters).
     pub fn new(name: impl Into<String>, value: Tensor, decay: bool) -> Self {
         let id = LeafId::fresh();
-        Self {
-            name: name.into(),
-            decay,
-            id,
-            value: RwLock::new(value.detach().with_track(crate::tensor::Track::Leaf(id))),
-        }
+        let value = RwLock::new(value.detach().with_track(crate::tensor::Track::Leaf(id)));
+        Self { name: name.into(), decay, id, value, frozen: false }
+    }
+
+    /// The same parameter frozen: its value is given to ops untracked, so it takes no gradient.
+    pub fn frozen(mut self) -> Self {
+        self.frozen = true;
+        self
+    }
+
+    /// Whether training updates it.
+    pub fn trainable(&self) -> bool {
+        !self.frozen
     }
 
     /// The name.
@@ -46,9 +56,11 @@ impl Param {
         self.id
     }
 
-    /// The current value, as a leaf of the tape (ops on it record their gradient for it).
+    /// The current value, as a leaf of the tape (ops on it record their gradient for it), or
+    /// untracked when the parameter is frozen.
     pub fn value(&self) -> Tensor {
-        self.value.read().unwrap_or_else(|e| e.into_inner()).clone()
+        let v = self.value.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if self.frozen { v.detach() } else { v }
     }
 
     /// The shape.

@@ -121,9 +121,6 @@ fn batch_norm_tracks_running_statistics_and_evaluates_with_them() {
     let want = (1.0 - 0.2) / (r.var[0] + 1e-5).sqrt();
     assert!((y[0] - want).abs() < 1e-5);
     assert!(bn.forward(&Tensor::zeros((2, 2, 2))).is_err());
-    // With running statistics there is no backward pass: recording one is refused.
-    let err = bn.forward(&xt.requires_grad()).unwrap_err().to_string();
-    assert!(err.contains("no_grad") && err.contains("`bn`"), "{err}");
 }
 
 #[test]
@@ -324,4 +321,37 @@ fn a_model_lists_its_parameters_through_its_layers() {
     let decays: Vec<bool> = net.trainables().iter().map(|t| t.param.decay()).collect();
     assert_eq!(decays, [true, false, false, true, false, false, true, false]);
     assert_eq!(net.int8_stats().len(), 2, "the two convolutions run in INT8, fc in FP32");
+}
+
+/// A frozen batch norm (detection backbones) normalises with its running statistics in training,
+/// passes gradients to its input as finite differences of its forward say, and its scale and
+/// shift take none and are not trained.
+#[test]
+fn a_frozen_batch_norm_trains_its_input_only() {
+    let bn = BatchNorm2d::new("bn", 3, true).unwrap().frozen();
+    bn.set_running(int8_nn::layers::RunningStats { mean: vec![0.1, -0.2, 0.3], var: vec![0.5, 2.0, 1.5] });
+    bn.gamma().set_values(vec![1.5, 0.5, -1.0]).unwrap();
+    bn.beta().set_values(vec![0.1, 0.2, 0.3]).unwrap();
+    bn.set_training(true);
+    let base = uniform(2 * 3 * 4, 41, 2.0);
+    let r = tensor(uniform(2 * 3 * 4, 42, 1.0), &[2, 3, 2, 2]);
+    let x = tensor(base.clone(), &[2, 3, 2, 2]).requires_grad();
+    let y = bn.forward(&x).unwrap();
+    let before = bn.running();
+    let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(bn.running(), before, "running statistics are not updated");
+    assert!(g.of(bn.gamma()).is_none() && g.of(bn.beta()).is_none(), "frozen parameters take no gradient");
+    let dx = g.get(&x).unwrap().to_vec();
+    for i in 0..base.len() {
+        let at = |d: f32| {
+            let mut v = base.clone();
+            v[i] += d;
+            bn.forward(&tensor(v, &[2, 3, 2, 2])).unwrap().mul(&r).unwrap().sum_all().unwrap().to_scalar().unwrap()
+                as f64
+        };
+        let fd = (at(1e-3) - at(-1e-3)) / 2e-3;
+        assert!((fd - dx[i] as f64).abs() < 2e-3, "dx[{i}]: {fd} vs {}", dx[i]);
+    }
+    let net_params = bn.layers().iter().flat_map(|l| l.params()).count();
+    assert_eq!((net_params, bn.param_count(), bn.trainables().len()), (2, 0, 0));
 }

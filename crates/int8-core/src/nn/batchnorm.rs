@@ -351,10 +351,111 @@ pub fn backward<'x>(
     Ok((dgamma, dbeta))
 }
 
+/// Gradients of the evaluation forward pass ([`forward_eval`]: running statistics, which take no
+/// gradient; a frozen batch norm, as detection backbones train with): returns `(dgamma, dbeta)`
+/// and writes `dx = g * gamma / sqrt(var + eps)`, `g` being `dy` masked where the fused activation
+/// clipped (recomputed from `x` with the forward's own arithmetic).
+pub fn backward_eval<'x>(
+    d: NchwDims,
+    x: &[f32],
+    relu: Option<f32>,
+    dy: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    (running_mean, running_var): (&[f32], &[f32]),
+    eps: f32,
+    dx: impl Into<Out<'x>>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dx = dx.into();
+    d.check(&[
+        ("batch norm input", x.len(), d.len()),
+        ("batch norm output gradient", dy.len(), d.len()),
+        ("batch norm input gradient", dx.len(), d.len()),
+        ("gamma", gamma.len(), d.c),
+        ("beta", beta.len(), d.c),
+        ("running mean", running_mean.len(), d.c),
+        ("running variance", running_var.len(), d.c),
+    ])?;
+    // The forward's scale and shift, computed as forward_eval computes them.
+    let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] / (running_var[ch] + eps).sqrt()).collect();
+    let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - running_mean[ch] * scale[ch]).collect();
+    let inv: Vec<f32> = running_var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
+    let mask = |ch: usize| relu.map(|cap| (scale[ch], shift[ch], cap));
+    let sums = reduce_planes(
+        d,
+        |ch, start| {
+            let r = start..start + d.hw;
+            plane_grad_sums(&x[r.clone()], &dy[r], mask(ch), running_mean[ch], inv[ch])
+        },
+        |a, b| (a.0 + b.0, a.1 + b.1),
+    );
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    // dx = scale * g: plane_dx's formula with m = 1 and no statistics terms.
+    dx.par_fills(d.hw).enumerate().for_each(|(p, dxp)| {
+        let ch = p % d.c;
+        let r = p * d.hw..(p + 1) * d.hw;
+        plane_dx(dxp, &x[r.clone()], &dy[r], mask(ch), running_mean[ch], inv[ch], scale[ch], 1.0, 0.0, 0.0);
+    });
+    Ok((dgamma, dbeta))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::CounterRng;
+
+    #[test]
+    fn evaluation_backward_matches_finite_differences_of_the_f64_forward() {
+        let d = NchwDims { n: 2, c: 3, hw: 9 };
+        for relu in [None, Some(f32::INFINITY), Some(1.0)] {
+            let x = data(d.len(), 11, 0.5);
+            let (gamma, beta) = (data(d.c, 12, 1.0), data(d.c, 13, 0.0));
+            let (mean, var) = (data(d.c, 14, 0.2), data(d.c, 15, 3.0));
+            let r = data(d.len(), 16, 0.0);
+            let eps = 1e-5f32;
+            let loss = |x: &[f64], g: &[f64], b: &[f64]| -> f64 {
+                let mut total = 0.0;
+                for (k, &xv) in x.iter().enumerate() {
+                    let ch = (k / d.hw) % d.c;
+                    let mut y = g[ch] * (xv - mean[ch] as f64) / (var[ch] as f64 + eps as f64).sqrt() + b[ch];
+                    if let Some(cap) = relu {
+                        y = y.max(0.0).min(cap as f64);
+                    }
+                    total += y * r[k] as f64;
+                }
+                total
+            };
+            let mut y = vec![0.0; d.len()];
+            forward_eval(d, &x, &gamma, &beta, &mean, &var, eps, relu, &mut y).unwrap();
+            if let Some(cap) = relu.filter(|c| c.is_finite()) {
+                assert!(y.contains(&0.0) && y.contains(&cap), "the data must reach both clamps");
+            }
+            let mut dx = vec![0.0; d.len()];
+            let (dgamma, dbeta) = backward_eval(d, &x, relu, &r, &gamma, &beta, (&mean, &var), eps, &mut dx).unwrap();
+            let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+            let (x64, g64, b64) = (f64s(&x), f64s(&gamma), f64s(&beta));
+            let h = 1e-4;
+            let fd = |i: usize, which: usize| {
+                let (mut p, mut m) = ([x64.clone(), g64.clone(), b64.clone()], [x64.clone(), g64.clone(), b64.clone()]);
+                p[which][i] += h;
+                m[which][i] -= h;
+                (loss(&p[0], &p[1], &p[2]) - loss(&m[0], &m[1], &m[2])) / (2.0 * h)
+            };
+            for i in 0..d.len() {
+                // Away from the clamps' kinks the loss is smooth in x.
+                let yv = y[i];
+                if relu.is_some() && (yv.abs() < 1e-3 || relu.is_some_and(|c| (yv - c).abs() < 1e-3)) {
+                    continue;
+                }
+                assert!((fd(i, 0) - dx[i] as f64).abs() < 1e-3, "dx[{i}] {relu:?}: {} vs {}", fd(i, 0), dx[i]);
+            }
+            for ch in 0..d.c {
+                assert!((fd(ch, 1) - dgamma[ch] as f64).abs() < 1e-3, "dgamma[{ch}] {relu:?}");
+                assert!((fd(ch, 2) - dbeta[ch] as f64).abs() < 1e-3, "dbeta[{ch}] {relu:?}");
+            }
+        }
+    }
 
     fn data(n: usize, seed: u64, offset: f32) -> Vec<f32> {
         let r = CounterRng::new(seed);

@@ -34,6 +34,8 @@ pub struct BatchNorm2d {
     /// The fused activation's cap: `None`, infinite (ReLU) or 6 (ReLU6).
     relu: Option<f32>,
     training: AtomicBool,
+    /// Frozen: evaluation mode whatever the model's mode.
+    frozen: bool,
 }
 
 impl BatchNorm2d {
@@ -50,6 +52,7 @@ impl BatchNorm2d {
             momentum: 0.1,
             relu: relu.then_some(f32::INFINITY),
             training: AtomicBool::new(true),
+            frozen: false,
         })
     }
 
@@ -60,15 +63,27 @@ impl BatchNorm2d {
         self
     }
 
+    /// The same layer frozen, as detection backbones train: it always normalises with its running
+    /// statistics, and its scale and shift take no gradient and no update (torchvision's
+    /// `FrozenBatchNorm2d`); they are still saved and loaded.
+    pub fn frozen(mut self) -> Self {
+        self.gamma = self.gamma.frozen();
+        self.beta = self.beta.frozen();
+        self.training = AtomicBool::new(false);
+        self.frozen = true;
+        self
+    }
+
     /// The same layer with epsilon `eps` (1e-5 by default; Inception v3 uses 1e-3).
     pub fn with_eps(mut self, eps: f32) -> Self {
         self.eps = eps;
         self
     }
 
-    /// Switches between batch statistics (training) and running statistics (evaluation).
+    /// Switches between batch statistics (training) and running statistics (evaluation); a
+    /// frozen layer stays in evaluation.
     pub fn set_training(&self, training: bool) {
-        self.training.store(training, Ordering::Relaxed);
+        self.training.store(training && !self.frozen, Ordering::Relaxed);
     }
 
     /// Applies the layer; in training mode it also updates the running statistics.

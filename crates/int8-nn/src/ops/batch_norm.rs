@@ -73,8 +73,8 @@ impl Backward for TrainBackward {
     }
 }
 
-/// Evaluation forward with running statistics `mean` and `var`. It has no backward pass: call
-/// it inside [`crate::no_grad`], or train in training mode.
+/// Evaluation forward with running statistics `mean` and `var` (which take no gradient): a batch
+/// norm in evaluation mode, or a frozen one training in a detection backbone.
 pub(crate) fn eval(
     name: &str,
     x: &Tensor,
@@ -86,15 +86,52 @@ pub(crate) fn eval(
 ) -> Result<Tensor> {
     let _t = crate::profile::span("batch-norm-eval", false);
     let d = dims(name, x)?;
-    if record(&[x, gamma, beta]).is_some() {
-        return Err(NnError::BadInput {
-            layer: name.into(),
-            why: "runs with its running statistics (evaluation mode) while gradients are recorded, and that has no \
-                  backward pass: evaluate inside int8_nn::no_grad, or switch the model to training mode"
-                .into(),
-        });
-    }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
     let (y, ()) = fresh(x.elem_count(), |y| batchnorm::forward_eval(d, xv, gv, bv, mean, var, eps, relu, y))?;
-    Ok(cpu_out(y, x.shape()))
+    let y = cpu_out(y, x.shape());
+    Ok(match record(&[x, gamma, beta]) {
+        None => y,
+        Some(r) => {
+            let saved = EvalBackward {
+                d,
+                x: x.detach(),
+                gamma: gamma.detach(),
+                beta: beta.detach(),
+                running: (mean.to_vec(), var.to_vec()),
+                eps,
+                relu,
+            };
+            r.output("batch-norm-eval", y, saved)
+        }
+    })
+}
+
+/// Keeps the input, the affine parameters and the running statistics the forward used.
+struct EvalBackward {
+    d: NchwDims,
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    running: (Vec<f32>, Vec<f32>),
+    eps: f32,
+    relu: Option<f32>,
+}
+
+impl Backward for EvalBackward {
+    fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let (x, g, gamma, beta) = (self.x.cpu()?, grad.cpu()?, self.gamma.cpu()?, self.beta.cpu()?);
+        let running = (&self.running.0[..], &self.running.1[..]);
+        let (dx, (dgamma, dbeta)) = fresh(self.x.elem_count(), |dx| {
+            batchnorm::backward_eval(self.d, x, self.relu, g, gamma, beta, running, self.eps, dx)
+        })?;
+        Ok(vec![
+            needs[0].then(|| cpu_out(dx, self.x.shape())),
+            needs[1].then(|| cpu_out(dgamma, self.gamma.shape())),
+            needs[2].then(|| cpu_out(dbeta, self.gamma.shape())),
+        ])
+    }
+
+    fn saved_bytes(&self) -> usize {
+        4 * (self.x.elem_count() + 4 * self.running.0.len())
+    }
 }
