@@ -4,14 +4,16 @@
 //! One file per kind of op: [`conv`] and [`linear`] (FP32 or INT8 in both passes, Zhu et al.,
 //! CVPR 2020), [`batch_norm`] (with a fused ReLU or ReLU6), [`activation`] (ReLU, ReLU6, the
 //! residual add + ReLU), [`pool`] (max, average, global average), [`dropout`], [`loss`] (softmax
-//! cross-entropy), [`shape`] (reshape, concat) and [`arith`] (add, multiply, scale, sum). The
-//! layers of [`crate::layers`] call them with their parameters; models call the parameterless ones
+//! cross-entropy), [`shape`] (reshape, concat), [`arith`] (add, multiply, scale, sum) and
+//! [`detection`] (RoIAlign, upsampling, L2Norm, the detectors' losses). The layers of
+//! [`crate::layers`] call them with their parameters; models call the parameterless ones
 //! directly.
 
 pub mod activation;
 pub mod arith;
 pub(crate) mod batch_norm;
 pub(crate) mod conv;
+pub mod detection;
 pub mod dropout;
 pub(crate) mod linear;
 pub mod loss;
