@@ -355,3 +355,27 @@ fn a_frozen_batch_norm_trains_its_input_only() {
     let net_params = bn.layers().iter().flat_map(|l| l.params()).count();
     assert_eq!((net_params, bn.param_count(), bn.trainables().len()), (2, 0, 0));
 }
+
+#[test]
+fn permute_moves_values_where_their_indices_go_and_back() {
+    let (n, c, h, w) = (2, 3, 4, 5);
+    let x = tensor((0..n * c * h * w).map(|v| v as f32).collect(), &[n, c, h, w]).requires_grad();
+    let y = x.permute(&[0, 2, 3, 1]).unwrap();
+    assert_eq!(y.dims(), &[n, h, w, c]);
+    let (xv, yv) = (x.to_vec(), y.to_vec());
+    for i in 0..n {
+        for ci in 0..c {
+            for yi in 0..h {
+                for xi in 0..w {
+                    assert_eq!(yv[((i * h + yi) * w + xi) * c + ci], xv[((i * c + ci) * h + yi) * w + xi]);
+                }
+            }
+        }
+    }
+    // The gradient of <permute(x), r> is r permuted back.
+    let r = tensor(uniform(y.elem_count(), 51, 1.0), y.dims());
+    let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap().get(&x).unwrap().to_vec();
+    let back = r.permute(&[0, 3, 1, 2]).unwrap().to_vec();
+    assert_eq!(g, back);
+    assert!(x.permute(&[0, 1, 1, 2]).is_err() && x.permute(&[0, 1, 2]).is_err());
+}

@@ -22,17 +22,30 @@ pub struct Pool2d {
     pub stride: usize,
     /// Zero padding on every side.
     pub pad: usize,
+    /// Round the output size up rather than down, as PyTorch's `ceil_mode` (SSD's VGG16 pools
+    /// 75 to 38): the last window may overhang the input, but still starts inside it.
+    pub ceil: bool,
 }
 
 impl Pool2d {
     /// Output height.
     pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.pad).saturating_sub(self.k) / self.stride.max(1) + 1
+        self.out_len(self.h)
     }
 
     /// Output width.
     pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.pad).saturating_sub(self.k) / self.stride.max(1) + 1
+        self.out_len(self.w)
+    }
+
+    fn out_len(&self, len: usize) -> usize {
+        let (span, s) = ((len + 2 * self.pad).saturating_sub(self.k), self.stride.max(1));
+        if !self.ceil {
+            return span / s + 1;
+        }
+        let out = span.div_ceil(s) + 1;
+        // A last window starting in the right padding or past it is dropped.
+        if (out - 1) * s >= len + self.pad { out - 1 } else { out }
     }
 
     fn validate(&self) -> Result<()> {
@@ -111,6 +124,13 @@ pub fn max_pool_backward(p: &Pool2d, dy: &[f32], argmax: &[u32], dx: &mut [f32])
 /// Average pooling (padding counts as zeros in the window).
 pub fn avg_pool(p: &Pool2d, x: &[f32], y: &mut [f32]) -> Result<()> {
     p.validate()?;
+    if p.ceil {
+        // PyTorch divides an overhanging window by its clipped size; this divides by k * k.
+        return Err(CoreError::InvalidArgument {
+            what: "pooling window",
+            why: "average pooling rounds its output size down; ceil mode is for max pooling".into(),
+        });
+    }
     let (oh, ow) = (p.out_h(), p.out_w());
     check_len("pooling input", x.len(), p.planes * p.h * p.w)?;
     check_len("pooling output", y.len(), p.planes * oh * ow)?;
@@ -180,10 +200,10 @@ mod tests {
     #[test]
     fn both_poolings_and_gradients_match_the_definition_on_odd_shapes() {
         for p in [
-            Pool2d { planes: 3, h: 7, w: 5, k: 2, stride: 2, pad: 0 },
-            Pool2d { planes: 2, h: 9, w: 9, k: 3, stride: 2, pad: 1 },
-            Pool2d { planes: 2, h: 6, w: 7, k: 3, stride: 1, pad: 0 },
-            Pool2d { planes: 1, h: 5, w: 5, k: 5, stride: 3, pad: 2 },
+            Pool2d { planes: 3, h: 7, w: 5, k: 2, stride: 2, pad: 0, ceil: false },
+            Pool2d { planes: 2, h: 9, w: 9, k: 3, stride: 2, pad: 1, ceil: false },
+            Pool2d { planes: 2, h: 6, w: 7, k: 3, stride: 1, pad: 0, ceil: false },
+            Pool2d { planes: 1, h: 5, w: 5, k: 5, stride: 3, pad: 2, ceil: false },
         ] {
             let x = data(p.planes * p.h * p.w, 1);
             let dy = data(p.planes * p.out_h() * p.out_w(), 2);
@@ -223,9 +243,28 @@ mod tests {
     }
 
     #[test]
+    fn ceil_mode_rounds_the_output_up_and_keeps_windows_starting_inside() {
+        let p =
+            |h: usize, k: usize, stride: usize, pad: usize| Pool2d { planes: 1, h, w: h, k, stride, pad, ceil: true };
+        // PyTorch's sizes: SSD's VGG16 pools 75 to 38 where floor gives 37.
+        for (h, k, s, pad, want) in
+            [(75, 2, 2, 0, 38), (8, 3, 2, 0, 4), (7, 3, 2, 0, 3), (6, 3, 2, 1, 4), (5, 2, 2, 1, 3)]
+        {
+            assert_eq!(p(h, k, s, pad).out_h(), want, "{h} k{k} s{s} p{pad}");
+        }
+        // The overhanging last window takes the maximum of what it covers.
+        let q = p(5, 2, 2, 0);
+        let x: Vec<f32> = (0..25).map(|v| v as f32).collect();
+        let (mut y, mut am) = (vec![0.0; 9], vec![0u32; 9]);
+        max_pool(&q, &x, &mut y, &mut am).unwrap();
+        assert_eq!(y, [6.0, 8.0, 9.0, 16.0, 18.0, 19.0, 21.0, 23.0, 24.0]);
+        assert!(avg_pool(&q, &x, &mut y).is_err());
+    }
+
+    #[test]
     fn max_pooling_passes_the_whole_gradient_and_bad_windows_are_errors() {
         // The whole gradient goes to the maximum (1, not a quarter of it spread over the window).
-        let p = Pool2d { planes: 1, h: 2, w: 2, k: 2, stride: 2, pad: 0 };
+        let p = Pool2d { planes: 1, h: 2, w: 2, k: 2, stride: 2, pad: 0, ceil: false };
         let (mut y, mut am, mut dx) = ([0.0], [0u32], [0.0; 4]);
         max_pool(&p, &[1.0, 4.0, 3.0, 2.0], &mut y, &mut am).unwrap();
         max_pool_backward(&p, &[1.0], &am, &mut dx).unwrap();

@@ -23,7 +23,7 @@ pub mod shape;
 pub use activation::{add_relu, relu, relu6};
 pub use arith::add;
 pub use loss::{LossReport, cross_entropy};
-pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};
+pub use pool::{avg_pool2d, global_avg_pool, max_pool2d, max_pool2d_ceil};
 pub use shape::concat;
 
 use crate::tensor::{Shape, Tensor};

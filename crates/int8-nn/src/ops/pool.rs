@@ -16,16 +16,25 @@ fn nchw(op: &str, x: &Tensor) -> Result<[usize; 4]> {
     }
 }
 
-fn geometry(op: &str, x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<(Pool2d, [usize; 4])> {
+fn geometry(op: &str, x: &Tensor, k: usize, stride: usize, pad: usize, ceil: bool) -> Result<(Pool2d, [usize; 4])> {
     let [n, c, h, w] = nchw(op, x)?;
-    let p = Pool2d { planes: n * c, h, w, k, stride, pad };
+    let p = Pool2d { planes: n * c, h, w, k, stride, pad, ceil };
     Ok((p, [n, c, p.out_h(), p.out_w()]))
 }
 
 /// Max pooling with a `k x k` window, `stride` and zero padding `pad` (at most `k / 2`).
 pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    max_pool(x, k, stride, pad, false)
+}
+
+/// Max pooling whose output size rounds up (PyTorch's `ceil_mode=True`, as SSD's VGG16 uses).
+pub fn max_pool2d_ceil(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    max_pool(x, k, stride, pad, true)
+}
+
+fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize, ceil: bool) -> Result<Tensor> {
     let _t = crate::profile::span("max-pool", false);
-    let (p, out) = geometry("max pooling", x, k, stride, pad)?;
+    let (p, out) = geometry("max pooling", x, k, stride, pad, ceil)?;
     let n: usize = out.iter().product();
     let (mut y, mut argmax) = (zeros(n), vec![0u32; n]);
     pool::max_pool(&p, x.cpu()?, &mut y, &mut argmax)?;
@@ -58,7 +67,7 @@ impl Backward for MaxPoolBackward {
 /// Average pooling with a `k x k` window, `stride` and zero padding `pad` (counted in the mean).
 pub fn avg_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     let _t = crate::profile::span("avg-pool", false);
-    let (p, out) = geometry("average pooling", x, k, stride, pad)?;
+    let (p, out) = geometry("average pooling", x, k, stride, pad, false)?;
     let mut y = zeros(out.iter().product());
     pool::avg_pool(&p, x.cpu()?, &mut y)?;
     let y = cpu_out(y, out);

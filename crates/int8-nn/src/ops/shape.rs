@@ -1,5 +1,6 @@
-//! Ops that move values without computing: reshape and flatten (which share storage) and
-//! concatenation along a dimension (Inception's branches).
+//! Ops that move values without computing: reshape and flatten (which share storage),
+//! concatenation along a dimension (Inception's branches), and permutation of dimensions (a
+//! detection head's `N x A*K x H x W` output read as `N x HWA x K`).
 
 use rayon::prelude::*;
 
@@ -38,6 +39,79 @@ impl Tensor {
         let mut dims = self.dims()[..dim].to_vec();
         dims.push(self.dims()[dim..].iter().product());
         self.reshape(dims)
+    }
+}
+
+impl Tensor {
+    /// The dimensions reordered: output dimension `i` is input dimension `order[i]` (a
+    /// permutation of `0..rank`), the values copied into the new order.
+    pub fn permute(&self, order: &[usize]) -> Result<Tensor> {
+        let _t = crate::profile::span("permute", false);
+        let rank = self.rank();
+        let mut seen = vec![false; rank];
+        if order.len() != rank || order.iter().any(|&d| d >= rank || std::mem::replace(&mut seen[d], true)) {
+            return Err(NnError::Shape(format!(
+                "{order:?} is not a permutation of the {rank} dimensions of {}",
+                self.shape()
+            )));
+        }
+        let y = cpu_out(
+            permuted(self.cpu()?, self.dims(), order),
+            order.iter().map(|&d| self.dims()[d]).collect::<Vec<_>>(),
+        );
+        Ok(match record(&[self]) {
+            None => y,
+            Some(r) => {
+                let mut inverse = vec![0; rank];
+                for (i, &d) in order.iter().enumerate() {
+                    inverse[d] = i;
+                }
+                r.output("permute", y, Permute { inverse, dims: y_dims(self.dims(), order) })
+            }
+        })
+    }
+}
+
+fn y_dims(dims: &[usize], order: &[usize]) -> Vec<usize> {
+    order.iter().map(|&d| dims[d]).collect()
+}
+
+/// `x` (of `dims`) with its dimensions in `order`, as a new buffer.
+fn permuted(x: &[f32], dims: &[usize], order: &[usize]) -> Vec<f32> {
+    let rank = dims.len();
+    let mut strides = vec![1usize; rank];
+    for d in (0..rank.saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * dims[d + 1];
+    }
+    let out_dims = y_dims(dims, order);
+    let out_strides: Vec<usize> = order.iter().map(|&d| strides[d]).collect();
+    let mut y = vec![0f32; x.len()];
+    let inner = out_dims.last().copied().unwrap_or(1).max(1);
+    y.par_chunks_mut(inner).enumerate().for_each(|(row, out)| {
+        // The input offset of this output row's first value.
+        let (mut rem, mut at) = (row, 0);
+        for d in (0..rank.saturating_sub(1)).rev() {
+            at += (rem % out_dims[d]) * out_strides[d];
+            rem /= out_dims[d];
+        }
+        let step = out_strides.last().copied().unwrap_or(1);
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = x[at + k * step];
+        }
+    });
+    y
+}
+
+/// The backward pass of a permutation: the gradient permuted back.
+struct Permute {
+    inverse: Vec<usize>,
+    dims: Vec<usize>,
+}
+
+impl Backward for Permute {
+    fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let back = permuted(grad.cpu()?, &self.dims, &self.inverse);
+        Ok(vec![Some(cpu_out(back, y_dims(&self.dims, &self.inverse)))])
     }
 }
 
