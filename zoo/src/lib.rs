@@ -4,6 +4,7 @@
 
 pub mod alexnet;
 pub mod blocks;
+pub mod detection;
 pub mod inception;
 mod init;
 pub mod mobilenetv2;

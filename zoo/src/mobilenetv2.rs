@@ -25,7 +25,7 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.bn.forward(&self.conv.forward(x)?)?)
     }
 }
@@ -51,13 +51,19 @@ pub struct InvertedResidual {
 }
 
 impl InvertedResidual {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        if let Some(e) = &self.expand {
-            h = e.forward(&h)?;
-        }
-        let h = self.project.forward(&self.depthwise.forward(&h)?)?;
-        Ok(if self.residual { add(&h, x)? } else { h })
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_tapped(x)?.1)
+    }
+
+    /// The block's expansion (its input where it has none) and its output: SSDLite taps the
+    /// expansion of the block that enters stride 32.
+    pub(crate) fn forward_tapped(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let expanded = match &self.expand {
+            Some(e) => e.forward(x)?,
+            None => x.clone(),
+        };
+        let h = self.project.forward(&self.depthwise.forward(&expanded)?)?;
+        Ok((expanded, if self.residual { add(&h, x)? } else { h }))
     }
 }
 
@@ -85,7 +91,7 @@ pub struct MobileNetV2 {
 
 /// MobileNetV2's conv + batch norm units, built with the zoo's shared layer builder.
 impl Builder<'_> {
-    fn conv_bn(
+    pub(crate) fn conv_bn(
         &mut self,
         name: &str,
         inp: usize,
@@ -108,35 +114,42 @@ impl Builder<'_> {
     }
 }
 
+/// MobileNetV2's feature layers: the stem, the inverted residual blocks and the 1x1 convolution to
+/// 1280 channels; `cifar` keeps the stem and the second stage at stride 1.
+pub(crate) fn features(b: &mut Builder, cifar: bool) -> Result<(ConvBn, Vec<InvertedResidual>, ConvBn)> {
+    let stem = b.conv_bn("features.0", 3, 32, 3, if cifar { 1 } else { 2 }, 1, true)?;
+    let cfg = [
+        (1, 16, 1, 1),
+        (6, 24, 2, if cifar { 1 } else { 2 }),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ];
+    let (mut inp, mut blocks) = (32, Vec::new());
+    for (t, c, n, s) in cfg {
+        for i in 0..n {
+            let stride = if i == 0 { s } else { 1 };
+            let (idx, hidden) = (blocks.len() + 1, inp * t);
+            let name = format!("features.{idx}");
+            let expand =
+                if t != 1 { Some(b.conv_bn(&format!("{name}.expand"), inp, hidden, 1, 1, 1, true)?) } else { None };
+            let depthwise = b.conv_bn(&format!("{name}.dw"), hidden, hidden, 3, stride, hidden, true)?;
+            let project = b.conv_bn(&format!("{name}.project"), hidden, c, 1, 1, 1, false)?;
+            blocks.push(InvertedResidual { expand, depthwise, project, residual: stride == 1 && inp == c });
+            inp = c;
+        }
+    }
+    let head = b.conv_bn(&format!("features.{}", blocks.len() + 1), inp, 1280, 1, 1, 1, true)?;
+    Ok((stem, blocks, head))
+}
+
 impl MobileNetV2 {
     /// The network for `classes` classes; `cifar` keeps the stem and the second stage at stride 1.
     pub fn new(name: &str, classes: usize, cifar: bool, policy: &LayerPolicy, seed: u64) -> Result<Self> {
         let mut b = Builder { policy, seed, count: 0 };
-        let stem = b.conv_bn("features.0", 3, 32, 3, if cifar { 1 } else { 2 }, 1, true)?;
-        let cfg = [
-            (1, 16, 1, 1),
-            (6, 24, 2, if cifar { 1 } else { 2 }),
-            (6, 32, 3, 2),
-            (6, 64, 4, 2),
-            (6, 96, 3, 1),
-            (6, 160, 3, 2),
-            (6, 320, 1, 1),
-        ];
-        let (mut inp, mut blocks) = (32, Vec::new());
-        for (t, c, n, s) in cfg {
-            for i in 0..n {
-                let stride = if i == 0 { s } else { 1 };
-                let (idx, hidden) = (blocks.len() + 1, inp * t);
-                let name = format!("features.{idx}");
-                let expand =
-                    if t != 1 { Some(b.conv_bn(&format!("{name}.expand"), inp, hidden, 1, 1, 1, true)?) } else { None };
-                let depthwise = b.conv_bn(&format!("{name}.dw"), hidden, hidden, 3, stride, hidden, true)?;
-                let project = b.conv_bn(&format!("{name}.project"), hidden, c, 1, 1, 1, false)?;
-                blocks.push(InvertedResidual { expand, depthwise, project, residual: stride == 1 && inp == c });
-                inp = c;
-            }
-        }
-        let head = b.conv_bn(&format!("features.{}", blocks.len() + 1), inp, 1280, 1, 1, 1, true)?;
+        let (stem, blocks, head) = features(&mut b, cifar)?;
         let (w, bias) = init::linear(classes, 1280, seed.wrapping_mul(1000).wrapping_add(999))?;
         let classifier =
             Linear::new("classifier", w, bias, policy.precision_for("classifier", LayerKind::Linear { last: true }))?;

@@ -4,7 +4,7 @@
 //! once on top of it. A model writes its `visit` by visiting its fields; blocks, vectors and
 //! options of modules are modules too.
 
-use crate::layers::{BatchNorm2d, Conv2d, Dropout, Linear};
+use crate::layers::{BatchNorm2d, Conv2d, Dropout, L2Norm, Linear};
 use crate::optim::Trainable;
 use crate::param::Param;
 use crate::precision::Precision;
@@ -21,6 +21,8 @@ pub enum Layer<'a> {
     BatchNorm(&'a BatchNorm2d),
     /// A dropout.
     Dropout(&'a Dropout),
+    /// An L2 normalisation with a learned scale.
+    L2Norm(&'a L2Norm),
 }
 
 impl<'a> Layer<'a> {
@@ -31,6 +33,7 @@ impl<'a> Layer<'a> {
             Layer::Linear(l) => l.name(),
             Layer::BatchNorm(l) => l.name(),
             Layer::Dropout(l) => l.name(),
+            Layer::L2Norm(l) => l.name(),
         }
     }
 
@@ -41,6 +44,7 @@ impl<'a> Layer<'a> {
             Layer::Linear(l) => vec![l.weight(), l.bias()],
             Layer::BatchNorm(l) => vec![l.gamma(), l.beta()],
             Layer::Dropout(_) => Vec::new(),
+            Layer::L2Norm(l) => vec![l.weight()],
         }
     }
 
@@ -49,7 +53,7 @@ impl<'a> Layer<'a> {
         match *self {
             Layer::Conv(l) => Some(l.precision()),
             Layer::Linear(l) => Some(l.precision()),
-            Layer::BatchNorm(_) | Layer::Dropout(_) => None,
+            Layer::BatchNorm(_) | Layer::Dropout(_) | Layer::L2Norm(_) => None,
         }
     }
 
@@ -68,7 +72,7 @@ impl<'a> Layer<'a> {
         match *self {
             Layer::Conv(l) => Some(l.quant()),
             Layer::Linear(l) => Some(l.quant()),
-            Layer::BatchNorm(_) | Layer::Dropout(_) => None,
+            Layer::BatchNorm(_) | Layer::Dropout(_) | Layer::L2Norm(_) => None,
         }
     }
 }
@@ -108,7 +112,7 @@ pub trait Module {
         self.visit(&mut |l| match l {
             Layer::BatchNorm(b) => b.set_training(training),
             Layer::Dropout(d) => d.set_training(training),
-            Layer::Conv(_) | Layer::Linear(_) => {}
+            Layer::Conv(_) | Layer::Linear(_) | Layer::L2Norm(_) => {}
         });
     }
 
@@ -149,7 +153,21 @@ impl Module for Dropout {
     }
 }
 
+impl Module for L2Norm {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        f(Layer::L2Norm(self));
+    }
+}
+
 impl<M: Module> Module for Vec<M> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
+        for m in self {
+            m.visit(f);
+        }
+    }
+}
+
+impl<M: Module, const N: usize> Module for [M; N] {
     fn visit<'a>(&'a self, f: &mut dyn FnMut(Layer<'a>)) {
         for m in self {
             m.visit(f);

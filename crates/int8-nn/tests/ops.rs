@@ -121,6 +121,11 @@ fn batch_norm_tracks_running_statistics_and_evaluates_with_them() {
     let want = (1.0 - 0.2) / (r.var[0] + 1e-5).sqrt();
     assert!((y[0] - want).abs() < 1e-5);
     assert!(bn.forward(&Tensor::zeros((2, 2, 2))).is_err());
+    // One value per channel in training normalises to 0 with no gradient: refused, saying why.
+    bn.set_training(true);
+    let e = bn.forward(&Tensor::zeros((1, 2, 1, 1))).unwrap_err().to_string();
+    assert!(e.contains("`bn`") && e.contains("batch of at least 2"), "{e}");
+    assert!(int8_nn::no_grad(|| bn.forward(&Tensor::zeros((2, 2, 1, 1)))).is_ok());
 }
 
 #[test]

@@ -133,7 +133,7 @@ pub fn save(path: &Path, model: &dyn Model, sgd: &Sgd, state: &TrainState) -> Re
             Layer::Dropout(d) => {
                 state.dropout.insert(d.name().to_string(), d.calls());
             }
-            Layer::Conv(_) | Layer::Linear(_) => {}
+            Layer::Conv(_) | Layer::Linear(_) | Layer::L2Norm(_) => {}
         }
     }
     for (name, buf) in sgd.buffers() {

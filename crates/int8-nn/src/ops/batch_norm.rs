@@ -33,6 +33,17 @@ pub(crate) fn train(
 ) -> Result<(Tensor, BatchStats)> {
     let _t = crate::profile::span("batch-norm", false);
     let d = dims(name, x)?;
+    if d.n * d.hw == 1 {
+        // Normalising one value gives 0 and no gradient: every layer before it would silently stop
+        // learning (PyTorch refuses this too).
+        return Err(NnError::BadInput {
+            layer: name.into(),
+            why: format!(
+                "got one value per channel ({}) in training, which normalises to 0; use a batch of at least 2",
+                x.shape()
+            ),
+        });
+    }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
     let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
     let y = cpu_out(y, x.shape());

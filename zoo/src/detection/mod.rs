@@ -1,0 +1,83 @@
+//! Detectors: models whose output is, for every default box (anchor) of every image, class
+//! logits and a box regression. They are named structs built by name with a layer policy, as the
+//! classifiers are; their heads' convolutions run at the policy's precision (INT8 in the paper's
+//! setting, the first convolution of the backbone in FP32).
+//!
+//! - [`ssd`]: SSD300 on VGG-16 (Liu et al., ECCV 2016), as torchvision's `ssd300_vgg16` builds it.
+//! - [`ssdlite`]: SSDLite on MobileNetV2 (Sandler et al., CVPR 2018, Sec. 6.2), with
+//!   torchvision's SSDLite head and extra layers.
+
+pub mod ssd;
+pub mod ssdlite;
+
+use int8_nn::layers::Conv2d;
+use int8_nn::ops::concat;
+use int8_nn::policy::LayerKind;
+use int8_nn::{ConvGeometry, Module, Tensor};
+
+use crate::blocks::Builder;
+use crate::{Result, init};
+
+/// What a single-shot detector gives for a batch of images.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    /// `images x anchors x classes` (class 0 is the background).
+    pub cls_logits: Tensor,
+    /// `images x anchors x 4`: the encoded box offsets of each default box.
+    pub bbox_regression: Tensor,
+    /// The height and width of each feature map the default boxes are laid over, in order.
+    pub feature_sizes: Vec<(usize, usize)>,
+}
+
+/// A detector that predicts at every default box in one pass (SSD, SSDLite).
+pub trait SingleShot: Module + Send + Sync + std::fmt::Debug {
+    /// The registry name.
+    fn name(&self) -> &str;
+    /// The input side the detector is built for (height, width).
+    fn image_size(&self) -> (usize, usize);
+    /// Classes, the background included.
+    fn classes(&self) -> usize;
+    /// Default boxes per location of each feature map.
+    fn anchors_per_location(&self) -> Vec<usize>;
+    /// Head outputs for a batch of `images x 3 x h x w`.
+    fn forward(&self, x: &Tensor) -> Result<Dense>;
+}
+
+/// Runs one prediction conv per feature map and lays the outputs out anchor-major: each map's
+/// `N x A*K x H x W` becomes `N x HWA x K`, and the maps are joined along the anchors.
+pub(crate) fn scoring_head(
+    convs: &[impl Fn(&Tensor) -> Result<Tensor>],
+    features: &[Tensor],
+    columns: usize,
+) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(features.len());
+    for (conv, f) in convs.iter().zip(features) {
+        let y = conv(f)?;
+        let &[n, ak, h, w] = y.dims() else {
+            return Err(int8_nn::NnError::Shape(format!("a prediction conv gave shape {}", y.shape())).into());
+        };
+        let y = y.reshape([n, ak / columns, columns, h, w])?.permute(&[0, 3, 4, 1, 2])?;
+        parts.push(y.reshape([n, h * w * (ak / columns), columns])?);
+    }
+    Ok(concat(&parts, 1)?)
+}
+
+/// A dense (ungrouped) `k x k` convolution with a bias, at the policy's precision for `name`.
+pub(crate) fn biased_conv(
+    b: &mut Builder,
+    name: &str,
+    (inp, out): (usize, usize),
+    k: usize,
+    geometry: ConvGeometry,
+    first: bool,
+) -> Result<Conv2d> {
+    let w = init::conv_weight(out, inp, k, b.next_seed())?;
+    let bias = init::uniform(out, 1.0 / ((inp * k * k) as f32).sqrt(), b.next_seed())?;
+    let precision = b.policy.precision_for(name, LayerKind::Conv { first });
+    Ok(Conv2d::new(name, w, geometry, precision)?.with_bias(bias)?)
+}
+
+/// Stride 1 with "same" padding for an odd `k`.
+pub(crate) fn same(k: usize) -> ConvGeometry {
+    ConvGeometry { padding: (k / 2, k / 2), ..Default::default() }
+}
