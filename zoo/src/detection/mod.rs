@@ -6,7 +6,17 @@
 //! - [`ssd`]: SSD300 on VGG-16 (Liu et al., ECCV 2016), as torchvision's `ssd300_vgg16` builds it.
 //! - [`ssdlite`]: SSDLite on MobileNetV2 (Sandler et al., CVPR 2018, Sec. 6.2), with
 //!   torchvision's SSDLite head and extra layers.
+//! - [`fpn`], [`faster_rcnn`], [`retinanet`]: ResNet-50 with a feature pyramid (Lin et al., CVPR
+//!   2017), and the two-stage Faster R-CNN (Ren et al., NeurIPS 2015) and one-stage RetinaNet (Lin
+//!   et al., ICCV 2017) on it, as torchvision builds them; the backbone's batch norm frozen.
+//!
+//! Every detector is a [`Detector`]: it computes its own training losses from ground-truth boxes
+//! and its own post-processed detections, as torchvision's detection models do, so that the
+//! trainer treats them alike.
 
+pub mod faster_rcnn;
+pub mod fpn;
+pub mod retinanet;
 pub mod ssd;
 pub mod ssdlite;
 
@@ -17,6 +27,45 @@ use int8_nn::{ConvGeometry, Module, Tensor};
 
 use crate::blocks::Builder;
 use crate::{Result, init};
+
+/// The ground truth of one image: boxes as `[x1, y1, x2, y2]` in pixels of the image the detector
+/// is given (after resizing), and their classes, 1-based (0 is the background).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Target {
+    /// The boxes.
+    pub boxes: Vec<[f32; 4]>,
+    /// Each box's class, in `1..classes`.
+    pub labels: Vec<u32>,
+}
+
+/// The detections of one image, best first: boxes as `[x1, y1, x2, y2]` in pixels of the image the
+/// detector was given, their scores in `[0, 1]` and classes (1-based).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Detections {
+    /// The boxes.
+    pub boxes: Vec<[f32; 4]>,
+    /// Each box's score.
+    pub scores: Vec<f32>,
+    /// Each box's class.
+    pub labels: Vec<u32>,
+}
+
+/// A detector as the trainer sees it.
+pub trait Detector: Module + Send + Sync + std::fmt::Debug {
+    /// The registry name.
+    fn name(&self) -> &str;
+    /// The input size the detector takes (height, width); the trainer resizes images to it.
+    fn image_size(&self) -> (usize, usize);
+    /// Classes, the background included.
+    fn classes(&self) -> usize;
+    /// The training losses for a batch of `images x 3 x h x w` and their ground truth, one target
+    /// per image: named scalar terms (e.g. `"classification"`, `"box_regression"`) whose sum is
+    /// trained; each is logged under its name.
+    fn losses(&self, images: &Tensor, targets: &[Target]) -> Result<Vec<(&'static str, Tensor)>>;
+    /// Post-processed detections for a batch, one per image (run under `no_grad`, in evaluation
+    /// mode).
+    fn detect(&self, images: &Tensor) -> Result<Vec<Detections>>;
+}
 
 /// What a single-shot detector gives for a batch of images.
 #[derive(Debug, Clone)]
