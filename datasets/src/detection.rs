@@ -123,6 +123,19 @@ fn child_num(path: &Path, node: roxmltree::Node<'_, '_>, name: &str) -> Result<f
 /// Parses one VOC annotation (`path` is only for messages); the image is `image_dir/<filename>`.
 /// Classes are looked up in [`VOC_CLASSES`].
 pub fn parse_voc(path: &Path, text: &str, image_dir: &Path) -> Result<DetectionItem> {
+    let class_of = |name: &str| VOC_CLASSES.iter().position(|c| *c == name).map(|i| i as u32);
+    parse_voc_classes(path, text, image_dir, &class_of, "the 20 VOC classes")
+}
+
+/// [`parse_voc`] with a dataset's own classes: `class_of` gives the label of a class name, `None`
+/// for a name the dataset does not have (an error naming the file, the object and `known`).
+pub fn parse_voc_classes(
+    path: &Path,
+    text: &str,
+    image_dir: &Path,
+    class_of: &dyn Fn(&str) -> Option<u32>,
+    known: &str,
+) -> Result<DetectionItem> {
     let doc = roxmltree::Document::parse(text).map_err(|e| invalid(path, format!("is not valid XML ({e})")))?;
     let root = doc.root_element();
     if !root.has_tag_name("annotation") {
@@ -141,9 +154,8 @@ pub fn parse_voc(path: &Path, text: &str, image_dir: &Path) -> Result<DetectionI
     let mut objects = Vec::new();
     for (k, obj) in root.children().filter(|c| c.has_tag_name("object")).enumerate() {
         let name = child_text(obj, "name").ok_or_else(|| invalid(path, format!("object {k} has no <name>")))?;
-        let class = VOC_CLASSES.iter().position(|c| *c == name).ok_or_else(|| {
-            invalid(path, format!("object {k} has class {name:?}, which is not one of the 20 VOC classes"))
-        })? as u32;
+        let class = class_of(name)
+            .ok_or_else(|| invalid(path, format!("object {k} has class {name:?}, which is not one of {known}")))?;
         let bb = obj
             .children()
             .find(|c| c.has_tag_name("bndbox"))
@@ -166,6 +178,13 @@ pub fn parse_voc(path: &Path, text: &str, image_dir: &Path) -> Result<DetectionI
 /// Reads a VOC split: the ids in `root/ImageSets/Main/<split>.txt`, their annotations in
 /// `root/Annotations/<id>.xml` and images in `root/JPEGImages/`.
 pub fn read_voc(root: &Path, split: &str) -> Result<DetectionSet> {
+    read_voc_classes(root, split, &VOC_CLASSES)
+}
+
+/// [`read_voc`] for a dataset of its own classes, labelled in the order given.
+pub fn read_voc_classes(root: &Path, split: &str, classes: &[&str]) -> Result<DetectionSet> {
+    let class_of = |name: &str| classes.iter().position(|c| *c == name).map(|i| i as u32);
+    let known = format!("its classes ({})", classes.join(", "));
     let list = root.join("ImageSets/Main").join(format!("{split}.txt"));
     let ids = std::fs::read_to_string(&list).map_err(io_err(&list))?;
     let image_dir = root.join("JPEGImages");
@@ -173,7 +192,7 @@ pub fn read_voc(root: &Path, split: &str) -> Result<DetectionSet> {
     for id in ids.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = root.join("Annotations").join(format!("{id}.xml"));
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let item = parse_voc(&path, &text, &image_dir)?;
+        let item = parse_voc_classes(&path, &text, &image_dir, &class_of, &known)?;
         if !item.image.is_file() {
             return Err(invalid(&item.image, format!("is missing; {} names it", path.display())));
         }
@@ -182,7 +201,30 @@ pub fn read_voc(root: &Path, split: &str) -> Result<DetectionSet> {
     if items.is_empty() {
         return Err(invalid(&list, "lists no images"));
     }
-    Ok(DetectionSet { classes: VOC_CLASSES.iter().map(|c| c.to_string()).collect(), items, empty_boxes: 0 })
+    Ok(DetectionSet { classes: classes.iter().map(|c| c.to_string()).collect(), items, empty_boxes: 0 })
+}
+
+/// A VOC annotation of `objects` in image `file` (`width x height`), the inverse of
+/// [`parse_voc_classes`]: corners written 1-based and inclusive, classes by name.
+pub fn voc_xml(file: &str, width: u32, height: u32, objects: &[Object], classes: &[&str]) -> String {
+    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let mut x = format!(
+        "<annotation>\n  <filename>{}</filename>\n  <size><width>{width}</width><height>{height}</height>\
+         <depth>3</depth></size>\n",
+        escape(file)
+    );
+    for o in objects {
+        let [x1, y1, x2, y2] = o.bbox;
+        x.push_str(&format!(
+            "  <object><name>{}</name><difficult>{}</difficult>\n    <bndbox><xmin>{}</xmin><ymin>{}</ymin>\
+             <xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>\n",
+            escape(classes[o.class as usize]),
+            u8::from(o.difficult),
+            x1 + 1.0,
+            y1 + 1.0,
+        ));
+    }
+    x + "</annotation>\n"
 }
 
 #[derive(Deserialize)]
@@ -385,6 +427,26 @@ mod tests {
         assert!(bad("<xmin>48</xmin>", "<xmin>4 8</xmin>").contains("not a number"));
         assert!(bad("<filename>000001.jpg", "<filename>../000001.jpg").contains("plain file name"));
         assert!(bad("</annotation>", "").contains("not valid XML"));
+    }
+
+    #[test]
+    fn written_voc_annotations_read_back_to_the_same_objects() {
+        let objects = vec![
+            Object { class: 1, bbox: [0.0, 3.0, 17.5, 20.0], difficult: false },
+            Object { class: 0, bbox: [5.0, 6.0, 40.0, 30.0], difficult: true },
+        ];
+        let text = voc_xml("a&b.png", 40, 30, &objects, &["x<y", "tree"]);
+        let class_of = |n: &str| ["x<y", "tree"].iter().position(|c| *c == n).map(|i| i as u32);
+        let item = parse_voc_classes(Path::new("a.xml"), &text, Path::new("img"), &class_of, "x<y, tree").unwrap();
+        assert_eq!(item, DetectionItem { image: PathBuf::from("img/a&b.png"), width: 40, height: 30, objects });
+        let e = parse_voc_classes(
+            Path::new("a.xml"),
+            &text.replace(">tree<", ">bush<"),
+            Path::new(""),
+            &class_of,
+            "x<y, tree",
+        );
+        assert!(e.unwrap_err().to_string().contains("class \"bush\", which is not one of x<y, tree"));
     }
 
     #[test]

@@ -179,6 +179,7 @@ mod tests {
             classes: 10,
             mean: &[0.5],
             std: &[0.5],
+            build: None,
         }
     }
 

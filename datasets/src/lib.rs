@@ -1,7 +1,8 @@
 //! `int8-datasets`: reading the standard formats people already have on disk, never trusting a
 //! file. Formats: IDX (MNIST, Fashion-MNIST; raw or gzipped), CIFAR-10/100 binary batches, image
 //! folders (`root/<split>/<class>/*.{jpg,jpeg,png}`, the ImageNet layout, which the CIFAR-10 JPEG
-//! set uses), Pascal VOC and COCO detection annotations. Around them: the registry of known
+//! set uses), Pascal VOC and COCO detection annotations, and the NEON tree crowns of the
+//! `deepforest` wheel tiled into a VOC folder. Around them: the registry of known
 //! datasets with discovery, import of a local archive and fetch from the canonical sources; the
 //! batching loader, in memory with CIFAR-style augmentation or streaming from files with
 //! ImageNet-style augmentation; and detection transforms that move boxes with the pixels.
@@ -17,6 +18,7 @@ pub mod loader;
 pub mod open;
 pub mod registry;
 pub mod transform;
+pub mod tree_crowns;
 
 use std::path::PathBuf;
 

@@ -84,6 +84,10 @@ pub fn open(spec: &DataSpec) -> Result<Opened> {
         Format::Idx => idx(spec, &root, Some(ds)),
         Format::Cifar(kind) => cifar(spec, &root, kind, ds),
         Format::ImageFolder => in_memory_folder(spec, &root, ds),
+        Format::Voc(_) => Err(setting(
+            ds.name,
+            "is a detection dataset: train a detector on it, with a recipe of task = \"detection\"",
+        )),
     }
 }
 

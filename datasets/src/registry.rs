@@ -11,7 +11,14 @@ use sha2::{Digest, Sha256};
 use crate::archive::extract_tar_gz;
 use crate::cifar::CifarKind;
 use crate::loader::{CIFAR10_MEAN, CIFAR10_STD};
+use crate::tree_crowns;
 use crate::{DatasetError, Result, io_err};
+
+/// Per-channel mean of the tree-crown training tiles (`cargo test -p int8-datasets --test
+/// tree_crowns` recomputes it from the imported tiles).
+pub const TREE_MEAN: [f32; 3] = [0.5165, 0.5679, 0.4641];
+/// Per-channel standard deviation of the same.
+pub const TREE_STD: [f32; 3] = [0.2316, 0.2151, 0.1564];
 
 /// How a known dataset is stored, which says how [`crate::open::open`] reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +29,9 @@ pub enum Format {
     Cifar(CifarKind),
     /// `train/` and `test/` image folders of small images, decoded into memory.
     ImageFolder,
+    /// A Pascal VOC folder (`Annotations/`, `JPEGImages/`, `ImageSets/Main/{train,test}.txt`) of
+    /// these classes: a detection dataset.
+    Voc(&'static [&'static str]),
 }
 
 /// A dataset the project knows by name.
@@ -49,6 +59,9 @@ pub struct KnownDataset {
     pub mean: &'static [f32],
     /// Per-channel standard deviation of the same.
     pub std: &'static [f32],
+    /// How `import` makes the dataset's folder (its first argument) from what a user has (the
+    /// second), where that is not an archive or copy of the folder itself.
+    pub build: Option<fn(&Path, &Path) -> Result<()>>,
 }
 
 /// One file of a dataset's canonical source.
@@ -110,6 +123,7 @@ pub const DATASETS: &[KnownDataset] = &[
         classes: 10,
         mean: &[0.2860],
         std: &[0.3530],
+        build: None,
     },
     KnownDataset {
         name: "cifar10-jpeg",
@@ -123,6 +137,7 @@ pub const DATASETS: &[KnownDataset] = &[
         classes: 10,
         mean: &CIFAR10_MEAN,
         std: &CIFAR10_STD,
+        build: None,
     },
     KnownDataset {
         name: "cifar10",
@@ -142,6 +157,7 @@ pub const DATASETS: &[KnownDataset] = &[
         classes: 10,
         mean: &CIFAR10_MEAN,
         std: &CIFAR10_STD,
+        build: None,
     },
     KnownDataset {
         name: "cifar100",
@@ -162,6 +178,23 @@ pub const DATASETS: &[KnownDataset] = &[
         // The per-channel moments of its 50,000 training images, as commonly used.
         mean: &[0.5071, 0.4865, 0.4409],
         std: &[0.2673, 0.2564, 0.2762],
+        build: None,
+    },
+    KnownDataset {
+        name: "deepforest-trees",
+        description: "NEON tree crowns (deepforest wheel): 4 aerial RGB images, 951 crown boxes, tiled 400x400 into \
+                      44 training and 12 test tiles by source image, 1 class, Pascal VOC",
+        folder: "deepforest-trees",
+        marker_files: &["ImageSets/Main/train.txt", "ImageSets/Main/test.txt", "README.md"],
+        archive_sha256: None,
+        sources: &["pip download --no-deps deepforest==2.1.0 -d DIR && cargo xtask data import deepforest-trees \
+             DIR/deepforest-2.1.0-py3-none-any.whl"],
+        downloads: &[],
+        format: Format::Voc(&tree_crowns::CLASSES),
+        classes: 1,
+        mean: &TREE_MEAN,
+        std: &TREE_STD,
+        build: Some(|dst, from| tree_crowns::import_into(from, dst)),
     },
 ];
 
@@ -268,7 +301,9 @@ pub fn import(ds: &KnownDataset, archive: &Path, cache: &Path) -> Result<PathBuf
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
-    if archive.is_dir() {
+    if let Some(build) = ds.build {
+        build(&tmp.join(ds.folder), archive)?;
+    } else if archive.is_dir() {
         copy_tree(archive, &tmp.join(ds.folder))?;
     } else {
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
