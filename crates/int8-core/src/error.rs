@@ -35,6 +35,40 @@ pub enum CoreError {
         /// Why it is invalid and what to use instead.
         why: String,
     },
+    /// A CUDA library (the driver, NVRTC, cuBLAS or cuBLASLt) could not be loaded: no GPU driver
+    /// on this machine, or a library missing from the search path. The CUDA variants exist with
+    /// or without the `cuda` feature, so that matching on this enum does not depend on features.
+    #[error("cuda library {library} could not be loaded ({why}): {remedy}")]
+    CudaLibrary {
+        /// The library's file name (for example `libcublasLt.so.13`).
+        library: &'static str,
+        /// What failed.
+        why: String,
+        /// How to install it.
+        remedy: &'static str,
+    },
+    /// A kernel source failed to compile with NVRTC.
+    #[error(
+        "cuda kernel source `{kernel}` failed to compile with nvrtc for {arch}; fix the kernel (nvrtc's log follows)\n{log}"
+    )]
+    CudaCompile {
+        /// The kernel source's name (`int8_core::cuda_sources::KERNELS`).
+        kernel: String,
+        /// The target architecture (for example `sm_90`).
+        arch: String,
+        /// NVRTC's log.
+        log: String,
+    },
+    /// A CUDA driver, cuBLAS or cuBLASLt call failed.
+    #[error(
+        "cuda {op} failed: {why}; check the gpu with nvidia-smi, and free memory or use smaller batches if it ran out"
+    )]
+    Cuda {
+        /// What was being done.
+        op: String,
+        /// The library's error.
+        why: String,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -18,6 +18,9 @@
 //! `target-cpu=native`, so without this they would run on 128-bit SSE2.
 
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod cuda_sources;
 pub mod dclr;
 pub mod dsgc;
 mod error;
