@@ -433,7 +433,8 @@ mod tests {
         for text in wrappers {
             for call in text.split("launch!(").skip(1) {
                 let mut quoted = call.split('"');
-                let (Some(_), Some(unit), Some(_), Some(func)) =
+                // Only calls naming the kernel with a literal (the elementwise macro passes it on).
+                let (Some(_), Some(unit), Some(", "), Some(func)) =
                     (quoted.next(), quoted.next(), quoted.next(), quoted.next())
                 else {
                     continue;
@@ -446,6 +447,6 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen > 40, "only {seen} launches found");
+        assert!(seen >= 38, "only {seen} launches found");
     }
 }
