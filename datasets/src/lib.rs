@@ -11,6 +11,7 @@ pub mod archive;
 pub mod cifar;
 pub mod decoded;
 pub mod detection;
+pub mod detection_loader;
 pub mod fetch;
 pub mod idx;
 pub mod image_folder;

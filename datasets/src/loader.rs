@@ -301,12 +301,25 @@ pub fn epoch_from(
         });
     }
     let order = if shuffle { epoch_order(src.len(), seed, epoch) } else { (0..src.len()).collect() };
+    prefetched(order, batch, skip, prefetch, move |chunk| make_batch(src.as_ref(), chunk, seed, epoch))
+}
+
+/// Runs `make` on the chunks of `order` (`batch` long, the first `skip` left out) on a
+/// background thread that keeps `prefetch` results ready; a failed chunk ends the stream with its
+/// error. Dropping the receiver stops the thread.
+pub(crate) fn prefetched<B: Send + 'static>(
+    order: Vec<usize>,
+    batch: usize,
+    skip: usize,
+    prefetch: usize,
+    make: impl Fn(&[usize]) -> Result<B> + Send + 'static,
+) -> Result<Receiver<Result<B>>> {
     let (tx, rx) = sync_channel(prefetch.max(1));
     std::thread::Builder::new()
         .name("int8-loader".into())
         .spawn(move || {
             for chunk in order.chunks(batch).skip(skip) {
-                let b = make_batch(src.as_ref(), chunk, seed, epoch);
+                let b = make(chunk);
                 let failed = b.is_err();
                 if tx.send(b).is_err() || failed {
                     break;

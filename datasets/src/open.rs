@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cifar::{CifarBatch, CifarKind, read_cifar};
+use crate::detection::{DetectionSet, VOC_CLASSES, read_voc_classes};
+use crate::detection_loader::DetectionSource;
 use crate::idx::{IdxDataset, read_idx_pair};
 use crate::image_folder::ImageFolder;
 use crate::loader::{Augment, Augmented, IMAGENET_MEAN, IMAGENET_STD, InMemory, Source, Streamed, epoch_order};
@@ -39,6 +41,8 @@ pub struct DataSpec {
     pub pad: usize,
     /// Random horizontal flips.
     pub flip: bool,
+    /// Random vertical flips (detection; for overhead imagery).
+    pub vflip: bool,
     /// Per-channel mean after scaling to `[0, 1]`; the dataset's own when absent.
     pub mean: Option<Vec<f32>>,
     /// Per-channel standard deviation; the dataset's own when absent.
@@ -89,6 +93,74 @@ pub fn open(spec: &DataSpec) -> Result<Opened> {
             "is a detection dataset: train a detector on it, with a recipe of task = \"detection\"",
         )),
     }
+}
+
+/// A run's detection data.
+#[derive(Debug, Clone)]
+pub struct OpenedDetection {
+    /// Training images with their boxes, flipped as the spec asks.
+    pub train: Arc<DetectionSource>,
+    /// Test images with their boxes.
+    pub test: Arc<DetectionSource>,
+    /// Class names, in label order (the detector's labels are these plus 1; 0 is background).
+    pub classes: Vec<String>,
+    /// Where the data was read from.
+    pub root: PathBuf,
+}
+
+/// Opens the detection data `spec` asks for, its images resized to `size` (height, width): a
+/// registry dataset in VOC form, or a VOC folder by path (`Annotations/`, `JPEGImages/`,
+/// `ImageSets/Main/train.txt` and `test.txt` or `val.txt`) of the 20 VOC classes.
+pub fn open_detection(spec: &DataSpec, size: (usize, usize)) -> Result<OpenedDetection> {
+    check(spec)?;
+    let path = Path::new(&spec.dataset);
+    let (root, classes, mean, std): (PathBuf, Vec<&str>, &[f32], &[f32]) = match known(&spec.dataset) {
+        Ok(ds) => match ds.format {
+            Format::Voc(classes) => (find(ds, spec)?, classes.to_vec(), ds.mean, ds.std),
+            _ => {
+                return Err(setting(
+                    ds.name,
+                    "is a classification dataset; a detection recipe needs boxes (`cargo xtask data list` shows the \
+                     detection datasets)",
+                ));
+            }
+        },
+        Err(_) if path.join("ImageSets/Main/train.txt").is_file() => {
+            (path.to_path_buf(), VOC_CLASSES.to_vec(), &IMAGENET_MEAN[..], &IMAGENET_STD[..])
+        }
+        Err(e) if !path.is_dir() => return Err(e),
+        Err(_) => {
+            return Err(DatasetError::Invalid {
+                path: path.into(),
+                why: "holds no detection dataset: a Pascal VOC folder needs ImageSets/Main/train.txt (and test.txt \
+                      or val.txt), Annotations/ and JPEGImages/"
+                    .into(),
+            });
+        }
+    };
+    let test_split = if root.join("ImageSets/Main/test.txt").is_file() { "test" } else { "val" };
+    let channel = |v: Option<&Vec<f32>>, own: &[f32], key: &str| -> Result<[f32; 3]> {
+        let v = v.map_or(own, |v| v.as_slice());
+        v.try_into().map_err(|_| setting(key, format!("needs 3 values (R, G, B), got {}", v.len())))
+    };
+    let (mean, std) = (channel(spec.mean.as_ref(), mean, "data.mean")?, channel(spec.std.as_ref(), std, "data.std")?);
+    let subset = |mut set: DetectionSet, limit: usize| {
+        if limit > 0 && limit < set.items.len() {
+            let mut keep = epoch_order(set.items.len(), spec.seed, u64::MAX)[..limit].to_vec();
+            keep.sort_unstable();
+            set.items = keep.iter().map(|&i| set.items[i].clone()).collect();
+        }
+        set
+    };
+    let train = subset(read_voc_classes(&root, "train", &classes)?, spec.train_limit);
+    let test = subset(read_voc_classes(&root, test_split, &classes)?, spec.test_limit);
+    let source = |set, hflip, vflip| Arc::new(DetectionSource { set, size, mean, std, hflip, vflip });
+    Ok(OpenedDetection {
+        train: source(train, spec.flip, spec.vflip),
+        test: source(test, false, false),
+        classes: classes.iter().map(|c| c.to_string()).collect(),
+        root,
+    })
 }
 
 /// The settings no dataset can take: checked before anything is read, so that a bad value is a

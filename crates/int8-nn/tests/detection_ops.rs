@@ -71,12 +71,20 @@ fn the_losses_gradients_match_finite_differences() {
         "multibox logits",
         &logits,
         &[images, anchors, classes],
-        |l| multibox(l, &regt, &labels, &targets, 3).unwrap().0,
+        |l| multibox(l, &regt, &labels, &targets, 3).unwrap().classification,
         1e-3,
     );
     let lt = Tensor::from_vec(logits, [images, anchors, classes]).unwrap();
-    check("multibox boxes", &reg, &[images, anchors, 4], |b| multibox(&lt, b, &labels, &targets, 3).unwrap().0, 1e-2);
-    let (_, report) = multibox(&lt, &regt, &labels, &targets, 3).unwrap();
-    assert_eq!(report.positives, 2);
+    let boxes = |b: &Tensor| multibox(&lt, b, &labels, &targets, 3).unwrap().box_regression;
+    check("multibox boxes", &reg, &[images, anchors, 4], boxes, 1e-2);
+    let m = multibox(&lt, &regt, &labels, &targets, 3).unwrap();
+    assert_eq!(m.positives, 2);
+    // The two parts are the kernel's, which sum to the loss it is checked for.
+    let whole =
+        int8_core::nn::detection_loss::multibox((images, anchors, classes), &lt.to_vec(), &reg, &labels, &targets, 3)
+            .unwrap();
+    let parts = [m.classification.to_scalar().unwrap(), m.box_regression.to_scalar().unwrap()];
+    assert_eq!(parts.map(f64::from), [whole.cls_loss as f32, whole.box_loss as f32].map(f64::from));
+    assert!(whole.box_loss > 0.0 && whole.cls_loss > 0.0);
     assert!(multibox(&lt, &lt, &labels, &targets, 3).is_err(), "box regression of the wrong shape");
 }

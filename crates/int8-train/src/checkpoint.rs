@@ -7,14 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use int8_core::dsgc::ClipSnapshot;
-use int8_nn::Layer;
 use int8_nn::layers::RunningStats;
 use int8_nn::optim::Sgd;
 use int8_nn::stats::QuantSnapshot;
-use int8_zoo::Model;
+use int8_nn::{Layer, Module};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::task::Net;
 use crate::{Result, TrainError, write_atomic};
 
 /// The metadata key holding the trainer's state.
@@ -31,14 +31,24 @@ pub struct EpochRecord {
     pub lr: f64,
     /// Mean training loss over the epoch.
     pub train_loss: f64,
-    /// Training top-1 accuracy (%) over the epoch, on augmented images.
-    pub train_top1: f64,
-    /// Test loss, when evaluated.
+    /// Training top-1 accuracy (%) over the epoch, on augmented images (classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_top1: Option<f64>,
+    /// Mean of each detection loss term over the epoch.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub train_terms: BTreeMap<String, f64>,
+    /// Test loss, when evaluated (classification).
     pub test_loss: Option<f64>,
     /// Test top-1 accuracy (%), when evaluated.
     pub test_top1: Option<f64>,
     /// Test top-5 accuracy (%), when evaluated.
     pub test_top5: Option<f64>,
+    /// Test mAP@0.5 (%, VOC all-point), when evaluated (detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_map50: Option<f64>,
+    /// Test mAP@[.5:.95] (%, COCO), when evaluated (detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_map: Option<f64>,
     /// Training throughput over the epoch (images per second, data wait included).
     pub images_per_s: f64,
 }
@@ -84,8 +94,9 @@ pub struct TrainState {
     pub step_in_epoch: usize,
     /// Training steps finished.
     pub global_step: u64,
-    /// The best test top-1 (%) so far.
-    pub best_top1: f64,
+    /// The best test headline metric so far: top-1 or mAP@0.5 (%).
+    #[serde(alias = "best_top1")]
+    pub best: f64,
     /// Seconds spent training (not evaluating), over every session of the run.
     pub train_seconds: f64,
     /// Seconds of compute in timed steps (forward, backward, update), for the mean step time.
@@ -98,6 +109,9 @@ pub struct TrainState {
     pub epoch_hits: u64,
     /// Images seen in the current epoch so far.
     pub epoch_seen: u64,
+    /// Each detection loss term summed over the current epoch's batches (weighted by batch size).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epoch_terms: BTreeMap<String, f64>,
     /// Seconds of the current epoch so far.
     pub epoch_seconds: f64,
     /// Metrics of finished epochs.
@@ -112,7 +126,7 @@ pub struct TrainState {
 }
 
 /// Writes a checkpoint of `model`, `sgd` and `state` to `path`, atomically.
-pub fn save(path: &Path, model: &dyn Model, sgd: &Sgd, state: &TrainState) -> Result<()> {
+pub fn save(path: &Path, model: &dyn Module, sgd: &Sgd, state: &TrainState) -> Result<()> {
     let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut state = state.clone();
     state.quant.clear();
@@ -191,7 +205,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
 
 /// Sets `model`'s parameters and batch-norm running statistics from `ck`. Every parameter must
 /// be present with its shape; the error names the first that is not.
-pub fn restore_weights(model: &dyn Model, ck: &Loaded, path: &Path) -> Result<()> {
+pub fn restore_weights(model: &Net, ck: &Loaded, path: &Path) -> Result<()> {
     let bad = |why: String| TrainError::Checkpoint { path: path.into(), why };
     let get = |name: &str, dims: &[usize]| -> Result<&Vec<f32>> {
         let (shape, values) = ck.tensors.get(name).ok_or_else(|| {
@@ -218,7 +232,7 @@ pub fn restore_weights(model: &dyn Model, ck: &Loaded, path: &Path) -> Result<()
 }
 
 /// Restores everything a resumed run needs: weights, momentum buffers and INT8 layer states.
-pub fn restore_all(model: &dyn Model, sgd: &mut Sgd, ck: &Loaded, path: &Path) -> Result<TrainState> {
+pub fn restore_all(model: &Net, sgd: &mut Sgd, ck: &Loaded, path: &Path) -> Result<TrainState> {
     let state = ck.state.clone().ok_or_else(|| TrainError::Checkpoint {
         path: path.into(),
         why: "has no trainer state, so it cannot resume a run; use it as train.init instead".into(),

@@ -11,6 +11,7 @@ pub mod recipe;
 pub mod run;
 pub mod scalars;
 pub mod step;
+pub mod task;
 pub mod tensorboard;
 
 use std::path::{Path, PathBuf};

@@ -187,15 +187,6 @@ fn real_main() -> Result<()> {
     })
     .context("cannot install the Ctrl-C handler")?;
     let s = run(&recipe, &opts).with_context(|| format!("run {}", opts.out.display()))?;
-    eprintln!(
-        "done: {} {} top-1 {:.2}% (best {:.2}%), {:.1} ms/step, {:.0} s of training -> {}",
-        s.model,
-        s.precision,
-        s.top1,
-        s.best_top1,
-        s.step_ms,
-        s.train_seconds,
-        opts.out.display()
-    );
+    eprintln!("done: {} -> {}", s.describe(), opts.out.display());
     Ok(())
 }

@@ -36,6 +36,9 @@ pub fn recipe_name(name_or_path: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
+    /// What the model learns: image classes (the default) or object boxes.
+    #[serde(default, skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
     /// The model's registry name (`cargo xtask zoo` lists them).
     pub model: String,
     /// The dataset: a registry name (`cargo xtask data list`), `image-folder` with `data.root`,
@@ -51,6 +54,33 @@ pub struct Recipe {
     /// FP32 or INT8, and the paper's gradient treatment.
     #[serde(default)]
     pub quant: QuantConfig,
+}
+
+/// What a run trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Image classification: cross-entropy, top-1 and top-5.
+    #[default]
+    Classification,
+    /// Object detection: the detector's own losses, mAP.
+    Detection,
+}
+
+impl Task {
+    /// Whether this is the default task.
+    pub fn is_classification(&self) -> bool {
+        *self == Task::Classification
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::Classification => "classification",
+            Task::Detection => "detection",
+        })
+    }
 }
 
 /// Data settings.
@@ -69,6 +99,9 @@ pub struct DataConfig {
     pub pad: usize,
     /// Random horizontal flips.
     pub flip: bool,
+    /// Random vertical flips (detection in overhead imagery, where up and down mean nothing).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub vflip: bool,
     /// Per-channel mean after scaling to [0, 1]; the dataset's own when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean: Option<Vec<f32>>,
@@ -82,7 +115,17 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { root: None, train_limit: 0, test_limit: 0, pad: 0, flip: false, mean: None, std: None, size: 32 }
+        Self {
+            root: None,
+            train_limit: 0,
+            test_limit: 0,
+            pad: 0,
+            flip: false,
+            vflip: false,
+            mean: None,
+            std: None,
+            size: 32,
+        }
     }
 }
 
@@ -362,8 +405,18 @@ impl Recipe {
     /// Checks every value against its range, so that a bad one is a recipe error naming its key
     /// rather than a failed or diverging run.
     fn check(&self) -> std::result::Result<(), String> {
-        if !int8_zoo::MODELS.contains(&self.model.as_str()) {
-            return Err(format!("unknown model `{}`; known: {}", self.model, int8_zoo::MODELS.join(", ")));
+        let detectors: Vec<&str> = int8_zoo::detection::DETECTORS.iter().map(|d| d.0).collect();
+        let (models, other) = match self.task {
+            Task::Classification => (int8_zoo::MODELS, ("detector", detectors.as_slice(), "detection")),
+            Task::Detection => (detectors.as_slice(), ("classifier", int8_zoo::MODELS, "classification")),
+        };
+        if !models.contains(&self.model.as_str()) {
+            let hint = if other.1.contains(&self.model.as_str()) {
+                format!("; `{}` is a {}: set task = \"{}\"", self.model, other.0, other.2)
+            } else {
+                String::new()
+            };
+            return Err(format!("unknown {} model `{}`{hint}; known: {}", self.task, self.model, models.join(", ")));
         }
         let above0 = |key: &str, v: usize| if v == 0 { Err(format!("{key} must be above 0")) } else { Ok(()) };
         let t = &self.train;
@@ -477,6 +530,7 @@ impl Recipe {
             seed: self.train.seed,
             pad: d.pad,
             flip: d.flip,
+            vflip: d.vflip,
             mean: d.mean.clone(),
             std: d.std.clone(),
             size: d.size,

@@ -1,7 +1,7 @@
 //! One run of one recipe: the training loop (forward, loss, backward, SGD with each INT8 layer's
-//! DCLR multiplier), evaluation with top-1/top-5, TensorBoard events, checkpoints at epoch ends
-//! (and every `train.checkpoint_every` steps), resume from the last checkpoint, divergence
-//! detection, and the run's summary.
+//! DCLR multiplier), evaluation (top-1/top-5, or mAP for a detector; see `task.rs`), TensorBoard
+//! events, checkpoints at epoch ends (and every `train.checkpoint_every` steps), resume from the
+//! last checkpoint, divergence detection, and the run's summary.
 //!
 //! A run folder holds `recipe.toml` (the resolved recipe), the TensorBoard event files,
 //! `checkpoints/last.safetensors` and `checkpoints/best.safetensors`, `metrics.json` (one record
@@ -12,18 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use int8_datasets::loader::{Source, epoch_from};
-use int8_datasets::open::Opened;
-use int8_nn::ops::cross_entropy;
 use int8_nn::optim::{Schedule, Sgd};
-use int8_nn::{Layer, Tensor, no_grad};
-use int8_zoo::Model;
+use int8_nn::{Layer, Module};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, EpochRecord, TrainState};
 use crate::progress::{Progress, ProgressMode};
-use crate::recipe::{PrecisionName, Recipe};
-use crate::step::train_step;
+use crate::recipe::{PrecisionName, Recipe, Task};
+use crate::task::{self, Data, Metrics, Net};
 use crate::tensorboard::EventWriter;
 use crate::{Result, TrainError, write_atomic};
 
@@ -63,6 +59,9 @@ impl RunOptions {
 /// What a finished run reports (`summary.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    /// What the model learned.
+    #[serde(default, skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
     /// Model.
     pub model: String,
     /// Dataset.
@@ -77,12 +76,24 @@ pub struct Summary {
     pub seed: u64,
     /// Epochs trained.
     pub epochs: usize,
-    /// Final test top-1 (%).
-    pub top1: f64,
-    /// Final test top-5 (%).
-    pub top5: f64,
-    /// Best test top-1 (%) over the evaluated epochs.
-    pub best_top1: f64,
+    /// Final test top-1 (%), classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top1: Option<f64>,
+    /// Final test top-5 (%), classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top5: Option<f64>,
+    /// Best test top-1 (%) over the evaluated epochs, classification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_top1: Option<f64>,
+    /// Final test mAP@0.5 (%, VOC all-point), detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map50: Option<f64>,
+    /// Final test mAP@[.5:.95] (%, COCO), detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<f64>,
+    /// Best test mAP@0.5 (%) over the evaluated epochs, detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_map50: Option<f64>,
     /// Mean training loss of the last epoch.
     pub final_train_loss: f64,
     /// Seconds spent training (evaluation and checkpoints excluded).
@@ -97,38 +108,30 @@ pub struct Summary {
     pub int8_layers: usize,
 }
 
+impl Summary {
+    /// One line for people: the model, precision, final and best metric, speed.
+    pub fn describe(&self) -> String {
+        let metric = match (self.top1, self.map50) {
+            (Some(t1), _) => format!("top-1 {t1:.2}% (best {:.2}%)", self.best_top1.unwrap_or(t1)),
+            (None, Some(m)) => format!("mAP@0.5 {m:.2}% (best {:.2}%)", self.best_map50.unwrap_or(m)),
+            _ => "not evaluated".into(),
+        };
+        format!(
+            "{} {} {metric}, {:.1} ms/step, {:.0} s of training",
+            self.model, self.precision, self.step_ms, self.train_seconds
+        )
+    }
+}
+
 /// The summary of a finished run in `out`, if there is one.
 pub fn finished(out: &Path) -> Option<Summary> {
     let text = std::fs::read_to_string(out.join("summary.json")).ok()?;
     serde_json::from_str(&text).ok()
 }
 
-fn tensor(images: Vec<f32>, dims: [usize; 4]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(images, dims)?)
-}
-
-/// Test loss, top-1 and top-5 (%) of `model` on `test` (whose transform is the evaluation one),
-/// in evaluation mode and recording nothing.
-pub fn evaluate(model: &dyn Model, test: &Arc<dyn Source>, batch: usize) -> Result<(f64, f64, f64)> {
-    model.set_training(false);
-    let (mut loss, mut top1, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
-    for b in epoch_from(test.clone(), batch, false, 0, 0, 2, 0)? {
-        let b = b?;
-        let x = tensor(b.images, b.dims)?;
-        let (_, r) = no_grad(|| -> Result<_> { Ok(cross_entropy(&model.forward(&x)?, &b.labels)?) })?;
-        loss += r.loss * b.labels.len() as f64;
-        top1 += r.top1;
-        top5 += r.top5;
-        n += b.labels.len();
-    }
-    model.set_training(true);
-    let n = n.max(1) as f64;
-    Ok((loss / n, 100.0 * top1 as f64 / n, 100.0 * top5 as f64 / n))
-}
-
 /// The TensorBoard scalars of each INT8 layer: clip value, cosine distance, DCLR phi, saturation,
 /// and the DSGC searches run so far.
-fn layer_scalars(model: &dyn Model) -> Vec<(String, f64)> {
+fn layer_scalars(model: &dyn Module) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for (name, s) in model.int8_stats() {
         out.push((format!("quant/{name}/clip"), s.clip as f64));
@@ -143,7 +146,7 @@ fn layer_scalars(model: &dyn Model) -> Vec<(String, f64)> {
 }
 
 /// Histograms of every parameter and of each INT8 convolution's last output gradient.
-fn histograms(tb: &mut EventWriter, step: u64, model: &dyn Model) -> Result<()> {
+fn histograms(tb: &mut EventWriter, step: u64, model: &dyn Module) -> Result<()> {
     for layer in model.layers() {
         for p in layer.params() {
             tb.histogram(step, &format!("weights/{}", p.name()), &p.to_vec())?;
@@ -156,7 +159,7 @@ fn histograms(tb: &mut EventWriter, step: u64, model: &dyn Model) -> Result<()> 
 }
 
 /// Whether each INT8 convolution keeps its next output gradient (for the histograms).
-fn keep_grads(model: &dyn Model, keep: bool) {
+fn keep_grads(model: &dyn Module, keep: bool) {
     for layer in model.layers() {
         if let (Layer::Conv(_), Some(q)) = (layer, layer.int8()) {
             q.keep_grad(keep);
@@ -197,8 +200,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
             why: "already holds a run; pass --resume to continue it, or choose another --out".into(),
         });
     }
-    let data = int8_datasets::open::open(&recipe.data_spec(opts.data_dir.as_deref()))?;
-    let model = int8_zoo::build(&recipe.model, data.classes, &recipe.policy(), recipe.train.seed)?;
+    let (model, data) = task::build(recipe, opts.data_dir.as_deref())?;
     let mut sgd = Sgd::new(recipe.sgd());
     let mut state = TrainState { recipe: resolved.clone(), ..Default::default() };
     let resuming = opts.resume && last.exists();
@@ -215,13 +217,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     }
     if resuming {
         let ck = checkpoint::load(&last)?;
-        state = checkpoint::restore_all(model.as_ref(), &mut sgd, &ck, &last)?;
+        state = checkpoint::restore_all(&model, &mut sgd, &ck, &last)?;
         if state.recipe != resolved {
             return Err(different_recipe(out));
         }
     } else if let Some(init) = &recipe.train.init {
         let ck = checkpoint::load(init)?;
-        checkpoint::restore_weights(model.as_ref(), &ck, init)?;
+        checkpoint::restore_weights(&model, &ck, init)?;
     }
     write_atomic(&out.join("recipe.toml"), resolved.as_bytes())?;
     let mut trainer = Trainer { recipe, opts, model, sgd, state, data, schedule: recipe.schedule() };
@@ -246,17 +248,17 @@ fn remove_stale_logs(out: &Path) -> Result<usize> {
 struct Trainer<'a> {
     recipe: &'a Recipe,
     opts: &'a RunOptions,
-    model: Box<dyn Model>,
+    model: Net,
     sgd: Sgd,
     state: TrainState,
-    data: Opened,
+    data: Data,
     schedule: Schedule,
 }
 
 impl Trainer<'_> {
     fn checkpoint(&self, name: &str) -> Result<PathBuf> {
         let path = self.opts.out.join("checkpoints").join(name);
-        checkpoint::save(&path, self.model.as_ref(), &self.sgd, &self.state)?;
+        checkpoint::save(&path, &self.model, &self.sgd, &self.state)?;
         Ok(path)
     }
 
@@ -273,7 +275,7 @@ impl Trainer<'_> {
     fn train(&mut self, resuming: bool, start: &str) -> Result<Summary> {
         let r = self.recipe;
         let (epochs, batch) = (r.train.epochs, r.train.batch);
-        let steps_per_epoch = self.data.train.len().div_ceil(batch);
+        let steps_per_epoch = self.data.train_len().div_ceil(batch);
         let total = (epochs * steps_per_epoch) as u64;
         let mut tb = EventWriter::create(&self.opts.out, &format!("{}", self.state.global_step))?;
         if resuming {
@@ -290,11 +292,11 @@ impl Trainer<'_> {
             "{} on {} ({} train / {} test images, {} classes), {} at {}: {} parameters, {} INT8 layers; {} -> {}",
             r.model,
             r.dataset,
-            self.data.train.len(),
-            self.data.test.len(),
-            self.data.classes,
+            self.data.train_len(),
+            self.data.test_len(),
+            self.data.classes(),
             r.quant.precision,
-            self.data.root.display(),
+            self.data.root().display(),
             params,
             int8_layers,
             if resuming { format!("resuming at step {}", self.state.global_step) } else { start.to_string() },
@@ -305,7 +307,7 @@ impl Trainer<'_> {
         while self.state.epochs_done < epochs {
             let epoch = self.state.epochs_done;
             let skip = self.state.step_in_epoch;
-            let batches = epoch_from(self.data.train.clone(), batch, true, r.train.seed, epoch as u64, 3, skip)?;
+            let batches = self.data.train_epoch(batch, r.train.seed, epoch as u64, skip)?;
             let mut waited = Instant::now();
             for b in batches {
                 let b = b?;
@@ -313,19 +315,18 @@ impl Trainer<'_> {
                 let step = self.state.global_step + 1;
                 let hist_due = r.train.histogram_every > 0 && step.is_multiple_of(r.train.histogram_every as u64);
                 if hist_due {
-                    keep_grads(self.model.as_ref(), true);
+                    keep_grads(&self.model, true);
                 }
-                let n = b.labels.len();
-                let images = tensor(b.images, b.dims)?;
+                let n = b.len();
                 // Forward, backward and update run on a worker of rayon's pool, so that the
                 // kernels' many parallel calls do not each hand over to it (see `int8_nn::threads`).
-                let (model, sgd, labels) = (self.model.as_ref(), &mut self.sgd, &b.labels);
-                let stepped = int8_nn::threads::in_pool(|| train_step(model, sgd, &images, labels, lr))?;
+                let (model, sgd) = (&self.model, &mut self.sgd);
+                let stepped = int8_nn::threads::in_pool(|| task::step(model, sgd, b, lr))?;
                 let done = match stepped {
                     Ok(done) => done,
                     Err(why) => return Err(self.diverged(epoch + 1, why)),
                 };
-                let (report, dt) = (done.report, (done.forward + done.backward + done.update).as_secs_f64());
+                let dt = (done.forward + done.backward + done.update).as_secs_f64();
                 if !first_step_of_session {
                     self.state.step_seconds += dt;
                     self.state.steps_timed += 1;
@@ -336,27 +337,33 @@ impl Trainer<'_> {
                 self.state.epoch_seconds += wall;
                 self.state.global_step = step;
                 self.state.step_in_epoch += 1;
-                self.state.epoch_loss_sum += report.loss * n as f64;
-                self.state.epoch_hits += report.top1 as u64;
+                self.state.epoch_loss_sum += done.loss * n as f64;
+                self.state.epoch_hits += done.hits.unwrap_or(0) as u64;
                 self.state.epoch_seen += n as u64;
+                for &(term, v) in &done.terms {
+                    *self.state.epoch_terms.entry(term.to_string()).or_default() += v * n as f64;
+                }
 
                 if step.is_multiple_of(r.train.log_every as u64) || step == 1 {
-                    let mut s = vec![
-                        ("train/loss".to_string(), report.loss),
-                        ("train/top1".to_string(), 100.0 * report.top1 as f64 / n as f64),
+                    let mut s = vec![("train/loss".to_string(), done.loss)];
+                    if let Some(hits) = done.hits {
+                        s.push(("train/top1".to_string(), 100.0 * hits as f64 / n as f64));
+                    }
+                    s.extend(done.terms.iter().map(|(term, v)| (format!("train/{term}"), *v)));
+                    s.extend([
                         ("train/lr".to_string(), lr),
                         ("train/images_per_s".to_string(), n as f64 / wall),
                         ("train/step_ms".to_string(), dt * 1e3),
-                    ];
-                    s.extend(layer_scalars(self.model.as_ref()));
+                    ]);
+                    s.extend(layer_scalars(&self.model));
                     tb.scalars(step, &s)?;
                     tb.flush()?;
                 }
                 if hist_due {
-                    histograms(&mut tb, step, self.model.as_ref())?;
-                    keep_grads(self.model.as_ref(), false);
+                    histograms(&mut tb, step, &self.model)?;
+                    keep_grads(&self.model, false);
                 }
-                progress.step(step, epoch + 1, epochs, report.loss);
+                progress.step(step, epoch + 1, epochs, done.loss);
                 if self.opts.kill_at_step == Some(step) {
                     let checkpoint = self.opts.out.join("checkpoints/last.safetensors");
                     return Err(TrainError::Interrupted { step, checkpoint });
@@ -389,35 +396,41 @@ impl Trainer<'_> {
         let r = self.recipe;
         let epoch = self.state.epochs_done + 1;
         let seen = self.state.epoch_seen.max(1) as f64;
-        let (train_loss, train_top1) = (self.state.epoch_loss_sum / seen, 100.0 * self.state.epoch_hits as f64 / seen);
+        let train_loss = self.state.epoch_loss_sum / seen;
+        let classifying = matches!(self.model, Net::Classifier(_));
+        let train_top1 = classifying.then(|| 100.0 * self.state.epoch_hits as f64 / seen);
+        let train_terms: std::collections::BTreeMap<String, f64> =
+            std::mem::take(&mut self.state.epoch_terms).into_iter().map(|(k, v)| (k, v / seen)).collect();
         let images_per_s = seen / self.state.epoch_seconds.max(1e-9);
         let lr = self.schedule.lr(epoch as f64);
         let due = epoch.is_multiple_of(r.train.eval_every) || epoch == r.train.epochs;
-        let test = if due { Some(evaluate(self.model.as_ref(), &self.data.test, r.train.eval_batch)?) } else { None };
+        let test: Option<Metrics> =
+            if due { Some(task::evaluate(&self.model, &self.data, r.train.eval_batch)?) } else { None };
         let step = self.state.global_step;
-        let mut s = vec![
-            ("epoch/train_loss".to_string(), train_loss),
-            ("epoch/train_top1".to_string(), train_top1),
-            ("epoch/images_per_s".to_string(), images_per_s),
-        ];
-        if let Some((l, t1, t5)) = test {
-            s.extend([("test/loss".into(), l), ("test/top1".into(), t1), ("test/top5".into(), t5)]);
-        }
+        let mut s = vec![("epoch/train_loss".to_string(), train_loss)];
+        s.extend(train_top1.map(|t| ("epoch/train_top1".to_string(), t)));
+        s.extend(train_terms.iter().map(|(k, v)| (format!("epoch/train_{k}"), *v)));
+        s.push(("epoch/images_per_s".to_string(), images_per_s));
+        s.extend(test.iter().flat_map(Metrics::scalars));
         tb.scalars(step, &s)?;
         tb.flush()?;
+        let terms_line: String = train_terms.iter().map(|(k, v)| format!(" {k} {v:.4}")).collect();
         self.state.history.push(EpochRecord {
             epoch,
             lr,
             train_loss,
             train_top1,
-            test_loss: test.map(|t| t.0),
-            test_top1: test.map(|t| t.1),
-            test_top5: test.map(|t| t.2),
+            train_terms,
+            test_loss: test.and_then(|t| t.loss),
+            test_top1: test.and_then(|t| t.top1),
+            test_top5: test.and_then(|t| t.top5),
+            test_map50: test.and_then(|t| t.map50),
+            test_map: test.and_then(|t| t.map),
             images_per_s,
         });
-        let improved = test.is_some_and(|t| t.1 > self.state.best_top1 || epoch == 1);
-        if let Some((_, t1, _)) = test {
-            self.state.best_top1 = self.state.best_top1.max(t1);
+        let improved = test.is_some_and(|t| t.headline() > self.state.best || epoch == 1);
+        if let Some(t) = test {
+            self.state.best = self.state.best.max(t.headline());
         }
         self.state.epochs_done = epoch;
         self.state.step_in_epoch = 0;
@@ -426,9 +439,10 @@ impl Trainer<'_> {
         self.state.epoch_seen = 0;
         self.state.epoch_seconds = 0.0;
         progress.message(&format!(
-            "epoch {epoch}/{}: train loss {train_loss:.4} top-1 {train_top1:.2}%{} | {images_per_s:.0} img/s",
+            "epoch {epoch}/{}: train loss {train_loss:.4}{}{terms_line}{} | {images_per_s:.0} img/s",
             r.train.epochs,
-            test.map_or(String::new(), |(l, t1, t5)| format!(" | test loss {l:.4} top-1 {t1:.2}% top-5 {t5:.2}%")),
+            train_top1.map_or(String::new(), |t| format!(" top-1 {t:.2}%")),
+            test.map_or(String::new(), |t| format!(" | {}", t.describe())),
         ));
         self.checkpoint("last.safetensors")?;
         if improved {
@@ -440,9 +454,11 @@ impl Trainer<'_> {
 
     fn summary(&self, params: usize, int8_layers: usize) -> Result<Summary> {
         let r = self.recipe;
-        let last_test = self.state.history.iter().rev().find_map(|h| h.test_top1.zip(h.test_top5));
+        let last = self.state.history.iter().rev().find(|h| h.test_top1.is_some() || h.test_map50.is_some());
         let int8 = r.quant.precision == PrecisionName::Int8;
+        let (classify, detect) = (r.task == Task::Classification, r.task == Task::Detection);
         let summary = Summary {
+            task: r.task,
             model: r.model.clone(),
             dataset: r.dataset.clone(),
             precision: r.quant.precision.to_string(),
@@ -450,13 +466,16 @@ impl Trainer<'_> {
             dclr: int8 && r.quant.dclr,
             seed: r.train.seed,
             epochs: self.state.epochs_done,
-            top1: last_test.map_or(0.0, |t| t.0),
-            top5: last_test.map_or(0.0, |t| t.1),
-            best_top1: self.state.best_top1,
+            top1: classify.then(|| last.and_then(|h| h.test_top1).unwrap_or(0.0)),
+            top5: classify.then(|| last.and_then(|h| h.test_top5).unwrap_or(0.0)),
+            best_top1: classify.then_some(self.state.best),
+            map50: detect.then(|| last.and_then(|h| h.test_map50).unwrap_or(0.0)),
+            map: detect.then(|| last.and_then(|h| h.test_map).unwrap_or(0.0)),
+            best_map50: detect.then_some(self.state.best),
             final_train_loss: self.state.history.last().map_or(f64::NAN, |h| h.train_loss),
             train_seconds: self.state.train_seconds,
             step_ms: 1e3 * self.state.step_seconds / self.state.steps_timed.max(1) as f64,
-            images: (self.data.train.len(), self.data.test.len()),
+            images: (self.data.train_len(), self.data.test_len()),
             params,
             int8_layers,
         };

@@ -128,7 +128,7 @@ lr = 0.05
     };
     let (gz, unpacked) = (one(Path::new(FASHION)), one(raw.path()));
     assert_eq!(gz.images, (256, 200));
-    assert!(gz.final_train_loss.is_finite() && gz.top1 > 10.0, "{gz:?}");
+    assert!(gz.final_train_loss.is_finite() && gz.top1.unwrap() > 10.0, "{gz:?}");
     // The same images train the same way from either form.
     assert_eq!((gz.top1, gz.final_train_loss), (unpacked.top1, unpacked.final_train_loss));
     // A folder by path has no published normalisation: it is computed from its training images,

