@@ -177,15 +177,19 @@ fn real_main() -> Result<()> {
     };
     // For tests of interrupted sweeps: exit as if killed after this step, with no checkpoint.
     opts.kill_at_step = std::env::var("INT8_TRAIN_KILL_AT_STEP").ok().and_then(|v| v.parse().ok());
+    // Ctrl-C (SIGINT) and, through ctrlc's `termination` feature, SIGTERM and SIGHUP (what
+    // `scancel`, a Slurm time limit or a closed terminal send) stop the run after its step with a
+    // checkpoint; the exit code is then 130 either way (Slurm records such a task as CANCELLED
+    // after scancel, or FAILED with exit code 130 when its time limit's early SIGTERM stopped it).
     let stop = opts.stop.clone();
     ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::Relaxed) {
-            eprintln!("\nsecond Ctrl-C: stopping now without a checkpoint");
+            eprintln!("\nsecond Ctrl-C or SIGTERM: stopping now without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)");
+        eprintln!("\nCtrl-C or SIGTERM: stopping after this step with a checkpoint (again to stop at once)");
     })
-    .context("cannot install the Ctrl-C handler")?;
+    .context("cannot install the signal handler")?;
     let s = run(&recipe, &opts).with_context(|| format!("run {}", opts.out.display()))?;
     eprintln!("done: {} -> {}", s.describe(), opts.out.display());
     Ok(())
