@@ -83,6 +83,40 @@ enum Cmd {
         /// Look for datasets here first.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Where the runs run: local processes, or one Slurm job array, one task per run (the
+        /// output folder and the data on a filesystem the nodes share; see the README).
+        #[arg(long, value_enum, default_value_t = BackendKind::Local)]
+        backend: BackendKind,
+        /// Slurm: the partition (sbatch --partition).
+        #[arg(long, help_heading = "Slurm")]
+        partition: Option<String>,
+        /// Slurm: CPUs of each run's task, and its threads (sbatch --cpus-per-task).
+        #[arg(long, help_heading = "Slurm")]
+        cpus_per_task: Option<usize>,
+        /// Slurm: GPUs of each run's task (sbatch --gpus-per-task).
+        #[arg(long, help_heading = "Slurm")]
+        gpus_per_task: Option<usize>,
+        /// Slurm: runs at once (the %M of sbatch --array=0-N%M).
+        #[arg(long, help_heading = "Slurm")]
+        max_parallel: Option<usize>,
+        /// Slurm: each run's time limit (sbatch --time); SIGTERM 120 s before it stops the run
+        /// with a checkpoint, which the next submission resumes.
+        #[arg(long, value_name = "HH:MM:SS", help_heading = "Slurm")]
+        time: Option<String>,
+        /// Slurm: one more sbatch argument, passed as it is, e.g. --sbatch-arg=--qos=long
+        /// (repeatable).
+        #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true, help_heading = "Slurm")]
+        sbatch_args: Vec<String>,
+        /// Slurm: follow the array with progress lines until it ends, then write the tables.
+        #[arg(long, help_heading = "Slurm")]
+        wait: bool,
+        /// Print each run's state (finished, running, pending, failed) from the run folders and
+        /// the sweep's Slurm job, without running anything.
+        #[arg(long, conflicts_with_all = ["dry_run", "tables", "wait", "cancel"])]
+        status: bool,
+        /// Slurm: cancel the sweep's job array (running runs stop with a checkpoint).
+        #[arg(long, conflicts_with_all = ["dry_run", "tables", "wait"])]
+        cancel: bool,
     },
     /// Train one recipe: `cargo xtask train RECIPE [--precision fp32|int8] [--out DIR] [--set k=v]
     /// [--resume]` (see `cargo xtask train --help`).
@@ -135,6 +169,15 @@ enum DataCmd {
         /// The dataset's name.
         name: String,
     },
+}
+
+/// Where a sweep's runs run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendKind {
+    /// Local processes, up to --jobs at once.
+    Local,
+    /// One Slurm job array, submitted with sbatch.
+    Slurm,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,7 +280,26 @@ fn run() -> Result<()> {
             }
             trainer_tool(&root, &args)
         }
-        Cmd::Sweep { experiment, out, jobs, dry_run, tables, rebuild, sets, data_dir } => {
+        Cmd::Sweep {
+            experiment,
+            out,
+            jobs,
+            dry_run,
+            tables,
+            rebuild,
+            sets,
+            data_dir,
+            backend,
+            partition,
+            cpus_per_task,
+            gpus_per_task,
+            max_parallel,
+            time,
+            sbatch_args,
+            wait,
+            status,
+            cancel,
+        } => {
             let path = if Path::new(&experiment).is_file() {
                 PathBuf::from(&experiment)
             } else {
@@ -251,6 +313,44 @@ fn run() -> Result<()> {
             if jobs == 0 {
                 bail!("--jobs must be at least 1");
             }
+            let backend = match backend {
+                BackendKind::Local => {
+                    let given = [
+                        ("--partition", partition.is_some()),
+                        ("--cpus-per-task", cpus_per_task.is_some()),
+                        ("--gpus-per-task", gpus_per_task.is_some()),
+                        ("--max-parallel", max_parallel.is_some()),
+                        ("--time", time.is_some()),
+                        ("--sbatch-arg", !sbatch_args.is_empty()),
+                        ("--wait", wait),
+                    ];
+                    if let Some((flag, _)) = given.iter().find(|g| g.1) {
+                        bail!("{flag} is for Slurm: add --backend slurm");
+                    }
+                    sweep::Backend::Local
+                }
+                BackendKind::Slurm => {
+                    if jobs != 1 {
+                        bail!(
+                            "--jobs is for the local backend; with --backend slurm, --max-parallel caps runs at once"
+                        );
+                    }
+                    for (flag, v) in [("--cpus-per-task", cpus_per_task), ("--max-parallel", max_parallel)] {
+                        if v == Some(0) {
+                            bail!("{flag} must be at least 1");
+                        }
+                    }
+                    sweep::Backend::Slurm(sweep::slurm::SlurmOptions {
+                        partition,
+                        cpus_per_task,
+                        gpus_per_task,
+                        max_parallel,
+                        time,
+                        sbatch_args,
+                        wait,
+                    })
+                }
+            };
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             ctrlc::set_handler(move || {
@@ -263,8 +363,19 @@ fn run() -> Result<()> {
             // Paths are handed to runs that work from the workspace root: make them absolute.
             let cwd = std::env::current_dir().context("cannot read the current folder")?;
             let (out, data_dir) = (cwd.join(out), data_dir.map(|d| cwd.join(d)));
-            let opts =
-                sweep::SweepOptions { experiment: cwd.join(path), out, jobs, dry_run, tables, rebuild, sets, data_dir };
+            let opts = sweep::SweepOptions {
+                experiment: cwd.join(path),
+                out,
+                jobs,
+                dry_run,
+                tables,
+                rebuild,
+                sets,
+                data_dir,
+                backend,
+                status,
+                cancel,
+            };
             sweep::sweep(&root, &opts, stop)
         }
         Cmd::Train { args } => trainer_tool(&root, &args),

@@ -1,14 +1,15 @@
 //! `cargo xtask sweep`: expands an experiment (`experiments/*.toml`) into runs over recipes x
 //! precision x ablation axes x seeds ([`experiment`]), has the trainer type every run's recipe
 //! and check its layer rules before anything runs ([`check`]), runs each as its own trainer
-//! process, up to `--jobs` at once ([`local`]), skips finished runs and resumes interrupted
-//! ones, and writes `results.csv` and `results.md` with the INT8-minus-FP32 accuracy and the
-//! INT8/FP32 step-time ratio ([`report`]).
+//! process, up to `--jobs` at once ([`local`]) or as one Slurm job array ([`slurm`]), skips
+//! finished runs and resumes interrupted ones, and writes `results.csv` and `results.md` with the
+//! INT8-minus-FP32 accuracy and the INT8/FP32 step-time ratio ([`report`]).
 
 pub mod check;
 pub mod experiment;
 pub mod local;
 pub mod report;
+pub mod slurm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +40,21 @@ pub struct SweepOptions {
     pub sets: Vec<String>,
     /// A data folder searched first.
     pub data_dir: Option<PathBuf>,
+    /// Where the runs run.
+    pub backend: Backend,
+    /// Print each run's state, without running (`--status`).
+    pub status: bool,
+    /// Cancel the sweep's Slurm job (`--cancel`).
+    pub cancel: bool,
+}
+
+/// Where a sweep's runs run.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Local processes, up to `--jobs` at once.
+    Local,
+    /// One Slurm job array.
+    Slurm(slurm::SlurmOptions),
 }
 
 /// Runs a sweep.
@@ -48,6 +64,24 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     let exp: Experiment =
         toml::from_str(&text).with_context(|| format!("{}: not a valid experiment", opts.experiment.display()))?;
     let runs = plan(&exp, &opts.sets).with_context(|| format!("{}", opts.experiment.display()))?;
+    // The state of a sweep and its cancellation need no build: they read its folder and ask Slurm.
+    if opts.status || opts.cancel {
+        if !opts.out.is_dir() {
+            bail!("{} does not exist: no run of this sweep has started", opts.out.display());
+        }
+        if opts.cancel {
+            return slurm::cancel(&opts.out);
+        }
+        return slurm::status(&opts.out, &runs.iter().map(|r| r.name.clone()).collect::<Vec<_>>());
+    }
+    let slurm_opts = match &opts.backend {
+        Backend::Slurm(s) if !opts.dry_run && !opts.tables => {
+            // A machine without Slurm's client fails now, not after a build.
+            slurm::check_client()?;
+            Some(s)
+        }
+        _ => None,
+    };
     // The workspace's trainer types every recipe and checks its layer rules before anything runs,
     // so that a typo fails in a second, not an hour in.
     let built = build_trainer(root)?;
@@ -68,7 +102,10 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     }
     // The baseline is read before anything runs, so that a wrong name fails now, not at the end.
     let baseline = exp.baseline.as_deref().map(|name| Baseline::load(root, name)).transpose()?;
-    println!("{} runs in {} (jobs: {}):", runs.len(), opts.out.display(), opts.jobs);
+    match &opts.backend {
+        Backend::Local => println!("{} runs in {} (jobs: {}):", runs.len(), opts.out.display(), opts.jobs),
+        Backend::Slurm(_) => println!("{} runs in {} (Slurm):", runs.len(), opts.out.display()),
+    }
     if let Some(b) = &baseline {
         println!("INT8 runs compare with the FP32 runs of {} ({} found in {})", b.name, b.fp32.len(), b.dir.display());
     }
@@ -91,6 +128,20 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
             bail!("{} does not exist: no run of this sweep has started; run it without --tables", opts.out.display());
         }
         return write_results(&opts.out, &runs, baseline.as_ref(), None);
+    }
+    // One array at a time writes a sweep's runs: a second would train the same runs twice at once.
+    if let Some(s) = slurm_opts
+        && let Some(record) = slurm::active_job(&opts.out)?
+    {
+        if !s.wait {
+            bail!(
+                "job {} of this sweep is still queued or running: follow it with --status (or --wait), or \
+                 cancel it with --cancel before submitting again",
+                record.job
+            );
+        }
+        println!("job {} of this sweep is still queued or running: following it", record.job);
+        return slurm_wait(opts, &runs, baseline.as_ref(), &record, s, &stop);
     }
     std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
     let plan_json = serde_json::json!({ "experiment": exp, "cli_set": opts.sets, "runs": runs });
@@ -122,6 +173,22 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
         println!("{skipped} finished runs skipped");
     }
     let launch = Launch { root, trainer: &trainer, out: &opts.out, data_dir: opts.data_dir.as_deref() };
+    if let Some(s) = slurm_opts {
+        if todo.is_empty() {
+            println!("all {} runs finished: nothing to submit", runs.len());
+            return write_results(&opts.out, &runs, baseline.as_ref(), None);
+        }
+        let record = slurm::submit(&launch, &runs, &todo, s)?;
+        if !s.wait {
+            let cmd = command_line(root, opts);
+            println!(
+                "follow it with `{cmd} --status` (each run's state), `{cmd} --tables` (the tables of the \
+                 runs finished so far) or `{cmd} --wait`; stop it with `{cmd} --cancel`"
+            );
+            return Ok(());
+        }
+        return slurm_wait(opts, &runs, baseline.as_ref(), &record, s, &stop);
+    }
     let pool = local::Pool { jobs: opts.jobs, threads: local::threads_per_run(opts.jobs) };
     let failed = pool.run(&launch, &runs, &todo, skipped, &stop)?;
     write_results(&opts.out, &runs, baseline.as_ref(), Some((pool.jobs, pool.threads)))?;
@@ -138,6 +205,65 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
         );
     }
     Ok(())
+}
+
+/// Follows a submitted array to its end (`--wait`), writes the tables, and fails as the local
+/// backend does when runs failed or were stopped.
+fn slurm_wait(
+    opts: &SweepOptions,
+    runs: &[experiment::PlannedRun],
+    baseline: Option<&Baseline>,
+    record: &slurm::Record,
+    s: &slurm::SlurmOptions,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let ended = slurm::follow(&opts.out, record, stop)?;
+    // What the tables say of how runs ran: at most this many at once, with a thread per CPU.
+    let at_once = s.max_parallel.unwrap_or(record.runs.len()).min(record.runs.len());
+    write_results(&opts.out, runs, baseline, Some((at_once, s.cpus_per_task.unwrap_or(1))))?;
+    if ended.not_visible {
+        bail!(
+            "{} of {} runs could not see {}: {}",
+            ended.failed.len(),
+            record.runs.len(),
+            opts.out.display(),
+            "the output folder is not visible to the compute nodes: put it on a shared filesystem"
+        );
+    }
+    if !ended.failed.is_empty() {
+        bail!(
+            "{} of {} runs failed (their train.log says why): {}; they resume with this sweep's trainer \
+             copy, so after a fix of the code submit again with --rebuild",
+            ended.failed.len(),
+            record.runs.len(),
+            ended.failed.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !ended.unfinished.is_empty() {
+        bail!(
+            "{} of {} runs were stopped before they finished (cancelled, or at the time limit): {}; submit \
+             again to resume them from their checkpoints",
+            ended.unfinished.len(),
+            record.runs.len(),
+            ended.unfinished.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The `cargo xtask sweep` command that names this sweep, for the hints printed after a
+/// submission.
+fn command_line(root: &Path, opts: &SweepOptions) -> String {
+    let stem = opts.experiment.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut cmd = if opts.experiment == root.join("experiments").join(format!("{stem}.toml")) {
+        format!("cargo xtask sweep {stem}")
+    } else {
+        format!("cargo xtask sweep {}", opts.experiment.display())
+    };
+    if opts.out != root.join("runs").join(&stem) {
+        cmd += &format!(" --out {}", opts.out.display());
+    }
+    cmd
 }
 
 /// How a sweep's runs are started, whoever starts them (local processes or a cluster's tasks):
@@ -260,6 +386,9 @@ mod tests {
             rebuild: false,
             sets: vec![],
             data_dir: None,
+            backend: Backend::Local,
+            status: false,
+            cancel: false,
         };
         sweep(root, &opts, Arc::new(AtomicBool::new(false)))
     }
