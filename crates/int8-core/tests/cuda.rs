@@ -248,6 +248,19 @@ fn int8_gemm_is_exact_and_scaled_as_on_the_cpu() {
     assert!(cuda::gemm::gemm_i8(gpu(), &up(&vec![1i8; deep.k]), &up(&vec![1i8; deep.k]), deep).is_err());
 }
 
+/// cuBLASLt accepts the INT8 layout (TN, padded to 16) and runs every INT8 product: where it
+/// refuses one, the products still come out exact from the fallback kernel (the other tests), and
+/// this test names cuBLASLt's reason.
+#[test]
+fn int8_products_run_on_cublaslt() {
+    let (a, b) = (codes(40 * 300, 1), codes(300 * 50, 2));
+    let d = cuda::gemm::Dims { m: 40, n: 50, k: 300 };
+    let got = down(&cuda::gemm::gemm_i8(gpu(), &up(&a), &up(&b), d).unwrap());
+    let (ar, br) = (MatRef::row_major(&a, 40, 300).unwrap(), MatRef::row_major(&b, 300, 50).unwrap());
+    assert_eq!(got, gemm::reference::gemm_i8_i64(ar, br).into_iter().map(|v| v as i32).collect::<Vec<_>>());
+    assert_eq!(gpu().int8_gemm_fallback(), None, "cublaslt refused an int8 product; the fallback kernel ran it");
+}
+
 #[test]
 fn fp32_gemm_is_true_fp32() {
     for (m, n, k) in [(1usize, 1usize, 1usize), (7, 13, 5), (64, 100, 577)] {

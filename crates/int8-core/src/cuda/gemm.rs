@@ -108,6 +108,9 @@ impl Drop for Pref {
 /// `c[M][N] = a[M][K] * bt[N][K]^T` in exact INT32, all row-major with K contiguous: `a` holds
 /// `m` rows of `k` codes from element `a_off`, `bt` holds `n` rows of `k` from `bt_off`, `c` gets
 /// `m` rows of `n` from `c_off`. `m`, `n`, `k` and the offsets must be multiples of [`PAD`].
+///
+/// Where cuBLASLt refuses the product, an exact kernel of our own computes it instead and
+/// [`Gpu::int8_gemm_fallback`] records why (the results are the same; the speed is not).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_i8_nt(
     gpu: &Gpu,
@@ -119,8 +122,6 @@ pub(crate) fn matmul_i8_nt(
     c: &mut CudaSlice<i32>,
     c_off: usize,
 ) -> Result<()> {
-    use cudarc::cublaslt::result as r;
-    use lt::cublasLtMatmulDescAttributes_t as A;
     if [m, n, k, a_off, bt_off, c_off].iter().any(|v| v % PAD != 0) || m == 0 || n == 0 || k == 0 {
         return Err(CoreError::InvalidArgument {
             what: "int8 gemm padding",
@@ -135,6 +136,26 @@ pub(crate) fn matmul_i8_nt(
             why: format!("buffers of {}, {}, {} elements are too short for {m}x{n}x{k}", a.len(), bt.len(), c.len()),
         });
     }
+    if let Err(e) = lt_matmul_i8(gpu, (m, n, k), (a, a_off), (bt, bt_off), (c, c_off)) {
+        gpu.note_int8_fallback(e.to_string());
+        let (a, bt) = (a.slice(a_off..a_off + m * k), bt.slice(bt_off..bt_off + n * k));
+        let mut c = c.slice_mut(c_off..c_off + m * n);
+        let (mi, ni, ki) = (m as i64, n as i64, k as i64);
+        launch!(gpu, "gemm", "gemm_i8_nt", grid(m * n), [&a, &bt, &mi, &ni, &ki, &mut c])?;
+    }
+    Ok(())
+}
+
+/// [`matmul_i8_nt`] on cuBLASLt (arguments checked by the caller).
+fn lt_matmul_i8(
+    gpu: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    (a, a_off): (&CudaSlice<i8>, usize),
+    (bt, bt_off): (&CudaSlice<i8>, usize),
+    (c, c_off): (&mut CudaSlice<i32>, usize),
+) -> Result<()> {
+    use cudarc::cublaslt::result as r;
+    use lt::cublasLtMatmulDescAttributes_t as A;
     let err = |op: &'static str| move |e: r::CublasError| blas_err(&format!("cublaslt {op}"), e);
     let i8t = lt::cudaDataType_t::CUDA_R_8I;
     // Column-major: C^T (N x M, ld N) = op(Bt) (N x K) * op(A) (K x M), with Bt stored as K x N

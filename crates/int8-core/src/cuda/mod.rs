@@ -107,6 +107,7 @@ pub struct Gpu {
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: Mutex<gemm::Blas>,
+    int8_fallback: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -276,6 +277,7 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
+            int8_fallback: Mutex::new(None),
         })
     }
 
@@ -360,6 +362,17 @@ impl Gpu {
             .map_err(|e| driver(&format!("finding kernel `{name}` in `{unit}`"), e))?;
         self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert((unit, name), f.clone());
         Ok(f)
+    }
+
+    /// Why cuBLASLt refused an INT8 product, if it ever did on this GPU: the product then ran on
+    /// `int8-core`'s own exact kernel (same results, slower). `None` when cuBLASLt ran them all.
+    pub fn int8_gemm_fallback(&self) -> Option<String> {
+        self.int8_fallback.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the first reason cuBLASLt refused an INT8 product.
+    pub(crate) fn note_int8_fallback(&self, why: String) {
+        self.int8_fallback.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
     }
 
     /// The BLAS handles, one caller at a time (they share a workspace).

@@ -44,3 +44,17 @@ extern "C" __global__ void widen_add(const int* sums, i64 rows, i64 cols, i64 ld
 extern "C" __global__ void finish_i64(const i64* total, i64 n, double sc, float* out) {
     GRID_LOOP(i, n) out[i] = (float)((double)total[i] * sc);
 }
+
+// The fallback when cuBLASLt refuses an INT8 product (`Gpu::int8_gemm_fallback`): c[i][j] = sum
+// over k of a[i][k] * bt[j][k], exact in INT32 (the caller's depth bound), four bytes at a time
+// with __dp4a. `k` is a multiple of 16 and the rows 16-byte aligned, so the int loads are aligned.
+extern "C" __global__ void gemm_i8_nt(const i8* a, const i8* bt, i64 m, i64 n, i64 k, int* c) {
+    GRID_LOOP(idx, m * n) {
+        const i64 i = idx / n, j = idx % n;
+        const int* ar = (const int*)(a + i * k);
+        const int* br = (const int*)(bt + j * k);
+        int acc = 0;
+        for (i64 q = 0; q < k / 4; q++) acc = __dp4a(ar[q], br[q], acc);
+        c[idx] = acc;
+    }
+}
