@@ -4,7 +4,7 @@
 //!
 //! INT8 layout (see the module header of [`crate::cuda`]): cuBLASLt's IMMA kernels take the "TN"
 //! form of column-major operands, i.e. both operands with K contiguous, so every INT8 product is
-//! [`matmul_i8_nt`]: `C[M][N] = A[M][K] * Bt[N][K]^T`, row-major, with M, N, K padded to
+//! `matmul_i8_nt`: `C[M][N] = A[M][K] * Bt[N][K]^T`, row-major, with M, N, K padded to
 //! multiples of [`PAD`] (zeros) so that sizes, leading dimensions and offsets meet IMMA's
 //! alignment rules. The products are exact INT32 sums for reductions up to
 //! [`crate::gemm::MAX_K_I8`], as on the CPU, whatever order cuBLASLt sums in.

@@ -33,13 +33,25 @@
 //!   `[K][images x out_plane]`, over chunks of images whose INT32 sums provably fit, each chunk
 //!   widened into an i64 total, times `s_x * s_dy` in f64 at the end.
 //!
+//! Should cuBLASLt refuse an INT8 product all the same, an exact `__dp4a` kernel of our own
+//! computes it (same numbers, slower) and [`Gpu::int8_gemm_fallback`] says why.
+//!
 //! FP32 products go to cuBLAS SGEMM in `CUBLAS_PEDANTIC_MATH` (no TF32, no reduced-precision
-//! reductions), with the row-major-as-column-major transposition and no padding.
+//! reductions), with the row-major-as-column-major transposition and no padding. Convolutions
+//! lower a chunk of images at a time, sized so that its operands fit [`conv::WORKSPACE`].
+//!
+//! # Libraries
+//! Nothing CUDA is needed to build. At run time [`Gpu::new`] loads the driver (`libcuda.so.1`),
+//! NVRTC (`libnvrtc.so.13`, which loads `libnvrtc-builtins.so.13.0`), cuBLAS and cuBLASLt
+//! (`libcublas.so.13`, `libcublasLt.so.13`) from the library search path, and answers an error
+//! naming the first one missing (cudarc itself would panic).
 //!
 //! # Exactness
 //! The kernels are written against the CPU code line by line and compiled without fused
 //! multiply-adds (`--fmad=false`, correctly rounded division and square root, no flush to zero),
-//! so each f32 expression rounds as Rust's does. Bit for bit equal to the CPU:
+//! so each f32 expression rounds as Rust's does. Bit for bit equal to the CPU, for finite inputs
+//! (a kernel skips the products with padding that the CPU forms, which matters only where an
+//! infinity would meet a zero):
 //! quantization (codes, scales, saturation counts; nearest and stochastic, whose counter-based
 //! generator is reproduced exactly), every INT8 product and convolution (exact INT32/i64 sums, the
 //! scales applied as on the CPU), the depthwise convolutions at both precisions (the CPU's tap
@@ -50,11 +62,12 @@
 //!   absolute terms, the CPU tests' bound against the f64 reference.
 //! - DSGC's three sums: each 1024-value block's and each CPU chunk's sums are the CPU's exactly;
 //!   the chunks are added in index order where the CPU's rayon reduction adds them in a tree, so
-//!   the sums differ by reassociation of non-negative f64 terms (relative difference below
-//!   chunks x 2^-53) and the distance by far less than the 1e-6 relative the issue allows; with
-//!   one chunk (up to 16384 values; 32768 for the fused quantize pass) they are equal. The clip
-//!   search makes the CPU's sequence of evaluations, so it chooses the CPU's clip unless two
-//!   compared distances lie within that difference of each other.
+//!   the sums differ by the reassociation of non-negative f64 terms (relative difference below
+//!   chunks x 2^-53, chunks = n / 16384) and the distance by about that much in absolute terms:
+//!   within the issue's 1e-6 relative unless the distance itself is below chunks x 1e-10 (INT8
+//!   distances are 1e-4 to 1e-2). With one chunk (up to 16384 values; 32768 for the fused
+//!   quantize pass) they are equal. The clip search makes the CPU's sequence of evaluations, so
+//!   it chooses the CPU's clip unless two compared distances lie within that difference.
 //! - The loss: `exp` and `log` in f64 are CUDA's, within 1 ulp of glibc's; the loss agrees to
 //!   about 1e-15 relative, and a gradient value can differ in its last f32 bit.
 //! - The sign of a zero from `max(-0.0, 0.0)` (ReLU of -0.0): Rust leaves it unspecified, and it
