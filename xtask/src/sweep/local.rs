@@ -86,12 +86,11 @@ impl Pool {
                     done += 1;
                     match finished(&dir) {
                         Some(s) if status.success() => println!(
-                            "[{done}/{}] finished {} in {}: top-1 {:.2}% (best {:.2}%), {:.1} ms/step",
+                            "[{done}/{}] finished {} in {}: {}, {:.1} ms/step",
                             runs.len(),
                             r.name,
                             fmt_secs(t0.elapsed().as_secs_f64()),
-                            s.top1,
-                            s.best_top1,
+                            s.describe(),
                             s.step_ms
                         ),
                         _ if stop.load(Ordering::Relaxed) => {

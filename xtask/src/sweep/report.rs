@@ -29,16 +29,51 @@ pub struct Finished {
     pub seed: u64,
     /// Epochs trained.
     pub epochs: usize,
-    /// Final test top-1 (%).
-    pub top1: f64,
-    /// Best test top-1 (%).
-    pub best_top1: f64,
+    /// `detection`, or absent for classification.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Final test top-1 (%), classification.
+    #[serde(default)]
+    pub top1: Option<f64>,
+    /// Best test top-1 (%), classification.
+    #[serde(default)]
+    pub best_top1: Option<f64>,
+    /// Final test mAP@0.5 (%), detection.
+    #[serde(default)]
+    pub map50: Option<f64>,
+    /// Best test mAP@0.5 (%), detection.
+    #[serde(default)]
+    pub best_map50: Option<f64>,
+    /// Final test mAP@[.5:.95] (%), detection.
+    #[serde(default)]
+    pub map: Option<f64>,
     /// Mean training loss of the last epoch.
     pub final_train_loss: f64,
     /// Seconds spent training.
     pub train_seconds: f64,
     /// Mean compute time of a step (ms).
     pub step_ms: f64,
+}
+
+impl Finished {
+    /// Whether the run trained a detector.
+    pub fn detection(&self) -> bool {
+        self.task.as_deref() == Some("detection")
+    }
+
+    /// The number the run is judged by (top-1, or mAP@0.5, in %), and its best over the run.
+    pub fn score(&self) -> (f64, f64) {
+        let (last, best) = if self.detection() { (self.map50, self.best_map50) } else { (self.top1, self.best_top1) };
+        let last = last.unwrap_or(0.0);
+        (last, best.unwrap_or(last))
+    }
+
+    /// For progress lines: `top-1 91.20% (best 91.50%)`, or the same with mAP@0.5.
+    pub fn describe(&self) -> String {
+        let (last, best) = self.score();
+        let name = if self.detection() { "mAP@0.5" } else { "top-1" };
+        format!("{name} {last:.2}% (best {best:.2}%)")
+    }
 }
 
 /// The summary of a finished run in `dir`, if it has one.
@@ -83,14 +118,15 @@ impl Baseline {
         let csv_path = dir.join("results.csv");
         let csv = std::fs::read_to_string(&csv_path).with_context(|| format!("cannot read {}", csv_path.display()))?;
         let mut lines = csv.lines();
-        if lines.next() != Some(CSV_HEADER) {
+        let header = lines.next();
+        if header != Some(CSV_HEADER) && header != Some(CSV_HEADER_DETECTION) {
             bail!("{}: the header is not `{CSV_HEADER}`; rerun its sweep to rewrite it", csv_path.display());
         }
         let mut fp32 = Vec::new();
         for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let cells: Vec<&str> = line.split(',').collect();
             let bad = || anyhow::anyhow!("{} line {}: not a results row: {line}", csv_path.display(), i + 2);
-            let [run, _, _, precision, _, _, _, _, top1, _, _, _, _] = cells[..] else { return Err(bad()) };
+            let [run, _, _, precision, _, _, _, _, top1, ..] = cells[..] else { return Err(bad()) };
             if precision != "fp32" {
                 continue;
             }
@@ -118,9 +154,12 @@ impl Baseline {
     }
 }
 
-/// The exact header of `results.csv`.
+/// The exact header of `results.csv` of a classification sweep.
 pub const CSV_HEADER: &str =
     "run,model,dataset,precision,dsgc,dclr,seed,epochs,top1,best_top1,final_train_loss,train_seconds,step_ms";
+/// The exact header of `results.csv` of a detection sweep: the metric in the same column.
+pub const CSV_HEADER_DETECTION: &str =
+    "run,model,dataset,precision,dsgc,dclr,seed,epochs,map50,best_map50,map,final_train_loss,train_seconds,step_ms";
 
 fn mean_std(v: &[f64]) -> (f64, Option<f64>) {
     let n = v.len() as f64;
@@ -142,6 +181,14 @@ pub fn write_results(
 ) -> Result<()> {
     let rows: Vec<(&PlannedRun, Finished)> =
         runs.iter().filter_map(|r| finished(&out.join(&r.name)).map(|s| (r, s))).collect();
+    let detection = rows.iter().any(|(_, s)| s.detection());
+    if detection && rows.iter().any(|(_, s)| !s.detection()) {
+        bail!(
+            "the sweep in {} mixes classification and detection runs; give each task an experiment of its own",
+            out.display()
+        );
+    }
+    let (metric, metric_md) = if detection { ("mAP@0.5", "mAP@0.5 %") } else { ("Top-1", "top-1 %") };
     let onoff = |r: &PlannedRun, v: bool| {
         if r.precision == "fp32" {
             "n/a"
@@ -164,15 +211,20 @@ pub fn write_results(
                 onoff(r, s.dclr).into(),
                 s.seed.to_string(),
                 s.epochs.to_string(),
-                format!("{:.2}", s.top1),
-                format!("{:.2}", s.best_top1),
+                format!("{:.2}", s.score().0),
+                format!("{:.2}", s.score().1),
+            ]
+            .into_iter()
+            .chain(detection.then(|| format!("{:.2}", s.map.unwrap_or(0.0))))
+            .chain([
                 format!("{:.4}", s.final_train_loss),
                 format!("{:.1}", s.train_seconds),
                 format!("{:.2}", s.step_ms),
-            ]
+            ])
+            .collect()
         })
         .collect();
-    let mut csv = format!("{CSV_HEADER}\n");
+    let mut csv = format!("{}\n", if detection { CSV_HEADER_DETECTION } else { CSV_HEADER });
     for c in &cells {
         csv.push_str(&c.join(","));
         csv.push('\n');
@@ -197,8 +249,15 @@ pub fn write_results(
         rows.len(),
         runs.len()
     ));
-    md.push_str("| run | model | dataset | precision | dsgc | dclr | seed | epochs | top-1 % | best top-1 % | final train loss | train s | step ms |\n");
-    md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    let extra = if detection { " mAP@[.5:.95] % |" } else { "" };
+    md.push_str(&format!(
+        "| run | model | dataset | precision | dsgc | dclr | seed | epochs | {metric_md} | best {metric_md} |{extra} \
+         final train loss | train s | step ms |\n"
+    ));
+    md.push_str(&format!(
+        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: |{} ---: | ---: | ---: |\n",
+        if detection { " ---: |" } else { "" }
+    ));
     for c in &cells {
         md.push_str(&format!("| {} |\n", c.join(" | ")));
     }
@@ -211,8 +270,10 @@ pub fn write_results(
             groups.entry((row.0.recipe_name.clone(), ablation)).or_default().push(row);
         }
     }
-    md.push_str("\n## INT8 against FP32\n\nTop-1 difference (INT8 minus FP32, percentage points) over the seeds both precisions \
-                 finished, mean and standard deviation, and the ratio of mean step times.");
+    md.push_str(&format!(
+        "\n## INT8 against FP32\n\n{metric} difference (INT8 minus FP32, percentage points) over the seeds both \
+         precisions finished, mean and standard deviation, and the ratio of mean step times."
+    ));
     if let Some(b) = baseline {
         md.push_str(&format!(
             " Where this sweep has no FP32 run of a recipe, the FP32 runs are those of the baseline experiment \
@@ -222,7 +283,10 @@ pub fn write_results(
         ));
     }
     md.push_str("\n\n");
-    md.push_str("| recipe | INT8 setting | seeds | INT8 - FP32 top-1 (pp) | INT8 / FP32 step time |\n| --- | --- | ---: | ---: | ---: |\n");
+    md.push_str(&format!(
+        "| recipe | INT8 setting | seeds | INT8 - FP32 {} (pp) | INT8 / FP32 step time |\n| --- | --- | ---: | ---: | ---: |\n",
+        if detection { "mAP@0.5" } else { "top-1" }
+    ));
     for ((recipe, ablation), int8_rows) in &groups {
         // INT8 top-1, FP32 top-1, and the INT8 and FP32 step ms of runs of this sweep, of each seed
         // with both: the step times of another sweep's runs are not compared, as they may have run
@@ -236,11 +300,13 @@ pub fn write_results(
         let pairs: Vec<Pair> = if fp32.is_empty()
             && let Some(b) = baseline
         {
-            int8_rows.iter().filter_map(|(r, s)| b.partner(r).map(|top1| (s.top1, top1, None))).collect()
+            int8_rows.iter().filter_map(|(r, s)| b.partner(r).map(|top1| (s.score().0, top1, None))).collect()
         } else {
             int8_rows
                 .iter()
-                .filter_map(|(r, s)| fp32.get(&r.seed).map(|f| (s.top1, f.top1, Some((s.step_ms, f.step_ms)))))
+                .filter_map(|(r, s)| {
+                    fp32.get(&r.seed).map(|f| (s.score().0, f.score().0, Some((s.step_ms, f.step_ms))))
+                })
                 .collect()
         };
         if pairs.is_empty() {
@@ -365,5 +431,44 @@ mod tests {
         std::fs::write(base_out.join("results.csv"), "run,top1\nx,1\n").unwrap();
         let e = Baseline::load(root.path(), "base").unwrap_err().to_string();
         assert!(e.contains("results.csv") && e.contains("header"), "{e}");
+    }
+
+    #[test]
+    fn detection_sweeps_report_map_in_the_metric_columns() {
+        let root = tempfile::tempdir().unwrap();
+        let e: Experiment = toml::from_str(
+            r#"
+            recipes = ["ssdlite-mobilenetv2-deepforest-trees"]
+            seeds = [0, 1]
+            set = ["train.epochs=2"]
+            "#,
+        )
+        .unwrap();
+        let runs = plan(&e, &[]).unwrap();
+        let out = root.path().join("runs/det");
+        for r in &runs {
+            let (m, best) = if r.precision == "fp32" { (40.0 + r.seed as f64, 45.0) } else { (39.5, 44.0) };
+            let s = serde_json::json!({
+                "task": "detection", "model": "ssdlite-mobilenetv2", "dataset": "deepforest-trees",
+                "precision": r.precision, "dsgc": true, "dclr": true, "seed": r.seed, "epochs": 2,
+                "map50": m, "map": m / 3.0, "best_map50": best, "final_train_loss": 3.0,
+                "train_seconds": 10.0, "step_ms": 100.0, "images": [44, 12], "params": 1000, "int8_layers": 2,
+            });
+            std::fs::create_dir_all(out.join(&r.name)).unwrap();
+            std::fs::write(out.join(&r.name).join("summary.json"), s.to_string()).unwrap();
+        }
+        write_results(&out, &runs, None, Some((1, 2))).unwrap();
+        let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+        assert_eq!(csv.lines().next(), Some(CSV_HEADER_DETECTION));
+        assert!(csv.contains(",2,40.00,45.00,13.33,3.0000,"), "{csv}");
+        let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+        assert!(md.contains("| mAP@0.5 % | best mAP@0.5 % | mAP@[.5:.95] % |"), "{md}");
+        // Seeds 0 and 1: 39.5 - 40 and 39.5 - 41.
+        assert!(md.contains("INT8 - FP32 mAP@0.5 (pp)"), "{md}");
+        assert!(md.contains("| ssdlite-mobilenetv2-deepforest-trees | default | 2 | -1.00 ± 0.71 | 1.00 |"), "{md}");
+        // A classification run among them is refused.
+        finish(&out, &runs[0], 70.0, 1.0);
+        let err = write_results(&out, &runs, None, None).unwrap_err().to_string();
+        assert!(err.contains("mixes classification and detection"), "{err}");
     }
 }

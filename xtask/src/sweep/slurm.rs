@@ -451,7 +451,7 @@ impl std::fmt::Display for RunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RunState::Finished(s) => {
-                write!(f, "finished: top-1 {:.2}% (best {:.2}%), {:.1} ms/step", s.top1, s.best_top1, s.step_ms)
+                write!(f, "finished: {}, {:.1} ms/step", s.describe(), s.step_ms)
             }
             RunState::Pending(reason) => write!(f, "pending ({reason})"),
             RunState::Running { node, live: Some(l) } => write!(f, "running on {node}: {l}"),
@@ -591,10 +591,9 @@ pub fn follow(out: &Path, record: &Record, stop: &AtomicBool) -> Result<Ended> {
                 done += 1;
                 match s {
                     RunState::Finished(f) => println!(
-                        "[{done}/{n}] finished {name} in {}: top-1 {:.2}% (best {:.2}%), {:.1} ms/step",
+                        "[{done}/{n}] finished {name} in {}: {}, {:.1} ms/step",
                         fmt_secs(f.train_seconds),
-                        f.top1,
-                        f.best_top1,
+                        f.describe(),
                         f.step_ms
                     ),
                     other => println!("[{done}/{n}] {name}: {other}"),
