@@ -5,7 +5,7 @@
 //! INT8 layout (see the module header of [`crate::cuda`]): cuBLASLt's IMMA kernels take the "TN"
 //! form of column-major operands, i.e. both operands with K contiguous, so every INT8 product is
 //! `matmul_i8_nt`: `C[M][N] = A[M][K] * Bt[N][K]^T`, row-major, with M, N, K padded to
-//! multiples of [`PAD`] (zeros) so that sizes, leading dimensions and offsets meet IMMA's
+//! multiples of [`PAD`], at least `2 * PAD` (zeros) so that sizes, leading dimensions and offsets meet IMMA's
 //! alignment rules. The products are exact INT32 sums for reductions up to
 //! [`crate::gemm::MAX_K_I8`], as on the CPU, whatever order cuBLASLt sums in.
 
@@ -21,20 +21,16 @@ use crate::gemm::MAX_K_I8;
 /// IMMA wants (and a multiple of the 4 it needs).
 pub const PAD: usize = 16;
 
-/// `v` rounded up to a multiple of [`PAD`] (at least [`PAD`]).
+/// `v` rounded up to a multiple of [`PAD`], and at least `2 * PAD`: PyTorch's INT8 product on
+/// cuBLASLt (`torch._int_mm`) requires more than 16 rows, a limit of cuBLASLt's INT8 kernels.
 pub(crate) fn pad(v: usize) -> usize {
-    v.div_ceil(PAD).max(1) * PAD
+    v.div_ceil(PAD).max(2) * PAD
 }
 
-/// cuBLASLt's workspace: fixed, so that the algorithm cuBLASLt picks (and so the run) repeats.
-/// 32 MiB is NVIDIA's recommendation for Hopper, more than enough before it.
-const LT_WORKSPACE: usize = 32 << 20;
-
-/// The cuBLAS and cuBLASLt handles of a [`Gpu`], with cuBLASLt's workspace.
+/// The cuBLAS and cuBLASLt handles of a [`Gpu`].
 pub(crate) struct Blas {
     blas: CudaBlas,
     lt: lt::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
 }
 
 // SAFETY: the cuBLASLt handle is used only through `&mut Blas` behind the GPU's mutex, one thread
@@ -68,23 +64,13 @@ impl Blas {
         .result()
         .map_err(|e| blas_err("cublas math mode", e))?;
         let lt = cudarc::cublaslt::result::create_handle().map_err(|e| blas_err("cublaslt handle creation", e))?;
-        // SAFETY: the workspace is scratch memory that cuBLASLt writes before reading.
-        let workspace = match unsafe { stream.alloc::<u8>(LT_WORKSPACE) } {
-            Ok(w) => w,
-            Err(e) => {
-                // SAFETY: the handle was just created and is not used again.
-                let _ = unsafe { cudarc::cublaslt::result::destroy_handle(lt) };
-                return Err(driver("cublaslt workspace allocation", e));
-            }
-        };
-        Ok(Self { blas, lt, workspace })
+        Ok(Self { blas, lt })
     }
 }
 
 /// Owned cuBLASLt descriptors, destroyed when dropped.
 struct Layout(lt::cublasLtMatrixLayout_t);
 struct Desc(lt::cublasLtMatmulDesc_t);
-struct Pref(lt::cublasLtMatmulPreference_t);
 
 impl Drop for Layout {
     fn drop(&mut self) {
@@ -96,12 +82,6 @@ impl Drop for Desc {
     fn drop(&mut self) {
         // SAFETY: created by `create_matmul_desc`, destroyed only here.
         let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_desc(self.0) };
-    }
-}
-impl Drop for Pref {
-    fn drop(&mut self) {
-        // SAFETY: created by `create_matmul_pref`, destroyed only here.
-        let _ = unsafe { cudarc::cublaslt::result::destroy_matmul_pref(self.0) };
     }
 }
 
@@ -178,35 +158,21 @@ fn lt_matmul_i8(
         r::set_matmul_desc_attribute(desc.0, A::CUBLASLT_MATMUL_DESC_TRANSB, (&no_trans as *const i32).cast(), 4)
             .map_err(err("transb"))?;
     }
-    let pref = Pref(r::create_matmul_pref().map_err(err("preference"))?);
-    let mut blas = gpu.blas();
-    let ws_size = blas.workspace.len();
-    // SAFETY: the preference is alive; the attribute is a usize passed by pointer with its size.
-    unsafe {
-        r::set_matmul_pref_attribute(
-            pref.0,
-            lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&ws_size as *const usize).cast(),
-            std::mem::size_of::<usize>(),
-        )
-        .map_err(err("workspace preference"))?;
-    }
-    // SAFETY: every descriptor is alive and describes the operands above.
-    let heuristic = unsafe { r::get_matmul_algo_heuristic(blas.lt, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) }
-        .map_err(err("algorithm choice"))?;
+    let blas = gpu.blas();
     let stream = gpu.stream().clone();
     let (alpha, beta) = (1i32, 0i32);
     let (pa, _ra) = a.device_ptr(&stream);
     let (pb, _rb) = bt.device_ptr(&stream);
     let (pc, _rc) = c.device_ptr_mut(&stream);
-    let lt_handle = blas.lt;
-    let (pw, _rw) = blas.workspace.device_ptr_mut(&stream);
+    // No algorithm and no workspace, as PyTorch's INT8 product calls cuBLASLt (an explicit
+    // heuristic's algorithm and a workspace failed there for INT8): cuBLASLt applies its default
+    // heuristic, the same choice on every call with these shapes.
     // SAFETY: the pointers address the checked extents (offsets in elements of one byte for the
     // INT8 operands and four for C); alpha and beta are INT32 host scalars as the INT32 scale type
-    // wants; the workspace holds `ws_size` bytes; everything runs on the GPU's stream.
+    // wants; a null algorithm with no workspace is documented; everything runs on the GPU's stream.
     unsafe {
         r::matmul(
-            lt_handle,
+            blas.lt,
             desc.0,
             (&alpha as *const i32).cast(),
             (&beta as *const i32).cast(),
@@ -218,9 +184,9 @@ fn lt_matmul_i8(
             lc.0,
             (pc + 4 * c_off as u64) as *mut std::ffi::c_void,
             lc.0,
-            &heuristic.algo,
-            pw as *mut std::ffi::c_void,
-            ws_size,
+            std::ptr::null(),
+            std::ptr::null_mut(),
+            0,
             stream.cu_stream() as *mut _,
         )
     }

@@ -20,8 +20,9 @@
 //! dimension K contiguous, and want leading dimensions and sizes that are multiples of 4 and
 //! 16-byte aligned pointers. Every INT8 product here is therefore `C = A * Bt^T` with
 //! `A: [M][K]` and `Bt: [N][K]` row-major (K contiguous in both), copied into buffers whose
-//! M, N and K are padded with zeros to multiples of 16 (zero codes add nothing to an integer
-//! sum). In cuBLASLt's column-major terms that is `C^T (N x M, ld N) = op(Bt) * op(A)` with
+//! M, N and K are padded with zeros to multiples of 16, at least 32 (zero codes add nothing to
+//! an integer sum; PyTorch's INT8 product on cuBLASLt needs more than 16 rows). As PyTorch's does,
+//! the call leaves the algorithm to cuBLASLt (no heuristic query, no workspace). In cuBLASLt's column-major terms that is `C^T (N x M, ld N) = op(Bt) * op(A)` with
 //! `Bt` as a K x N matrix (ld K, TRANSA = T) and `A` as a K x M matrix (ld K, TRANSB = N), INT32
 //! output, `CUBLAS_COMPUTE_32I`, INT32 scale type. The convolutions lay their operands out so:
 //! - forward: `A` = the weight of a group `[c_out_g][K]`, `Bt` = im2col of the input as rows of
@@ -75,8 +76,8 @@
 //!
 //! Reductions are deterministic: fixed shapes of partial sums combined in a fixed order, integer
 //! atomics only where the result is exact in any order (counts, first indices), never a float
-//! atomic. A run repeats bit for bit on the same GPU and libraries (cuBLAS's own guarantee for a
-//! fixed workspace, which this module never changes).
+//! atomic. A run repeats bit for bit on the same GPU and libraries (cuBLAS's own guarantee; the
+//! INT8 products are exact whatever algorithm runs them).
 
 pub mod conv;
 pub mod dsgc;
