@@ -21,10 +21,12 @@
 //! 16-byte aligned pointers. Every INT8 product here is therefore `C = A * Bt^T` with
 //! `A: [M][K]` and `Bt: [N][K]` row-major (K contiguous in both), copied into buffers whose
 //! M, N and K are padded with zeros to multiples of 16, at least 32 (zero codes add nothing to
-//! an integer sum; PyTorch's INT8 product on cuBLASLt needs more than 16 rows). As PyTorch's does,
-//! the call leaves the algorithm to cuBLASLt (no heuristic query, no workspace). In cuBLASLt's column-major terms that is `C^T (N x M, ld N) = op(Bt) * op(A)` with
-//! `Bt` as a K x N matrix (ld K, TRANSA = T) and `A` as a K x M matrix (ld K, TRANSB = N), INT32
-//! output, `CUBLAS_COMPUTE_32I`, INT32 scale type. The convolutions lay their operands out so:
+//! an integer sum; PyTorch's INT8 product on cuBLASLt needs more than 16 rows). In cuBLASLt's
+//! column-major terms that is `C^T (N x M, ld N) = op(Bt) * op(A)` with `Bt` as a K x N matrix
+//! (ld K, TRANSA = T) and `A` as a K x M matrix (ld K, TRANSB = N), INT32 output,
+//! `CUBLAS_COMPUTE_32I`, INT32 scale type; as in PyTorch's INT8 product, the call leaves the
+//! algorithm to cuBLASLt (no heuristic query, no workspace). The convolutions lay their operands
+//! out so:
 //! - forward: `A` = the weight of a group `[c_out_g][K]`, `Bt` = im2col of the input as rows of
 //!   output positions `[images x out_plane][K]`, `C` scattered to NCHW times `s_x * s_w[co]`;
 //! - input gradient: `A` = the transposed weight `[K = c_in_g kh kw][c_out_g]`, `Bt` = dY as rows
