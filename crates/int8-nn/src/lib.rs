@@ -7,6 +7,8 @@
 //!   activations, pooling, dropout, the loss, concat, reshape, arithmetic).
 //! - [`layers`]: [`layers::Conv2d`], [`layers::Linear`], [`layers::BatchNorm2d`],
 //!   [`layers::Dropout`]; [`Module`], how a model lists its layers.
+//! - [`detection`]: the detectors' box machinery without gradients (anchors, the box coder, NMS,
+//!   matching, sampling), as torchvision's.
 //! - The per-layer INT8 state of the paper ([`stats`]: DSGC clip values, DCLR multipliers,
 //!   saturation), the layer [`policy`] and [`precision`], the SGD optimizer with DCLR and the
 //!   schedules ([`optim`]).
@@ -14,6 +16,7 @@
 //!   ([`memory`]), allocation policy ([`alloc`]) and where steps run ([`threads`]).
 
 pub mod alloc;
+pub mod detection;
 mod error;
 pub mod layers;
 pub mod memory;
