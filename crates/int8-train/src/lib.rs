@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod commands;
+pub mod map;
 pub mod progress;
 pub mod recipe;
 pub mod run;
