@@ -183,6 +183,7 @@ fn a_sweep_runs_on_slurm_is_cancelled_resumes_and_finishes() {
     let first = sweep(&slurm, &a, &["--backend", "slurm", "--wait", "--max-parallel", "2", "--cpus-per-task", "1"]);
     assert!(first.status.success(), "{}", stderr(&first));
     let s = stdout(&first);
+    let job_a = job(&a);
     assert!(s.contains("submitted job") && s.contains("as array tasks 0-2, 2 at a time"), "{s}");
     let (header, rows) = table(&a);
     let (local_header, local_rows) = table(&local);
@@ -199,9 +200,19 @@ fn a_sweep_runs_on_slurm_is_cancelled_resumes_and_finishes() {
         assert!(s.contains(&format!("finished {run} in")), "{s}");
         let progress = read(a.join(run).join("progress.jsonl"));
         assert!(progress.contains("\"step\":12"), "{run}: the trainer's progress lines: {progress}");
-        assert!(read(a.join(run).join("slurm-task")).starts_with(&job(&a)));
+        assert!(read(a.join(run).join("slurm-task")).starts_with(&job_a));
     }
     assert!(a.join("slurm-job.sh").exists() && a.join(".int8-train").exists());
+    // After the array: --status reads the finished runs, --tables writes the same table again.
+    let status = sweep(&slurm, &a, &["--status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(stdout(&status).contains("3 of 3 runs finished, 0 running, 0 pending, 0 failed"), "{}", stdout(&status));
+    let csv = read(a.join("results.csv"));
+    std::fs::remove_file(a.join("results.csv")).unwrap();
+    let tables = sweep(&slurm, &a, &["--backend", "slurm", "--tables"]);
+    assert!(tables.status.success(), "{}", stderr(&tables));
+    assert_eq!(read(a.join("results.csv")), csv);
+    assert_eq!(job(&a), job_a, "--tables submits nothing");
 
     // 2. Longer runs, all three at once, cancelled once each has a checkpoint.
     let b = dir.path().join("b");
