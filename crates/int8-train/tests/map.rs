@@ -319,3 +319,142 @@ fn voc_ap_equals_the_voc_eval_reference() {
     let ap = |convention| voc_ap(&images, &VocParams { convention, ..VocParams::default() }).expect("voc").mean;
     assert_ne!(ap(PixelConvention::Continuous), ap(PixelConvention::PlusOne));
 }
+
+/// The committed set `tests/fixtures/map/images.json`: a few hand-made images (a crowd with tied
+/// scores and duplicates, difficult boxes, tiny boxes where the devkit's +1 decides, an image
+/// without ground truth, a class with only difficult boxes).
+fn fixture_images() -> Vec<ImageEval> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/map/images.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let bbox = |v: &Value| -> [f32; 4] {
+        let b: Vec<f32> =
+            v.as_array().expect("a box is 4 numbers").iter().map(|x| x.as_f64().expect("number") as f32).collect();
+        b.try_into().expect("a box is 4 numbers")
+    };
+    let class = |v: &Value| v.as_u64().expect("a class is a non-negative integer") as u32;
+    doc["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|im| ImageEval {
+            ground_truth: im["ground_truth"]
+                .as_array()
+                .expect("ground_truth")
+                .iter()
+                .map(|g| GtBox {
+                    bbox: bbox(&g["bbox"]),
+                    class: class(&g["class"]),
+                    difficult: g["difficult"].as_bool().expect("difficult"),
+                })
+                .collect(),
+            detections: im["detections"]
+                .as_array()
+                .expect("detections")
+                .iter()
+                .map(|d| DetBox {
+                    bbox: bbox(&d["bbox"]),
+                    class: class(&d["class"]),
+                    score: d["score"].as_f64().expect("score") as f32,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn fixture_reference() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/map/reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn number(v: &Value, what: &str) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("reference.json: {what} is not a number"))
+}
+
+#[test]
+fn the_fixed_set_equals_its_recorded_pycocotools_and_voc_eval_numbers() {
+    let images = fixture_images();
+    let reference = fixture_reference();
+    let coco = &reference["coco"];
+    let ours = coco_map(&images).expect("coco");
+    close("fixture AP@[.5:.95]", ours.map, number(&coco["stats"][0], "stats[0]"));
+    close("fixture AP@0.5", ours.map50, number(&coco["stats"][1], "stats[1]"));
+    close("fixture AP@0.75", ours.map75, number(&coco["stats"][2], "stats[2]"));
+    let per_class = coco["per_class"].as_object().expect("per_class");
+    assert_eq!(
+        per_class.keys().cloned().collect::<Vec<_>>(),
+        ours.per_class.keys().map(u32::to_string).collect::<Vec<_>>(),
+        "classes 1-3 count; 4 (only difficult ground truth) does not"
+    );
+    for (class, ap) in &ours.per_class {
+        let r = &per_class[&class.to_string()];
+        close(&format!("fixture class {class} AP"), ap.ap, number(&r["ap"], "ap"));
+        close(&format!("fixture class {class} AP50"), ap.ap50, number(&r["ap50"], "ap50"));
+        close(&format!("fixture class {class} AP75"), ap.ap75, number(&r["ap75"], "ap75"));
+    }
+    for (name, interpolation, convention) in [
+        ("eleven_point_continuous", Interpolation::ElevenPoint, PixelConvention::Continuous),
+        ("eleven_point_plus_one", Interpolation::ElevenPoint, PixelConvention::PlusOne),
+        ("all_point_continuous", Interpolation::AllPoint, PixelConvention::Continuous),
+        ("all_point_plus_one", Interpolation::AllPoint, PixelConvention::PlusOne),
+    ] {
+        let want = &reference["voc"][name];
+        let ours = voc_ap(&images, &VocParams { iou_threshold: 0.5, interpolation, convention }).expect("voc");
+        close(&format!("fixture VOC {name} mean"), ours.mean, number(&want["mean"], "mean"));
+        let want_classes = want["per_class"].as_object().expect("per_class");
+        assert_eq!(
+            want_classes.keys().cloned().collect::<Vec<_>>(),
+            ours.per_class.keys().map(u32::to_string).collect::<Vec<_>>(),
+            "VOC {name}"
+        );
+        for (class, ap) in &ours.per_class {
+            close(&format!("fixture VOC {name} class {class}"), *ap, number(&want_classes[&class.to_string()], "ap"));
+        }
+    }
+    // The set is made so that the settings differ: the +1 convention finds the tiny box that
+    // continuous sides miss, and COCO's stricter thresholds cost AP.
+    let voc = |name: &str| number(&reference["voc"][name]["mean"], "mean");
+    assert!(voc("all_point_plus_one") > voc("all_point_continuous"));
+    assert!(voc("all_point_continuous") > voc("eleven_point_continuous"));
+    assert!(ours.map < ours.map75 && ours.map75 < ours.map50);
+}
+
+#[test]
+fn the_recorded_reference_is_what_pycocotools_and_voc_eval_print_now() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/map/reference.py");
+    let out = Command::new("python3").arg(&script).output().unwrap_or_else(|e| {
+        panic!("python3 did not start ({e}); install Python 3, then run scripts/setup (it installs pycocotools)")
+    });
+    assert!(
+        out.status.success(),
+        "tests/fixtures/map/reference.py failed; run scripts/setup (it installs pycocotools with pip):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now: Value = serde_json::from_slice(&out.stdout).expect("reference.py prints JSON");
+    // Numbers to 1e-12 (another numpy may sum in another order); structure exactly.
+    fn same(a: &Value, b: &Value, at: &str) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{at}");
+                for (k, v) in x {
+                    same(v, &y[k], &format!("{at}.{k}"));
+                }
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                assert_eq!(x.len(), y.len(), "{at}");
+                for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                    same(v, w, &format!("{at}[{i}]"));
+                }
+            }
+            _ => {
+                let (x, y) = (a.as_f64().expect("number"), b.as_f64().expect("number"));
+                assert!(
+                    (x - y).abs() <= 1e-12,
+                    "{at}: reference.py prints {x} now, reference.json holds {y}; regenerate reference.json (see reference.py)"
+                );
+            }
+        }
+    }
+    same(&now, &fixture_reference(), "reference");
+}
