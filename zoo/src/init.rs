@@ -18,6 +18,26 @@ pub fn conv_weight_rect(out: usize, inp: usize, (kh, kw): (usize, usize), seed: 
     Ok(Tensor::randn((out, inp, kh, kw), seed).scale(std)?)
 }
 
+/// A conv weight `out x in x k x k`, He normal with fan-out (torchvision's VGG and ResNet:
+/// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`).
+pub fn conv_weight_fan_out(out: usize, inp: usize, k: usize, seed: u64) -> Result<Tensor> {
+    let std = (2.0 / (out * k * k) as f32).sqrt();
+    Ok(Tensor::randn((out, inp, k, k), seed).scale(std)?)
+}
+
+/// A conv weight `out x in x k x k`, Xavier (Glorot) uniform: `+-sqrt(6 / (fan_in + fan_out))`.
+pub fn conv_weight_xavier(out: usize, inp: usize, k: usize, seed: u64) -> Result<Tensor> {
+    let bound = (6.0 / ((inp + out) * k * k) as f64).sqrt() as f32;
+    let rng = CounterRng::new(seed);
+    let v: Vec<f32> = (0..(out * inp * k * k) as u64).map(|i| (rng.uniform(i) * 2.0 - 1.0) * bound).collect();
+    Ok(Tensor::from_vec(v, (out, inp, k, k))?)
+}
+
+/// A conv weight `out x in x k x k`, normal with standard deviation `std`.
+pub fn conv_weight_normal(out: usize, inp: usize, k: usize, std: f32, seed: u64) -> Result<Tensor> {
+    Ok(Tensor::randn((out, inp, k, k), seed).scale(std)?)
+}
+
 /// `n` values uniform in `+-bound` (PyTorch's default for biases, with `bound = 1/sqrt(fan_in)`).
 pub fn uniform(n: usize, bound: f32, seed: u64) -> Result<Tensor> {
     let rng = CounterRng::new(seed);

@@ -85,6 +85,10 @@ pub enum TrainError {
     /// Building the model failed.
     #[error(transparent)]
     Zoo(#[from] int8_zoo::ZooError),
+    /// Detections or ground truth could not be evaluated (a box that is not one, a score that is
+    /// not a number, nothing to evaluate).
+    #[error("detection evaluation: {0}")]
+    Evaluation(String),
 }
 
 impl TrainError {

@@ -18,15 +18,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use int8_nn::detection::boxes::iou_with_offset;
-use thiserror::Error;
 
-/// Bad input to an evaluation. Messages are lowercase and say what to do.
-#[derive(Debug, Error)]
-pub enum MapError {
-    /// A box or score that cannot be evaluated, or nothing to evaluate.
-    #[error("detection evaluation: {0}")]
-    BadInput(String),
-}
+use crate::{Result, TrainError};
 
 /// A ground-truth box.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,11 +125,11 @@ pub struct CocoReport {
 /// Detections per image and class that COCO counts (`maxDets`).
 pub const COCO_MAX_DETECTIONS: usize = 100;
 
-fn bad(why: String) -> MapError {
-    MapError::BadInput(why)
+fn bad(why: String) -> TrainError {
+    TrainError::Evaluation(why)
 }
 
-fn check_box(image: usize, what: &str, b: &[f32; 4]) -> Result<(), MapError> {
+fn check_box(image: usize, what: &str, b: &[f32; 4]) -> Result<()> {
     if b.iter().any(|v| !v.is_finite()) || b[2] < b[0] || b[3] < b[1] {
         return Err(bad(format!(
             "image {image}: {what} {b:?} is not a finite box with x2 >= x1 and y2 >= y1; fix the data or the model's output"
@@ -145,7 +138,7 @@ fn check_box(image: usize, what: &str, b: &[f32; 4]) -> Result<(), MapError> {
     Ok(())
 }
 
-fn check(images: &[ImageEval]) -> Result<BTreeSet<u32>, MapError> {
+fn check(images: &[ImageEval]) -> Result<BTreeSet<u32>> {
     for (i, im) in images.iter().enumerate() {
         im.ground_truth.iter().try_for_each(|g| check_box(i, "a ground-truth box", &g.bbox))?;
         for d in &im.detections {
@@ -187,7 +180,7 @@ fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
 /// image); each is a true positive if its IoU with its best box of the class exceeds the threshold,
 /// that box is not difficult and was not taken by a better detection; ignored if the box is
 /// difficult; a false positive otherwise.
-pub fn voc_ap(images: &[ImageEval], params: &VocParams) -> Result<ApReport, MapError> {
+pub fn voc_ap(images: &[ImageEval], params: &VocParams) -> Result<ApReport> {
     let classes = check(images)?;
     let per_class: BTreeMap<u32, f64> = classes
         .iter()
@@ -391,7 +384,7 @@ fn coco_precision(results: &[ImageMatches], thresholds: usize) -> Vec<[f64; 101]
 /// interpolated at 101 recall points, averaged; per image, detections are matched greedily by
 /// descending score (equal scores in their order within the image), and pooled over images by
 /// descending score (equal scores in image order).
-pub fn coco_map(images: &[ImageEval]) -> Result<CocoReport, MapError> {
+pub fn coco_map(images: &[ImageEval]) -> Result<CocoReport> {
     let classes = check(images)?;
     let thresholds = iou_thresholds();
     let mut per_class = BTreeMap::new();

@@ -54,6 +54,26 @@ pub struct Recipe {
     /// FP32 or INT8, and the paper's gradient treatment.
     #[serde(default)]
     pub quant: QuantConfig,
+    /// What a detection recipe changes of its detector.
+    #[serde(default, skip_serializing_if = "DetectorConfig::is_default")]
+    pub detector: DetectorConfig,
+}
+
+/// Detector settings (`task = "detection"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorConfig {
+    /// Default-box scales as fractions of the image (SSD, SSDLite): `[smallest, largest]`, or one
+    /// per feature map and one more; empty for the model's own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub box_scales: Vec<f64>,
+}
+
+impl DetectorConfig {
+    /// Whether nothing is changed.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What a run trains.
@@ -418,6 +438,18 @@ impl Recipe {
             };
             return Err(format!("unknown {} model `{}`{hint}; known: {}", self.task, self.model, models.join(", ")));
         }
+        if self.task == Task::Classification && !self.detector.is_default() {
+            return Err("the [detector] section is for task = \"detection\" recipes".into());
+        }
+        let s = &self.detector.box_scales;
+        if s.iter().any(|v| !(v.is_finite() && *v > 0.0 && *v <= 2.0))
+            || s.windows(2).any(|w| w[0] > w[1])
+            || s.len() == 1
+        {
+            return Err(format!(
+                "detector.box_scales must be two or more rising fractions of the image in (0, 2], got {s:?}"
+            ));
+        }
         let above0 = |key: &str, v: usize| if v == 0 { Err(format!("{key} must be above 0")) } else { Ok(()) };
         let t = &self.train;
         above0("train.epochs", t.epochs)?;
@@ -625,6 +657,33 @@ lr = 0.05
             let err = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
         }
+    }
+
+    #[test]
+    fn detection_recipes_name_detectors_and_check_their_settings() {
+        let det = |sets: &[&str]| {
+            let mut all = vec!["task=\"detection\"", "model=\"ssdlite-mobilenetv2\""];
+            all.extend_from_slice(sets);
+            parse(MINIMAL, &all)
+        };
+        let r = det(&["detector.box_scales=[0.05, 0.5]"]).unwrap();
+        assert_eq!((r.task, r.detector.box_scales.as_slice()), (Task::Detection, &[0.05, 0.5][..]));
+        assert_eq!(parse(&r.to_toml(), &[]).unwrap(), r);
+        // The resolved text of a classification recipe is what it was before detection existed.
+        assert!(!parse(MINIMAL, &[]).unwrap().to_toml().contains("task"));
+        for (sets, says) in [
+            (vec!["detector.box_scales=[0.5]"], "detector.box_scales"),
+            (vec!["detector.box_scales=[0.5, 0.1]"], "rising"),
+            (vec!["detector.box_scales=[0, 0.5]"], "detector.box_scales"),
+            (vec!["model=\"resnet20\""], "`resnet20` is a classifier: set task = \"classification\""),
+        ] {
+            let err = det(&sets).unwrap_err().to_string();
+            assert!(err.contains(says), "{sets:?}: {err}");
+        }
+        let err = parse(MINIMAL, &["model=\"ssd300-vgg16\""]).unwrap_err().to_string();
+        assert!(err.contains("is a detector: set task = \"detection\""), "{err}");
+        let err = parse(MINIMAL, &["detector.box_scales=[0.1, 0.2]"]).unwrap_err().to_string();
+        assert!(err.contains("[detector] section is for task = \"detection\""), "{err}");
     }
 
     /// Every numeric key has a range, and a value outside it is an error naming the key (the

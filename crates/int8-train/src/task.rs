@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
+use int8_datasets::detection::Object;
 use int8_datasets::detection_loader::{DetectionBatch, detection_epoch};
 use int8_datasets::loader::{Batch as ClassBatch, epoch_from};
 use int8_datasets::open::{Opened, OpenedDetection, open, open_detection};
@@ -14,10 +15,11 @@ use int8_nn::ops::cross_entropy;
 use int8_nn::optim::Sgd;
 use int8_nn::{Layer, Module, Tensor, no_grad};
 use int8_zoo::Model;
-use int8_zoo::detection::{Detector, Target};
+use int8_zoo::detection::{Detections, Detector, Target};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
+use crate::map::{DetBox, GtBox, ImageEval, VocParams, coco_map, voc_ap};
 use crate::recipe::{Recipe, Task};
 use crate::step::{Step, detection_step, train_step};
 
@@ -114,7 +116,8 @@ pub fn build(recipe: &Recipe, data_dir: Option<&Path>) -> Result<(Net, Data)> {
         Task::Detection => {
             let data = open_detection(&spec, int8_zoo::detection::input_size(&recipe.model)?)?;
             // The detector's class 0 is the background.
-            let net = int8_zoo::detection::build(&recipe.model, data.classes.len() + 1, &policy, seed)?;
+            let options = int8_zoo::detection::DetectorOptions { box_scales: recipe.detector.box_scales.clone() };
+            let net = int8_zoo::detection::build(&recipe.model, data.classes.len() + 1, &policy, seed, &options)?;
             (Net::Detector(net), Data::Detection(data))
         }
     })
@@ -291,10 +294,22 @@ fn detect(detector: &dyn Detector, data: &OpenedDetection, batch: usize) -> Resu
     Ok(Metrics { map50: Some(100.0 * map50), map: Some(100.0 * map), ..Default::default() })
 }
 
-/// VOC mAP@0.5 (all-point) and COCO mAP@[.5:.95] of `found` against `truth`, image by image.
-fn mean_ap(
-    _truth: &[Vec<int8_datasets::detection::Object>],
-    _found: &[int8_zoo::detection::Detections],
-) -> Result<(f64, f64)> {
-    Err(crate::TrainError::Recipe { path: "map".into(), why: "mAP evaluation is not wired yet".into() })
+/// VOC mAP@0.5 (all-point) and COCO mAP@[.5:.95] of `found` against `truth`, image by image,
+/// as fractions. Labels are compared as the detector gives them (the dataset's class plus 1).
+fn mean_ap(truth: &[Vec<Object>], found: &[Detections]) -> Result<(f64, f64)> {
+    let images: Vec<ImageEval> = truth
+        .iter()
+        .zip(found)
+        .map(|(t, d)| ImageEval {
+            ground_truth: t
+                .iter()
+                .map(|o| GtBox { bbox: o.bbox, class: o.class + 1, difficult: o.difficult })
+                .collect(),
+            detections: (0..d.boxes.len())
+                .map(|i| DetBox { bbox: d.boxes[i], class: d.labels[i], score: d.scores[i] })
+                .collect(),
+        })
+        .collect();
+    let voc = voc_ap(&images, &VocParams::default())?;
+    Ok((voc.mean, coco_map(&images)?.map))
 }

@@ -17,6 +17,7 @@
 pub mod faster_rcnn;
 pub mod fpn;
 pub mod retinanet;
+pub mod single_shot;
 pub mod ssd;
 pub mod ssdlite;
 
@@ -36,16 +37,59 @@ pub fn input_size(name: &str) -> Result<(usize, usize)> {
     DETECTORS.iter().find(|d| d.0 == name).map(|d| d.1).ok_or_else(|| crate::ZooError::UnknownModel(name.into()))
 }
 
+/// What a recipe may change of a registry detector.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DetectorOptions {
+    /// The default boxes' scales as fractions of the image (SSD, SSDLite): two values, the
+    /// smallest and largest level's (spaced evenly between, as SSD's Eq. 4), or one per level and
+    /// one more; empty for the model's own. Objects much smaller than the smallest default box
+    /// match none well (tree crowns are 5-15% of a tile; SSDLite's smallest box is 20%).
+    pub box_scales: Vec<f64>,
+}
+
 /// Builds detector `name` for `classes` classes (the background included) with `policy`,
-/// initialised from `seed`.
+/// initialised from `seed`, changed as `options` say.
 pub fn build(
     name: &str,
     classes: usize,
     policy: &int8_nn::policy::LayerPolicy,
     seed: u64,
+    options: &DetectorOptions,
 ) -> Result<Box<dyn Detector>> {
-    let _ = (classes, policy, seed);
-    Err(crate::ZooError::UnknownModel(name.into()))
+    use int8_nn::detection::anchors::{DefaultBoxGenerator, DefaultBoxScales};
+    use single_shot::{PostProcess, SingleShotDetector};
+    // The model's own default boxes, or its aspect ratios and steps at the recipe's scales.
+    let boxes = |own: DefaultBoxGenerator, ratios: Vec<Vec<f64>>, steps: Option<Vec<usize>>| {
+        let s = &options.box_scales;
+        let scales = match s.len() {
+            0 => return Ok(own),
+            2 => DefaultBoxScales::Range { min_ratio: s[0], max_ratio: s[1] },
+            _ => DefaultBoxScales::Explicit(s.clone()),
+        };
+        DefaultBoxGenerator::new(ratios, scales, steps, true).map_err(|e| {
+            crate::ZooError::Nn(int8_nn::NnError::BadInput {
+                layer: format!("{name} detector.box_scales"),
+                why: format!("{e}; give two values (smallest and largest) or one per feature map and one more"),
+            })
+        })
+    };
+    Ok(match name {
+        "ssd300-vgg16" => {
+            let ratios = vec![vec![2.0], vec![2.0, 3.0], vec![2.0, 3.0], vec![2.0, 3.0], vec![2.0], vec![2.0]];
+            let steps = Some(vec![8, 16, 32, 64, 100, 300]);
+            Box::new(SingleShotDetector::new(
+                Box::new(ssd::Ssd300Vgg16::new(classes, policy, seed)?),
+                boxes(DefaultBoxGenerator::ssd300(), ratios, steps)?,
+                PostProcess::SSD,
+            )?)
+        }
+        "ssdlite-mobilenetv2" => Box::new(SingleShotDetector::new(
+            Box::new(ssdlite::SsdLiteMobileNetV2::new(classes, policy, seed)?),
+            boxes(DefaultBoxGenerator::ssdlite(), vec![vec![2.0, 3.0]; 6], None)?,
+            PostProcess::SSDLITE,
+        )?),
+        _ => return Err(crate::ZooError::UnknownModel(name.into())),
+    })
 }
 
 /// The ground truth of one image: boxes as `[x1, y1, x2, y2]` in pixels of the image the detector
@@ -131,6 +175,17 @@ pub(crate) fn scoring_head(
     Ok(concat(&parts, 1)?)
 }
 
+/// How a detector's convolution starts, as torchvision starts it; its bias starts at 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Init {
+    /// He normal with fan-out (VGG's convolutions).
+    HeFanOut,
+    /// Xavier uniform (SSD's extra layers and heads).
+    Xavier,
+    /// Normal with this standard deviation (SSDLite's heads: 0.03).
+    Normal(f32),
+}
+
 /// A dense (ungrouped) `k x k` convolution with a bias, at the policy's precision for `name`.
 pub(crate) fn biased_conv(
     b: &mut Builder,
@@ -139,11 +194,16 @@ pub(crate) fn biased_conv(
     k: usize,
     geometry: ConvGeometry,
     first: bool,
+    start: Init,
 ) -> Result<Conv2d> {
-    let w = init::conv_weight(out, inp, k, b.next_seed())?;
-    let bias = init::uniform(out, 1.0 / ((inp * k * k) as f32).sqrt(), b.next_seed())?;
+    let seed = b.next_seed();
+    let w = match start {
+        Init::HeFanOut => init::conv_weight_fan_out(out, inp, k, seed)?,
+        Init::Xavier => init::conv_weight_xavier(out, inp, k, seed)?,
+        Init::Normal(std) => init::conv_weight_normal(out, inp, k, std, seed)?,
+    };
     let precision = b.policy.precision_for(name, LayerKind::Conv { first });
-    Ok(Conv2d::new(name, w, geometry, precision)?.with_bias(bias)?)
+    Ok(Conv2d::new(name, w, geometry, precision)?.with_bias(Tensor::zeros(out))?)
 }
 
 /// Stride 1 with "same" padding for an odd `k`.

@@ -6,7 +6,8 @@
 //! width, a 3x3 depthwise stride-2 convolution, a 1x1 expansion, each with batch norm and ReLU6)
 //! give 512, 256, 256 and 128 channels at 5, 3, 2 and 1 on a side. Each prediction is SSDLite's:
 //! a 3x3 depthwise convolution with batch norm and ReLU6, then a 1x1 convolution with a bias;
-//! six default boxes per location (torchvision's `DefaultBoxGenerator([[2, 3]] * 6, 0.2, 0.95)`).
+//! six default boxes per location (torchvision's `DefaultBoxGenerator([[2, 3]] * 6, 0.2, 0.95)`);
+//! the prediction convolutions start normal with standard deviation 0.03, as torchvision's.
 //! With 91 classes it has 4,664,988 parameters, batch norm counted: the count of the same network
 //! assembled from torchvision's `mobilenet_v2` features, `_extra_block` and `SSDLiteHead`.
 
@@ -14,7 +15,7 @@ use int8_nn::layers::Conv2d;
 use int8_nn::policy::LayerPolicy;
 use int8_nn::{Layer, Module, Tensor};
 
-use super::{Dense, SingleShot, biased_conv, same, scoring_head};
+use super::{Dense, Init, SingleShot, biased_conv, same, scoring_head};
 use crate::Result;
 use crate::blocks::Builder;
 use crate::mobilenetv2::{ConvBn, InvertedResidual, features};
@@ -37,7 +38,10 @@ pub struct Prediction {
 impl Prediction {
     fn new(b: &mut Builder, name: &str, inp: usize, out: usize) -> Result<Self> {
         let depthwise = b.conv_bn(&format!("{name}.dw"), inp, inp, 3, 1, inp, true)?;
-        Ok(Self { depthwise, pointwise: biased_conv(b, &format!("{name}.pw"), (inp, out), 1, same(1), false)? })
+        Ok(Self {
+            depthwise,
+            pointwise: biased_conv(b, &format!("{name}.pw"), (inp, out), 1, same(1), false, Init::Normal(0.03))?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
