@@ -1,7 +1,8 @@
-//! Batches for detection training: each image decoded as it is needed, resized to the detector's
-//! fixed input size (boxes scaled with it, as torchvision's SSD transform does), flipped at
-//! random left-right and, for overhead imagery where up and down mean nothing, top-bottom, and
-//! normalised per channel. Every sample is a pure function of (seed, epoch, index), so a resumed
+//! Batches for detection training: each image decoded as it is needed, cropped at random (SSD's
+//! zoom-in augmentation, Liu et al. 2016, Sec. 2.2: a crop keeps the boxes whose centre it
+//! holds, clipped), resized to the detector's fixed input size (boxes scaled with it, as
+//! torchvision's SSD transform does), flipped at random left-right and, for overhead imagery where
+//! up and down mean nothing, top-bottom, and normalised per channel. Every sample is a pure function of (seed, epoch, index), so a resumed
 //! run sees exactly the pixels and boxes it would have seen.
 
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::detection::{DetectionItem, DetectionSet, Object, flip_boxes, scale_boxes};
 use crate::loader::{epoch_order, prefetched};
-use crate::transform::mix;
+use crate::transform::{Stream, mix};
 use crate::{DatasetError, Result, io_err};
 
 /// A split of a detection dataset with its transform.
@@ -30,6 +31,8 @@ pub struct DetectionSource {
     pub hflip: bool,
     /// Random top-bottom flips.
     pub vflip: bool,
+    /// Random crops keep from this fraction of each side to all of it (0 or 1: no crops).
+    pub crop: f32,
 }
 
 /// A batch: `len x 3 x height x width` floats, each image's boxes in output pixels, and the
@@ -74,13 +77,26 @@ impl DetectionSource {
         self.set.items.is_empty()
     }
 
-    /// Sample `i` with the flips drawn from the random bits `r`: `3 x h x w` floats and its boxes.
+    /// Sample `i` with the crop and flips drawn from the random bits `r`: `3 x h x w` floats and
+    /// its boxes.
     pub fn sample(&self, i: usize, r: u64) -> Result<(Vec<f32>, Vec<Object>)> {
         let item = &self.set.items[i];
         let (h, w) = self.size;
-        let mut img = resize(&decode(item)?, w as u32, h as u32, FilterType::Triangle);
+        let mut img = decode(item)?;
         let mut objects = item.objects.clone();
-        scale_boxes(&mut objects, w as f32 / item.width as f32, h as f32 / item.height as f32);
+        if self.crop > 0.0 && self.crop < 1.0 {
+            let mut rng = Stream::new(r);
+            let f = rng.uniform(f64::from(self.crop), 1.0);
+            let (cw, ch) =
+                ((f * item.width as f64).round().max(1.0) as u32, (f * item.height as f64).round().max(1.0) as u32);
+            let x0 = (rng.next_f64() * f64::from(item.width - cw + 1)) as u32;
+            let y0 = (rng.next_f64() * f64::from(item.height - ch + 1)) as u32;
+            img = image::imageops::crop_imm(&img, x0, y0, cw, ch).to_image();
+            objects = crop_objects(&objects, (x0, y0), (cw, ch));
+        }
+        let (iw, ih) = (img.width(), img.height());
+        let mut img = resize(&img, w as u32, h as u32, FilterType::Triangle);
+        scale_boxes(&mut objects, w as f32 / iw as f32, h as f32 / ih as f32);
         if self.hflip && r & 1 == 1 {
             image::imageops::flip_horizontal_in_place(&mut img);
             flip_boxes(&mut objects, w as f32);
@@ -117,6 +133,23 @@ impl DetectionSource {
         }
         Ok(DetectionBatch { images, dims: [indices.len(), 3, h, w], objects, indices: indices.to_vec() })
     }
+}
+
+/// The objects of a crop of `w x h` at `(x0, y0)`: those whose box centre lies inside it, clipped
+/// to it and moved into its pixels (SSD's rule for its random crops).
+pub fn crop_objects(objects: &[Object], (x0, y0): (u32, u32), (w, h): (u32, u32)) -> Vec<Object> {
+    let (x0, y0, x1, y1) = (x0 as f32, y0 as f32, (x0 + w) as f32, (y0 + h) as f32);
+    objects
+        .iter()
+        .filter(|o| {
+            let (cx, cy) = ((o.bbox[0] + o.bbox[2]) / 2.0, (o.bbox[1] + o.bbox[3]) / 2.0);
+            cx > x0 && cx < x1 && cy > y0 && cy < y1
+        })
+        .map(|o| {
+            let [a, b, c, d] = o.bbox;
+            Object { bbox: [a.max(x0) - x0, b.max(y0) - y0, c.min(x1) - x0, d.min(y1) - y0], ..o.clone() }
+        })
+        .collect()
 }
 
 /// The batches of one epoch of `src` (shuffled with `seed` and `epoch` when `shuffle`), after the
@@ -163,7 +196,8 @@ mod tests {
     fn resizes_and_flips_move_the_boxes_with_the_pixels() {
         let dir = tempfile::tempdir().unwrap();
         let set = DetectionSet { classes: vec!["sq".into()], items: vec![square(dir.path())], empty_boxes: 0 };
-        let src = DetectionSource { set, size: (40, 80), mean: [0.0; 3], std: [1.0; 3], hflip: true, vflip: true };
+        let src =
+            DetectionSource { set, size: (40, 80), mean: [0.0; 3], std: [1.0; 3], hflip: true, vflip: true, crop: 0.0 };
         for r in 0..4u64 {
             let (px, objs) = src.sample(0, r).unwrap();
             let want = match r {
@@ -199,5 +233,39 @@ mod tests {
         assert_eq!(all.iter().map(|b| b.indices.len()).collect::<Vec<_>>(), vec![2, 2, 1]);
         let rest: Vec<_> = detection_epoch(src, 2, true, 3, 1, 1).unwrap().into_iter().map(|b| b.unwrap()).collect();
         assert_eq!(rest, all[1..]);
+    }
+
+    #[test]
+    fn crops_keep_the_boxes_whose_centre_they_hold_and_move_them_with_the_pixels() {
+        let o = |bbox| Object { class: 0, bbox, difficult: false };
+        let objects = [o([0.0, 0.0, 10.0, 10.0]), o([30.0, 30.0, 50.0, 60.0]), o([90.0, 0.0, 100.0, 4.0])];
+        // A crop at (20, 25) of 40 x 40: the first box's centre is outside, the second's inside
+        // (clipped at the bottom), the third's outside.
+        assert_eq!(crop_objects(&objects, (20, 25), (40, 40)), vec![o([10.0, 5.0, 30.0, 35.0])]);
+        // Random crops of a real-sized image: boxes inside the output, the same for the same bits.
+        let dir = tempfile::tempdir().unwrap();
+        let set = DetectionSet { classes: vec!["sq".into()], items: vec![square(dir.path())], empty_boxes: 0 };
+        let src = DetectionSource {
+            set,
+            size: (20, 40),
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            hflip: false,
+            vflip: false,
+            crop: 0.5,
+        };
+        let mut kept = 0;
+        for r in 0..200u64 {
+            let (px, objs) = src.sample(0, r).unwrap();
+            assert_eq!((px.len(), src.sample(0, r).unwrap().1), (3 * 20 * 40, objs.clone()));
+            for b in &objs {
+                assert!(b.bbox[0] >= 0.0 && b.bbox[1] >= 0.0 && b.bbox[2] <= 40.0 && b.bbox[3] <= 20.0, "{b:?}");
+                // The box still covers white pixels and the pixels outside it are black.
+                let (cx, cy) = (((b.bbox[0] + b.bbox[2]) / 2.0) as usize, ((b.bbox[1] + b.bbox[3]) / 2.0) as usize);
+                assert!(px[cy * 40 + cx] > 0.5, "r = {r}: the box centre is not on the square");
+            }
+            kept += objs.len();
+        }
+        assert!((50..200).contains(&kept), "{kept} of 200 crops hold the square");
     }
 }

@@ -43,6 +43,8 @@ pub struct DataSpec {
     pub flip: bool,
     /// Random vertical flips (detection; for overhead imagery).
     pub vflip: bool,
+    /// Random crops keep from this fraction of each side to all of it (detection); 0: none.
+    pub crop: f32,
     /// Per-channel mean after scaling to `[0, 1]`; the dataset's own when absent.
     pub mean: Option<Vec<f32>>,
     /// Per-channel standard deviation; the dataset's own when absent.
@@ -154,10 +156,10 @@ pub fn open_detection(spec: &DataSpec, size: (usize, usize)) -> Result<OpenedDet
     };
     let train = subset(read_voc_classes(&root, "train", &classes)?, spec.train_limit);
     let test = subset(read_voc_classes(&root, test_split, &classes)?, spec.test_limit);
-    let source = |set, hflip, vflip| Arc::new(DetectionSource { set, size, mean, std, hflip, vflip });
+    let source = |set, hflip, vflip, crop| Arc::new(DetectionSource { set, size, mean, std, hflip, vflip, crop });
     Ok(OpenedDetection {
-        train: source(train, spec.flip, spec.vflip),
-        test: source(test, false, false),
+        train: source(train, spec.flip, spec.vflip, spec.crop),
+        test: source(test, false, false, 0.0),
         classes: classes.iter().map(|c| c.to_string()).collect(),
         root,
     })

@@ -122,6 +122,10 @@ pub struct DataConfig {
     /// Random vertical flips (detection in overhead imagery, where up and down mean nothing).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub vflip: bool,
+    /// Random crops keeping from this fraction of each side to all of it, boxes kept where their
+    /// centre is (detection; SSD's zoom-in augmentation); 0: none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub crop: f32,
     /// Per-channel mean after scaling to [0, 1]; the dataset's own when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean: Option<Vec<f32>>,
@@ -142,6 +146,7 @@ impl Default for DataConfig {
             pad: 0,
             flip: false,
             vflip: false,
+            crop: 0.0,
             mean: None,
             std: None,
             size: 32,
@@ -178,6 +183,10 @@ pub struct TrainConfig {
     /// Start from this checkpoint's weights (for example an FP32 model fine-tuned in INT8).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub init: Option<PathBuf>,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 fn default_eval_batch() -> usize {
@@ -498,6 +507,7 @@ impl Recipe {
         if d.size == 0 || d.size > 4096 {
             return Err(format!("data.size must be an image side in 1..=4096 pixels, got {}", d.size));
         }
+        number("data.crop", f64::from(d.crop), (0.0..=1.0).contains(&d.crop), "in [0, 1]")?;
         if d.pad > 64 {
             return Err(format!("data.pad must be at most 64 pixels (CIFAR uses 4), got {}", d.pad));
         }
@@ -563,6 +573,7 @@ impl Recipe {
             pad: d.pad,
             flip: d.flip,
             vflip: d.vflip,
+            crop: d.crop,
             mean: d.mean.clone(),
             std: d.std.clone(),
             size: d.size,
@@ -714,6 +725,8 @@ lr = 0.05
             ("data.size=0", "data.size=1"),
             ("data.size=5000", "data.size=4096"),
             ("data.pad=65", "data.pad=64"),
+            ("data.crop=1.5", "data.crop=1"),
+            ("data.crop=-0.1", "data.crop=0"),
             ("data.std=[0]", "data.std=[1]"),
             ("data.std=[-0.5]", "data.std=[0.5]"),
             ("data.mean=[nan]", "data.mean=[0]"),
