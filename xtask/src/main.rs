@@ -54,6 +54,10 @@ enum Cmd {
         /// `quant.grad_rounding = "stochastic"` does (its rows go to files named -stochastic-grads).
         #[arg(long)]
         stochastic_grads: bool,
+        /// Also time a peer framework's FP32 step of the same model in the step bench, as columns
+        /// of their own: `pytorch` (torch from PyPI, installed once into runs/bench/.venv-pytorch).
+        #[arg(long, value_name = "FRAMEWORK")]
+        peer: Option<Peer>,
     },
     /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
@@ -215,7 +219,14 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Cmd::Bench { which, json, seconds, filter, model, fp32, stochastic_grads } => {
+        Cmd::Bench { which, json, seconds, filter, model, fp32, stochastic_grads, peer } => {
+            if peer.is_some() && which != Some(Bench::Step) {
+                bail!("--peer adds columns to the step bench; run it as `cargo xtask bench step --peer pytorch`");
+            }
+            let peer_python = match peer {
+                Some(Peer::Pytorch) => Some(pytorch_venv(&root)?),
+                None => None,
+            };
             if model.is_some() && which != Some(Bench::Step) {
                 bail!("--model picks the step bench's model; run it as `cargo xtask bench step --model NAME`");
             }
@@ -255,6 +266,7 @@ fn run() -> Result<()> {
                     model: model.as_deref(),
                     fp32: &fp32,
                     stochastic_grads,
+                    peer_python: peer_python.as_deref(),
                 };
                 match run_bench(&root, bench, &json, &opts) {
                     // The data bench needs CIFAR-10 imported; a full run goes on without it.
@@ -396,18 +408,15 @@ fn run() -> Result<()> {
     }
 }
 
-/// Builds the trainer in release mode and runs it with `args` from the current folder, passing
-/// its exit status on. A Ctrl-C reaches the trainer too (which stops a training run after its
-/// step with a checkpoint): wait for it rather than leave it behind.
+/// Builds the trainer in release mode and becomes it, with `args`, in the current folder: the
+/// trainer gets every signal sent to this process (Ctrl-C, and the SIGTERM of `kill` or a job
+/// scheduler, on which a training run stops after its step with a checkpoint) and its exit status
+/// is this command's.
 fn trainer_tool(root: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
     let trainer = sweep::build_trainer(root)?;
-    ctrlc::set_handler(|| {}).context("cannot install the Ctrl-C handler")?;
-    let status =
-        Command::new(&trainer).args(args).status().with_context(|| format!("cannot start {}", trainer.display()))?;
-    if !status.success() {
-        std::process::exit(status.code().unwrap_or(1));
-    }
-    Ok(())
+    let err = Command::new(&trainer).args(args).exec();
+    Err(err).with_context(|| format!("cannot start {}", trainer.display()))
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -428,11 +437,45 @@ struct BenchOpts<'a> {
     fp32: &'a [String],
     /// Whether the step bench's INT8 model rounds gradient codes stochastically.
     stochastic_grads: bool,
+    /// A Python with torch, for the step bench's PyTorch columns.
+    peer_python: Option<&'a Path>,
+}
+
+/// A framework the step bench can time beside ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Peer {
+    /// PyTorch's FP32 step (`crates/int8-bench/peer/pytorch_step.py`).
+    Pytorch,
+}
+
+/// The Python of `runs/bench/.venv-pytorch`, made with torch and numpy from PyPI if it is not
+/// there yet (a few minutes and about 1 GB, once).
+fn pytorch_venv(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("runs/bench/.venv-pytorch");
+    let python = venv.join("bin/python");
+    let has_torch =
+        |py: &Path| Command::new(py).args(["-c", "import torch, numpy"]).output().is_ok_and(|o| o.status.success());
+    if python.is_file() && has_torch(&python) {
+        return Ok(python);
+    }
+    eprintln!("installing torch and numpy from PyPI into {} (once)...", venv.display());
+    let ok = |cmd: &mut Command, what: &str| -> Result<()> {
+        let status = cmd.status().with_context(|| format!("cannot run {what}"))?;
+        if !status.success() {
+            bail!(
+                "{what} failed ({status}); install python3-venv and check that PyPI is reachable, or pass `int8-bench step --peer-python PYTHON` a Python that has torch"
+            );
+        }
+        Ok(())
+    };
+    ok(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv")?;
+    ok(Command::new(&python).args(["-m", "pip", "install", "--quiet", "torch", "numpy"]), "pip install torch numpy")?;
+    Ok(python)
 }
 
 /// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
 fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result<()> {
-    let BenchOpts { seconds, filter, model, fp32, stochastic_grads } = *opts;
+    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, peer_python } = *opts;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -451,6 +494,9 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result
         }
         if stochastic_grads {
             cmd.arg("--stochastic-grads");
+        }
+        if let Some(py) = peer_python {
+            cmd.arg("--peer-python").arg(py);
         }
     }
     eprintln!("building and running the {} bench in release mode...", bench.name());
