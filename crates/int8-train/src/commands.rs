@@ -23,6 +23,13 @@ pub fn zoo() -> Result<String> {
         let model = int8_zoo::build(name, classes, &LayerPolicy::fp32(), 0)?;
         let _ = writeln!(out, "| {name} | {classes} | {} |", group_digits(model.param_count()));
     }
+    // Detectors counted with COCO's 91 classes, as torchvision counts them.
+    out.push_str("\n| detector | input | classes | parameters |\n| --- | --- | ---: | ---: |\n");
+    for &(name, (h, w)) in int8_zoo::detection::DETECTORS {
+        let options = int8_zoo::detection::DetectorOptions::default();
+        let model = int8_zoo::detection::build(name, 91, &LayerPolicy::fp32(), 0, &options)?;
+        let _ = writeln!(out, "| {name} | {h}x{w} | 91 | {} |", group_digits(model.param_count()));
+    }
     out.push_str("\n| recipe | model | dataset | epochs | batch | lr | schedule |\n| --- | --- | --- | ---: | ---: | ---: | --- |\n");
     for (name, _) in builtin() {
         match Recipe::find(name, &[]) {
@@ -183,6 +190,18 @@ pub fn plan(requests: &[PlanRequest]) -> Vec<PlanAnswer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_zoo_lists_models_detectors_and_recipes_with_torchvisions_counts() {
+        let out = zoo().unwrap();
+        assert!(out.contains("| resnet20 | 10 | 272,474 |"), "{out}");
+        assert!(out.contains("| ssd300-vgg16 | 300x300 | 91 | 35,641,826 |"), "{out}");
+        assert!(out.contains("| ssdlite-mobilenetv2 | 320x320 | 91 | 4,664,988 |"), "{out}");
+        assert!(
+            out.contains("| ssdlite-mobilenetv2-deepforest-trees | ssdlite-mobilenetv2 | deepforest-trees |"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn the_plan_check_types_recipes_and_names_rules_that_match_no_layer() {
