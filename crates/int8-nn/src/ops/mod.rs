@@ -18,6 +18,7 @@ pub mod dropout;
 pub(crate) mod linear;
 pub mod loss;
 pub mod pool;
+pub mod select;
 pub mod shape;
 
 pub use activation::{add_relu, relu, relu6};
