@@ -36,8 +36,9 @@ enum What {
         #[arg(long)]
         filter: Option<String>,
     },
-    /// One training step (batch 128 of CIFAR-sized images: forward, backward, update) at FP32 and
-    /// INT8, ResNet-20 unless `--model` names another zoo model.
+    /// One training step (batch 128 of CIFAR-sized images, or 8 of a detector's input size:
+    /// forward, backward, update) at FP32 and INT8, ResNet-20 unless `--model` names another zoo
+    /// model or detector.
     Step {
         /// Also write the rows as JSON here.
         #[arg(long)]
@@ -45,7 +46,8 @@ enum What {
         /// Seconds of measurement per precision (at least three steps each).
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
-        /// The model (a name from `cargo xtask zoo`, built for 10 classes), e.g. mobilenetv2-cifar.
+        /// The model (a name from `cargo xtask zoo`: a classifier built for 10 classes, a detector
+        /// for 21), e.g. mobilenetv2-cifar or ssdlite-mobilenetv2.
         #[arg(long, default_value = "resnet20")]
         model: String,
         /// Keep the layers this name pattern matches in FP32 in the INT8 model, as a recipe's

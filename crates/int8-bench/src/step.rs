@@ -1,9 +1,10 @@
 //! The step bench: one training step of a zoo model, ResNet-20 by default (batch 128 of 32x32
-//! images, forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
+//! images; a detector takes 8 images of its input size with ten boxes each, for VOC's 21 classes;
+//! forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
 //! first conv and FC in FP32, and any further layers a `--fp32` pattern names; gradients rounded to
 //! nearest, or stochastically with `--stochastic-grads`), split into its phases and its ops, with
 //! the step's peak memory: the process's resident set, the tensors' storage, and what the tape
-//! keeps for the backward pass. The input is random: only time and memory are measured here.
+//! keeps for the backward pass. The input (and a detector's boxes) is made up: only time and memory are measured here.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,14 +14,81 @@ use int8_nn::Tensor;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::{LayerPolicy, Rule};
 use int8_nn::precision::{GradRounding, Int8Config};
-use int8_train::step::train_step;
+use int8_train::step::{detection_step, train_step};
 use int8_zoo::Model;
+use int8_zoo::detection::{Detector, DetectorOptions, Target};
 
 use crate::{Row, print_header_with, print_row_with};
 
-/// One step, or an error if it diverged (random data at this learning rate should not).
-fn step(model: &dyn Model, sgd: &mut Sgd, x: &Tensor, labels: &[u32]) -> Result<int8_train::step::Step> {
-    train_step(model, sgd, x, labels, 0.01)?.map_err(|why| anyhow::anyhow!("the bench's step diverged: {why}"))
+/// A zoo model with the batch it is timed on.
+enum Subject {
+    /// A classifier (10 classes) on 128 random 32x32 images.
+    Classifier { model: Box<dyn Model>, x: Tensor, labels: Vec<u32> },
+    /// A detector (VOC's 20 classes and the background) on 8 random images of its input size, ten
+    /// boxes each.
+    Detector { model: Box<dyn Detector>, x: Tensor, targets: Vec<Target> },
+}
+
+impl Subject {
+    /// Builds `name` (a classifier or a detector of the zoo) with `policy`.
+    fn build(name: &str, policy: &LayerPolicy) -> Result<Self> {
+        if int8_zoo::detection::DETECTORS.iter().any(|d| d.0 == name) {
+            let model = int8_zoo::detection::build(name, 21, policy, 0, &DetectorOptions::default())?;
+            let (h, w) = model.image_size();
+            let (x, targets) = detection_batch(8, h, w);
+            return Ok(Self::Detector { model, x, targets });
+        }
+        let batch = 128;
+        let labels = (0..batch as u32).map(|i| i % 10).collect();
+        Ok(Self::Classifier {
+            model: int8_zoo::build(name, 10, policy, 0)?,
+            x: Tensor::randn((batch, 3, 32, 32), 0),
+            labels,
+        })
+    }
+
+    /// Images per step.
+    fn batch(&self) -> usize {
+        match self {
+            Self::Classifier { labels, .. } => labels.len(),
+            Self::Detector { targets, .. } => targets.len(),
+        }
+    }
+
+    /// One step, or an error if it diverged (made-up data at this learning rate should not).
+    fn step(&self, sgd: &mut Sgd) -> Result<int8_train::step::Step> {
+        let step = match self {
+            Self::Classifier { model, x, labels } => train_step(model.as_ref(), sgd, x, labels, 0.01)?,
+            Self::Detector { model, x, targets } => detection_step(model.as_ref(), sgd, x, targets, 0.01)?,
+        };
+        step.map_err(|why| anyhow::anyhow!("the bench's step diverged: {why}"))
+    }
+}
+
+/// `n` random `h x w` images, each with ten boxes from 6% to 33% of the image's side, spread over
+/// it, of classes 1 to 20 in turn: what a detector's matching and loss have to do in a step
+/// depends on how many boxes there are, not on where they came from.
+fn detection_batch(n: usize, h: usize, w: usize) -> (Tensor, Vec<Target>) {
+    let targets = (0..n)
+        .map(|i| {
+            let boxes: Vec<[f32; 4]> = (0..10)
+                .map(|j| {
+                    let side = (0.06 + 0.03 * ((i + j) % 10) as f32) * h.min(w) as f32;
+                    let (cx, cy) =
+                        ((0.1 + 0.08 * j as f32) * w as f32, (0.15 + 0.07 * ((i + 3 * j) % 10) as f32) * h as f32);
+                    [
+                        (cx - side / 2.0).max(0.0),
+                        (cy - side / 2.0).max(0.0),
+                        (cx + side / 2.0).min(w as f32),
+                        (cy + side / 2.0).min(h as f32),
+                    ]
+                })
+                .collect();
+            let labels = (0..10).map(|j| 1 + ((i * 10 + j) % 20) as u32).collect();
+            Target { boxes, labels }
+        })
+        .collect();
+    (Tensor::randn((n, 3, h, w), 0), targets)
 }
 
 /// A step's peak memory in MiB: tensor storage, and the tape's saved buffers.
@@ -73,31 +141,24 @@ fn child_rss(model: &str, int8: bool, policy: &Int8Policy) -> Result<f64> {
 
 /// What `step-memory` does in the child: build, take four steps, print the peak RSS in MiB.
 pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy) -> Result<()> {
-    let (x, labels) = batch();
-    let m = int8_zoo::build(model, 10, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() }, 0)?;
+    let m = Subject::build(model, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() })?;
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
     for _ in 0..4 {
-        step(m.as_ref(), &mut sgd, &x, &labels)?;
+        m.step(&mut sgd)?;
     }
     println!("{}", peak_rss_mib());
     Ok(())
 }
 
-/// The bench's batch: 128 random 32x32 images and their labels.
-fn batch() -> (Tensor, Vec<u32>) {
-    let batch = 128;
-    (Tensor::randn((batch, 3, 32, 32), 0), (0..batch as u32).map(|i| i % 10).collect())
-}
-
 /// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up,
 /// and the peak memory of those steps.
-fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -> Result<([f64; 3], Peaks)> {
+fn time_steps(model: &Subject, budget: Duration) -> Result<([f64; 3], Peaks)> {
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
-    step(model, &mut sgd, x, labels)?;
+    model.step(&mut sgd)?;
     int8_nn::memory::reset_peak();
     let (start, mut n, mut t) = (Instant::now(), 0usize, [0.0; 3]);
     while n < 3 || start.elapsed() < budget {
-        let s = step(model, &mut sgd, x, labels)?;
+        let s = model.step(&mut sgd)?;
         for (acc, d) in t.iter_mut().zip([s.forward, s.backward, s.update]) {
             *acc += d.as_secs_f64() * 1e3;
         }
@@ -107,14 +168,14 @@ fn time_steps(model: &dyn Model, x: &Tensor, labels: &[u32], budget: Duration) -
 }
 
 /// Per-op milliseconds per step over a few profiled steps, and the step's own time.
-fn breakdown(model: &dyn Model, x: &Tensor, labels: &[u32]) -> Result<(std::collections::BTreeMap<String, f64>, f64)> {
+fn breakdown(model: &Subject) -> Result<(std::collections::BTreeMap<String, f64>, f64)> {
     let steps = 3;
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
     int8_nn::profile::reset();
     int8_nn::profile::set_enabled(true);
     let t = Instant::now();
     for _ in 0..steps {
-        step(model, &mut sgd, x, labels)?;
+        model.step(&mut sgd)?;
     }
     let total = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
     int8_nn::profile::set_enabled(false);
@@ -163,12 +224,14 @@ fn pytorch(python: &Path, model: &str, budget: Duration) -> Result<[f64; 3]> {
 /// Runs the bench and prints its rows, the INT8 model built with `policy`; with `peer`, PyTorch's
 /// FP32 step of the same model is timed too (after ours, on the same threads).
 pub fn run(model: &str, policy: &Int8Policy, budget: Duration, peer: Option<&Path>) -> Result<Vec<Row>> {
-    let (x, labels) = batch();
-    let batch = labels.len();
-    let fp32 = int8_zoo::build(model, 10, &LayerPolicy::fp32(), 0)?;
-    let int8 = int8_zoo::build(model, 10, &int8_policy(policy), 0).context("--fp32")?;
-    let (f, fm) = time_steps(fp32.as_ref(), &x, &labels, budget)?;
-    let (i, im) = time_steps(int8.as_ref(), &x, &labels, budget)?;
+    let fp32 = Subject::build(model, &LayerPolicy::fp32())?;
+    let int8 = Subject::build(model, &int8_policy(policy)).context("--fp32")?;
+    if peer.is_some() && matches!(fp32, Subject::Detector { .. }) {
+        anyhow::bail!("--peer times PyTorch's classifiers only; leave it out for detector {model}");
+    }
+    let batch = fp32.batch();
+    let (f, fm) = time_steps(&fp32, budget)?;
+    let (i, im) = time_steps(&int8, budget)?;
     let torch = peer.map(|python| pytorch(python, model, budget)).transpose()?;
     let with_torch = |mut r: Row, k: Option<usize>| {
         r.pytorch_fp32_ms = torch.map(|t| k.map_or(t.iter().sum(), |k| t[k]));
@@ -194,8 +257,8 @@ pub fn run(model: &str, policy: &Int8Policy, budget: Duration, peer: Option<&Pat
     // Where a step's time goes, per kind of op (forward and backward), at each precision: the
     // INT8 model's row of a kind sums its INT8 and FP32 variants (its first convolution stays
     // FP32), and the INT8 variants follow on rows of their own.
-    let (f_ops, f_total) = breakdown(fp32.as_ref(), &x, &labels)?;
-    let (i_ops, i_total) = breakdown(int8.as_ref(), &x, &labels)?;
+    let (f_ops, f_total) = breakdown(&fp32)?;
+    let (i_ops, i_total) = breakdown(&int8)?;
     let kind = |name: &str| name.strip_prefix("int8-").unwrap_or(name).to_string();
     let mut kinds: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
     for (name, ms) in &f_ops {
@@ -229,6 +292,23 @@ mod tests {
     use int8_nn::precision::Precision;
 
     use super::*;
+
+    #[test]
+    fn a_detectors_made_up_boxes_lie_inside_its_images_with_classes_1_to_20() {
+        let (x, targets) = detection_batch(8, 320, 300);
+        assert_eq!(x.dims(), &[8, 3, 320, 300]);
+        assert_eq!(targets.len(), 8);
+        for t in &targets {
+            assert_eq!((t.boxes.len(), t.labels.len()), (10, 10));
+            for b in &t.boxes {
+                assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 300.0 && b[3] <= 320.0, "{b:?}");
+                assert!(b[2] - b[0] >= 0.03 * 300.0 && b[3] - b[1] >= 0.03 * 300.0, "{b:?}");
+            }
+            assert!(t.labels.iter().all(|&l| (1..=20).contains(&l)));
+        }
+        let all: std::collections::BTreeSet<u32> = targets.iter().flat_map(|t| t.labels.iter().copied()).collect();
+        assert_eq!(all.len(), 20);
+    }
 
     #[test]
     fn fp32_patterns_keep_exactly_the_matching_layers_in_fp32() {
