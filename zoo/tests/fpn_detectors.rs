@@ -30,6 +30,19 @@ fn fpn_detectors_have_torchvisions_parameter_counts() {
     let retina = RetinaNet::new(91, &LayerPolicy::fp32(), 0).unwrap();
     assert_eq!(retina.param_count(), 34_014_999);
     assert_eq!(all_values(&retina), 34_068_119);
+    // As the registry builds them, the batch norm trained: torchvision's count without weights.
+    let trained = |name: &str| {
+        let options = int8_zoo::detection::DetectorOptions::default();
+        int8_zoo::detection::build(name, 91, &LayerPolicy::fp32(), 0, &options).unwrap().param_count()
+    };
+    assert_eq!(trained("fasterrcnn-resnet50-fpn"), 41_808_406);
+    assert_eq!(trained("retinanet-resnet50-fpn"), 34_068_119);
+    // SSD's default-box scales mean nothing to their anchors: refused, naming the setting.
+    for name in ["fasterrcnn-resnet50-fpn", "retinanet-resnet50-fpn"] {
+        let options = int8_zoo::detection::DetectorOptions { box_scales: vec![0.05, 0.5] };
+        let err = int8_zoo::detection::build(name, 2, &LayerPolicy::fp32(), 0, &options).unwrap_err().to_string();
+        assert!(err.contains("box_scales"), "{name}: {err}");
+    }
     // The values not trained are exactly the batch norms' (all of them in the backbone).
     for m in [&frcnn as &dyn Module, &retina] {
         for l in m.layers() {

@@ -2,9 +2,13 @@
 //! Detection", CVPR 2017), as torchvision's `resnet_fpn_backbone` / `_resnet_fpn_extractor`
 //! builds it for `fasterrcnn_resnet50_fpn` and `retinanet_resnet50_fpn`.
 //!
-//! - The body is ResNet-50 (He et al., CVPR 2016) without its classifier, every batch norm frozen
-//!   (torchvision's `FrozenBatchNorm2d`: running statistics always, scale and shift not trained);
-//!   it returns the outputs of `layer1`..`layer4` (C2..C5, strides 4, 8, 16, 32).
+//! - The body is ResNet-50 (He et al., CVPR 2016) without its classifier; it returns the outputs
+//!   of `layer1`..`layer4` (C2..C5, strides 4, 8, 16, 32). Its batch norms are [`BackboneNorm`]:
+//!   frozen (torchvision's `FrozenBatchNorm2d`: running statistics always, scale and shift not
+//!   trained), as for a pretrained backbone and as the parameter-count convention counts it, or
+//!   trained (`nn.BatchNorm2d`), as torchvision builds the detectors without pretrained weights
+//!   (`norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d`): from scratch a frozen
+//!   batch norm is the identity, and a ResNet-50 without normalisation does not train.
 //! - The pyramid has 256 channels: a 1x1 lateral convolution with a bias on each returned level,
 //!   a top-down path that adds the coarser merged map upsampled by nearest neighbour to the
 //!   lateral's exact size (`F.interpolate(size=..., mode="nearest")`), and a 3x3 output
@@ -19,7 +23,8 @@
 //! torchvision trains only `layer2`..`layer4` of a pretrained backbone
 //! (`trainable_backbone_layers=3`) but every layer of one built from scratch (it asks for 5 when no
 //! weights are given); the zoo has no pretrained weights and trains them all. Its parameter counts
-//! are torchvision's with `FrozenBatchNorm2d`, whose scale and shift are buffers, not parameters.
+//! with [`BackboneNorm::Frozen`] are torchvision's with `FrozenBatchNorm2d`, whose scale and shift
+//! are buffers, not parameters; with [`BackboneNorm::Trained`] they include them.
 
 use int8_nn::layers::{BatchNorm2d, Conv2d};
 use int8_nn::ops::detection::upsample_nearest;
@@ -34,42 +39,67 @@ use crate::blocks::{Bottleneck, Builder};
 /// Channels of every pyramid level.
 pub const FPN_CHANNELS: usize = 256;
 
-/// ResNet-50 without its pooling and classifier, its batch norm frozen.
+/// What the backbone's batch norms do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackboneNorm {
+    /// `FrozenBatchNorm2d`: running statistics, scale and shift not trained (for pretrained
+    /// weights; the parameter counts of the issue's convention).
+    Frozen,
+    /// `nn.BatchNorm2d`: batch statistics in training, scale and shift trained (torchvision's
+    /// choice without pretrained weights; what the registry builds).
+    Trained,
+}
+
+impl BackboneNorm {
+    fn apply(self, bn: BatchNorm2d) -> BatchNorm2d {
+        match self {
+            BackboneNorm::Frozen => bn.frozen(),
+            BackboneNorm::Trained => bn,
+        }
+    }
+}
+
+/// ResNet-50 without its pooling and classifier.
 #[derive(Debug)]
 pub struct ResNet50Body {
     /// The 7x7 stride-2 stem (FP32 under the paper's policy).
     pub conv1: Conv2d,
-    /// The stem's frozen batch norm with the ReLU fused.
+    /// The stem's batch norm with the ReLU fused.
     pub bn1: BatchNorm2d,
     /// `layer1`..`layer4`: 3, 4, 6 and 3 bottlenecks of 64, 128, 256 and 512 planes.
     pub layers: [Vec<Bottleneck>; 4],
 }
 
-/// A bottleneck with each of its batch norms frozen.
-fn frozen_bottleneck(b: &mut Builder, name: &str, inp: usize, planes: usize, stride: usize) -> Result<Bottleneck> {
+/// A bottleneck with each of its batch norms as `norm` says.
+fn bottleneck(
+    b: &mut Builder,
+    name: &str,
+    (inp, planes, stride): (usize, usize, usize),
+    norm: BackboneNorm,
+) -> Result<Bottleneck> {
     let Bottleneck { conv1, bn1, conv2, bn2, conv3, bn3, shortcut } = Bottleneck::new(b, name, inp, planes, stride)?;
     Ok(Bottleneck {
         conv1,
-        bn1: bn1.frozen(),
+        bn1: norm.apply(bn1),
         conv2,
-        bn2: bn2.frozen(),
+        bn2: norm.apply(bn2),
         conv3,
-        bn3: bn3.frozen(),
-        shortcut: shortcut.map(|(conv, bn)| (conv, bn.frozen())),
+        bn3: norm.apply(bn3),
+        shortcut: shortcut.map(|(conv, bn)| (conv, norm.apply(bn))),
     })
 }
 
 impl ResNet50Body {
     /// The body, its layers named `<prefix>conv1`, `<prefix>layer1.0.conv1`, ...
-    pub(crate) fn new(b: &mut Builder, prefix: &str) -> Result<Self> {
+    pub(crate) fn new(b: &mut Builder, prefix: &str, norm: BackboneNorm) -> Result<Self> {
         let conv1 = b.conv(&format!("{prefix}conv1"), 3, 64, 7, 2, true)?;
-        let bn1 = BatchNorm2d::new(format!("{prefix}bn1"), 64, true)?.frozen();
+        let bn1 = norm.apply(BatchNorm2d::new(format!("{prefix}bn1"), 64, true)?);
         let mut inp = 64;
         let mut stage = |idx: usize, planes: usize, n: usize, stride: usize| -> Result<Vec<Bottleneck>> {
             (0..n)
                 .map(|i| {
                     let name = format!("{prefix}layer{idx}.{i}");
-                    let block = frozen_bottleneck(b, &name, inp, planes, if i == 0 { stride } else { 1 })?;
+                    let block = bottleneck(b, &name, (inp, planes, if i == 0 { stride } else { 1 }), norm)?;
                     inp = planes * 4;
                     Ok(block)
                 })
@@ -137,7 +167,7 @@ impl Module for ExtraLevels {
 /// ResNet-50 with a feature pyramid.
 #[derive(Debug)]
 pub struct ResNet50Fpn {
-    /// The frozen-batch-norm ResNet-50.
+    /// The ResNet-50.
     pub body: ResNet50Body,
     /// The first of C2..C5 the pyramid takes (0 for C2: Faster R-CNN; 1 for C3: RetinaNet).
     first: usize,
@@ -151,17 +181,17 @@ pub struct ResNet50Fpn {
 
 impl ResNet50Fpn {
     /// Faster R-CNN's backbone: P2..P5 and `pool` (P6 by max pooling).
-    pub(crate) fn faster_rcnn(b: &mut Builder) -> Result<Self> {
-        Self::new(b, 0, false)
+    pub(crate) fn faster_rcnn(b: &mut Builder, norm: BackboneNorm) -> Result<Self> {
+        Self::new(b, 0, false, norm)
     }
 
     /// RetinaNet's backbone: P3..P5, P6 and P7 by convolutions.
-    pub(crate) fn retinanet(b: &mut Builder) -> Result<Self> {
-        Self::new(b, 1, true)
+    pub(crate) fn retinanet(b: &mut Builder, norm: BackboneNorm) -> Result<Self> {
+        Self::new(b, 1, true, norm)
     }
 
-    fn new(b: &mut Builder, first: usize, p6p7: bool) -> Result<Self> {
-        let body = ResNet50Body::new(b, "backbone.body.")?;
+    fn new(b: &mut Builder, first: usize, p6p7: bool, norm: BackboneNorm) -> Result<Self> {
+        let body = ResNet50Body::new(b, "backbone.body.", norm)?;
         let (mut inner_blocks, mut layer_blocks) = (Vec::new(), Vec::new());
         for (i, level) in (first..4).enumerate() {
             let inp = 256 << level;

@@ -8,12 +8,15 @@
 //!   torchvision's SSDLite head and extra layers.
 //! - [`fpn`], [`faster_rcnn`], [`retinanet`]: ResNet-50 with a feature pyramid (Lin et al., CVPR
 //!   2017), and the two-stage Faster R-CNN (Ren et al., NeurIPS 2015) and one-stage RetinaNet (Lin
-//!   et al., ICCV 2017) on it, as torchvision builds them; the backbone's batch norm frozen.
+//!   et al., ICCV 2017) on it, as torchvision builds them; the registry trains the backbone's
+//!   batch norm (torchvision's choice without pretrained weights), the parameter counts of the
+//!   issue's convention freeze it.
 //!
 //! Every detector is a [`Detector`]: it computes its own training losses from ground-truth boxes
 //! and its own post-processed detections, as torchvision's detection models do, so that the
 //! trainer treats them alike.
 
+mod canvas;
 pub mod faster_rcnn;
 pub mod fpn;
 pub mod retinanet;
@@ -30,7 +33,12 @@ use crate::blocks::Builder;
 use crate::{Result, init};
 
 /// The detectors the registry can build, with the input size each takes (height, width).
-pub const DETECTORS: &[(&str, (usize, usize))] = &[("ssd300-vgg16", (300, 300)), ("ssdlite-mobilenetv2", (320, 320))];
+pub const DETECTORS: &[(&str, (usize, usize))] = &[
+    ("ssd300-vgg16", (300, 300)),
+    ("ssdlite-mobilenetv2", (320, 320)),
+    (faster_rcnn::NAME, faster_rcnn::IMAGE_SIZE),
+    (retinanet::NAME, retinanet::IMAGE_SIZE),
+];
 
 /// The input size (height, width) of detector `name`.
 pub fn input_size(name: &str) -> Result<(usize, usize)> {
@@ -88,8 +96,29 @@ pub fn build(
             boxes(DefaultBoxGenerator::ssdlite(), vec![vec![2.0, 3.0]; 6], None)?,
             PostProcess::SSDLITE,
         )?),
+        faster_rcnn::NAME => {
+            no_box_scales(name, options)?;
+            Box::new(faster_rcnn::FasterRcnn::with_norm(classes, policy, seed, fpn::BackboneNorm::Trained)?)
+        }
+        retinanet::NAME => {
+            no_box_scales(name, options)?;
+            Box::new(retinanet::RetinaNet::with_norm(classes, policy, seed, fpn::BackboneNorm::Trained)?)
+        }
         _ => return Err(crate::ZooError::UnknownModel(name.into())),
     })
+}
+
+/// Refuses `options.box_scales` for detector `name`, whose anchors are not SSD's default boxes.
+fn no_box_scales(name: &str, options: &DetectorOptions) -> Result<()> {
+    if options.box_scales.is_empty() {
+        return Ok(());
+    }
+    Err(crate::ZooError::Nn(int8_nn::NnError::BadInput {
+        layer: format!("{name} detector.box_scales"),
+        why: "sets SSD's default boxes; this detector has fixed anchors (torchvision's sizes 32 to 512): remove \
+              [detector] box_scales from the recipe"
+            .into(),
+    }))
 }
 
 /// The ground truth of one image: boxes as `[x1, y1, x2, y2]` in pixels of the image the detector

@@ -83,7 +83,7 @@ impl Module for SingleShotDetector {
 }
 
 /// The softmax of each `classes`-long row of `logits`.
-fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
+pub(crate) fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(logits.len());
     for row in logits.chunks_exact(classes) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
