@@ -203,8 +203,8 @@ const STALE_FLOOR: f64 = 1e-6;
 /// value in force has gone stale).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipState {
-    mode: ClipMode,
-    snap: ClipSnapshot,
+    pub(crate) mode: ClipMode,
+    pub(crate) snap: ClipSnapshot,
 }
 
 impl ClipState {
@@ -244,7 +244,7 @@ impl ClipState {
     }
 
     /// Whether the periodic search is due on this call (always on the first).
-    fn periodic_due(&self) -> bool {
+    pub(crate) fn periodic_due(&self) -> bool {
         match self.mode {
             ClipMode::MaxAbs => false,
             ClipMode::Dsgc { interval, .. } => {
@@ -254,7 +254,7 @@ impl ClipState {
     }
 
     /// Whether `distance`, measured at the clip value in force, says that value has gone stale.
-    fn stale(&self, distance: f64) -> bool {
+    pub(crate) fn stale(&self, distance: f64) -> bool {
         match (self.mode, self.snap.reference) {
             (ClipMode::Dsgc { stale_ratio: Some(r), .. }, Some(reference)) => {
                 distance > r as f64 * reference.max(STALE_FLOOR)

@@ -218,6 +218,32 @@ fn dsgc_distance_and_search_match_the_cpu() {
     assert_eq!(cuda::dsgc::search_clip(gpu(), "z", &zero).unwrap(), dsgc::search_clip("z", &[0.0; 10]).unwrap());
 }
 
+/// `cuda::dsgc::clip_quantize` (the GPU's `ClipState::quantize`, as int8-nn's INT8 layers call it)
+/// advances a layer's clip state as the CPU's does: periodic searches, the clip value in force
+/// between them, a stale value searched again, `max|g|` without DSGC; codes and updates equal.
+#[test]
+fn clip_state_steps_match_the_cpu() {
+    let modes = [ClipMode::MaxAbs, ClipMode::dsgc(3), ClipMode::Dsgc { interval: 100, stale_ratio: Some(1.5) }];
+    for mode in modes {
+        let (mut cpu, mut gpu_state) = (ClipState::new(mode), ClipState::new(mode));
+        for step in 0..7u64 {
+            // The gradient grows tenfold at step 4, so that a stale clip value is searched again.
+            let grow = if step >= 4 { 10.0 } else { 1.0 };
+            let g: Vec<f32> = heavy(5_000, 40 + step).iter().map(|v| v * grow).collect();
+            let rounding = if step % 2 == 0 { Rounding::Nearest } else { Rounding::Stochastic { seed: step } };
+            let (q, want) = cpu.quantize("g", &g, rounding).unwrap();
+            let (gq, got) = cuda::dsgc::clip_quantize(gpu(), &mut gpu_state, "g", &up(&g), rounding).unwrap();
+            assert_eq!(got, want, "{mode:?} step {step}: clip update");
+            assert_eq!(down(&gq.codes), q.data, "{mode:?} step {step}: codes");
+            assert_eq!((gq.scales, gq.saturated), (q.scales, q.saturated), "{mode:?} step {step}");
+            assert_eq!(gpu_state.snapshot(), cpu.snapshot(), "{mode:?} step {step}: state");
+        }
+        if let ClipMode::Dsgc { stale_ratio: Some(_), .. } = mode {
+            assert!(cpu.searches() >= 2, "the stale value was never searched again: the test is not testing it");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMM
 
@@ -259,6 +285,18 @@ fn int8_products_run_on_cublaslt() {
     let (ar, br) = (MatRef::row_major(&a, 40, 300).unwrap(), MatRef::row_major(&b, 300, 50).unwrap());
     assert_eq!(got, gemm::reference::gemm_i8_i64(ar, br).into_iter().map(|v| v as i32).collect::<Vec<_>>());
     assert_eq!(gpu().int8_gemm_fallback(), None, "cublaslt refused an int8 product; the fallback kernel ran it");
+}
+
+/// `transpose_i8` against the naive transpose: one value, wide, tall.
+#[test]
+fn int8_transpose_matches_the_naive_one() {
+    for (rows, cols) in [(1usize, 1usize), (7, 13), (64, 10), (300, 3)] {
+        let a = codes(rows * cols, 9);
+        let got = down(&cuda::gemm::transpose_i8(gpu(), &up(&a), rows, cols).unwrap());
+        let want: Vec<i8> =
+            (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| a[r * cols + c]).collect();
+        assert_eq!(got, want, "{rows}x{cols}");
+    }
 }
 
 #[test]

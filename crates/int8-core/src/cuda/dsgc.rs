@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 
 use super::Gpu;
 use super::quant::{GpuQTensor, max_abs, max_abs_scan, quantize_with_terms, terms_pass};
-use crate::dsgc::ClipChoice;
+use crate::dsgc::{ClipChoice, ClipMode, ClipState, ClipUpdate};
 use crate::error::Result;
 use crate::quant::Rounding;
 
@@ -106,4 +106,45 @@ pub fn search_clip(gpu: &Gpu, name: &str, g: &CudaSlice<f32>) -> Result<ClipChoi
         }
     }
     Ok(ClipChoice { clip: best_c, distance: best_d, evaluations })
+}
+
+/// `ClipState::quantize` on the GPU, step for step: the clip value (`max|g|`, the one in force, or
+/// a search when one is due), one fused pass that quantizes `g` and measures the distance of the
+/// codes it made, and a search and a second pass when the value in force has gone stale. The state
+/// advances exactly as the CPU's does, so a layer can move between the CPU and the GPU.
+pub fn clip_quantize(
+    gpu: &Gpu,
+    state: &mut ClipState,
+    name: &str,
+    g: &CudaSlice<f32>,
+    rounding: Rounding,
+) -> Result<(GpuQTensor, ClipUpdate)> {
+    let search = |state: &mut ClipState| -> Result<f32> {
+        let choice = search_clip(gpu, name, g)?;
+        state.snap.searches += 1;
+        state.snap.clip = Some(choice.clip);
+        Ok(choice.clip)
+    };
+    let mut searched = state.periodic_due();
+    let clip = match state.mode {
+        ClipMode::MaxAbs => max_abs(gpu, name, g)?,
+        ClipMode::Dsgc { .. } if searched => search(state)?,
+        ClipMode::Dsgc { .. } => state.snap.clip.unwrap_or(0.0),
+    };
+    state.snap.calls += 1;
+    state.snap.clip = Some(clip);
+    let pass = |clip: f32, searched: bool| -> Result<(GpuQTensor, ClipUpdate)> {
+        let (q, distance) = quantize_with_distance(gpu, name, g, clip, rounding)?;
+        Ok((q, ClipUpdate { clip, distance, searched }))
+    };
+    let (mut q, mut up) = pass(clip, searched)?;
+    if !searched && state.stale(up.distance) {
+        searched = true;
+        let clip = search(state)?;
+        (q, up) = pass(clip, true)?;
+    }
+    if searched {
+        state.snap.reference = Some(up.distance);
+    }
+    Ok((q, up))
 }

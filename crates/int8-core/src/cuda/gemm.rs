@@ -401,3 +401,17 @@ pub fn gemm_f32(
         (0, d.n),
     )
 }
+
+/// The transpose of a dense row-major `rows x cols` INT8 matrix, as `cols x rows` row-major
+/// (int8-nn's linear layer forms `dY^T` with it for its weight gradient, as the CPU reads `dY`
+/// transposed).
+pub fn transpose_i8(gpu: &Gpu, src: &CudaSlice<i8>, rows: usize, cols: usize) -> Result<CudaSlice<i8>> {
+    check_len("int8 transpose input", src.len(), rows * cols)?;
+    if rows * cols == 0 {
+        return gpu.zeros::<i8>(0);
+    }
+    let mut out = gpu.zeros::<i8>(rows * cols)?;
+    // Row j of the result is column j of `src` (element (j, r) at r * cols + j).
+    pack_i8(gpu, src, (1, cols, rows), (0, 0, 1, cols), &mut out, (cols, rows))?;
+    Ok(out)
+}
