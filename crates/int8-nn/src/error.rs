@@ -23,6 +23,34 @@ pub enum NnError {
     /// recorded, or run twice over one graph).
     #[error("{0}")]
     Graph(String),
+    /// An op got tensors on different devices.
+    #[error("op `{op}` got tensors on {devices}: they must be on one device; move them with Tensor::to_device")]
+    MixedDevices {
+        /// The op's name.
+        op: String,
+        /// The devices it got, as `cpu and cuda:0`.
+        devices: String,
+    },
+    /// An op that has no GPU path got a tensor on a GPU.
+    #[error(
+        "op `{op}` runs on the cpu only (it has no gpu path yet) and got a tensor on {device}; \
+         move its input to the cpu with to_device(&Device::Cpu)"
+    )]
+    CpuOnly {
+        /// The op's name.
+        op: &'static str,
+        /// The tensor's device.
+        device: crate::tensor::Device,
+    },
+    /// A GPU was asked of a build without CUDA.
+    #[error("{device} asked of an int8-nn built without cuda; build with `--features cuda`")]
+    CudaNotBuilt {
+        /// The device asked for.
+        device: crate::tensor::Device,
+    },
+    /// A device name that is not `cpu`, `cuda` or `cuda:N`.
+    #[error("unknown device `{0}`; use `cpu`, `cuda` or `cuda:N` (N the GPU's ordinal)")]
+    UnknownDevice(String),
 }
 
 /// Shorthand for results of this crate.

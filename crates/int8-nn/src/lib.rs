@@ -14,8 +14,13 @@
 //!   schedules ([`optim`]).
 //! - How a training process runs: the per-op step breakdown ([`profile`]), memory counters
 //!   ([`memory`]), allocation policy ([`alloc`]) and where steps run ([`threads`]).
+//! - With the `cuda` feature, tensors on NVIDIA GPUs (`cuda`): [`Tensor::to_device`], and GPU
+//!   paths of the ops a ResNet trains with (convolution and linear at both precisions, batch
+//!   norm, the activations, global average pooling, the loss) and of the SGD update.
 
 pub mod alloc;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod detection;
 mod error;
 pub mod layers;

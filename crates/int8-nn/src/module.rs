@@ -116,6 +116,16 @@ pub trait Module {
         });
     }
 
+    /// Moves every parameter (frozen ones too) to `device`; batch norms' running statistics stay
+    /// on the host, where checkpoints read them. The optimizer's momentum buffers follow their
+    /// parameters at the next step.
+    fn to_device(&self, device: &crate::Device) -> crate::Result<()> {
+        for p in self.layers().iter().flat_map(|l| l.params()) {
+            p.to_device(device)?;
+        }
+        Ok(())
+    }
+
     /// The last step's statistics of each INT8 layer, by layer name.
     fn int8_stats(&self) -> Vec<(String, LayerStats)> {
         let mut out = Vec::new();

@@ -75,6 +75,11 @@ impl Sgd {
         for t in params {
             let p = t.param;
             let Some(grad) = grads.of(p) else { continue };
+            #[cfg(feature = "cuda")]
+            if let Some(on) = crate::cuda::placement("sgd", &[&p.value(), grad])? {
+                self.step_gpu(&on, t, grad, lr)?;
+                continue;
+            }
             let g = grad.cpu()?;
             let diverged = |why: String| NnError::BadInput { layer: p.name().to_string(), why };
             if g.len() != p.elem_count() {
@@ -125,6 +130,59 @@ impl Sgd {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Sgd {
+    /// [`Sgd::step`] for one parameter on a GPU (`int8_core::cuda::nn::sgd_step`, bit for bit the
+    /// CPU's rule, checked whole before anything is written), its momentum buffer on the device.
+    fn step_gpu(&mut self, on: &crate::cuda::On, t: &Trainable<'_>, grad: &Tensor, lr: f64) -> Result<()> {
+        use crate::tensor::Storage;
+        let (p, cfg) = (t.param, self.config);
+        let diverged = |why: String| NnError::BadInput { layer: p.name().to_string(), why };
+        if grad.elem_count() != p.elem_count() {
+            return Err(diverged(format!("gradient of {} values for {} weights", grad.elem_count(), p.elem_count())));
+        }
+        let rule =
+            int8_core::cuda::nn::SgdRule::new(cfg.momentum, cfg.nesterov, cfg.weight_decay, p.decay(), lr, t.lr_scale);
+        let first = !self.buffers.contains_key(p.name());
+        let buf = match self.buffers.remove(p.name()) {
+            Some(b) => b.to_device(&grad.device())?,
+            None => on.out(crate::cuda::zeros(on, grad.elem_count())?, grad.elem_count()),
+        };
+        let mut buf = buf.detach();
+        let g = crate::cuda::dev(grad)?;
+        let done = p.update_tensor(|w| match (w.make_storage_mut(), buf.make_storage_mut()) {
+            (Storage::Cuda(wb), Storage::Cuda(bb)) => {
+                int8_core::cuda::nn::sgd_step(on, p.name(), &mut wb.data, g, &mut bb.data, first, rule)
+            }
+            _ => Err(int8_core::CoreError::InvalidArgument {
+                what: "sgd operands",
+                why: "a parameter and its momentum buffer on different devices".into(),
+            }),
+        });
+        match done {
+            Ok(()) => {
+                self.buffers.insert(p.name().to_string(), buf);
+                Ok(())
+            }
+            Err(int8_core::CoreError::NonFinite { name, value, index }) => {
+                // As on the CPU: a refused first step leaves no buffer, a later one its old buffer.
+                if !first {
+                    self.buffers.insert(p.name().to_string(), buf);
+                }
+                Err(diverged(if name.ends_with("(gradient)") {
+                    format!(
+                        "gradient value {value} at index {index} is not finite: the run has diverged; \
+                         lower the learning rate"
+                    )
+                } else {
+                    format!("the update made weight {index} {value}: the run has diverged; lower the learning rate")
+                }))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -98,4 +98,26 @@ impl Param {
         let mut v = self.value.write().unwrap_or_else(|e| e.into_inner());
         f(v.make_cpu_mut())
     }
+
+    /// Runs `f` on the value tensor in place (a GPU update writes its device buffer).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn update_tensor<R>(&self, f: impl FnOnce(&mut Tensor) -> R) -> R {
+        let mut v = self.value.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut v)
+    }
+
+    /// The device holding the value.
+    pub fn device(&self) -> crate::Device {
+        self.value.read().unwrap_or_else(|e| e.into_inner()).device()
+    }
+
+    /// Moves the value to `device` (the same leaf: its gradients are still found by
+    /// [`crate::Gradients::of`]). A GPU asked of a build without the `cuda` feature is an error
+    /// saying how to build it.
+    pub fn to_device(&self, device: &crate::Device) -> Result<()> {
+        let mut v = self.value.write().unwrap_or_else(|e| e.into_inner());
+        let moved = v.detach().to_device(device)?;
+        *v = moved.with_track(crate::tensor::Track::Leaf(self.id));
+        Ok(())
+    }
 }

@@ -35,11 +35,26 @@ pub fn report() -> Vec<(String, f64, u64)> {
         .collect()
 }
 
-/// Times the rest of the enclosing scope under an op and pass, when timing is on.
-pub(crate) struct Span(Option<(Key, Instant)>);
+/// Times the rest of the enclosing scope under an op and pass, when timing is on. With the `cuda`
+/// feature it also names the op running on this thread (see [`current_op`]) until it ends.
+pub(crate) struct Span(Option<(Key, Instant)>, #[cfg(feature = "cuda")] &'static str);
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    static CURRENT: std::cell::Cell<&'static str> = const { std::cell::Cell::new("(no op)") };
+}
+
+/// The op running on this thread (the innermost open span): what an error for a GPU tensor
+/// reaching a CPU-only op names.
+#[cfg(feature = "cuda")]
+pub(crate) fn current_op() -> &'static str {
+    CURRENT.with(std::cell::Cell::get)
+}
 
 impl Drop for Span {
     fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        CURRENT.with(|c| c.set(self.1));
         if let Some((name, t)) = self.0.take() {
             let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
             let e = table.entry(name).or_default();
@@ -51,7 +66,11 @@ impl Drop for Span {
 
 /// Starts a span for op `op`, forward or backward.
 pub(crate) fn span(op: &'static str, backward: bool) -> Span {
-    Span(ENABLED.load(Ordering::Relaxed).then(|| ((op, backward), Instant::now())))
+    Span(
+        ENABLED.load(Ordering::Relaxed).then(|| ((op, backward), Instant::now())),
+        #[cfg(feature = "cuda")]
+        CURRENT.with(|c| c.replace(op)),
+    )
 }
 
 #[cfg(test)]

@@ -101,6 +101,33 @@ impl LayerState {
         }
         Ok(dyq)
     }
+
+    /// [`LayerState::quantize_grad`] on a GPU: the same clip state, stream and statistics, the
+    /// gradient and its codes on the device (the kept copy of the gradient comes to the host).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn quantize_grad_gpu(
+        &mut self,
+        gpu: &int8_core::cuda::Gpu,
+        name: &str,
+        g: &int8_core::cuda::CudaSlice<f32>,
+        cfg: &Int8Config,
+    ) -> int8_core::Result<int8_core::cuda::GpuQTensor> {
+        let step = self.stats.steps;
+        let rounding = cfg.grad_rounding.stream(name, step);
+        let (dyq, up) =
+            int8_core::cuda::dsgc::clip_quantize(gpu, &mut self.clip, &format!("{name}.grad_output"), g, rounding)?;
+        self.stats.steps = step + 1;
+        self.stats.clip = up.clip;
+        self.stats.distance = up.distance;
+        self.stats.searched = up.searched;
+        self.stats.searches = self.clip.searches();
+        self.stats.phi = cfg.dclr.map_or(1.0, |d| d.phi(up.distance));
+        self.stats.saturation_dy = crate::cuda::saturation_rate(&dyq);
+        if self.keep_grad {
+            self.last_grad = Some(gpu.download(g)?);
+        }
+        Ok(dyq)
+    }
 }
 
 /// The INT8 state of one conv or linear layer, shared between the layer and the ops it records

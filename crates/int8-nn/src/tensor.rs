@@ -5,8 +5,9 @@
 //!
 //! A [`Tensor`] is an immutable value behind an `Arc`: cloning one, saving it for a backward pass
 //! or reshaping it shares its storage. Its values live in a [`Storage`], an enum of devices (the
-//! CPU for now); ops dispatch on it, so code above `int8-nn` never touches raw memory and does not
-//! change when a device is added. Values are `f32`: INT8 codes exist only inside the ops that make
+//! CPU, and with the `cuda` feature NVIDIA GPUs); ops dispatch on it, so code above `int8-nn`
+//! never touches raw memory and does not change when a device is added. [`Tensor::to_device`]
+//! copies a tensor between devices, its gradient flowing back across the copy. Values are `f32`: INT8 codes exist only inside the ops that make
 //! and consume them (`int8_core::quant::QTensor`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,12 +23,34 @@ use crate::memory;
 pub enum Device {
     /// Host memory, computed by `int8-core`'s CPU kernels.
     Cpu,
+    /// NVIDIA GPU number `N` (its CUDA ordinal), computed by `int8-core`'s CUDA kernels; only a
+    /// build with the `cuda` feature can put tensors there (others answer
+    /// [`NnError::CudaNotBuilt`]).
+    Cuda(usize),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = NnError;
+
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| NnError::UnknownDevice(s.to_string())),
         }
     }
 }
@@ -124,6 +147,9 @@ impl From<(usize, usize, usize, usize)> for Shape {
 pub enum Storage {
     /// Values in host memory, counted by [`memory`].
     Cpu(memory::HostBuf),
+    /// Values on a GPU, with the GPU's context (shared by every tensor on it).
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaBuf),
 }
 
 impl Storage {
@@ -131,6 +157,8 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.ordinal),
         }
     }
 }
@@ -260,9 +288,41 @@ impl Tensor {
     }
 
     /// The values, copied to the host.
+    ///
+    /// # Panics
+    /// Only if a GPU fails to copy the values back (a device fault, not bad input); use
+    /// [`Tensor::try_to_vec`] to get that as an error.
     pub fn to_vec(&self) -> Vec<f32> {
         match &*self.inner.storage {
             Storage::Cpu(b) => b.to_vec(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.download().unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    /// The values, copied to the host, or the GPU's error.
+    pub fn try_to_vec(&self) -> Result<Vec<f32>> {
+        match &*self.inner.storage {
+            Storage::Cpu(b) => Ok(b.to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.download(),
+        }
+    }
+
+    /// A copy of the values on `device`, recorded on the tape when this tensor is tracked (the
+    /// gradient is copied back), or this tensor itself when it is there already. A GPU asked of
+    /// a build without the `cuda` feature is [`NnError::CudaNotBuilt`].
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            crate::cuda::to_device(self, *device)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(NnError::CudaNotBuilt { device: *device })
         }
     }
 
@@ -278,6 +338,10 @@ impl Tensor {
     pub(crate) fn cpu(&self) -> Result<&[f32]> {
         match &*self.inner.storage {
             Storage::Cpu(b) => Ok(b.as_slice()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => {
+                Err(NnError::CpuOnly { op: crate::profile::current_op(), device: Device::Cuda(b.ordinal) })
+            }
         }
     }
 
@@ -328,15 +392,46 @@ impl Tensor {
         let inner = Arc::get_mut(&mut self.inner)?;
         match Arc::get_mut(&mut inner.storage)? {
             Storage::Cpu(b) => Some(b.as_mut_slice()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
         }
     }
 
-    /// The values to write into, copied first if another tensor shares them.
+    /// The values to write into, copied first if another tensor shares them. A GPU tensor is
+    /// brought to the host first (callers dispatch GPU tensors to their own paths before this).
     pub(crate) fn make_cpu_mut(&mut self) -> &mut [f32] {
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(_) = &*self.inner.storage {
+            let host = Self::cpu_untracked(self.to_vec(), self.shape().clone());
+            *self = host.with_track(self.inner.track.clone());
+        }
         let inner = Arc::make_mut(&mut self.inner);
         match Arc::make_mut(&mut inner.storage) {
             Storage::Cpu(b) => b.as_mut_slice(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => unreachable!("a gpu tensor was copied to the host above"),
         }
+    }
+
+    /// A tensor of `shape` on storage `storage`, untracked.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Tensor {
+        Tensor { inner: Arc::new(Inner { shape, storage: Arc::new(storage), track: Track::None }) }
+    }
+
+    /// The storage and the tensor's own handle on it, for in-place GPU updates: the buffer
+    /// when no other tensor shares it, else `None`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn unique_storage_mut(&mut self) -> Option<&mut Storage> {
+        let inner = Arc::get_mut(&mut self.inner)?;
+        Arc::get_mut(&mut inner.storage)
+    }
+
+    /// The storage to write into, copied first (on its device) if another tensor shares it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn make_storage_mut(&mut self) -> &mut Storage {
+        let inner = Arc::make_mut(&mut self.inner);
+        Arc::make_mut(&mut inner.storage)
     }
 
     /// Whether two tensors share storage (for tests of in-place updates).
@@ -415,5 +510,43 @@ impl Drop for Node {
         if self.backward.get_mut().unwrap_or_else(|e| e.into_inner()).is_some() {
             memory::sub_saved(self.saved);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_from_their_names_and_print_as_them() {
+        for (name, device) in [("cpu", Device::Cpu), ("cuda:0", Device::Cuda(0)), ("cuda:3", Device::Cuda(3))] {
+            assert_eq!(name.parse::<Device>().unwrap(), device);
+            assert_eq!(device.to_string(), name);
+        }
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", ""] {
+            let e = bad.parse::<Device>().unwrap_err();
+            assert!(matches!(e, NnError::UnknownDevice(_)) && e.to_string().contains("cuda:N"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_copy_to_its_own_device_is_the_tensor_itself() {
+        let t = Tensor::from_vec(vec![1.0, 2.0], 2).unwrap();
+        assert!(t.to_device(&Device::Cpu).unwrap().shares_storage(&t));
+    }
+
+    /// Without the `cuda` feature a GPU is an error saying how to build one in, for tensors and
+    /// parameters alike.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_asked_of_a_build_without_cuda_says_how_to_build_it() {
+        let t = Tensor::ones(3);
+        let e = t.to_device(&Device::Cuda(0)).unwrap_err();
+        assert!(matches!(e, NnError::CudaNotBuilt { device: Device::Cuda(0) }), "{e}");
+        assert!(e.to_string().contains("build with `--features cuda`"), "{e}");
+        let p = crate::Param::new("w", Tensor::ones(3), true);
+        assert!(matches!(p.to_device(&Device::Cuda(1)), Err(NnError::CudaNotBuilt { device: Device::Cuda(1) })));
+        assert_eq!(p.device(), Device::Cpu);
     }
 }

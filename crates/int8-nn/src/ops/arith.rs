@@ -21,6 +21,16 @@ fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let _t = crate::profile::span("add", false);
     same_shape("add", a, b)?;
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("add", &[a, b])? {
+        let mut y = crate::cuda::zeros(&on, a.elem_count())?;
+        int8_core::cuda::nn::add(&on, crate::cuda::dev(a)?, crate::cuda::dev(b)?, &mut y)?;
+        let y = on.out(y, a.shape());
+        return Ok(match record(&[a, b]) {
+            None => y,
+            Some(r) => r.output("add", y, AddBackward),
+        });
+    }
     let (av, bv) = (a.cpu()?, b.cpu()?);
     let (y, ()) = fresh(a.elem_count(), |y| elementwise::add(av, bv, y))?;
     let y = cpu_out(y, a.shape());
@@ -147,6 +157,10 @@ pub(crate) fn add_into(acc: &mut Tensor, mut g: Tensor) -> Result<()> {
             acc.shape()
         )));
     }
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("gradient accumulation", &[acc, &g])? {
+        return add_into_gpu(&on, acc, g);
+    }
     if let Some(a) = acc.unique_cpu_mut() {
         elementwise::add_assign(a, g.cpu()?)?;
         return Ok(());
@@ -159,5 +173,28 @@ pub(crate) fn add_into(acc: &mut Tensor, mut g: Tensor) -> Result<()> {
     let (av, gv) = (acc.cpu()?, g.cpu()?);
     let (sum, ()) = fresh(acc.elem_count(), |y| elementwise::add(av, gv, y))?;
     *acc = cpu_out(sum, acc.shape());
+    Ok(())
+}
+
+/// [`add_into`] on a GPU: the same three ways, with `int8_core::cuda::nn`'s bit-exact additions.
+#[cfg(feature = "cuda")]
+fn add_into_gpu(on: &crate::cuda::On, acc: &mut Tensor, mut g: Tensor) -> Result<()> {
+    use crate::cuda::dev;
+    use crate::tensor::Storage;
+    use int8_core::cuda::nn as kn;
+    let gv = dev(&g)?;
+    if let Some(Storage::Cuda(a)) = acc.unique_storage_mut() {
+        kn::add_assign(on, &mut a.data, gv)?;
+        return Ok(());
+    }
+    let av = dev(acc)?;
+    if let Some(Storage::Cuda(b)) = g.unique_storage_mut() {
+        kn::add_assign(on, &mut b.data, av)?;
+        *acc = g;
+        return Ok(());
+    }
+    let mut sum = crate::cuda::zeros(on, acc.elem_count())?;
+    kn::add(on, av, dev(&g)?, &mut sum)?;
+    *acc = on.out(sum, acc.shape());
     Ok(())
 }

@@ -44,6 +44,10 @@ pub(crate) fn train(
             ),
         });
     }
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("batch-norm", &[x, gamma, beta])? {
+        return gpu::train(&on, d, x, gamma, beta, eps, relu);
+    }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
     let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
     let y = cpu_out(y, x.shape());
@@ -97,6 +101,10 @@ pub(crate) fn eval(
 ) -> Result<Tensor> {
     let _t = crate::profile::span("batch-norm-eval", false);
     let d = dims(name, x)?;
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("batch-norm-eval", &[x, gamma, beta])? {
+        return gpu::eval(&on, d, x, gamma, beta, (mean, var), eps, relu);
+    }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
     let (y, ()) = fresh(x.elem_count(), |y| batchnorm::forward_eval(d, xv, gv, bv, mean, var, eps, relu, y))?;
     let y = cpu_out(y, x.shape());
@@ -144,5 +152,158 @@ impl Backward for EvalBackward {
 
     fn saved_bytes(&self) -> usize {
         4 * (self.x.elem_count() + 4 * self.running.0.len())
+    }
+}
+
+/// Batch norm on a GPU (`int8_core::cuda::nn`, bit for bit the CPU's): the same passes, the
+/// batch statistics kept on the device for the backward pass; the mean and variance come to the
+/// host for the layer's running averages, which live there.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use int8_core::cuda::nn::{self as kn, GpuBatchStats};
+    use int8_core::nn::batchnorm::{BatchStats, NchwDims};
+
+    use crate::cuda::{On, dev, zeros};
+    use crate::error::Result;
+    use crate::tape::{Backward, record};
+    use crate::tensor::Tensor;
+
+    pub(super) fn train(
+        on: &On,
+        d: NchwDims,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        relu: Option<f32>,
+    ) -> Result<(Tensor, BatchStats)> {
+        let mut y = zeros(on, x.elem_count())?;
+        let st = kn::batchnorm_forward_train(on, d, dev(x)?, dev(gamma)?, dev(beta)?, eps, relu, &mut y)?;
+        // The running averages read the mean and the variance only.
+        let host = BatchStats {
+            mean: on.download(&st.mean)?,
+            inv_std: Vec::new(),
+            var: on.download(&st.var)?,
+            scale: Vec::new(),
+            shift: Vec::new(),
+        };
+        let y = on.out(y, x.shape());
+        let y = match record(&[x, gamma, beta]) {
+            None => y,
+            Some(r) => {
+                let saved = TrainBackward { on: on.clone(), d, x: x.detach(), gamma: gamma.detach(), relu, stats: st };
+                r.output("batch-norm", y, saved)
+            }
+        };
+        Ok((y, host))
+    }
+
+    struct TrainBackward {
+        on: On,
+        d: NchwDims,
+        x: Tensor,
+        gamma: Tensor,
+        relu: Option<f32>,
+        stats: GpuBatchStats,
+    }
+
+    impl Backward for TrainBackward {
+        fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let on = &self.on;
+            let grad = on.bring(&grad)?;
+            let mut dx = zeros(on, self.x.elem_count())?;
+            let (dgamma, dbeta) = kn::batchnorm_backward(
+                on,
+                self.d,
+                dev(&self.x)?,
+                self.relu,
+                dev(&grad)?,
+                dev(&self.gamma)?,
+                &self.stats,
+                &mut dx,
+            )?;
+            Ok(vec![
+                Some(on.out(dx, self.x.shape())),
+                Some(on.out(dgamma, self.gamma.shape())),
+                Some(on.out(dbeta, self.gamma.shape())),
+            ])
+        }
+
+        fn saved_bytes(&self) -> usize {
+            4 * (self.x.elem_count() + 5 * self.d.c)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn eval(
+        on: &On,
+        d: NchwDims,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        (mean, var): (&[f32], &[f32]),
+        eps: f32,
+        relu: Option<f32>,
+    ) -> Result<Tensor> {
+        let (rmean, rvar) = (on.upload(mean)?, on.upload(var)?);
+        let mut y = zeros(on, x.elem_count())?;
+        kn::batchnorm_forward_eval(on, d, dev(x)?, dev(gamma)?, dev(beta)?, &rmean, &rvar, eps, relu, &mut y)?;
+        let y = on.out(y, x.shape());
+        Ok(match record(&[x, gamma, beta]) {
+            None => y,
+            Some(r) => {
+                let saved = EvalBackward {
+                    on: on.clone(),
+                    d,
+                    x: x.detach(),
+                    gamma: gamma.detach(),
+                    beta: beta.detach(),
+                    running: (rmean, rvar),
+                    eps,
+                    relu,
+                };
+                r.output("batch-norm-eval", y, saved)
+            }
+        })
+    }
+
+    struct EvalBackward {
+        on: On,
+        d: NchwDims,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        running: (int8_core::cuda::CudaSlice<f32>, int8_core::cuda::CudaSlice<f32>),
+        eps: f32,
+        relu: Option<f32>,
+    }
+
+    impl Backward for EvalBackward {
+        fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let on = &self.on;
+            let grad = on.bring(&grad)?;
+            let mut dx = zeros(on, self.x.elem_count())?;
+            let (dgamma, dbeta) = kn::batchnorm_backward_eval(
+                on,
+                self.d,
+                dev(&self.x)?,
+                self.relu,
+                dev(&grad)?,
+                dev(&self.gamma)?,
+                dev(&self.beta)?,
+                (&self.running.0, &self.running.1),
+                self.eps,
+                &mut dx,
+            )?;
+            Ok(vec![
+                needs[0].then(|| on.out(dx, self.x.shape())),
+                needs[1].then(|| on.out(dgamma, self.gamma.shape())),
+                needs[2].then(|| on.out(dbeta, self.gamma.shape())),
+            ])
+        }
+
+        fn saved_bytes(&self) -> usize {
+            4 * (self.x.elem_count() + 4 * self.d.c)
+        }
     }
 }

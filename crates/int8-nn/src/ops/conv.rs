@@ -97,6 +97,10 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
     let full = a.geometry.shape(a.name, x.dims(), w.dims())?;
     let name = op_name(a.precision, full.is_depthwise());
     let _t = crate::profile::span(name, false);
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement(name, &[x, w])? {
+        return gpu::conv2d(&on, x, w, a, full, name);
+    }
     let rec = record(&[x, w]);
     // A strided 1x1 convolution reads a subsample of its input: in INT8 only that is quantized
     // (and kept for the backward pass). FP32 reads the pixels in place, which is faster for it
@@ -225,6 +229,176 @@ impl Backward for ConvBackward {
             }
             Saved::Int8 { x, w, w_f32, .. } => {
                 x.data.len() + w.data.len() + 4 * w_f32.as_ref().map_or(0, Tensor::elem_count)
+            }
+        }
+    }
+}
+
+/// The convolution on a GPU: the CPU path's steps on `int8-core`'s CUDA kernels (the same
+/// quantization, codes kept for the backward pass, DSGC and DCLR state), so that the outputs,
+/// gradients and statistics are the CPU's (bit for bit at INT8; FP32 within cuBLAS's rounding).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use int8_core::conv::{ConvShape, strided_pointwise};
+    use int8_core::cuda::{GpuQTensor, conv as kc, quant as kq};
+    use int8_core::quant::{Granularity, Rounding};
+
+    use super::ConvArgs;
+    use crate::cuda::{On, dev, saturation_rate, zeros};
+    use crate::error::{NnError, Result};
+    use crate::precision::{Int8Config, Precision};
+    use crate::stats::QuantState;
+    use crate::tape::{Backward, record};
+    use crate::tensor::{Shape, Tensor};
+
+    pub(super) fn conv2d(
+        on: &On,
+        x: &Tensor,
+        w: &Tensor,
+        a: ConvArgs<'_>,
+        full: ConvShape,
+        name: &'static str,
+    ) -> Result<Tensor> {
+        let rec = record(&[x, w]);
+        let pointwise = strided_pointwise(&full).filter(|_| matches!(a.precision, Precision::Int8(_)));
+        let s = pointwise.unwrap_or(full);
+        let (xv, wv) = (dev(x)?, dev(w)?);
+        let mut y = zeros(on, s.y_len())?;
+        let saved = match a.precision {
+            Precision::Fp32 => {
+                kc::conv2d_fwd_f32(on, &s, xv, wv, &mut y)?;
+                rec.as_ref()
+                    .map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) })
+            }
+            Precision::Int8(cfg) => {
+                let sub = pointwise.map(|_| kc::subsample_f32(on, &full, xv)).transpose()?;
+                let xs = sub.as_ref().unwrap_or(xv);
+                let (pt, near) = (Granularity::PerTensor, Rounding::Nearest);
+                let xq = kq::quantize(on, &format!("{}.input", a.name), xs, pt, 1, near)?;
+                let wq = kq::quantize(on, &format!("{}.weight", a.name), wv, cfg.weight, s.c_out, near)?;
+                kc::conv2d_fwd_i8(on, &s, xq.view(), wq.view(), &mut y)?;
+                {
+                    let mut st = a.quant.lock();
+                    st.stats.saturation_x = saturation_rate(&xq);
+                    st.stats.saturation_w = saturation_rate(&wq);
+                }
+                let keep_w = wq.scales.len() > 1 && !s.is_depthwise();
+                rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32: keep_w.then(|| w.detach()), cfg })
+            }
+        };
+        let y = on.out(y, [full.n, full.c_out, full.out_h(), full.out_w()]);
+        Ok(match (rec, saved) {
+            (Some(r), Some(saved)) => r.output(
+                name,
+                y,
+                ConvBackward {
+                    on: on.clone(),
+                    layer: a.name.to_string(),
+                    full,
+                    pointwise,
+                    quant: a.quant.clone(),
+                    saved,
+                },
+            ),
+            _ => y,
+        })
+    }
+
+    // One per recorded op, inside the tape's boxed backward object: its size does not matter.
+    #[allow(clippy::large_enum_variant)]
+    enum Saved {
+        Fp32 { x: Option<Tensor>, w: Option<Tensor> },
+        Int8 { x: GpuQTensor, w: GpuQTensor, w_f32: Option<Tensor>, cfg: Int8Config },
+    }
+
+    struct ConvBackward {
+        on: On,
+        layer: String,
+        full: ConvShape,
+        pointwise: Option<ConvShape>,
+        quant: QuantState,
+        saved: Saved,
+    }
+
+    impl Backward for ConvBackward {
+        fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let Self { on, layer, full, pointwise, quant, saved } = *self;
+            let s = pointwise.unwrap_or(full);
+            let grad = on.bring(&grad)?;
+            let g = dev(&grad)?;
+            let (mut dx, dw) = match saved {
+                Saved::Fp32 { x, w } => {
+                    let dx = match &w {
+                        Some(w) => {
+                            let mut dx = zeros(&on, s.x_len())?;
+                            kc::conv2d_dx_f32(&on, &s, dev(w)?, g, &mut dx)?;
+                            Some(dx)
+                        }
+                        None => None,
+                    };
+                    let dw = match &x {
+                        Some(x) => {
+                            let mut dw = zeros(&on, s.w_len())?;
+                            kc::conv2d_dw_f32(&on, &s, dev(x)?, g, &mut dw)?;
+                            Some(dw)
+                        }
+                        None => None,
+                    };
+                    (dx, dw)
+                }
+                Saved::Int8 { x, w, w_f32, cfg } => {
+                    let dyq = quant.lock().quantize_grad_gpu(&on, &layer, g, &cfg)?;
+                    let dx = if needs[0] {
+                        // The input gradient takes one weight scale (see `input_grad_weight`).
+                        let requantized;
+                        let wq = if w.scales.len() == 1 || s.is_depthwise() {
+                            &w
+                        } else {
+                            let Some(w_f32) = &w_f32 else {
+                                return Err(NnError::Graph(format!(
+                                    "layer `{layer}`: the f32 weights for its input gradient were not kept; \
+                                     this is a bug in int8-nn"
+                                )));
+                            };
+                            let (pt, near) = (Granularity::PerTensor, Rounding::Nearest);
+                            requantized = kq::quantize(&on, &format!("{layer}.weight"), dev(w_f32)?, pt, 1, near)?;
+                            &requantized
+                        };
+                        let mut dx = zeros(&on, s.x_len())?;
+                        kc::conv2d_dx_i8(&on, &s, wq.view(), dyq.view(), &mut dx)?;
+                        Some(dx)
+                    } else {
+                        None
+                    };
+                    let dw = if needs[1] {
+                        let mut dw = zeros(&on, s.w_len())?;
+                        kc::conv2d_dw_i8(&on, &s, x.view(), dyq.view(), &mut dw)?;
+                        Some(dw)
+                    } else {
+                        None
+                    };
+                    (dx, dw)
+                }
+            };
+            if let (Some(_), Some(sub)) = (pointwise, dx.as_ref()) {
+                // `upsample` writes every pixel, the ones the convolution never read as zero.
+                let mut placed = zeros(&on, full.x_len())?;
+                kc::upsample(&on, &full, sub, &mut placed)?;
+                dx = Some(placed);
+            }
+            let x_shape = Shape::from([full.n, full.c_in, full.h, full.w]);
+            let w_shape = Shape::from([full.c_out, full.c_in / full.groups, full.kh, full.kw]);
+            Ok(vec![dx.map(|v| on.out(v, x_shape)), dw.map(|v| on.out(v, w_shape))])
+        }
+
+        fn saved_bytes(&self) -> usize {
+            match &self.saved {
+                Saved::Fp32 { x, w } => {
+                    4 * (x.as_ref().map_or(0, Tensor::elem_count) + w.as_ref().map_or(0, Tensor::elem_count))
+                }
+                Saved::Int8 { x, w, w_f32, .. } => {
+                    x.codes.len() + w.codes.len() + 4 * w_f32.as_ref().map_or(0, Tensor::elem_count)
+                }
             }
         }
     }

@@ -94,6 +94,10 @@ impl Backward for AvgPoolBackward {
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let _t = crate::profile::span("global-avg-pool", false);
     let [n, c, h, w] = nchw("global average pooling", x)?;
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("global-avg-pool", &[x])? {
+        return gpu::global_avg_pool(&on, x, [n, c, h, w]);
+    }
     let mut y = zeros(n * c);
     elementwise::global_avg_pool(x.cpu()?, h * w, &mut y)?;
     let y = cpu_out(y, (n, c));
@@ -113,5 +117,45 @@ impl Backward for GlobalAvgPoolBackward {
         let mut dx = zeros(self.x.elem_count());
         elementwise::global_avg_pool_backward(grad.cpu()?, self.hw, &mut dx)?;
         Ok(vec![Some(cpu_out(dx, self.x))])
+    }
+}
+
+/// Global average pooling on a GPU (`int8_core::cuda::nn`, bit for bit the CPU's).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use int8_core::cuda::nn as kn;
+
+    use crate::cuda::{On, dev, zeros};
+    use crate::error::Result;
+    use crate::tape::{Backward, record};
+    use crate::tensor::{Shape, Tensor};
+
+    pub(super) fn global_avg_pool(on: &On, x: &Tensor, [n, c, h, w]: [usize; 4]) -> Result<Tensor> {
+        let mut y = zeros(on, n * c)?;
+        kn::global_avg_pool(on, dev(x)?, h * w, &mut y)?;
+        let y = on.out(y, (n, c));
+        Ok(match record(&[x]) {
+            None => y,
+            Some(r) => r.output(
+                "global-avg-pool",
+                y,
+                GlobalAvgPoolBackward { on: on.clone(), x: x.shape().clone(), hw: h * w },
+            ),
+        })
+    }
+
+    struct GlobalAvgPoolBackward {
+        on: On,
+        x: Shape,
+        hw: usize,
+    }
+
+    impl Backward for GlobalAvgPoolBackward {
+        fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let grad = self.on.bring(&grad)?;
+            let mut dx = zeros(&self.on, self.x.elem_count())?;
+            kn::global_avg_pool_backward(&self.on, dev(&grad)?, self.hw, &mut dx)?;
+            Ok(vec![Some(self.on.out(dx, self.x))])
+        }
     }
 }
