@@ -79,7 +79,7 @@ impl Param {
     }
 
     /// Replaces the value (from a checkpoint, say) with `values`, which must have the
-    /// parameter's size; the shape stays.
+    /// parameter's size; the shape and the device stay.
     pub fn set_values(&self, values: Vec<f32>) -> Result<()> {
         let mut v = self.value.write().unwrap_or_else(|e| e.into_inner());
         if values.len() != v.elem_count() {
@@ -88,7 +88,9 @@ impl Param {
                 why: format!("{} values for a parameter of shape {}", values.len(), v.shape()),
             });
         }
-        *v = Tensor::from_vec(values, v.shape().clone())?.with_track(crate::tensor::Track::Leaf(self.id));
+        // On the device the value is on (a checkpoint loaded into a model on a GPU stays there).
+        let value = Tensor::from_vec(values, v.shape().clone())?.to_device(&v.device())?;
+        *v = value.with_track(crate::tensor::Track::Leaf(self.id));
         Ok(())
     }
 

@@ -51,6 +51,19 @@ pub(crate) fn current_op() -> &'static str {
     CURRENT.with(std::cell::Cell::get)
 }
 
+/// Names op `op` as the one running on this thread until the guard drops, without timing it (for
+/// the small ops the step breakdown does not list).
+#[cfg(feature = "cuda")]
+pub(crate) fn naming(op: &'static str) -> impl Drop {
+    struct Restore(&'static str);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    Restore(CURRENT.with(|c| c.replace(op)))
+}
+
 impl Drop for Span {
     fn drop(&mut self) {
         #[cfg(feature = "cuda")]

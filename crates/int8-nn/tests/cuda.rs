@@ -13,10 +13,11 @@
 //!   He et al. 2016, Sec. 4.2) takes two SGD steps (momentum 0.9, weight decay 5e-4, DCLR's phi)
 //!   on each device from the same weights and batch. INT8 (every layer INT8): the first forward
 //!   pass's logits bit for bit, the loss within 1e-9 relative; the gradients and updated weights
-//!   within 2% (relative L2) of the CPU's, since a last-bit difference of the loss gradient (CUDA's
-//!   `exp`) can move a gradient's DSGC clip value and so its codes; the number of gradients equal
-//!   bit for bit is printed. FP32: loss within 1e-5 relative, gradients within 1e-3 and weights
-//!   within 1e-6 (relative L2).
+//!   within 2% (relative L2; an update within 4% of its own size) of the CPU's, since a last-bit
+//!   difference of the loss gradient (CUDA's `exp`) can move a gradient's DSGC clip value and so
+//!   its codes; the second step's loss within 1e-3 (the bar); the number of gradients
+//!   equal bit for bit is printed. FP32: loss within 1e-5 relative, gradients within 1e-3 and
+//!   updates within 2e-3 of their size (relative L2).
 //! - Errors: tensors on two devices, a CPU-only op given a GPU tensor, and a gradient flowing
 //!   back across `to_device`.
 //!
@@ -419,6 +420,9 @@ fn compare_steps(what: &str, precision: Precision) {
     let cfg = SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 };
     let (mut cpu_sgd, mut gpu_sgd) = (Sgd::new(cfg), Sgd::new(cfg));
     let int8 = matches!(precision, Precision::Int8(_));
+    // The weights before each step: an update is compared with its own size, since some
+    // parameters start at 0 (batch norms' shifts) and others are far larger than their steps.
+    let mut before: Vec<Vec<f32>> = cpu_model.layers().iter().flat_map(|l| l.params()).map(|p| p.to_vec()).collect();
     for step in 0..2u64 {
         let x = Tensor::randn([8, 3, 32, 32], 500 + step);
         let labels: Vec<u32> = (0..8).map(|i| ((i * 3 + step as usize) % 10) as u32).collect();
@@ -427,11 +431,18 @@ fn compare_steps(what: &str, precision: Precision) {
         let what = format!("{what}, step {step}");
         let rel_loss = (g.loss - c.loss).abs() / c.loss.abs();
         eprintln!("{what}: loss gpu {} cpu {} (relative difference {rel_loss:e})", g.loss, c.loss);
+        // The first INT8 forward pass is exact up to the loss's exp and log; after an update
+        // the weights may differ as the gradients do, and the bar is 1e-3.
+        let loss_tol = match (int8, step) {
+            (true, 0) => 1e-9,
+            (true, _) => 1e-3,
+            (false, _) => 1e-5,
+        };
         if int8 && step == 0 {
             assert_bits(&format!("{what}: logits"), &g.logits, &c.logits);
         }
-        assert!(rel_loss <= if int8 { 1e-9 } else { 1e-5 }, "{what}: loss");
-        let (grad_tol, value_tol) = if int8 { (2e-2, 2e-2) } else { (1e-3, 1e-6) };
+        assert!(rel_loss <= loss_tol, "{what}: loss differs by {rel_loss:e} (relative)");
+        let grad_tol = if int8 { 2e-2 } else { 1e-3 };
         let mut exact = 0;
         for ((name, gg), (_, cg)) in g.grads.iter().zip(&c.grads) {
             exact += usize::from(gg.iter().zip(cg).all(|(&a, &b)| same(a, b)));
@@ -439,10 +450,15 @@ fn compare_steps(what: &str, precision: Precision) {
             assert!(e <= grad_tol, "{what}: gradient of {name} differs by {e:e} (relative l2)");
         }
         eprintln!("{what}: {exact} of {} gradients equal bit for bit", g.grads.len());
-        for ((name, gv), (_, cv)) in g.values.iter().zip(&c.values) {
-            let e = relative_l2(gv, cv);
-            assert!(e <= value_tol, "{what}: updated {name} differs by {e:e} (relative l2)");
+        // Each step adds at most the gradients' relative difference to the weights' (the SGD rule
+        // itself is bit for bit the CPU's): within twice the gradients' bound of this update.
+        for (((name, gv), (_, cv)), old) in g.values.iter().zip(&c.values).zip(&before) {
+            let diff: f64 = gv.iter().zip(cv).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+            let step_size: f64 = cv.iter().zip(old).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum();
+            let e = if step_size == 0.0 { diff.sqrt() } else { (diff / step_size).sqrt() };
+            assert!(e <= 2.0 * grad_tol, "{what}: updated {name} differs by {e:e} of its update (relative l2)");
         }
+        before = c.values.into_iter().map(|(_, v)| v).collect();
     }
     // The INT8 layers' statistics (DCLR's phi scaled each step) on both devices.
     for ((name, gs), (_, cs)) in gpu_model.int8_stats().iter().zip(cpu_model.int8_stats()) {

@@ -52,6 +52,8 @@ impl Backward for AddBackward {
 
 /// `a * b`, elementwise, for tensors of one shape.
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    let _op = crate::profile::naming("mul");
     same_shape("mul", a, b)?;
     let y: Vec<f32> = a.cpu()?.iter().zip(b.cpu()?).map(|(x, y)| x * y).collect();
     let y = cpu_out(y, a.shape());
@@ -88,6 +90,8 @@ impl Backward for MulBackward {
 
 /// `x * c` for a constant `c`.
 pub fn scale(x: &Tensor, c: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    let _op = crate::profile::naming("scale");
     let y = cpu_out(x.cpu()?.iter().map(|v| v * c).collect(), x.shape());
     Ok(match record(&[x]) {
         None => y,
@@ -105,6 +109,8 @@ impl Backward for ScaleBackward {
 
 /// The sum of every value, as a scalar (summed in f64).
 pub fn sum_all(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    let _op = crate::profile::naming("sum");
     let s = x.cpu()?.iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
     let y = cpu_out(vec![s], ());
     Ok(match record(&[x]) {
