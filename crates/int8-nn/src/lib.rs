@@ -16,7 +16,8 @@
 //!   ([`memory`]), allocation policy ([`alloc`]) and where steps run ([`threads`]).
 //! - With the `cuda` feature, tensors on NVIDIA GPUs (`cuda`): [`Tensor::to_device`], and GPU
 //!   paths of the ops a ResNet trains with (convolution and linear at both precisions, batch
-//!   norm, the activations, global average pooling, the loss) and of the SGD update.
+//!   norm, the activations, pooling, dropout, the loss) and of the SGD update; the other ops run
+//!   on the CPU only and say so.
 
 pub mod alloc;
 #[cfg(feature = "cuda")]

@@ -4,10 +4,10 @@
 //! - Each op ResNet-20 trains with, forward and backward with the same operands and the same
 //!   output gradient on both devices: bit for bit (a zero's sign aside) for the INT8 convolution
 //!   (3x3, strided 3x3, strided 1x1, per-channel weights), the INT8 linear layer, batch norm (with
-//!   and without its ReLU), add + ReLU, ReLU and global average pooling, with the layer's INT8
-//!   statistics (clip value, saturation, DCLR's phi) equal; the FP32 convolution and linear layer
-//!   within 1e-5 of the largest value (cuBLAS sums in its own order), the loss within 1e-12
-//!   relative (CUDA's `exp`/`log`).
+//!   and without its ReLU), add + ReLU, ReLU, global average pooling, max and average pooling and
+//!   dropout, with the layer's INT8 statistics (clip value, saturation, DCLR's phi) equal; the
+//!   FP32 convolution and linear layer within 1e-5 of the largest value (cuBLAS sums in its own
+//!   order), the loss within 1e-12 relative (CUDA's `exp`/`log`).
 //! - A ResNet-20 (built here from int8-nn's layers: a 3x3 stem, three stages of three basic
 //!   blocks at 16/32/64 channels with projection shortcuts, global pooling, a linear classifier;
 //!   He et al. 2016, Sec. 4.2) takes two SGD steps (momentum 0.9, weight decay 5e-4, DCLR's phi)
@@ -277,6 +277,33 @@ fn batch_norm_activations_and_pooling_match_the_cpu_bit_for_bit() {
     assert_bits("add relu + pooling: db", &g.4, &c.4);
 }
 
+/// The ops beyond ResNet-20 that have GPU kernels: max pooling (with and without ceil mode),
+/// average pooling and dropout, forward and backward.
+#[test]
+fn pooling_and_dropout_match_the_cpu_bit_for_bit() {
+    let dev = gpu();
+    let x = Tensor::randn([2, 3, 9, 9], 31);
+    type Op = fn(&Tensor) -> int8_nn::Result<Tensor>;
+    let cases: [(&str, Op); 4] = [
+        ("max pool 3x3 stride 2 pad 1", |t| ops::max_pool2d(t, 3, 2, 1)),
+        ("max pool 2x2 stride 2 ceil", |t| ops::max_pool2d_ceil(t, 2, 2, 0)),
+        ("average pool 3x3 stride 2 pad 1", |t| ops::avg_pool2d(t, 3, 2, 1)),
+        ("dropout 0.3", |t| ops::dropout::dropout(t, 0.3, 99)),
+    ];
+    for (what, op) in cases {
+        let run = |d: Device| {
+            let xd = on(&x, d).requires_grad();
+            let y = op(&xd).expect("forward");
+            let r = Tensor::randn(y.dims().to_vec(), 32);
+            let grads = probe(&y, &r).backward().expect("backward");
+            (y.to_vec(), grads.get(&xd).expect("dx").to_vec())
+        };
+        let (c, g) = (run(Device::Cpu), run(dev));
+        assert_bits(&format!("{what}: y"), &g.0, &c.0);
+        assert_bits(&format!("{what}: dx"), &g.1, &c.1);
+    }
+}
+
 #[test]
 fn the_loss_matches_the_cpu() {
     let dev = gpu();
@@ -504,10 +531,10 @@ fn tensors_on_two_devices_are_an_error_naming_the_op() {
 fn an_op_without_a_gpu_path_says_it_runs_on_the_cpu_only() {
     let dev = gpu();
     let x = on(&Tensor::randn([1, 2, 4, 4], 3), dev);
-    match ops::max_pool2d(&x, 2, 2, 0) {
+    match ops::concat(&[x.clone(), x], 1) {
         Err(e @ NnError::CpuOnly { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("max-pool") && msg.contains("cpu only") && msg.contains("cuda:0"), "{msg}");
+            assert!(msg.contains("concat") && msg.contains("cpu only") && msg.contains("cuda:0"), "{msg}");
         }
         other => panic!("expected a cpu-only error, got {other:?}"),
     }

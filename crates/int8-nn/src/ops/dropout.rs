@@ -22,6 +22,14 @@ fn apply(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
 /// `x` with dropout at rate `p` in `[0, 1)`, its mask drawn from `seed`.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let _t = crate::profile::span("dropout", false);
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("dropout", &[x])? {
+        let y = on.out(gpu_apply(&on, x, seed, p)?, x.shape());
+        return Ok(match record(&[x]) {
+            None => y,
+            Some(r) => r.output("dropout", y, DropoutBackward { seed, p }),
+        });
+    }
     let y = cpu_out(apply(x.cpu()?, seed, p), x.shape());
     Ok(match record(&[x]) {
         None => y,
@@ -36,6 +44,18 @@ struct DropoutBackward {
 
 impl Backward for DropoutBackward {
     fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        #[cfg(feature = "cuda")]
+        if let Some(on) = crate::cuda::On::of(&grad) {
+            return Ok(vec![Some(on.out(gpu_apply(&on, &grad, self.seed, self.p)?, grad.shape()))]);
+        }
         Ok(vec![Some(cpu_out(apply(grad.cpu()?, self.seed, self.p), grad.shape()))])
     }
+}
+
+/// The mask applied on a GPU (`int8_core::cuda::nn::dropout` draws the CPU's stream).
+#[cfg(feature = "cuda")]
+fn gpu_apply(on: &crate::cuda::On, x: &Tensor, seed: u64, p: f32) -> Result<int8_core::cuda::CudaSlice<f32>> {
+    let mut y = crate::cuda::zeros(on, x.elem_count())?;
+    int8_core::cuda::nn::dropout(on, crate::cuda::dev(x)?, p, seed, &mut y)?;
+    Ok(y)
 }

@@ -35,6 +35,10 @@ pub fn max_pool2d_ceil(x: &Tensor, k: usize, stride: usize, pad: usize) -> Resul
 fn max_pool(x: &Tensor, k: usize, stride: usize, pad: usize, ceil: bool) -> Result<Tensor> {
     let _t = crate::profile::span("max-pool", false);
     let (p, out) = geometry("max pooling", x, k, stride, pad, ceil)?;
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("max-pool", &[x])? {
+        return gpu::max_pool(&on, p, out, x);
+    }
     let n: usize = out.iter().product();
     let (mut y, mut argmax) = (zeros(n), vec![0u32; n]);
     pool::max_pool(&p, x.cpu()?, &mut y, &mut argmax)?;
@@ -68,6 +72,10 @@ impl Backward for MaxPoolBackward {
 pub fn avg_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     let _t = crate::profile::span("avg-pool", false);
     let (p, out) = geometry("average pooling", x, k, stride, pad, false)?;
+    #[cfg(feature = "cuda")]
+    if let Some(on) = crate::cuda::placement("avg-pool", &[x])? {
+        return gpu::avg_pool(&on, p, out, x);
+    }
     let mut y = zeros(out.iter().product());
     pool::avg_pool(&p, x.cpu()?, &mut y)?;
     let y = cpu_out(y, out);
@@ -120,15 +128,74 @@ impl Backward for GlobalAvgPoolBackward {
     }
 }
 
-/// Global average pooling on a GPU (`int8_core::cuda::nn`, bit for bit the CPU's).
+/// Pooling on a GPU (`int8_core::cuda::nn`, bit for bit the CPU's: the same windows, the first
+/// maximum's index, the same averages).
 #[cfg(feature = "cuda")]
 mod gpu {
+    use int8_core::cuda::CudaSlice;
     use int8_core::cuda::nn as kn;
+    use int8_core::nn::pool::Pool2d;
 
     use crate::cuda::{On, dev, zeros};
     use crate::error::Result;
     use crate::tape::{Backward, record};
     use crate::tensor::{Shape, Tensor};
+
+    pub(super) fn max_pool(on: &On, p: Pool2d, out: [usize; 4], x: &Tensor) -> Result<Tensor> {
+        let n: usize = out.iter().product();
+        let (mut y, mut argmax) = (zeros(on, n)?, on.zeros::<u32>(n)?);
+        kn::max_pool(on, &p, dev(x)?, &mut y, &mut argmax)?;
+        let y = on.out(y, out);
+        Ok(match record(&[x]) {
+            None => y,
+            Some(r) => r.output("max-pool", y, MaxPoolBackward { on: on.clone(), p, argmax, x: x.shape().clone() }),
+        })
+    }
+
+    struct MaxPoolBackward {
+        on: On,
+        p: Pool2d,
+        argmax: CudaSlice<u32>,
+        x: Shape,
+    }
+
+    impl Backward for MaxPoolBackward {
+        fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let grad = self.on.bring(&grad)?;
+            let mut dx = zeros(&self.on, self.x.elem_count())?;
+            kn::max_pool_backward(&self.on, &self.p, dev(&grad)?, &self.argmax, &mut dx)?;
+            Ok(vec![Some(self.on.out(dx, self.x))])
+        }
+
+        fn saved_bytes(&self) -> usize {
+            4 * self.argmax.len()
+        }
+    }
+
+    pub(super) fn avg_pool(on: &On, p: Pool2d, out: [usize; 4], x: &Tensor) -> Result<Tensor> {
+        let mut y = zeros(on, out.iter().product())?;
+        kn::avg_pool(on, &p, dev(x)?, &mut y)?;
+        let y = on.out(y, out);
+        Ok(match record(&[x]) {
+            None => y,
+            Some(r) => r.output("avg-pool", y, AvgPoolBackward { on: on.clone(), p, x: x.shape().clone() }),
+        })
+    }
+
+    struct AvgPoolBackward {
+        on: On,
+        p: Pool2d,
+        x: Shape,
+    }
+
+    impl Backward for AvgPoolBackward {
+        fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+            let grad = self.on.bring(&grad)?;
+            let mut dx = zeros(&self.on, self.x.elem_count())?;
+            kn::avg_pool_backward(&self.on, &self.p, dev(&grad)?, &mut dx)?;
+            Ok(vec![Some(self.on.out(dx, self.x))])
+        }
+    }
 
     pub(super) fn global_avg_pool(on: &On, x: &Tensor, [n, c, h, w]: [usize; 4]) -> Result<Tensor> {
         let mut y = zeros(on, n * c)?;
