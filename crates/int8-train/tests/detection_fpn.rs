@@ -215,3 +215,8 @@ fn faster_rcnn_takes_steps_on_real_tiles_with_a_finite_gradient_for_every_parame
         &["rpn_objectness", "rpn_box_regression", "classification", "box_regression"],
     );
 }
+
+#[test]
+fn retinanet_takes_steps_on_real_tiles_with_a_finite_gradient_for_every_parameter() {
+    steps_with_finite_gradients("retinanet-resnet50-fpn", &["classification", "box_regression"]);
+}
