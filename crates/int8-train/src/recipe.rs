@@ -183,6 +183,17 @@ pub struct TrainConfig {
     /// Start from this checkpoint's weights (for example an FP32 model fine-tuned in INT8).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub init: Option<PathBuf>,
+    /// Where the run computes: `cpu`, `cuda` (GPU 0) or `cuda:N`; a GPU needs a trainer built
+    /// with the `cuda` feature. Not part of what a run is: a run resumes on another device.
+    #[serde(default = "default_device", skip_serializing_if = "is_cpu")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn is_cpu(d: &String) -> bool {
+    d == "cpu"
 }
 
 fn is_zero(v: &f32) -> bool {
@@ -459,6 +470,7 @@ impl Recipe {
                 "detector.box_scales must be two or more rising fractions of the image in (0, 2], got {s:?}"
             ));
         }
+        self.device().map_err(|e| format!("train.device: {e}"))?;
         let above0 = |key: &str, v: usize| if v == 0 { Err(format!("{key} must be above 0")) } else { Ok(()) };
         let t = &self.train;
         above0("train.epochs", t.epochs)?;
@@ -527,6 +539,11 @@ impl Recipe {
             ));
         }
         Ok(())
+    }
+
+    /// The device the run computes on (`train.device`).
+    pub fn device(&self) -> std::result::Result<int8_nn::Device, int8_nn::NnError> {
+        self.train.device.parse()
     }
 
     /// The layer policy: FP32 everywhere, or the paper's INT8 policy with this recipe's settings.
@@ -738,6 +755,23 @@ lr = 0.05
         }
         let err = parse(MINIMAL, &["data.mean=[0.5, 0.5]", "data.std=[0.5]"]).unwrap_err().to_string();
         assert!(err.contains("data.mean") && err.contains("data.std"), "{err}");
+    }
+
+    /// `train.device` names a device or is an error naming the key and the choices; the CPU is
+    /// the default and is left out of the resolved recipe, a GPU is written into it.
+    #[test]
+    fn the_device_is_cpu_unless_the_recipe_names_a_gpu() {
+        let cpu = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(cpu.device().unwrap(), int8_nn::Device::Cpu);
+        assert!(!cpu.to_toml().contains("device"), "{}", cpu.to_toml());
+        let gpu = parse(MINIMAL, &["train.device=\"cuda:1\""]).unwrap();
+        assert_eq!(gpu.device().unwrap(), int8_nn::Device::Cuda(1));
+        assert!(gpu.to_toml().contains("device = \"cuda:1\""), "{}", gpu.to_toml());
+        assert_eq!(parse(MINIMAL, &["train.device=\"cuda\""]).unwrap().device().unwrap(), int8_nn::Device::Cuda(0));
+        for bad in ["tpu", "cuda:x", "gpu"] {
+            let err = parse(MINIMAL, &[&format!("train.device=\"{bad}\"")]).unwrap_err().to_string();
+            assert!(err.contains("train.device") && err.contains("cuda:N"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -177,6 +177,20 @@ fn different_recipe(out: &Path) -> TrainError {
     }
 }
 
+/// Whether `saved` (a run folder's `recipe.toml`) describes the run `recipe` does: the same
+/// recipe but for `train.device`, since a run may resume on another device.
+fn same_run(saved: &str, recipe: &Recipe, out: &Path) -> bool {
+    let on_cpu = |r: &Recipe| {
+        let mut r = r.clone();
+        r.train.device = "cpu".into();
+        r.to_toml()
+    };
+    match Recipe::parse(saved, &out.join("recipe.toml"), &[]) {
+        Ok(s) => on_cpu(&s) == on_cpu(recipe),
+        Err(_) => saved == recipe.to_toml(),
+    }
+}
+
 /// Runs `recipe` in `opts.out`, or resumes it; returns the summary, also written as
 /// `summary.json`.
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
@@ -184,8 +198,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let resolved = recipe.to_toml();
     let last = out.join("checkpoints/last.safetensors");
     if let Ok(saved) = std::fs::read_to_string(out.join("recipe.toml"))
-        && saved != resolved
         && opts.resume
+        && !same_run(&saved, recipe, out)
     {
         return Err(different_recipe(out));
     }
@@ -289,13 +303,15 @@ impl Trainer<'_> {
         let params = self.model.param_count();
         let mut progress = Progress::new(self.opts.progress, total, self.state.global_step);
         progress.message(&format!(
-            "{} on {} ({} train / {} test images, {} classes), {} at {}: {} parameters, {} INT8 layers; {} -> {}",
+            "{} on {} ({} train / {} test images, {} class{}), {} on {} at {}: {} parameters, {} INT8 layers; {} -> {}",
             r.model,
             r.dataset,
             self.data.train_len(),
             self.data.test_len(),
             self.data.classes(),
+            if self.data.classes() == 1 { "" } else { "es" },
             r.quant.precision,
+            self.model.device(),
             self.data.root().display(),
             params,
             int8_layers,

@@ -13,7 +13,7 @@ use int8_datasets::loader::{Batch as ClassBatch, epoch_from};
 use int8_datasets::open::{Opened, OpenedDetection, open, open_detection};
 use int8_nn::ops::cross_entropy;
 use int8_nn::optim::Sgd;
-use int8_nn::{Layer, Module, Tensor, no_grad};
+use int8_nn::{Device, Layer, Module, Tensor, no_grad};
 use int8_zoo::Model;
 use int8_zoo::detection::{Detections, Detector, Target};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,11 @@ impl Module for Net {
 }
 
 impl Net {
+    /// The device its parameters are on (the CPU for a network without any).
+    pub fn device(&self) -> Device {
+        self.layers().iter().flat_map(|l| l.params()).next().map_or(Device::Cpu, |p| p.device())
+    }
+
     /// The registry name.
     pub fn name(&self) -> &str {
         match self {
@@ -108,7 +113,8 @@ impl Iterator for Batches {
 pub fn build(recipe: &Recipe, data_dir: Option<&Path>) -> Result<(Net, Data)> {
     let spec = recipe.data_spec(data_dir);
     let (policy, seed) = (recipe.policy(), recipe.train.seed);
-    Ok(match recipe.task {
+    let device = recipe.device()?;
+    let (net, data) = match recipe.task {
         Task::Classification => {
             let data = open(&spec)?;
             (Net::Classifier(int8_zoo::build(&recipe.model, data.classes, &policy, seed)?), Data::Classification(data))
@@ -120,7 +126,11 @@ pub fn build(recipe: &Recipe, data_dir: Option<&Path>) -> Result<(Net, Data)> {
             let net = int8_zoo::detection::build(&recipe.model, data.classes.len() + 1, &policy, seed, &options)?;
             (Net::Detector(net), Data::Detection(data))
         }
-    })
+    };
+    if device != Device::Cpu {
+        net.to_device(&device)?;
+    }
+    Ok((net, data))
 }
 
 impl Data {
@@ -167,8 +177,10 @@ impl Data {
     }
 }
 
-fn tensor(images: Vec<f32>, dims: [usize; 4]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(images, dims)?)
+/// A batch's images as a tensor on `device`.
+fn tensor(images: Vec<f32>, dims: [usize; 4], device: &Device) -> Result<Tensor> {
+    let x = Tensor::from_vec(images, dims)?;
+    Ok(if *device == Device::Cpu { x } else { x.to_device(device)? })
 }
 
 /// A detection batch's ground truth as the detector takes it: difficult boxes left out, labels
@@ -187,12 +199,12 @@ pub fn targets(b: &DetectionBatch) -> Vec<Target> {
 pub fn step(net: &Net, sgd: &mut Sgd, batch: Batch, lr: f64) -> Result<std::result::Result<Step, String>> {
     match (net, batch) {
         (Net::Classifier(m), Batch::Classes(b)) => {
-            let x = tensor(b.images, b.dims)?;
+            let x = tensor(b.images, b.dims, &net.device())?;
             train_step(m.as_ref(), sgd, &x, &b.labels, lr)
         }
         (Net::Detector(d), Batch::Boxes(b)) => {
             let t = targets(&b);
-            let x = tensor(b.images, b.dims)?;
+            let x = tensor(b.images, b.dims, &net.device())?;
             detection_step(d.as_ref(), sgd, &x, &t, lr)
         }
         (net, _) => Err(crate::TrainError::Recipe {
@@ -249,8 +261,8 @@ impl Metrics {
 pub fn evaluate(net: &Net, data: &Data, batch: usize) -> Result<Metrics> {
     net.set_training(false);
     let m = match (net, data) {
-        (Net::Classifier(m), Data::Classification(d)) => classify(m.as_ref(), d, batch),
-        (Net::Detector(det), Data::Detection(d)) => detect(det.as_ref(), d, batch),
+        (Net::Classifier(m), Data::Classification(d)) => classify(m.as_ref(), d, batch, &net.device()),
+        (Net::Detector(det), Data::Detection(d)) => detect(det.as_ref(), d, batch, &net.device()),
         (net, _) => Err(crate::TrainError::Recipe {
             path: net.name().into(),
             why: "got data of the other task; this is a bug in the trainer".into(),
@@ -260,11 +272,11 @@ pub fn evaluate(net: &Net, data: &Data, batch: usize) -> Result<Metrics> {
     m
 }
 
-fn classify(model: &dyn Model, data: &Opened, batch: usize) -> Result<Metrics> {
+fn classify(model: &dyn Model, data: &Opened, batch: usize, device: &Device) -> Result<Metrics> {
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0usize, 0usize, 0usize);
     for b in epoch_from(data.test.clone(), batch, false, 0, 0, 2, 0)? {
         let b = b?;
-        let x = tensor(b.images, b.dims)?;
+        let x = tensor(b.images, b.dims, device)?;
         let (_, r) = no_grad(|| -> Result<_> { Ok(cross_entropy(&model.forward(&x)?, &b.labels)?) })?;
         loss += r.loss * b.labels.len() as f64;
         top1 += r.top1;
@@ -280,13 +292,13 @@ fn classify(model: &dyn Model, data: &Opened, batch: usize) -> Result<Metrics> {
     })
 }
 
-fn detect(detector: &dyn Detector, data: &OpenedDetection, batch: usize) -> Result<Metrics> {
+fn detect(detector: &dyn Detector, data: &OpenedDetection, batch: usize, device: &Device) -> Result<Metrics> {
     let test: Arc<_> = data.test.clone();
     let mut found = Vec::with_capacity(test.len());
     let mut truth = Vec::with_capacity(test.len());
     for b in detection_epoch(test, batch, false, 0, 0, 0)? {
         let b = b?;
-        let x = tensor(b.images.clone(), b.dims)?;
+        let x = tensor(b.images.clone(), b.dims, device)?;
         found.extend(no_grad(|| detector.detect(&x))?);
         truth.extend(b.objects);
     }

@@ -267,6 +267,26 @@ fn a_layer_rule_that_names_no_layer_is_refused_before_training() {
     assert!(!dir.path().join("checkpoints").exists());
 }
 
+/// A run may resume on another device (`train.device` is not part of what a run is), and a GPU
+/// asked of a trainer built without the `cuda` feature is refused with how to build one, before
+/// the run folder changes.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_run_resumes_on_another_device_and_a_gpu_needs_the_cuda_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.kill_at_step = Some(4);
+    assert!(matches!(one_thread(|| run(&recipe(&[]), &o)), Err(TrainError::Interrupted { step: 4, .. })));
+    let saved = std::fs::read_to_string(dir.path().join("recipe.toml")).unwrap();
+    let (o, gpu) = (RunOptions { resume: true, ..opts(dir.path()) }, recipe(&["train.device=\"cuda\""]));
+    let err = one_thread(|| run(&gpu, &o)).unwrap_err().to_string();
+    assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("recipe.toml")).unwrap(), saved);
+    // Another change than the device is still another run.
+    let err = one_thread(|| run(&recipe(&["optim.lr=0.1", "train.device=\"cuda\""]), &o)).unwrap_err().to_string();
+    assert!(err.contains("different recipe"), "{err}");
+}
+
 #[test]
 fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
