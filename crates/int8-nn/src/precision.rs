@@ -17,6 +17,21 @@ pub struct Int8Config {
     pub clip: ClipMode,
     /// DCLR's learning-rate scaling, or none.
     pub dclr: Option<Dclr>,
+    /// An operand a convolution leaves in FP32 (an ablation that finds which operand's
+    /// quantization costs accuracy; the paper quantizes all three): none, the paper's.
+    pub fp32_operand: Option<Operand>,
+}
+
+/// An operand of an INT8 convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// The input X (forward pass and weight gradient).
+    Input,
+    /// The weights W (forward pass and input gradient).
+    Weight,
+    /// The output gradient dY (input and weight gradients); without its quantization there is
+    /// no DSGC search and DCLR's multiplier stays 1.
+    Grad,
 }
 
 /// Rounding of gradient codes. Stochastic rounding draws a fresh stream for every layer at every
@@ -63,6 +78,7 @@ impl Default for Int8Config {
             grad_rounding: GradRounding::Nearest,
             clip: ClipMode::dsgc(100),
             dclr: Some(Dclr::default()),
+            fp32_operand: None,
         }
     }
 }

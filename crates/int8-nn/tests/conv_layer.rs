@@ -353,3 +353,61 @@ fn int8_layer_computes_exactly_the_convolutions_of_its_codes() {
         assert!(gap > 1e-4 * scale, "{what}: quantization must change the result ({gap})");
     }
 }
+
+/// With one operand kept in FP32 (the ablation `Int8Config::fp32_operand`), the layer computes
+/// the convolutions of that operand as it is and of the others' codes: each pass against the f64
+/// reference on exactly those values, and each unlike the fully quantized layer's where the
+/// operand enters. Without gradient quantization DCLR's multiplier stays 1.
+#[test]
+fn an_operand_kept_in_fp32_enters_its_convolutions_unquantized() {
+    use int8_nn::precision::Operand;
+    let (xd, wd) = ([2, 8, 9, 9], [12, 8, 3, 3]);
+    let g = ConvGeometry { padding: (1, 1), ..Default::default() };
+    let s = shape_of(&xd, &wd, g);
+    let xv: Vec<f32> = uniform(s.x_len(), 31).iter().map(|v| v.max(0.0)).collect();
+    let wv: Vec<f32> = uniform(s.w_len(), 32).iter().enumerate().map(|(i, v)| v * (1 + i % 3) as f32 * 0.1).collect();
+    let r = laplace(s.y_len(), 33);
+    let (xq, wq, dyq) = (
+        dequantized(&xv, Granularity::PerTensor, 1),
+        dequantized(&wv, Granularity::PerTensor, 1),
+        dequantized(&r, Granularity::PerTensor, 1),
+    );
+    let check = |what: &str, got: &[f32], want: Vec<f64>| {
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (&a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a as f64 - b).abs() <= 2e-6 * scale, "{what}[{i}]: {a} vs {b} (scale {scale})");
+        }
+    };
+    let differs = |what: &str, a: &[f32], b: &[f32]| {
+        let gap = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(gap > 1e-4 * scale, "{what}: keeping the operand in fp32 must change it ({gap})");
+    };
+    let layer = |keep: Option<Operand>| {
+        let cfg = Int8Config { clip: ClipMode::MaxAbs, fp32_operand: keep, ..Int8Config::default() };
+        Conv2d::new("conv", tensor(wv.clone(), &wd), g, Precision::Int8(cfg)).unwrap()
+    };
+    let (y8, dx8, dw8) = run(&layer(None), &var(xv.clone(), &xd), &r);
+    for keep in [Operand::Input, Operand::Weight, Operand::Grad] {
+        let l = layer(Some(keep));
+        let (y, dx, dw) = run(&l, &var(xv.clone(), &xd), &r);
+        let x = if keep == Operand::Input { f64s(&xv) } else { xq.clone() };
+        let w = if keep == Operand::Weight { f64s(&wv) } else { wq.clone() };
+        let dy = if keep == Operand::Grad { f64s(&r) } else { dyq.clone() };
+        let what = format!("{keep:?}");
+        check(&format!("{what} y"), &y, reference::conv2d_fwd(&s, &x, &w));
+        check(&format!("{what} dx"), &dx, reference::conv2d_dx(&s, &w, &dy));
+        check(&format!("{what} dw"), &dw, reference::conv2d_dw(&s, &x, &dy));
+        match keep {
+            Operand::Input => (differs("Input y", &y, &y8), differs("Input dw", &dw, &dw8)),
+            Operand::Weight => (differs("Weight y", &y, &y8), differs("Weight dx", &dx, &dx8)),
+            Operand::Grad => (differs("Grad dx", &dx, &dx8), differs("Grad dw", &dw, &dw8)),
+        };
+        let stats = l.quant().stats();
+        if keep == Operand::Grad {
+            assert_eq!((stats.distance, stats.phi), (0.0, 1.0));
+        } else {
+            assert!(stats.distance > 0.0 && stats.phi < 1.0, "{what}: {stats:?}");
+        }
+    }
+}

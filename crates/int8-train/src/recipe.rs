@@ -12,7 +12,7 @@ use int8_core::quant::Granularity;
 use int8_datasets::open::DataSpec;
 use int8_nn::optim::{Schedule, ScheduleKind, SgdConfig};
 use int8_nn::policy::{LayerPolicy, Rule};
-use int8_nn::precision::{GradRounding, Int8Config};
+use int8_nn::precision::{GradRounding, Int8Config, Operand};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
@@ -354,6 +354,31 @@ pub struct QuantConfig {
     pub linear_int8: bool,
     /// Rules applied after those defaults; the last match wins.
     pub rules: Vec<RuleConfig>,
+    /// An operand the INT8 convolutions leave in FP32, to find which one's quantization costs
+    /// accuracy (an ablation; the paper quantizes all three, `none`).
+    #[serde(skip_serializing_if = "KeepFp32::is_none")]
+    pub keep_fp32: KeepFp32,
+}
+
+/// `quant.keep_fp32`: the operand INT8 convolutions leave unquantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeepFp32 {
+    /// All three quantized (the paper).
+    #[default]
+    None,
+    /// The input X.
+    Input,
+    /// The weights W.
+    Weight,
+    /// The output gradient dY.
+    Grad,
+}
+
+impl KeepFp32 {
+    fn is_none(&self) -> bool {
+        *self == KeepFp32::None
+    }
 }
 
 impl Default for QuantConfig {
@@ -371,6 +396,7 @@ impl Default for QuantConfig {
             first_conv_int8: false,
             linear_int8: false,
             rules: Vec::new(),
+            keep_fp32: KeepFp32::None,
         }
     }
 }
@@ -567,6 +593,12 @@ impl Recipe {
                 ClipMode::MaxAbs
             },
             dclr: q.dclr.then_some(Dclr { alpha: q.alpha, beta: q.beta }),
+            fp32_operand: match q.keep_fp32 {
+                KeepFp32::None => None,
+                KeepFp32::Input => Some(Operand::Input),
+                KeepFp32::Weight => Some(Operand::Weight),
+                KeepFp32::Grad => Some(Operand::Grad),
+            },
         };
         LayerPolicy {
             int8: Some(cfg),
@@ -755,6 +787,22 @@ lr = 0.05
         }
         let err = parse(MINIMAL, &["data.mean=[0.5, 0.5]", "data.std=[0.5]"]).unwrap_err().to_string();
         assert!(err.contains("data.mean") && err.contains("data.std"), "{err}");
+    }
+
+    /// `quant.keep_fp32` reaches the layers' INT8 settings, and is left out of the resolved
+    /// recipe when it is the paper's `none`.
+    #[test]
+    fn an_operand_kept_in_fp32_reaches_the_policy() {
+        let paper = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(paper.policy().int8.unwrap().fp32_operand, None);
+        assert!(!paper.to_toml().contains("keep_fp32"));
+        for (name, want) in [("input", Operand::Input), ("weight", Operand::Weight), ("grad", Operand::Grad)] {
+            let r = parse(MINIMAL, &[&format!("quant.keep_fp32=\"{name}\"")]).unwrap();
+            assert_eq!(r.policy().int8.unwrap().fp32_operand, Some(want));
+            assert!(r.to_toml().contains(&format!("keep_fp32 = \"{name}\"")), "{}", r.to_toml());
+        }
+        let err = parse(MINIMAL, &["quant.keep_fp32=\"bias\""]).unwrap_err().to_string();
+        assert!(err.contains("keep_fp32") || err.contains("bias"), "{err}");
     }
 
     /// `train.device` names a device or is an error naming the key and the choices; the CPU is

@@ -14,7 +14,7 @@ use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
 
 use super::{cpu_out, input_grad_weight, zeros};
 use crate::error::{NnError, Result};
-use crate::precision::{Int8Config, Precision};
+use crate::precision::{Int8Config, Operand, Precision};
 use crate::stats::QuantState;
 use crate::tape::{Backward, record};
 use crate::tensor::{Shape, Tensor};
@@ -123,16 +123,26 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
         Precision::Int8(cfg) => {
             let xq = quantize(&format!("{}.input", a.name), xv, Granularity::PerTensor, 1, Rounding::Nearest)?;
             let wq = quantize(&format!("{}.weight", a.name), wv, cfg.weight, s.c_out, Rounding::Nearest)?;
-            let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&xq).into(), (&wq).into(), y))?;
             {
                 let mut st = a.quant.lock();
                 st.stats.saturation_x = xq.saturation_rate();
                 st.stats.saturation_w = wq.saturation_rate();
             }
-            // The input gradient needs the f32 weights only to quantize them per tensor again.
-            let keep_w = wq.channels() > 1 && !s.is_depthwise();
-            let saved = rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32: keep_w.then(|| w.detach()), cfg });
-            (y, saved)
+            if let Some(keep) = cfg.fp32_operand {
+                // The ablation: FP32 convolutions of the dequantized codes, with the operand
+                // `keep` as it is.
+                let xs = if keep == Operand::Input { xv.to_vec() } else { xq.dequantize() };
+                let ws = if keep == Operand::Weight { wv.to_vec() } else { wq.dequantize() };
+                let y = fresh(s.y_len(), |y| conv2d_fwd_f32(&s, &xs, &ws, y))?.0;
+                let saved = rec.as_ref().map(|_| Saved::Simulated { x: xs, w: wq, w_f32: w.detach(), cfg, keep });
+                (y, saved)
+            } else {
+                let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&xq).into(), (&wq).into(), y))?;
+                // The input gradient needs the f32 weights only to quantize them per tensor again.
+                let keep_w = wq.channels() > 1 && !s.is_depthwise();
+                let saved = rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32: keep_w.then(|| w.detach()), cfg });
+                (y, saved)
+            }
         }
     };
     let y = cpu_out(y, out_shape);
@@ -153,6 +163,9 @@ enum Saved {
     /// INT8: the codes of X (its subsample for a strided 1x1) and W, and the f32 weights when
     /// the input gradient must quantize them again.
     Int8 { x: QTensor, w: QTensor, w_f32: Option<Tensor>, cfg: Int8Config },
+    /// INT8 with one operand in FP32 (`Int8Config::fp32_operand`): X as the forward pass read
+    /// it, W's codes and its f32 values.
+    Simulated { x: Vec<f32>, w: QTensor, w_f32: Tensor, cfg: Int8Config, keep: Operand },
 }
 
 struct ConvBackward {
@@ -206,6 +219,35 @@ impl Backward for ConvBackward {
                 };
                 (dx, dw)
             }
+            Saved::Simulated { x, w, w_f32, cfg, keep } => {
+                let gs = if keep == Operand::Grad {
+                    // No quantization, so no deviation: DCLR leaves the layer's rate alone.
+                    let mut st = quant.lock();
+                    st.stats.steps += 1;
+                    (st.stats.distance, st.stats.phi) = (0.0, 1.0);
+                    g.to_vec()
+                } else {
+                    quant.lock().quantize_grad(&layer, g, &cfg)?.dequantize()
+                };
+                let dx = if needs[0] {
+                    let ws = if keep == Operand::Weight {
+                        w_f32.cpu()?.to_vec()
+                    } else {
+                        input_grad_weight(&layer, &w, Some(&w_f32), s.is_depthwise())?.dequantize()
+                    };
+                    Some(fresh(s.x_len(), |dx| conv2d_dx_f32(&s, &ws, &gs, dx))?.0)
+                } else {
+                    None
+                };
+                let dw = if needs[1] {
+                    let mut dw = zeros(s.w_len());
+                    conv2d_dw_f32(&s, &x, &gs, &mut dw)?;
+                    Some(dw)
+                } else {
+                    None
+                };
+                (dx, dw)
+            }
         };
         if let (Some(_), Some(sub)) = (pointwise, dx.as_ref()) {
             // `upsample` writes every pixel, the ones the convolution never read as zero.
@@ -230,6 +272,7 @@ impl Backward for ConvBackward {
             Saved::Int8 { x, w, w_f32, .. } => {
                 x.data.len() + w.data.len() + 4 * w_f32.as_ref().map_or(0, Tensor::elem_count)
             }
+            Saved::Simulated { x, w, w_f32, .. } => 4 * x.len() + w.data.len() + 4 * w_f32.elem_count(),
         }
     }
 }
@@ -271,6 +314,12 @@ mod gpu {
                     .map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) })
             }
             Precision::Int8(cfg) => {
+                if cfg.fp32_operand.is_some() {
+                    return Err(NnError::CpuOnly {
+                        op: "int8-conv2d with an operand kept in fp32",
+                        device: x.device(),
+                    });
+                }
                 let sub = pointwise.map(|_| kc::subsample_f32(on, &full, xv)).transpose()?;
                 let xs = sub.as_ref().unwrap_or(xv);
                 let (pt, near) = (Granularity::PerTensor, Rounding::Nearest);

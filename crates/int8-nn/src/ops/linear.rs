@@ -62,6 +62,14 @@ pub(crate) fn linear(
             rec.as_ref().map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) })
         }
         Precision::Int8(cfg) => {
+            if cfg.fp32_operand.is_some() {
+                return Err(NnError::BadInput {
+                    layer: name.to_string(),
+                    why: "an operand kept in fp32 (quant.keep_fp32) is an ablation of convolutions only; keep this \
+                          linear layer fp32 (a quant.rules entry) or leave quant.keep_fp32 unset"
+                        .into(),
+                });
+            }
             let xq = quantize(&format!("{name}.input"), xv, Granularity::PerTensor, 1, Rounding::Nearest)?;
             let wq = quantize(&format!("{name}.weight"), wv, cfg.weight, o, Rounding::Nearest)?;
             // y^T = W x^T, so that per-output-channel weight scales are row scales.
@@ -227,6 +235,12 @@ mod gpu {
                     .map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) })
             }
             Precision::Int8(cfg) => {
+                if cfg.fp32_operand.is_some() {
+                    return Err(NnError::CpuOnly {
+                        op: "int8-linear with an operand kept in fp32",
+                        device: x.device(),
+                    });
+                }
                 let (pt, near) = (Granularity::PerTensor, Rounding::Nearest);
                 let xq = kq::quantize(on, &format!("{name}.input"), xv, pt, 1, near)?;
                 let wq = kq::quantize(on, &format!("{name}.weight"), wv, cfg.weight, o, near)?;
