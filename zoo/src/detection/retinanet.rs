@@ -192,21 +192,17 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-impl Detector for RetinaNet {
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    fn image_size(&self) -> (usize, usize) {
-        self.image_size
-    }
-
-    fn classes(&self) -> usize {
-        self.classes
-    }
-
-    fn losses(&self, images: &Tensor, targets: &[Target]) -> Result<Vec<(&'static str, Tensor)>> {
-        let (n, image_size) = batch_dims(images)?;
+impl RetinaNet {
+    /// The training losses of head outputs `out` for images of `image_size` (height, width) with
+    /// ground truth `targets`, one per image: what [`Detector::losses`] computes after the
+    /// forward pass.
+    pub fn dense_losses(
+        &self,
+        out: &Dense,
+        image_size: (usize, usize),
+        targets: &[Target],
+    ) -> Result<Vec<(&'static str, Tensor)>> {
+        let n = out.cls_logits.dims()[0];
         if targets.len() != n {
             return Err(NnError::Shape(format!("{n} images but {} targets; pass one per image", targets.len())).into());
         }
@@ -222,7 +218,6 @@ impl Detector for RetinaNet {
             }
             check_ground_truth(NAME, &t.boxes)?;
         }
-        let out = SingleShot::forward(self, images)?;
         let anchors = AnchorGenerator::retinanet().anchors(image_size, &out.feature_sizes)?;
         let a = anchors.len();
         let (logits, deltas) = (out.cls_logits.reshape([n * a, k])?, out.bbox_regression.reshape([n * a, 4])?);
@@ -265,6 +260,26 @@ impl Detector for RetinaNet {
             return Err(NnError::Shape("a batch without images".into()).into());
         };
         Ok(vec![("classification", classification), ("box_regression", box_regression)])
+    }
+}
+
+impl Detector for RetinaNet {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn image_size(&self) -> (usize, usize) {
+        self.image_size
+    }
+
+    fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn losses(&self, images: &Tensor, targets: &[Target]) -> Result<Vec<(&'static str, Tensor)>> {
+        let (_, image_size) = batch_dims(images)?;
+        let out = SingleShot::forward(self, images)?;
+        self.dense_losses(&out, image_size, targets)
     }
 
     fn detect(&self, images: &Tensor) -> Result<Vec<Detections>> {
