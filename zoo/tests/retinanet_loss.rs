@@ -1,7 +1,8 @@
-//! RetinaNet's training losses against torchvision's own (`RetinaNet.compute_loss`, torchvision
-//! 0.29): the same head outputs (sines, rounded to f32 on both sides) for two 64x64 images with
-//! three and one ground-truth boxes, 774 anchors each on P3..P7. The reference numbers are printed
-//! by tests/fixtures/retinanet_loss.py and pasted here.
+//! RetinaNet's training losses and post-processing against torchvision's own
+//! (`RetinaNet.compute_loss` and `postprocess_detections`, torchvision 0.29): the same head
+//! outputs (formulas rounded to f32 on both sides) for two 64x64 images with three and one
+//! ground-truth boxes, 774 anchors each on P3..P7. The reference numbers are printed by
+//! tests/fixtures/retinanet_loss.py and pasted here.
 
 use int8_nn::Tensor;
 use int8_nn::policy::LayerPolicy;
@@ -39,4 +40,62 @@ fn retinanet_losses_and_gradients_equal_torchvisions() {
     let l1 = |t: &Tensor| grads.get(t).unwrap().to_vec().iter().map(|&v| f64::from(v.abs())).sum::<f64>();
     close("class logits' gradient", l1(&cls), 29.8080254);
     close("box deltas' gradient", l1(&reg), 3.9999998);
+}
+
+#[test]
+fn retinanet_detections_equal_torchvisions() {
+    let (k, n, a) = (3, 2, 774);
+    let m = RetinaNet::new(k, &LayerPolicy::fp32(), 0).unwrap();
+    // Class logits spread evenly over [-3, 3], class 0's at -10; the deltas as above.
+    let cls: Vec<f32> = (0..n * a * k)
+        .map(|i| if i % k == 0 { -10.0 } else { (-3.0 + 6.0 * ((i as f64 * 0.6180339887498949) % 1.0)) as f32 })
+        .collect();
+    let reg: Vec<f32> = (0..n * a * 4).map(|i| (0.5 * (0.11 * i as f64 + 1.0).sin()) as f32).collect();
+    let out = Dense {
+        cls_logits: Tensor::from_vec(cls, [n, a, k]).unwrap(),
+        bbox_regression: Tensor::from_vec(reg, [n, a, 4]).unwrap(),
+        feature_sizes: vec![(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)],
+    };
+    let dets = m.dense_detect(&out, (64, 64)).unwrap();
+    // Per image: count, score sum, coordinate sum, label sum, and the best three.
+    type Best = [([f32; 4], f32, u32); 3];
+    let want: [(usize, f64, f64, u32, Best); 2] = [
+        (
+            297,
+            193.894806,
+            17627.6074,
+            447,
+            [
+                ([15.2948, 0.0, 45.9293, 24.5367], 0.952252, 2),
+                ([0.0, 23.9023, 29.2509, 64.0], 0.952128, 2),
+                ([0.0, 0.0, 17.0336, 10.5535], 0.951927, 1),
+            ],
+        ),
+        (
+            300,
+            189.182617,
+            17941.4375,
+            453,
+            [
+                ([0.0, 0.0, 22.5809, 34.7543], 0.952527, 1),
+                ([17.5112, 23.2016, 64.0, 54.495], 0.952404, 1),
+                ([0.0, 0.0, 35.1038, 64.0], 0.952281, 1),
+            ],
+        ),
+    ];
+    for (i, (d, w)) in dets.iter().zip(&want).enumerate() {
+        assert_eq!(d.scores.len(), w.0, "image {i}");
+        let scores: f64 = d.scores.iter().map(|&s| f64::from(s)).sum();
+        let coords: f64 = d.boxes.iter().flatten().map(|&c| f64::from(c)).sum();
+        assert!((scores - w.1).abs() < 1e-3, "image {i}: score sum {scores} against {}", w.1);
+        assert!((coords - w.2).abs() < 0.05, "image {i}: coordinate sum {coords} against {}", w.2);
+        assert_eq!(d.labels.iter().sum::<u32>(), w.3, "image {i}");
+        for (j, (b, s, l)) in w.4.iter().enumerate() {
+            assert_eq!(d.labels[j], *l, "image {i} detection {j}");
+            assert!((d.scores[j] - s).abs() < 2e-6, "image {i} detection {j}: {} against {s}", d.scores[j]);
+            for c in 0..4 {
+                assert!((d.boxes[j][c] - b[c]).abs() < 1e-3, "image {i} detection {j}: {:?} against {b:?}", d.boxes[j]);
+            }
+        }
+    }
 }

@@ -202,7 +202,7 @@ impl RetinaNet {
         image_size: (usize, usize),
         targets: &[Target],
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        let n = out.cls_logits.dims()[0];
+        let n = out.cls_logits.dims().first().copied().unwrap_or(0);
         if targets.len() != n {
             return Err(NnError::Shape(format!("{n} images but {} targets; pass one per image", targets.len())).into());
         }
@@ -220,6 +220,7 @@ impl RetinaNet {
         }
         let anchors = AnchorGenerator::retinanet().anchors(image_size, &out.feature_sizes)?;
         let a = anchors.len();
+        check_dense(out, a, k)?;
         let (logits, deltas) = (out.cls_logits.reshape([n * a, k])?, out.bbox_regression.reshape([n * a, 4])?);
         let coder = BoxCoder::new([1.0; 4]);
         let (mut classification, mut box_regression): (Option<Tensor>, Option<Tensor>) = (None, None);
@@ -283,12 +284,22 @@ impl Detector for RetinaNet {
     }
 
     fn detect(&self, images: &Tensor) -> Result<Vec<Detections>> {
-        let (n, image_size) = batch_dims(images)?;
+        let (_, image_size) = batch_dims(images)?;
         let out = SingleShot::forward(self, images)?;
+        self.dense_detect(&out, image_size)
+    }
+}
+
+impl RetinaNet {
+    /// The post-processed detections of head outputs `out` for images of `image_size` (height,
+    /// width): what [`Detector::detect`] gives after the forward pass.
+    pub fn dense_detect(&self, out: &Dense, image_size: (usize, usize)) -> Result<Vec<Detections>> {
+        let n = out.cls_logits.dims().first().copied().unwrap_or(0);
         let generator = AnchorGenerator::retinanet();
         let anchors = generator.anchors(image_size, &out.feature_sizes)?;
         let per_level = generator.num_anchors_per_level(&out.feature_sizes);
         let (a, k) = (anchors.len(), self.classes);
+        check_dense(out, a, k)?;
         let (logits, codes) = (out.cls_logits.to_vec(), out.bbox_regression.to_vec());
         let coder = BoxCoder::new([1.0; 4]);
         let mut all = Vec::with_capacity(n);
@@ -320,6 +331,20 @@ impl Detector for RetinaNet {
         }
         Ok(all)
     }
+}
+
+/// Checks that `out` holds `classes` logits and 4 deltas for each of `anchors` anchors per image.
+fn check_dense(out: &Dense, anchors: usize, classes: usize) -> Result<()> {
+    let n = out.cls_logits.dims().first().copied().unwrap_or(0);
+    if out.cls_logits.dims() != [n, anchors, classes] || out.bbox_regression.dims() != [n, anchors, 4] {
+        return Err(NnError::Shape(format!(
+            "head outputs of shapes {} and {} for {anchors} anchors of {classes} classes per image",
+            out.cls_logits.shape(),
+            out.bbox_regression.shape()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// The count and the height and width of an `n x 3 x h x w` batch.
