@@ -423,6 +423,15 @@ impl FasterRcnn {
     }
 }
 
+/// Checks that `order` is a permutation of `0..regions`.
+fn check_order(order: &[usize], regions: usize) -> Result<()> {
+    let mut seen = vec![false; regions];
+    if order.len() == regions && order.iter().all(|&i| i < regions && !std::mem::replace(&mut seen[i], true)) {
+        return Ok(());
+    }
+    Err(NnError::Shape(format!("the box head's row order {order:?} is not a permutation of 0..{regions}")).into())
+}
+
 /// The height and width of an `n x 3 x h x w` batch.
 fn batch_dims(images: &Tensor) -> Result<(usize, (usize, usize))> {
     match *images.dims() {
@@ -490,18 +499,7 @@ impl Detector for FasterRcnn {
             }
         }
         let out = self.box_forward(&features, image_size, &rois)?;
-        let row_labels: Vec<u32> = out.order.iter().map(|&r| labels[r]).collect();
-        let (classification, _) = cross_entropy(&out.class_logits, &row_labels)?;
-        let k = self.classes;
-        let (mut own_class, mut targets_of_positives) = (Vec::new(), Vec::new());
-        for (row, &r) in out.order.iter().enumerate() {
-            if labels[r] > 0 {
-                own_class.push(row * k + labels[r] as usize);
-                targets_of_positives.extend(box_targets[r]);
-            }
-        }
-        let deltas = out.box_regression.reshape([rois.len() * k, 4])?.select_rows(&own_class)?;
-        let box_regression = smooth_l1(&deltas, &targets_of_positives, BETA)?.scale(1.0 / rois.len() as f32)?;
+        let (classification, box_regression) = self.box_losses(&out, &labels, &box_targets)?;
         Ok(vec![
             ("rpn_objectness", rpn_objectness),
             ("rpn_box_regression", rpn_box_regression),
@@ -520,12 +518,76 @@ impl Detector for FasterRcnn {
             .enumerate()
             .flat_map(|(i, p)| p.iter().map(move |b| [i as f32, b[0], b[1], b[2], b[3]]))
             .collect();
-        let mut all = vec![Detections::default(); n];
         if rois.is_empty() {
-            return Ok(all);
+            return Ok(vec![Detections::default(); n]);
         }
         let out = self.box_forward(&features, image_size, &rois)?;
+        self.postprocess(&out, &rois, n, image_size)
+    }
+}
+
+impl FasterRcnn {
+    /// torchvision's `fastrcnn_loss` of the box head's outputs `out` for regions whose classes
+    /// (0 for background) and regression targets are `labels` and `targets`, in the order the
+    /// regions were given: cross-entropy averaged over the regions, and smooth L1 (beta 1/9) of
+    /// the positives' deltas of their own class, summed and divided by the regions.
+    pub fn box_losses(&self, out: &BoxOutput, labels: &[u32], targets: &[[f32; 4]]) -> Result<(Tensor, Tensor)> {
+        let (r, k) = (labels.len(), self.classes);
+        let bad = |why: String| NnError::BadInput { layer: NAME.into(), why };
+        if targets.len() != r || out.order.len() != r || out.class_logits.dims() != [r, k] {
+            return Err(bad(format!(
+                "{r} labels, {} targets and {} rows of class logits of shape {}; give one of each per region",
+                targets.len(),
+                out.order.len(),
+                out.class_logits.shape()
+            ))
+            .into());
+        }
+        check_order(&out.order, r)?;
+        if let Some(&l) = labels.iter().find(|&&l| l as usize >= k) {
+            return Err(bad(format!("region label {l} is not in 0..{k}")).into());
+        }
+        let row_labels: Vec<u32> = out.order.iter().map(|&i| labels[i]).collect();
+        let (classification, _) = cross_entropy(&out.class_logits, &row_labels)?;
+        let (mut own_class, mut targets_of_positives) = (Vec::new(), Vec::new());
+        for (row, &i) in out.order.iter().enumerate() {
+            if labels[i] > 0 {
+                own_class.push(row * k + labels[i] as usize);
+                targets_of_positives.extend(targets[i]);
+            }
+        }
+        let deltas = out.box_regression.reshape([r * k, 4])?.select_rows(&own_class)?;
+        let box_regression = smooth_l1(&deltas, &targets_of_positives, BETA)?.scale(1.0 / r as f32)?;
+        Ok((classification, box_regression))
+    }
+
+    /// torchvision's `postprocess_detections` of the box head's outputs `out` for `rois`
+    /// (`[image index, x1, y1, x2, y2]`) of `images` images of `image_size`: softmax scores, each
+    /// class's box decoded and clipped, scores above 0.05, sides of at least 1e-2, NMS 0.5 within a
+    /// class, the best 100 per image.
+    pub fn postprocess(
+        &self,
+        out: &BoxOutput,
+        rois: &[[f32; 5]],
+        images: usize,
+        image_size: (usize, usize),
+    ) -> Result<Vec<Detections>> {
         let k = self.classes;
+        let (r, bad_image) = (rois.len(), rois.iter().find(|roi| !(roi[0] >= 0.0 && (roi[0] as usize) < images)));
+        if out.order.len() != r || out.class_logits.dims() != [r, k] || out.box_regression.dims() != [r, 4 * k] {
+            return Err(NnError::Shape(format!(
+                "box head outputs of shapes {} and {} for {r} regions of {k} classes",
+                out.class_logits.shape(),
+                out.box_regression.shape()
+            ))
+            .into());
+        }
+        check_order(&out.order, r)?;
+        if let Some(roi) = bad_image {
+            let why = format!("region {roi:?} names an image outside 0..{images}");
+            return Err(NnError::BadInput { layer: NAME.into(), why }.into());
+        }
+        let mut all = vec![Detections::default(); images];
         let scores = softmax_rows(&out.class_logits.to_vec(), k);
         let codes = out.box_regression.to_vec();
         let mut row_of = vec![0; rois.len()];
@@ -534,7 +596,7 @@ impl Detector for FasterRcnn {
         }
         let coder = self.roi_sampling.box_coder;
         // Candidates per image in torchvision's order: proposal by proposal, class by class.
-        let mut candidates = vec![Detections::default(); n];
+        let mut candidates = vec![Detections::default(); images];
         for (r, roi) in rois.iter().enumerate() {
             let (row, proposal) = (row_of[r], [roi[1], roi[2], roi[3], roi[4]]);
             let c = &mut candidates[roi[0] as usize];
