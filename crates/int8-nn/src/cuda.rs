@@ -15,40 +15,8 @@ pub use int8_core::cuda::{CudaSlice, Gpu};
 
 use crate::error::{NnError, Result};
 use crate::tape::{Backward, record};
+pub use crate::tensor::CudaBuf;
 use crate::tensor::{Device, Shape, Storage, Tensor};
-
-/// A tensor's values on a GPU: the device buffer, the GPU's context and its ordinal.
-pub struct CudaBuf {
-    /// The values.
-    pub(crate) data: CudaSlice<f32>,
-    /// The GPU holding them.
-    pub(crate) gpu: Arc<Gpu>,
-    /// The GPU's ordinal (its [`Device::Cuda`] number).
-    pub(crate) ordinal: usize,
-}
-
-impl std::fmt::Debug for CudaBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaBuf(cuda:{}, {} values)", self.ordinal, self.data.len())
-    }
-}
-
-impl Clone for CudaBuf {
-    /// A copy on the same GPU (what `Arc::make_mut` makes of shared storage before writing).
-    ///
-    /// # Panics
-    /// Only if the GPU fails the allocation or the copy (`CudaSlice`'s own clone).
-    fn clone(&self) -> Self {
-        Self { data: self.data.clone(), gpu: self.gpu.clone(), ordinal: self.ordinal }
-    }
-}
-
-impl CudaBuf {
-    /// The values, copied to the host.
-    pub(crate) fn download(&self) -> Result<Vec<f32>> {
-        Ok(self.gpu.download(&self.data)?)
-    }
-}
 
 /// GPU `ordinal`, opened once per process: every tensor on it shares its context and stream.
 pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
@@ -137,6 +105,17 @@ pub(crate) fn saturation_rate(q: &int8_core::cuda::GpuQTensor) -> f32 {
 }
 
 /// `t` copied to `device` (neither its own device; see [`Tensor::to_device`]).
+impl Tensor {
+    /// A copy of the values on `device`, recorded on the tape when this tensor is tracked (the
+    /// gradient is copied back), or this tensor itself when it is there already.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        to_device(self, *device)
+    }
+}
+
 pub(crate) fn to_device(t: &Tensor, device: Device) -> Result<Tensor> {
     let _s = crate::profile::span("to-device", false);
     let from = t.device();

@@ -39,14 +39,14 @@ pub enum NnError {
     CpuOnly {
         /// The op's name.
         op: &'static str,
-        /// The tensor's device.
-        device: crate::tensor::Device,
+        /// The tensor's device, as `cuda:0`.
+        device: String,
     },
     /// A GPU was asked of a build without CUDA.
     #[error("{device} asked of an int8-nn built without cuda; build with `--features cuda`")]
     CudaNotBuilt {
-        /// The device asked for.
-        device: crate::tensor::Device,
+        /// The device asked for, as `cuda:0`.
+        device: String,
     },
     /// A device name that is not `cpu`, `cuda` or `cuda:N`.
     #[error("unknown device `{0}`; use `cpu`, `cuda` or `cuda:N` (N the GPU's ordinal)")]

@@ -142,6 +142,44 @@ impl From<(usize, usize, usize, usize)> for Shape {
     }
 }
 
+/// A tensor's values on a GPU (the `cuda` feature): the device buffer, the GPU's context and its
+/// ordinal.
+#[cfg(feature = "cuda")]
+pub struct CudaBuf {
+    /// The values.
+    pub(crate) data: int8_core::cuda::CudaSlice<f32>,
+    /// The GPU holding them.
+    pub(crate) gpu: Arc<int8_core::cuda::Gpu>,
+    /// The GPU's ordinal (its [`Device::Cuda`] number).
+    pub(crate) ordinal: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuf(cuda:{}, {} values)", self.ordinal, self.data.len())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Clone for CudaBuf {
+    /// A copy on the same GPU (what `Arc::make_mut` makes of shared storage before writing).
+    ///
+    /// # Panics
+    /// Only if the GPU fails the allocation or the copy (`CudaSlice`'s own clone).
+    fn clone(&self) -> Self {
+        Self { data: self.data.clone(), gpu: self.gpu.clone(), ordinal: self.ordinal }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CudaBuf {
+    /// The values, copied to the host.
+    pub(crate) fn download(&self) -> Result<Vec<f32>> {
+        Ok(self.gpu.download(&self.data)?)
+    }
+}
+
 /// A tensor's values on one device.
 #[derive(Debug, Clone)]
 pub enum Storage {
@@ -149,7 +187,7 @@ pub enum Storage {
     Cpu(memory::HostBuf),
     /// Values on a GPU, with the GPU's context (shared by every tensor on it).
     #[cfg(feature = "cuda")]
-    Cuda(crate::cuda::CudaBuf),
+    Cuda(CudaBuf),
 }
 
 impl Storage {
@@ -312,18 +350,13 @@ impl Tensor {
     /// A copy of the values on `device`, recorded on the tape when this tensor is tracked (the
     /// gradient is copied back), or this tensor itself when it is there already. A GPU asked of
     /// a build without the `cuda` feature is [`NnError::CudaNotBuilt`].
+    /// (With the `cuda` feature this method is `crate::cuda`'s, which makes the copy.)
+    #[cfg(not(feature = "cuda"))]
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device() == *device {
             return Ok(self.clone());
         }
-        #[cfg(feature = "cuda")]
-        {
-            crate::cuda::to_device(self, *device)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Err(NnError::CudaNotBuilt { device: *device })
-        }
+        Err(NnError::CudaNotBuilt { device: device.to_string() })
     }
 
     /// The value of a one-element tensor.
@@ -340,7 +373,7 @@ impl Tensor {
             Storage::Cpu(b) => Ok(b.as_slice()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => {
-                Err(NnError::CpuOnly { op: crate::profile::current_op(), device: Device::Cuda(b.ordinal) })
+                Err(NnError::CpuOnly { op: crate::profile::current_op(), device: Device::Cuda(b.ordinal).to_string() })
             }
         }
     }
@@ -543,10 +576,12 @@ mod tests {
     fn a_gpu_asked_of_a_build_without_cuda_says_how_to_build_it() {
         let t = Tensor::ones(3);
         let e = t.to_device(&Device::Cuda(0)).unwrap_err();
-        assert!(matches!(e, NnError::CudaNotBuilt { device: Device::Cuda(0) }), "{e}");
+        assert!(matches!(e, NnError::CudaNotBuilt { ref device } if device == "cuda:0"), "{e}");
         assert!(e.to_string().contains("build with `--features cuda`"), "{e}");
         let p = crate::Param::new("w", Tensor::ones(3), true);
-        assert!(matches!(p.to_device(&Device::Cuda(1)), Err(NnError::CudaNotBuilt { device: Device::Cuda(1) })));
+        assert!(
+            matches!(p.to_device(&Device::Cuda(1)), Err(NnError::CudaNotBuilt { ref device }) if device == "cuda:1")
+        );
         assert_eq!(p.device(), Device::Cpu);
     }
 }

@@ -317,7 +317,7 @@ mod gpu {
                 if cfg.fp32_operand.is_some() {
                     return Err(NnError::CpuOnly {
                         op: "int8-conv2d with an operand kept in fp32",
-                        device: x.device(),
+                        device: x.device().to_string(),
                     });
                 }
                 let sub = pointwise.map(|_| kc::subsample_f32(on, &full, xv)).transpose()?;

@@ -238,7 +238,7 @@ mod gpu {
                 if cfg.fp32_operand.is_some() {
                     return Err(NnError::CpuOnly {
                         op: "int8-linear with an operand kept in fp32",
-                        device: x.device(),
+                        device: x.device().to_string(),
                     });
                 }
                 let (pt, near) = (Granularity::PerTensor, Rounding::Nearest);
