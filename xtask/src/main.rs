@@ -81,6 +81,10 @@ enum Cmd {
         /// before reuses the copy it made then, so that all its runs run the same code.
         #[arg(long)]
         rebuild: bool,
+        /// Build the trainer with its `cuda` feature, for runs on NVIDIA GPUs (with
+        /// `--set train.device=cuda`); add --rebuild when the sweep already has a CPU-only copy.
+        #[arg(long)]
+        cuda: bool,
         /// Override a recipe value in every run, e.g. --set train.epochs=1 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -299,6 +303,7 @@ fn run() -> Result<()> {
             dry_run,
             tables,
             rebuild,
+            cuda,
             sets,
             data_dir,
             backend,
@@ -382,6 +387,7 @@ fn run() -> Result<()> {
                 dry_run,
                 tables,
                 rebuild,
+                cuda,
                 sets,
                 data_dir,
                 backend,
@@ -414,7 +420,7 @@ fn run() -> Result<()> {
 /// is this command's.
 fn trainer_tool(root: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let trainer = sweep::build_trainer(root)?;
+    let trainer = sweep::build_trainer(root, false)?;
     let err = Command::new(&trainer).args(args).exec();
     Err(err).with_context(|| format!("cannot start {}", trainer.display()))
 }

@@ -36,6 +36,8 @@ pub struct SweepOptions {
     pub tables: bool,
     /// Build the trainer again and replace the sweep's copy.
     pub rebuild: bool,
+    /// Build the trainer with its `cuda` feature.
+    pub cuda: bool,
     /// Overrides for every run.
     pub sets: Vec<String>,
     /// A data folder searched first.
@@ -84,7 +86,7 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     };
     // The workspace's trainer types every recipe and checks its layer rules before anything runs,
     // so that a typo fails in a second, not an hour in.
-    let built = build_trainer(root)?;
+    let built = build_trainer(root, opts.cuda)?;
     let resolved = check::check(&built, &runs)?;
     for (r, resolved) in runs.iter().zip(&resolved) {
         // A run folder made with another recipe (the experiment changed since) is not reused.
@@ -306,13 +308,17 @@ fn age(file: &Path) -> String {
         .map_or_else(|| "?".into(), |d| format!("{} ago", fmt_secs(d.as_secs_f64())))
 }
 
-/// Builds the trainer in release mode and returns its path.
-pub fn build_trainer(root: &Path) -> Result<PathBuf> {
+/// Builds the trainer in release mode (with its `cuda` feature when `cuda`) and returns its path.
+pub fn build_trainer(root: &Path, cuda: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building the trainer in release mode...");
+    eprintln!("building the trainer in release mode{}...", if cuda { " with cuda" } else { "" });
+    let mut args = vec!["build", "--release", "--quiet", "--package", "int8-train", "--bin", "int8-train"];
+    if cuda {
+        args.extend(["--features", "cuda"]);
+    }
     let status = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--release", "--quiet", "--package", "int8-train", "--bin", "int8-train"])
+        .args(&args)
         .status()
         .context("cannot start cargo to build the trainer")?;
     if !status.success() {
@@ -384,6 +390,7 @@ mod tests {
             dry_run: true,
             tables: false,
             rebuild: false,
+            cuda: false,
             sets: vec![],
             data_dir: None,
             backend: Backend::Local,
