@@ -58,6 +58,10 @@ enum Cmd {
         /// of their own: `pytorch` (torch from PyPI, installed once into runs/bench/.venv-pytorch).
         #[arg(long, value_name = "FRAMEWORK")]
         peer: Option<Peer>,
+        /// Where the step bench runs: `cpu`, or `cuda` / `cuda:N` (int8-bench is then built with
+        /// its `cuda` feature; the rows go to files named -cuda).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
@@ -223,7 +227,10 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Cmd::Bench { which, json, seconds, filter, model, fp32, stochastic_grads, peer } => {
+        Cmd::Bench { which, json, seconds, filter, model, fp32, stochastic_grads, peer, device } => {
+            if device.is_some() && which != Some(Bench::Step) {
+                bail!("--device is the step bench's; run it as `cargo xtask bench step --device cuda`");
+            }
             if peer.is_some() && which != Some(Bench::Step) {
                 bail!("--peer adds columns to the step bench; run it as `cargo xtask bench step --peer pytorch`");
             }
@@ -258,6 +265,9 @@ fn run() -> Result<()> {
             if stochastic_grads {
                 policy += "-stochastic-grads";
             }
+            if let Some(d) = device.as_deref().filter(|d| *d != "cpu") {
+                policy += &format!("-{}", d.replace(':', "_"));
+            }
             for bench in benches {
                 let file = match &model {
                     Some(m) => format!("{}-{m}{policy}.json", bench.name()),
@@ -271,6 +281,7 @@ fn run() -> Result<()> {
                     fp32: &fp32,
                     stochastic_grads,
                     peer_python: peer_python.as_deref(),
+                    device: device.as_deref(),
                 };
                 match run_bench(&root, bench, &json, &opts) {
                     // The data bench needs CIFAR-10 imported; a full run goes on without it.
@@ -445,6 +456,8 @@ struct BenchOpts<'a> {
     stochastic_grads: bool,
     /// A Python with torch, for the step bench's PyTorch columns.
     peer_python: Option<&'a Path>,
+    /// The step bench's device, the CPU unless given.
+    device: Option<&'a str>,
 }
 
 /// A framework the step bench can time beside ours.
@@ -481,11 +494,15 @@ fn pytorch_venv(root: &Path) -> Result<PathBuf> {
 
 /// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
 fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result<()> {
-    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, peer_python } = *opts;
+    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, peer_python, device } = *opts;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args(["run", "--release", "--quiet", "--package", "int8-bench", "--", bench.name(), "--json"])
+    cmd.current_dir(root).args(["run", "--release", "--quiet", "--package", "int8-bench"]);
+    let gpu = device.filter(|d| *d != "cpu" && bench == Bench::Step);
+    if gpu.is_some() {
+        cmd.args(["--features", "cuda"]);
+    }
+    cmd.args(["--", bench.name(), "--json"])
         .arg(json)
         .args(["--seconds", &(if bench == Bench::Kernels { seconds } else { seconds * 10.0 }).to_string()]);
     if let (Some(f), Bench::Kernels) = (filter, bench) {
@@ -503,6 +520,9 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result
         }
         if let Some(py) = peer_python {
             cmd.arg("--peer-python").arg(py);
+        }
+        if let Some(d) = gpu {
+            cmd.args(["--device", d]);
         }
     }
     eprintln!("building and running the {} bench in release mode...", bench.name());

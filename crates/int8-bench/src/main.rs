@@ -62,6 +62,9 @@ enum What {
         /// `cargo xtask bench step --peer pytorch` makes one), as a column of its own.
         #[arg(long, value_name = "PYTHON")]
         peer_python: Option<PathBuf>,
+        /// Where the steps run: `cpu`, or `cuda` / `cuda:N` (a bench built with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: int8_nn::Device,
     },
     /// The step bench's memory child: one precision's model, four steps, its peak resident set
     /// (MiB) on stdout.
@@ -79,6 +82,9 @@ enum What {
         /// As for `step`.
         #[arg(long)]
         stochastic_grads: bool,
+        /// As for `step`.
+        #[arg(long, default_value = "cpu")]
+        device: int8_nn::Device,
     },
     /// Whether the loader keeps up with INT8 ResNet-20 training on CIFAR-10 (JPEG q75).
     Data {
@@ -156,15 +162,16 @@ fn run_on(cli: Cli) -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::Step { json, seconds, model, fp32, stochastic_grads, peer_python } => {
+        What::Step { json, seconds, model, fp32, stochastic_grads, peer_python, device } => {
             println!("{}", kernels::machine_line());
             let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
-            let rows = step::run(&model, &policy, std::time::Duration::from_secs_f64(seconds), peer_python.as_deref())?;
+            let budget = std::time::Duration::from_secs_f64(seconds);
+            let rows = step::run(&model, &policy, &device, budget, peer_python.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::StepMemory { model, precision, fp32, stochastic_grads } => {
+        What::StepMemory { model, precision, fp32, stochastic_grads, device } => {
             let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
-            step::memory_child(&model, precision == "int8", &policy)?;
+            step::memory_child(&model, precision == "int8", &policy, &device)?;
         }
         What::Data { json, seconds } => {
             println!("{}", kernels::machine_line());

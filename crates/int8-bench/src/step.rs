@@ -10,10 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use int8_nn::Tensor;
 use int8_nn::optim::{Sgd, SgdConfig};
 use int8_nn::policy::{LayerPolicy, Rule};
 use int8_nn::precision::{GradRounding, Int8Config};
+use int8_nn::{Device, Tensor};
 use int8_train::step::{detection_step, train_step};
 use int8_zoo::Model;
 use int8_zoo::detection::{Detector, DetectorOptions, Target};
@@ -30,21 +30,21 @@ enum Subject {
 }
 
 impl Subject {
-    /// Builds `name` (a classifier or a detector of the zoo) with `policy`.
-    fn build(name: &str, policy: &LayerPolicy) -> Result<Self> {
+    /// Builds `name` (a classifier or a detector of the zoo) with `policy`, its parameters and
+    /// batch on `device`.
+    fn build(name: &str, policy: &LayerPolicy, device: &Device) -> Result<Self> {
         if int8_zoo::detection::DETECTORS.iter().any(|d| d.0 == name) {
             let model = int8_zoo::detection::build(name, 21, policy, 0, &DetectorOptions::default())?;
             let (h, w) = model.image_size();
             let (x, targets) = detection_batch(8, h, w);
-            return Ok(Self::Detector { model, x, targets });
+            model.to_device(device)?;
+            return Ok(Self::Detector { model, x: x.to_device(device)?, targets });
         }
         let batch = 128;
         let labels = (0..batch as u32).map(|i| i % 10).collect();
-        Ok(Self::Classifier {
-            model: int8_zoo::build(name, 10, policy, 0)?,
-            x: Tensor::randn((batch, 3, 32, 32), 0),
-            labels,
-        })
+        let model = int8_zoo::build(name, 10, policy, 0)?;
+        model.to_device(device)?;
+        Ok(Self::Classifier { model, x: Tensor::randn((batch, 3, 32, 32), 0).to_device(device)?, labels })
     }
 
     /// Images per step.
@@ -122,10 +122,11 @@ pub fn peak_rss_mib() -> f64 {
 /// The peak resident set of a process that builds `model` at one precision and takes a few
 /// steps: this binary run again (`step-memory`), since a process keeps the memory it freed (see
 /// `int8_nn::alloc`), so that two models measured in one process would share one peak.
-fn child_rss(model: &str, int8: bool, policy: &Int8Policy) -> Result<f64> {
+fn child_rss(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> Result<f64> {
     let exe = std::env::current_exe().context("cannot find this bench's own binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["step-memory", "--model", model, "--precision", if int8 { "int8" } else { "fp32" }]);
+    cmd.args(["--device", &device.to_string()]);
     for p in policy.fp32_patterns {
         cmd.args(["--fp32", p]);
     }
@@ -140,8 +141,8 @@ fn child_rss(model: &str, int8: bool, policy: &Int8Policy) -> Result<f64> {
 }
 
 /// What `step-memory` does in the child: build, take four steps, print the peak RSS in MiB.
-pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy) -> Result<()> {
-    let m = Subject::build(model, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() })?;
+pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> Result<()> {
+    let m = Subject::build(model, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() }, device)?;
     let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
     for _ in 0..4 {
         m.step(&mut sgd)?;
@@ -221,11 +222,17 @@ fn pytorch(python: &Path, model: &str, budget: Duration) -> Result<[f64; 3]> {
     Ok([ms("forward_ms")?, ms("backward_ms")?, ms("update_ms")?])
 }
 
-/// Runs the bench and prints its rows, the INT8 model built with `policy`; with `peer`, PyTorch's
-/// FP32 step of the same model is timed too (after ours, on the same threads).
-pub fn run(model: &str, policy: &Int8Policy, budget: Duration, peer: Option<&Path>) -> Result<Vec<Row>> {
-    let fp32 = Subject::build(model, &LayerPolicy::fp32())?;
-    let int8 = Subject::build(model, &int8_policy(policy)).context("--fp32")?;
+/// Runs the bench on `device` and prints its rows, the INT8 model built with `policy`; with
+/// `peer`, PyTorch's FP32 step of the same model is timed too (after ours, on the same threads).
+pub fn run(
+    model: &str,
+    policy: &Int8Policy,
+    device: &Device,
+    budget: Duration,
+    peer: Option<&Path>,
+) -> Result<Vec<Row>> {
+    let fp32 = Subject::build(model, &LayerPolicy::fp32(), device)?;
+    let int8 = Subject::build(model, &int8_policy(policy), device).context("--fp32")?;
     if peer.is_some() && matches!(fp32, Subject::Detector { .. }) {
         anyhow::bail!("--peer times PyTorch's classifiers only; leave it out for detector {model}");
     }
@@ -245,8 +252,8 @@ pub fn run(model: &str, policy: &Int8Policy, budget: Duration, peer: Option<&Pat
         with_torch(Row::new(format!("{model}-update-b{batch}"), f[2], i[2]), Some(2)),
         Row::new(
             "peak resident set, each precision in a process of its own (MiB, not ms)",
-            child_rss(model, false, policy)?,
-            child_rss(model, true, policy)?,
+            child_rss(model, false, policy, device)?,
+            child_rss(model, true, policy, device)?,
         ),
         Row::new("peak tensor storage (MiB, not ms)", fm.tensors, im.tensors),
         Row::new("peak kept by the tape for backward (MiB, not ms)", fm.saved, im.saved),
@@ -292,6 +299,15 @@ mod tests {
     use int8_nn::precision::Precision;
 
     use super::*;
+
+    /// A GPU asked of a bench built without the `cuda` feature is an error saying how to build
+    /// one, not a CPU run under the GPU's name.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_needs_a_bench_built_with_cuda() {
+        let err = Subject::build("cnn-small", &LayerPolicy::fp32(), &Device::Cuda(0)).err().unwrap().to_string();
+        assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
+    }
 
     #[test]
     fn a_detectors_made_up_boxes_lie_inside_its_images_with_classes_1_to_20() {
