@@ -5,6 +5,8 @@
 //! by pyramid level). The reference numbers are printed by tests/fixtures/fast_rcnn_head.py and
 //! pasted here.
 
+mod common;
+
 use int8_nn::Tensor;
 use int8_nn::policy::LayerPolicy;
 use int8_zoo::detection::faster_rcnn::{BoxOutput, FasterRcnn};
@@ -75,8 +77,7 @@ fn box_head_detections_equal_torchvisions_postprocess_detections() {
     let order: Vec<usize> = (0..R).filter(|r| r % 2 == 1).chain((0..R).filter(|r| r % 2 == 0)).collect();
     let (out, _, _) = outputs(&order);
     let dets = m.postprocess(&out, &rois(), 2, (96, 128)).unwrap();
-    type Best = [([f32; 4], f32, u32); 3];
-    let want: [(usize, f64, f64, u32, Best); 2] = [
+    let want: [common::Summary; 2] = [
         (
             40,
             11.883335,
@@ -100,20 +101,9 @@ fn box_head_detections_equal_torchvisions_postprocess_detections() {
             ],
         ),
     ];
-    for (i, (d, w)) in dets.iter().zip(&want).enumerate() {
-        assert_eq!(d.scores.len(), w.0, "image {i}");
-        let scores: f64 = d.scores.iter().map(|&s| f64::from(s)).sum();
-        let coords: f64 = d.boxes.iter().flatten().map(|&c| f64::from(c)).sum();
+    common::check_against_torchvision(&dets, &want, |i, scores, coords, w| {
         close(&format!("image {i} score sum"), scores, w.1, 1e-5);
         close(&format!("image {i} coordinate sum"), coords, w.2, 1e-5);
-        assert_eq!(d.labels.iter().sum::<u32>(), w.3, "image {i}");
-        for (j, (b, s, l)) in w.4.iter().enumerate() {
-            assert_eq!(d.labels[j], *l, "image {i} detection {j}");
-            assert!((d.scores[j] - s).abs() < 2e-6, "image {i} detection {j}: {} against {s}", d.scores[j]);
-            for c in 0..4 {
-                assert!((d.boxes[j][c] - b[c]).abs() < 1e-3, "image {i} detection {j}: {:?} against {b:?}", d.boxes[j]);
-            }
-        }
-    }
+    });
     assert!(m.postprocess(&out, &rois(), 1, (96, 128)).is_err(), "regions of image 1 in a batch of one");
 }

@@ -4,6 +4,8 @@
 //! ground-truth boxes, 774 anchors each on P3..P7. The reference numbers are printed by
 //! tests/fixtures/retinanet_loss.py and pasted here.
 
+mod common;
+
 use int8_nn::Tensor;
 use int8_nn::policy::LayerPolicy;
 use int8_zoo::detection::retinanet::RetinaNet;
@@ -58,8 +60,7 @@ fn retinanet_detections_equal_torchvisions() {
     };
     let dets = m.dense_detect(&out, (64, 64)).unwrap();
     // Per image: count, score sum, coordinate sum, label sum, and the best three.
-    type Best = [([f32; 4], f32, u32); 3];
-    let want: [(usize, f64, f64, u32, Best); 2] = [
+    let want: [common::Summary; 2] = [
         (
             297,
             193.894806,
@@ -83,19 +84,8 @@ fn retinanet_detections_equal_torchvisions() {
             ],
         ),
     ];
-    for (i, (d, w)) in dets.iter().zip(&want).enumerate() {
-        assert_eq!(d.scores.len(), w.0, "image {i}");
-        let scores: f64 = d.scores.iter().map(|&s| f64::from(s)).sum();
-        let coords: f64 = d.boxes.iter().flatten().map(|&c| f64::from(c)).sum();
+    common::check_against_torchvision(&dets, &want, |i, scores, coords, w| {
         assert!((scores - w.1).abs() < 1e-3, "image {i}: score sum {scores} against {}", w.1);
         assert!((coords - w.2).abs() < 0.05, "image {i}: coordinate sum {coords} against {}", w.2);
-        assert_eq!(d.labels.iter().sum::<u32>(), w.3, "image {i}");
-        for (j, (b, s, l)) in w.4.iter().enumerate() {
-            assert_eq!(d.labels[j], *l, "image {i} detection {j}");
-            assert!((d.scores[j] - s).abs() < 2e-6, "image {i} detection {j}: {} against {s}", d.scores[j]);
-            for c in 0..4 {
-                assert!((d.boxes[j][c] - b[c]).abs() < 1e-3, "image {i} detection {j}: {:?} against {b:?}", d.boxes[j]);
-            }
-        }
-    }
+    });
 }
