@@ -264,11 +264,24 @@ impl ClipState {
     }
 
     /// Runs a search and puts its clip value in force; the caller records the reference distance.
-    fn search(&mut self, name: &str, g: &[f32]) -> Result<f32> {
+    /// An all-zero gradient has nothing to choose a clip value from (every value gives the same
+    /// zero codes): the value in force stays, or none stays chosen and the next gradient searches
+    /// again, and `None` says so. A clip value of 0 put in force would zero every later gradient
+    /// of the layer until the next search, as happens to a layer called several times in a step
+    /// (a head shared by the levels of a feature pyramid) when one call's gradient is zero.
+    fn search(&mut self, name: &str, g: &[f32]) -> Result<Option<f32>> {
         let choice = search_clip(name, g)?;
         self.snap.searches += 1;
+        if choice.clip == 0.0 {
+            return Ok(None);
+        }
         self.snap.clip = Some(choice.clip);
-        Ok(choice.clip)
+        Ok(Some(choice.clip))
+    }
+
+    /// The clip value in force, 0 (every code zero) while none has been chosen.
+    fn in_force(&self) -> f32 {
+        self.snap.clip.unwrap_or(0.0)
     }
 
     /// Chooses the clip value for gradient `g` as [`ClipState::update`] does and quantizes `g` with
@@ -276,23 +289,35 @@ impl ClipState {
     /// searches this is one pass over the gradient where `update` and a separate quantization
     /// take two; a stale clip value costs a search and a second pass.
     pub fn quantize(&mut self, name: &str, g: &[f32], rounding: Rounding) -> Result<(QTensor, ClipUpdate)> {
-        let mut searched = self.periodic_due();
+        let mut searched = false;
         let clip = match self.mode {
-            ClipMode::MaxAbs => max_abs(name, g)?,
-            ClipMode::Dsgc { .. } if searched => self.search(name, g)?,
-            ClipMode::Dsgc { .. } => self.snap.clip.unwrap_or(0.0),
+            ClipMode::MaxAbs => {
+                let clip = max_abs(name, g)?;
+                self.snap.clip = Some(clip);
+                clip
+            }
+            ClipMode::Dsgc { .. } if self.periodic_due() => match self.search(name, g)? {
+                Some(clip) => {
+                    searched = true;
+                    clip
+                }
+                None => self.in_force(),
+            },
+            ClipMode::Dsgc { .. } => self.in_force(),
         };
         self.snap.calls += 1;
-        self.snap.clip = Some(clip);
         let pass = |clip: f32, searched: bool| -> Result<(QTensor, ClipUpdate)> {
             let (q, s) = quantize_pass::<true>(name, g, clip, rounding)?;
             Ok((q, ClipUpdate { clip, distance: distance_from_terms(s.gq, s.qq, s.gg), searched }))
         };
         let (mut q, mut up) = pass(clip, searched)?;
         if !searched && self.stale(up.distance) {
-            searched = true;
-            let clip = self.search(name, g)?;
-            (q, up) = pass(clip, true)?;
+            // A stale value means a gradient that is not all zero (whose distance is 0), so the
+            // search finds a value.
+            if let Some(clip) = self.search(name, g)? {
+                searched = true;
+                (q, up) = pass(clip, true)?;
+            }
         }
         if searched {
             // The reference is measured like every later distance (same pass, same rounding).
@@ -313,19 +338,25 @@ impl ClipState {
                 ClipUpdate { clip, distance: cosine_distance(g, clip), searched: false }
             }
             ClipMode::Dsgc { .. } => {
-                let kept = self.snap.clip.unwrap_or(0.0);
+                let kept = self.in_force();
                 let kept_distance = if due { f64::NAN } else { cosine_distance(g, kept) };
-                if due || self.stale(kept_distance) {
-                    let clip = self.search(name, g)?;
-                    let up = ClipUpdate { clip, distance: cosine_distance(g, clip), searched: true };
-                    self.snap.reference = Some(up.distance);
-                    up
-                } else {
-                    ClipUpdate { clip: kept, distance: kept_distance, searched: false }
+                let found = if due || self.stale(kept_distance) { self.search(name, g)? } else { None };
+                match found {
+                    Some(clip) => {
+                        let up = ClipUpdate { clip, distance: cosine_distance(g, clip), searched: true };
+                        self.snap.reference = Some(up.distance);
+                        up
+                    }
+                    None if kept_distance.is_nan() => {
+                        ClipUpdate { clip: kept, distance: cosine_distance(g, kept), searched: false }
+                    }
+                    None => ClipUpdate { clip: kept, distance: kept_distance, searched: false },
                 }
             }
         };
-        self.snap.clip = Some(update.clip);
+        if self.mode == ClipMode::MaxAbs {
+            self.snap.clip = Some(update.clip);
+        }
         Ok(update)
     }
 }
@@ -486,6 +517,42 @@ mod tests {
                 .to_string()
                 .contains("layer1.grad")
         );
+    }
+
+    #[test]
+    fn an_all_zero_gradient_never_puts_a_zero_clip_value_in_force() {
+        // A layer called several times a step (a head shared by a pyramid's levels) sees a zero
+        // gradient from a call whose outputs no loss term reached. Both ways of choosing, the
+        // fused quantization and `update`, must behave alike.
+        let zero = vec![0f32; 4096];
+        let g = laplace(4096, 7);
+        for fused in [false, true] {
+            let mut state = ClipState::new(ClipMode::dsgc(3));
+            let mut call = |g: &[f32]| {
+                if fused {
+                    let (q, up) = state.quantize("g", g, Rounding::Nearest).unwrap();
+                    assert_eq!(q, quantize_with_clip("g", g, up.clip, Rounding::Nearest).unwrap());
+                    (up, state.clip())
+                } else {
+                    let up = state.update("g", g).unwrap();
+                    (up, state.clip())
+                }
+            };
+            // The first gradient is zero: nothing is chosen, its codes are zero, nothing is stale.
+            let (up, in_force) = call(&zero);
+            assert_eq!((up.clip, up.distance, up.searched, in_force), (0.0, 0.0, false, None), "fused {fused}");
+            // So the next gradient searches, and the value it finds is that of a fresh state.
+            let (up, in_force) = call(&g);
+            let fresh = search_clip("g", &g).unwrap().clip;
+            assert!(up.searched && up.clip == fresh && in_force == Some(fresh), "fused {fused}: {up:?}");
+            // A zero gradient at a periodic search (call 3 of interval 3) keeps the value in force.
+            call(&g);
+            let (up, in_force) = call(&zero);
+            assert_eq!((up.clip, up.searched, in_force), (fresh, false, Some(fresh)), "fused {fused}");
+            let (up, _) = call(&g);
+            assert_eq!((up.clip, up.searched), (fresh, false), "fused {fused}: quantizes with the kept value");
+            assert!((up.distance - cosine_distance(&g, fresh)).abs() < 1e-9, "fused {fused}");
+        }
     }
 
     #[test]
