@@ -39,7 +39,7 @@ fn fpn_detectors_have_torchvisions_parameter_counts() {
     assert_eq!(trained("retinanet-resnet50-fpn"), 34_068_119);
     // SSD's default-box scales mean nothing to their anchors: refused, naming the setting.
     for name in ["fasterrcnn-resnet50-fpn", "retinanet-resnet50-fpn"] {
-        let options = int8_zoo::detection::DetectorOptions { box_scales: vec![0.05, 0.5] };
+        let options = int8_zoo::detection::DetectorOptions { box_scales: vec![0.05, 0.5], ..Default::default() };
         let err = int8_zoo::detection::build(name, 2, &LayerPolicy::fp32(), 0, &options).unwrap_err().to_string();
         assert!(err.contains("box_scales"), "{name}: {err}");
     }

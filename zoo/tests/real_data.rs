@@ -32,7 +32,7 @@ fn cifar_archive() -> PathBuf {
 /// Sixteen SGD steps on one batch; the mean loss of the last three steps must be at least a
 /// quarter below that of the first three, with no divergence.
 fn fit_and_check(what: &str, model: &dyn Model, x: &Tensor, labels: &[u32]) {
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4, max_grad_norm: None });
     let mut losses = Vec::new();
     for _ in 0..16 {
         let (loss, report) = cross_entropy(&model.forward(x).unwrap(), labels).unwrap();
@@ -159,7 +159,8 @@ fn imagenet_models_take_a_training_step_on_real_images_at_both_precisions() {
                 should_move
                     .push(p.decay() || g.iter().zip(&w).any(|(g, w)| (0.01 * g).abs() > 1e-6 * w.abs().max(1e-30)));
             }
-            let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+            let mut sgd =
+                Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
             sgd.step(&model.trainables(), &grads, 0.01).unwrap();
             for ((t, b), should) in model.trainables().iter().zip(&before).zip(should_move) {
                 let now = t.param.to_vec();

@@ -44,7 +44,7 @@ pub fn run(workspace: &Path, budget: Duration) -> Result<Vec<DataRow>> {
     eprintln!("decoded {} images in {:.1} s", data.len(), decode_ms / 1e3);
     let aug = Augment { pad: 4, flip: true, mean: CIFAR10_MEAN.to_vec(), std: CIFAR10_STD.to_vec() };
     let model = int8_zoo::build("resnet20", 10, &LayerPolicy::paper(Int8Config::default()), 0)?;
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4, max_grad_norm: None });
     let src: Arc<dyn Source> = Arc::new(Augmented { data: data.clone(), aug });
     let batches = epoch(src, 128, true, 0, 0, 4)?;
     let (mut steps, mut wait, mut total) = (0usize, 0.0f64, 0.0f64);

@@ -143,7 +143,7 @@ fn child_rss(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> R
 /// What `step-memory` does in the child: build, take four steps, print the peak RSS in MiB.
 pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> Result<()> {
     let m = Subject::build(model, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() }, device)?;
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
     for _ in 0..4 {
         m.step(&mut sgd)?;
     }
@@ -154,7 +154,7 @@ pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy, device: &Devic
 /// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up,
 /// and the peak memory of those steps.
 fn time_steps(model: &Subject, budget: Duration) -> Result<([f64; 3], Peaks)> {
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
     model.step(&mut sgd)?;
     int8_nn::memory::reset_peak();
     let (start, mut n, mut t) = (Instant::now(), 0usize, [0.0; 3]);
@@ -171,7 +171,7 @@ fn time_steps(model: &Subject, budget: Duration) -> Result<([f64; 3], Peaks)> {
 /// Per-op milliseconds per step over a few profiled steps, and the step's own time.
 fn breakdown(model: &Subject) -> Result<(std::collections::BTreeMap<String, f64>, f64)> {
     let steps = 3;
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4 });
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
     int8_nn::profile::reset();
     int8_nn::profile::set_enabled(true);
     let t = Instant::now();

@@ -33,6 +33,11 @@ pub struct SgdConfig {
     pub nesterov: bool,
     /// L2 weight decay, on parameters whose `decay` flag is set.
     pub weight_decay: f64,
+    /// Gradient clipping by the global norm, as PyTorch's `clip_grad_norm_` before the step: when
+    /// the L2 norm of all the step's gradients together exceeds this, each gradient is scaled by
+    /// `max / (norm + 1e-6)`. Detectors commonly train with it (MMDetection clips RetinaNet at 35),
+    /// since a few large-loss anchors early in training can throw the weights far off.
+    pub max_grad_norm: Option<f64>,
 }
 
 /// Values per parallel work item of the update.
@@ -46,12 +51,13 @@ const PAR_MIN: usize = 1 << 16;
 pub struct Sgd {
     config: SgdConfig,
     buffers: HashMap<String, Tensor>,
+    last_grad_norm: Option<f64>,
 }
 
 impl Sgd {
     /// A fresh optimizer.
     pub fn new(config: SgdConfig) -> Self {
-        Self { config, buffers: HashMap::new() }
+        Self { config, buffers: HashMap::new(), last_grad_norm: None }
     }
 
     /// The momentum buffers by parameter name (for checkpoints).
@@ -72,6 +78,7 @@ impl Sgd {
     /// and that parameter is left as it was.
     pub fn step(&mut self, params: &[Trainable<'_>], grads: &Gradients, lr: f64) -> Result<()> {
         let cfg = self.config;
+        let grad_scale = self.grad_scale(params, grads)?;
         for t in params {
             let p = t.param;
             let Some(grad) = grads.of(p) else { continue };
@@ -87,7 +94,7 @@ impl Sgd {
             }
             let wd = if p.decay() { cfg.weight_decay as f32 } else { 0.0 };
             let (m, lr) = (cfg.momentum as f32, (lr * t.lr_scale) as f32);
-            let rule = Rule { wd, m, lr, nesterov: cfg.nesterov };
+            let rule = Rule { gs: grad_scale, wd, m, lr, nesterov: cfg.nesterov };
             let first = !self.buffers.contains_key(p.name());
             let buf = self.buffers.entry(p.name().to_string()).or_insert_with(|| Tensor::zeros(g.len()));
             let b = buf.make_cpu_mut();
@@ -130,6 +137,36 @@ impl Sgd {
             }
         }
         Ok(())
+    }
+
+    /// The factor every gradient of this step is multiplied by: 1, or, when the global norm of
+    /// the gradients comes to [`SgdConfig::max_grad_norm`], `max / (norm + 1e-6)` where that is
+    /// below 1 (PyTorch's
+    /// `clip_grad_norm_`; the norm summed in f64). Its last value is [`Sgd::last_grad_norm`].
+    fn grad_scale(&mut self, params: &[Trainable<'_>], grads: &Gradients) -> Result<f32> {
+        let Some(max) = self.config.max_grad_norm else { return Ok(1.0) };
+        let mut sum = 0f64;
+        for g in params.iter().filter_map(|t| grads.of(t.param)) {
+            if g.device() != crate::Device::Cpu {
+                return Err(NnError::BadInput {
+                    layer: "sgd".into(),
+                    why: "clipping gradients by their norm (optim.max_grad_norm) runs on the CPU only so far: \
+                          remove it from the recipe or train on the CPU"
+                        .into(),
+                });
+            }
+            sum += g.cpu()?.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+        }
+        let norm = sum.sqrt();
+        self.last_grad_norm = Some(norm);
+        // A norm that is not finite clips nothing: the update then refuses the gradient by name.
+        let coef = max / (norm + 1e-6);
+        Ok(if norm.is_finite() && coef < 1.0 { coef as f32 } else { 1.0 })
+    }
+
+    /// The global gradient norm of the last step, where [`SgdConfig::max_grad_norm`] is set.
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm
     }
 }
 
@@ -198,6 +235,8 @@ fn find_first<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> Option<T>
 /// One parameter's update rule, in f32 as PyTorch computes it.
 #[derive(Debug, Clone, Copy)]
 struct Rule {
+    /// The gradient's factor (1 unless clipped by norm; `g * 1.0` is exactly `g`).
+    gs: f32,
     wd: f32,
     m: f32,
     lr: f32,
@@ -208,7 +247,7 @@ impl Rule {
     /// The new weight and momentum buffer of one value.
     #[inline(always)]
     fn apply(self, w: f32, g: f32, buf: f32, first: bool) -> (f32, f32) {
-        let g = g + self.wd * w;
+        let g = g * self.gs + self.wd * w;
         let buf = if first { g } else { self.m * buf + g };
         let d = if self.nesterov { g + self.m * buf } else { buf };
         (w - self.lr * d, buf)
@@ -309,7 +348,7 @@ mod tests {
     fn sgd_follows_pytorch_semantics() {
         for nesterov in [false, true] {
             for decay in [false, true] {
-                let cfg = SgdConfig { momentum: 0.9, nesterov, weight_decay: 5e-4 };
+                let cfg = SgdConfig { momentum: 0.9, nesterov, weight_decay: 5e-4, max_grad_norm: None };
                 let p = param("w", &[1.0, -2.0, 0.5], decay);
                 let got = run(cfg, &p, 0.3, 0.1);
                 for (g, w0) in got.iter().zip([1.0, -2.0, 0.5]) {
@@ -326,7 +365,7 @@ mod tests {
         // the update it gets alone.
         let n = 3 * CHUNK + 17;
         let w0: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
-        let cfg = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 5e-4 };
+        let cfg = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 5e-4, max_grad_norm: None };
         let long = param("long", &w0, true);
         let got = run(cfg, &long, 0.3, 0.1);
         for i in [0, 1, CHUNK - 1, CHUNK, 2 * CHUNK + 5, n - 1] {
@@ -337,7 +376,7 @@ mod tests {
 
     #[test]
     fn dclr_scales_a_layers_step_by_exactly_phi() {
-        let cfg = SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0 };
+        let cfg = SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0, max_grad_norm: None };
         let phi = 0.37;
         // From zero weights and gradients of 1 and -2, the new weights are exactly the steps.
         let (a, b) = (param("a", &[0.0, 0.0], true), param("b", &[0.0, 0.0], true));
@@ -353,10 +392,41 @@ mod tests {
     }
 
     #[test]
+    fn clipping_by_norm_scales_every_gradient_as_pytorchs_clip_grad_norm() {
+        // Two parameters, loss = sum(coef_a * a) + sum(coef_b * b): the gradients are the
+        // coefficients, global norm sqrt(9 + 16 + 144) = 13.
+        let run = |max: Option<f64>| {
+            let cfg = SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.1, max_grad_norm: max };
+            let (a, b) = (param("a", &[1.0, 1.0], true), param("b", &[2.0], false));
+            let ca = Tensor::from_vec(vec![3.0f32, 4.0], 2).unwrap();
+            let cb = Tensor::from_vec(vec![12.0f32], 1).unwrap();
+            let loss = a.value().mul(&ca).unwrap().sum_all().unwrap();
+            let loss = loss.add(&b.value().mul(&cb).unwrap().sum_all().unwrap()).unwrap();
+            let grads = loss.backward().unwrap();
+            let mut sgd = Sgd::new(cfg);
+            sgd.step(&[Trainable { param: &a, lr_scale: 1.0 }, Trainable { param: &b, lr_scale: 0.5 }], &grads, 0.1)
+                .unwrap();
+            (a.to_vec(), b.to_vec(), sgd.last_grad_norm())
+        };
+        // torch: coef = 6.5 / (13 + 1e-6); grads scaled, then weight decay (only a's) added.
+        let coef = 6.5 / (13.0 + 1e-6);
+        let (a, b, norm) = run(Some(6.5));
+        assert_eq!(norm, Some(13.0));
+        for (got, g) in a.iter().zip([3.0, 4.0]) {
+            let want = 1.0 - 0.1 * (g * coef + 0.1 * 1.0);
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        assert!((f64::from(b[0]) - (2.0 - 0.05 * 12.0 * coef)).abs() < 1e-6, "{b:?}");
+        // A norm at or under the limit changes nothing, bit for bit.
+        assert_eq!(run(Some(13.5)).0, run(None).0);
+        assert_eq!(run(None).2, None);
+    }
+
+    #[test]
     fn a_non_finite_gradient_stops_the_step_with_the_parameter_name() {
         let p = param("layer2.0.conv1.weight", &[1.0], true);
         let grads = p.value().scale(f32::NAN).unwrap().sum_all().unwrap().backward().unwrap();
-        let err = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.0 })
+        let err = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.0, max_grad_norm: None })
             .step(&[Trainable { param: &p, lr_scale: 1.0 }], &grads, 0.1)
             .unwrap_err();
         assert!(err.to_string().contains("layer2.0.conv1.weight"), "{err}");
@@ -367,7 +437,7 @@ mod tests {
     fn an_update_that_overflows_is_refused() {
         let p = param("fc.weight", &[1.0, 2.0], true);
         let grads = p.value().scale(1e30).unwrap().sum_all().unwrap().backward().unwrap();
-        let err = Sgd::new(SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0 })
+        let err = Sgd::new(SgdConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0, max_grad_norm: None })
             .step(&[Trainable { param: &p, lr_scale: 1.0 }], &grads, 1e30)
             .unwrap_err()
             .to_string();
@@ -380,7 +450,7 @@ mod tests {
         let p = param("w", &[1.0, 2.0, 3.0], true);
         let before = p.value();
         let grads = p.value().sum_all().unwrap().backward().unwrap();
-        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
+        let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 0.0, max_grad_norm: None });
         sgd.step(&[Trainable { param: &p, lr_scale: 1.0 }], &grads, 0.5).unwrap();
         assert_eq!(before.to_vec(), vec![1.0, 2.0, 3.0]);
         assert_eq!(p.to_vec(), vec![0.5, 1.5, 2.5]);

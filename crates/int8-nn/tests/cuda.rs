@@ -444,7 +444,7 @@ fn compare_steps(what: &str, precision: Precision) {
     let (cpu_model, gpu_model) = (ResNet20::new(precision), ResNet20::new(precision));
     gpu_model.to_device(&dev).expect("model to the gpu");
     assert_eq!(cpu_model.param_count(), 272_474, "ResNet-20's parameters");
-    let cfg = SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 };
+    let cfg = SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4, max_grad_norm: None };
     let (mut cpu_sgd, mut gpu_sgd) = (Sgd::new(cfg), Sgd::new(cfg));
     let int8 = matches!(precision, Precision::Int8(_));
     // The weights before each step: an update is compared with its own size, since some

@@ -57,7 +57,7 @@ fn batch(i: u64) -> (Tensor, Vec<u32>) {
 #[test]
 fn dropped_graphs_and_evaluation_keep_nothing_alive() {
     let net = Net::new();
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4, max_grad_norm: None });
     let step = |sgd: &mut Sgd, i: u64| {
         let (x, labels) = batch(i);
         let (loss, _) = cross_entropy(&net.logits(&x), &labels).unwrap();

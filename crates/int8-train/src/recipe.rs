@@ -67,6 +67,21 @@ pub struct DetectorConfig {
     /// per feature map and one more; empty for the model's own.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub box_scales: Vec<f64>,
+    /// The input size `[height, width]` images are resized to; the model's own when absent
+    /// (`cargo xtask zoo` lists them). Each side a multiple of 32 from 64 to 2048; SSD300 takes
+    /// 300x300 only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<[usize; 2]>,
+}
+
+impl DetectorConfig {
+    /// The zoo's options for the detector.
+    pub fn options(&self) -> int8_zoo::detection::DetectorOptions {
+        int8_zoo::detection::DetectorOptions {
+            box_scales: self.box_scales.clone(),
+            image_size: self.image_size.map(|[h, w]| (h, w)),
+        }
+    }
 }
 
 impl DetectorConfig {
@@ -260,6 +275,10 @@ pub struct OptimConfig {
     /// Epochs of linear warmup.
     #[serde(default)]
     pub warmup_epochs: f64,
+    /// Clip the gradients by their global L2 norm at this value before each update (PyTorch's
+    /// `clip_grad_norm_`); none when absent. The detection recipes that need it say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
 }
 
 fn default_momentum() -> f64 {
@@ -496,6 +515,9 @@ impl Recipe {
                 "detector.box_scales must be two or more rising fractions of the image in (0, 2], got {s:?}"
             ));
         }
+        if self.task == Task::Detection {
+            int8_zoo::detection::image_size(&self.model, &self.detector.options()).map_err(|e| e.to_string())?;
+        }
         self.device().map_err(|e| format!("train.device: {e}"))?;
         let above0 = |key: &str, v: usize| if v == 0 { Err(format!("{key} must be above 0")) } else { Ok(()) };
         let t = &self.train;
@@ -514,6 +536,9 @@ impl Recipe {
         number("optim.gamma", o.gamma, o.gamma > 0.0 && o.gamma <= 1.0, "in (0, 1]")?;
         number("optim.step_every", o.step_every, o.step_every > 0.0, "above 0")?;
         number("optim.min_lr", o.min_lr, o.min_lr >= 0.0 && o.min_lr <= o.lr, "in [0, optim.lr]")?;
+        if let Some(m) = o.max_grad_norm {
+            number("optim.max_grad_norm", m, m > 0.0, "a positive number")?;
+        }
         let epochs = t.epochs as f64;
         number(
             "optim.warmup_epochs",
@@ -635,6 +660,7 @@ impl Recipe {
             momentum: self.optim.momentum,
             nesterov: self.optim.nesterov,
             weight_decay: self.optim.weight_decay,
+            max_grad_norm: self.optim.max_grad_norm,
         }
     }
 
@@ -713,6 +739,8 @@ lr = 0.05
             ("quant.clip_interval=0", "clip_interval"),
             ("quant.clip_stale_ratio=1", "clip_stale_ratio"),
             ("quant.clip_stale_ratio=nan", "clip_stale_ratio"),
+            ("optim.max_grad_norm=0", "optim.max_grad_norm"),
+            ("optim.max_grad_norm=nan", "optim.max_grad_norm"),
         ] {
             let err = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
@@ -739,6 +767,17 @@ lr = 0.05
         ] {
             let err = det(&sets).unwrap_err().to_string();
             assert!(err.contains(says), "{sets:?}: {err}");
+        }
+        let r = det(&["detector.image_size=[256, 192]"]).unwrap();
+        assert_eq!(r.detector.options().image_size, Some((256, 192)));
+        assert_eq!(parse(&r.to_toml(), &[]).unwrap(), r);
+        for (sets, says) in [
+            (vec!["detector.image_size=[250, 256]"], "is 250x256; give [height, width], each a multiple of 32"),
+            (vec!["detector.image_size=[32, 32]"], "from 64 to 2048"),
+            (vec!["model=\"ssd300-vgg16\"", "detector.image_size=[320, 320]"], "SSD300 takes 300x300 only"),
+        ] {
+            let err = det(&sets).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("detector.image_size"), "{sets:?}: {err}");
         }
         let err = parse(MINIMAL, &["model=\"ssd300-vgg16\""]).unwrap_err().to_string();
         assert!(err.contains("is a detector: set task = \"detection\""), "{err}");

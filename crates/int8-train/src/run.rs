@@ -371,6 +371,8 @@ impl Trainer<'_> {
                         ("train/images_per_s".to_string(), n as f64 / wall),
                         ("train/step_ms".to_string(), dt * 1e3),
                     ]);
+                    // The gradients' global norm before clipping, where the recipe clips.
+                    s.extend(self.sgd.last_grad_norm().map(|g| ("train/grad_norm".to_string(), g)));
                     s.extend(layer_scalars(&self.model));
                     tb.scalars(step, &s)?;
                     tb.flush()?;

@@ -120,9 +120,9 @@ pub fn build(recipe: &Recipe, data_dir: Option<&Path>) -> Result<(Net, Data)> {
             (Net::Classifier(int8_zoo::build(&recipe.model, data.classes, &policy, seed)?), Data::Classification(data))
         }
         Task::Detection => {
-            let data = open_detection(&spec, int8_zoo::detection::input_size(&recipe.model)?)?;
+            let options = recipe.detector.options();
+            let data = open_detection(&spec, int8_zoo::detection::image_size(&recipe.model, &options)?)?;
             // The detector's class 0 is the background.
-            let options = int8_zoo::detection::DetectorOptions { box_scales: recipe.detector.box_scales.clone() };
             let net = int8_zoo::detection::build(&recipe.model, data.classes.len() + 1, &policy, seed, &options)?;
             (Net::Detector(net), Data::Detection(data))
         }

@@ -45,6 +45,27 @@ pub fn input_size(name: &str) -> Result<(usize, usize)> {
     DETECTORS.iter().find(|d| d.0 == name).map(|d| d.1).ok_or_else(|| crate::ZooError::UnknownModel(name.into()))
 }
 
+/// The input size (height, width) detector `name` takes with `options`: the options' size where
+/// the detector can take it, its own otherwise.
+pub fn image_size(name: &str, options: &DetectorOptions) -> Result<(usize, usize)> {
+    let own = input_size(name)?;
+    let Some((h, w)) = options.image_size else { return Ok(own) };
+    let bad = |why: String| {
+        Err(crate::ZooError::Nn(int8_nn::NnError::BadInput { layer: format!("{name} detector.image_size"), why }))
+    };
+    // SSD300's default boxes are laid out with fixed steps for 300 pixels (its last extra layers
+    // shrink 3x3 maps to 1x1 without padding), so it takes no other size, as in torchvision.
+    if name == "ssd300-vgg16" && (h, w) != own {
+        return bad(format!("is {h}x{w}, but SSD300 takes 300x300 only: remove [detector] image_size"));
+    }
+    // The backbones downsample by 32 (the pyramid's top-down path adds maps of halved sizes, and
+    // torchvision pads images to a multiple of 32 for the same reason).
+    if !(64..=2048).contains(&h) || !(64..=2048).contains(&w) || h % 32 != 0 || w % 32 != 0 {
+        return bad(format!("is {h}x{w}; give [height, width], each a multiple of 32 from 64 to 2048"));
+    }
+    Ok((h, w))
+}
+
 /// What a recipe may change of a registry detector.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DetectorOptions {
@@ -53,6 +74,11 @@ pub struct DetectorOptions {
     /// one more; empty for the model's own. Objects much smaller than the smallest default box
     /// match none well (tree crowns are 5-15% of a tile; SSDLite's smallest box is 20%).
     pub box_scales: Vec<f64>,
+    /// The input size (height, width) the images are resized to, for the model's own when `None`
+    /// (see [`image_size`] for the sizes each detector takes). Smaller inputs train faster;
+    /// objects then shrink with them, against anchors of fixed pixel sizes (Faster R-CNN,
+    /// RetinaNet) or of fixed fractions of the image (SSDLite).
+    pub image_size: Option<(usize, usize)>,
 }
 
 /// Builds detector `name` for `classes` classes (the background included) with `policy`,
@@ -66,6 +92,7 @@ pub fn build(
 ) -> Result<Box<dyn Detector>> {
     use int8_nn::detection::anchors::{DefaultBoxGenerator, DefaultBoxScales};
     use single_shot::{PostProcess, SingleShotDetector};
+    let size = image_size(name, options)?;
     // The model's own default boxes, or its aspect ratios and steps at the recipe's scales.
     let boxes = |own: DefaultBoxGenerator, ratios: Vec<Vec<f64>>, steps: Option<Vec<usize>>| {
         let s = &options.box_scales;
@@ -92,17 +119,23 @@ pub fn build(
             )?)
         }
         "ssdlite-mobilenetv2" => Box::new(SingleShotDetector::new(
-            Box::new(ssdlite::SsdLiteMobileNetV2::new(classes, policy, seed)?),
+            Box::new(ssdlite::SsdLiteMobileNetV2::new(classes, policy, seed)?.with_image_size(size)),
             boxes(DefaultBoxGenerator::ssdlite(), vec![vec![2.0, 3.0]; 6], None)?,
             PostProcess::SSDLITE,
         )?),
         faster_rcnn::NAME => {
             no_box_scales(name, options)?;
-            Box::new(faster_rcnn::FasterRcnn::with_norm(classes, policy, seed, fpn::BackboneNorm::Trained)?)
+            Box::new(
+                faster_rcnn::FasterRcnn::with_norm(classes, policy, seed, fpn::BackboneNorm::Trained)?
+                    .with_image_size(size),
+            )
         }
         retinanet::NAME => {
             no_box_scales(name, options)?;
-            Box::new(retinanet::RetinaNet::with_norm(classes, policy, seed, fpn::BackboneNorm::Trained)?)
+            Box::new(
+                retinanet::RetinaNet::with_norm(classes, policy, seed, fpn::BackboneNorm::Trained)?
+                    .with_image_size(size),
+            )
         }
         _ => return Err(crate::ZooError::UnknownModel(name.into())),
     })

@@ -56,10 +56,11 @@ impl Module for Prediction {
     }
 }
 
-/// SSDLite on MobileNetV2, 320x320.
+/// SSDLite on MobileNetV2, 320x320 unless [`SsdLiteMobileNetV2::with_image_size`] says otherwise.
 #[derive(Debug)]
 pub struct SsdLiteMobileNetV2 {
     classes: usize,
+    image_size: (usize, usize),
     /// MobileNetV2's stem (FP32 under the paper's policy).
     pub stem: ConvBn,
     /// MobileNetV2's inverted residual blocks.
@@ -96,7 +97,14 @@ impl SsdLiteMobileNetV2 {
             cls.push(Prediction::new(&mut b, &format!("head.cls.{i}"), c, classes * a)?);
             reg.push(Prediction::new(&mut b, &format!("head.reg.{i}"), c, 4 * a)?);
         }
-        Ok(Self { classes, stem, blocks, head, extra, cls, reg })
+        Ok(Self { classes, image_size: (320, 320), stem, blocks, head, extra, cls, reg })
+    }
+
+    /// The same detector for images of `size` (height, width). Its default boxes are fractions
+    /// of the image, laid over whatever feature maps the size gives.
+    pub fn with_image_size(mut self, size: (usize, usize)) -> Self {
+        self.image_size = size;
+        self
     }
 
     /// The six feature maps of a batch.
@@ -139,7 +147,7 @@ impl SingleShot for SsdLiteMobileNetV2 {
     }
 
     fn image_size(&self) -> (usize, usize) {
-        (320, 320)
+        self.image_size
     }
 
     fn classes(&self) -> usize {
