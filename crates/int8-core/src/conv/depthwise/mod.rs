@@ -6,6 +6,12 @@
 //! a strided convolution, split into its stride phases, so that no loop reads with a stride. The
 //! paper notes that depthwise layers' gradients behave differently (Zhu et al., CVPR 2020,
 //! Sec. 3.2); here they also get their own kernels.
+//!
+//! The loops here are generic over the element type and serve FP32, and INT8 as the portable
+//! reference path. INT8 runs instruction-set kernels where the CPU has them ([`Kernel`], chosen
+//! at run time): [`avx512`] (VNNI: four taps per `vpdpbusd`, the sums kept in registers from the
+//! first tap to the scaled f32 store) and [`avx2`] (`vpmaddwd` over pairs of taps). All three
+//! paths give the same exact integer sums, so the same outputs bit for bit.
 
 use std::ops::{AddAssign, Mul};
 
@@ -14,6 +20,54 @@ use rayon::prelude::*;
 use super::ConvShape;
 use super::stride2::gather_strided;
 use crate::out::Out;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(test)]
+mod tests;
+mod windows;
+
+/// The instruction set the INT8 depthwise kernels run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// AVX-512 F, BW, VNNI and VBMI ([`avx512`]).
+    Avx512Vnni,
+    /// AVX2 ([`avx2`]).
+    Avx2,
+    /// The generic loops, on any CPU.
+    Portable,
+}
+
+impl Kernel {
+    /// Every kernel, fastest first.
+    const ALL: [Kernel; 3] = [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Portable];
+
+    /// Whether this CPU runs the kernel.
+    fn is_available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => avx512::available(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::available(),
+            Kernel::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The kernels this CPU runs, fastest first.
+    pub(crate) fn available() -> Vec<Kernel> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The fastest kernel this CPU runs (detected once).
+    pub(crate) fn detect() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Self::available()[0])
+    }
+}
 
 /// A channel plane split into its `sh x sw` stride phases (the pixels `(rh + sh * u, rw + sw * v)`
 /// of the zero-padded plane, for `rh < sh`, `rw < sw`), each phase its own zero-bordered plane of
@@ -177,45 +231,6 @@ fn dot_lanes<T: Elem>(a: &[T], b: &[T]) -> T::Acc {
     sum
 }
 
-/// `sum over k of a[k] * b[k]` for INT8 codes, over the shorter of the two, with AVX2: each
-/// 32-code block is widened to 16 bits and multiplied and summed in pairs by `vpmaddwd` into
-/// 32-bit lanes. Exact for every `i8` value (a pair's sum is at most `2 * 128^2 = 2^15`), and
-/// about twice as fast as the compiler's AVX2 loop (`vpmovsxbd` and `vpmulld`, eight codes at a
-/// time) on an AMD EPYC with AVX2 only.
-///
-/// # Safety
-/// The CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_i8_avx2(a: &[i8], b: &[i8]) -> i32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (mut acc0, mut acc1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-    let mut k = 0;
-    while k + 32 <= n {
-        // SAFETY: `k + 32 <= n`, so the 32 bytes from `k` lie inside both slices.
-        let (a0, a1, b0, b1) = unsafe {
-            let (pa, pb) = (a.as_ptr().add(k), b.as_ptr().add(k));
-            (
-                _mm_loadu_si128(pa.cast()),
-                _mm_loadu_si128(pa.add(16).cast()),
-                _mm_loadu_si128(pb.cast()),
-                _mm_loadu_si128(pb.add(16).cast()),
-            )
-        };
-        let p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(a0), _mm256_cvtepi8_epi16(b0));
-        let p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(a1), _mm256_cvtepi8_epi16(b1));
-        acc0 = _mm256_add_epi32(acc0, p0);
-        acc1 = _mm256_add_epi32(acc1, p1);
-        k += 32;
-    }
-    let mut lanes = [0i32; 8];
-    // SAFETY: `lanes` holds the 32 bytes stored.
-    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_add_epi32(acc0, acc1)) };
-    let tail: i32 = a[k..n].iter().zip(&b[k..n]).map(|(&x, &y)| x as i32 * y as i32).sum();
-    lanes.iter().sum::<i32>() + tail
-}
-
 /// An element type with its accumulator and its wide accumulator across images.
 pub(crate) trait Elem: Copy + Default + Send + Sync {
     /// Accumulator within one image.
@@ -232,6 +247,24 @@ pub(crate) trait Elem: Copy + Default + Send + Sync {
     #[inline(always)]
     fn dot(a: &[Self], b: &[Self]) -> Self::Acc {
         dot_lanes(a, b)
+    }
+    /// [`forward`] for this type: the generic loops unless the type has kernels of its own.
+    fn forward(s: &ConvShape, x: &[Self], w: &[Self], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
+        forward_loops(s, x, w, out, scale);
+    }
+    /// [`input_grad`] for this type.
+    fn input_grad(s: &ConvShape, w: &[Self], dy: &[Self], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
+        input_grad_loops(s, w, dy, out, scale);
+    }
+    /// [`weight_grad`] for this type.
+    fn weight_grad<O: Send>(
+        s: &ConvShape,
+        x: &[Self],
+        dy: &[Self],
+        out: &mut [O],
+        finish: impl Fn(Self::Wide) -> O + Sync,
+    ) {
+        weight_grad_loops(s, x, dy, out, finish, Self::dot);
     }
 }
 
@@ -262,17 +295,85 @@ impl Elem for i8 {
     fn to_f32(a: i32) -> f32 {
         a as f32
     }
-    #[inline(always)]
-    fn dot(a: &[i8], b: &[i8]) -> i32 {
-        // Measured faster on a CPU with AVX2 only; where AVX-512 BW is there, the compiler's loop
-        // runs 512 bits wide and this has not been measured against it, so it stays.
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && !is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { dot_i8_avx2(a, b) };
-        }
-        dot_lanes(a, b)
+    fn forward(s: &ConvShape, x: &[i8], w: &[i8], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
+        forward_i8(Kernel::detect(), s, x, w, out, scale);
     }
+    fn input_grad(s: &ConvShape, w: &[i8], dy: &[i8], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
+        input_grad_i8(Kernel::detect(), s, w, dy, out, scale);
+    }
+    fn weight_grad<O: Send>(s: &ConvShape, x: &[i8], dy: &[i8], out: &mut [O], finish: impl Fn(i64) -> O + Sync) {
+        weight_grad_i8(Kernel::detect(), s, x, dy, out, finish);
+    }
+}
+
+/// The INT8 forward pass on `kernel` (which this CPU must run), or on the next kernel down where
+/// it does not take the shape; returns the kernel that ran.
+pub(crate) fn forward_i8(
+    kernel: Kernel,
+    s: &ConvShape,
+    x: &[i8],
+    w: &[i8],
+    out: Out<'_>,
+    scale: impl Fn(usize) -> f32 + Sync,
+) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni
+        && let Some(plan) = windows::WindowPlan::new(s, windows::Product::Forward)
+    {
+        avx512::forward(&plan, s, x, w, out, scale);
+        return Kernel::Avx512Vnni;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        avx2::forward(s, x, w, out, scale);
+        return Kernel::Avx2;
+    }
+    forward_loops(s, x, w, out, scale);
+    Kernel::Portable
+}
+
+/// The INT8 input gradient on `kernel`, as [`forward_i8`].
+pub(crate) fn input_grad_i8(
+    kernel: Kernel,
+    s: &ConvShape,
+    w: &[i8],
+    dy: &[i8],
+    out: Out<'_>,
+    scale: impl Fn(usize) -> f32 + Sync,
+) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Vnni
+        && let Some(plan) = windows::WindowPlan::new(s, windows::Product::InputGrad)
+    {
+        avx512::input_grad(&plan, s, w, dy, out, scale);
+        return Kernel::Avx512Vnni;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        avx2::input_grad(s, w, dy, out, scale);
+        return Kernel::Avx2;
+    }
+    input_grad_loops(s, w, dy, out, scale);
+    Kernel::Portable
+}
+
+/// The INT8 weight gradient on `kernel` (every kernel takes every shape); returns it.
+pub(crate) fn weight_grad_i8<O: Send>(
+    kernel: Kernel,
+    s: &ConvShape,
+    x: &[i8],
+    dy: &[i8],
+    out: &mut [O],
+    finish: impl Fn(i64) -> O + Sync,
+) -> Kernel {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => avx512::weight_grad(s, x, dy, out, finish),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => avx2::weight_grad(s, x, dy, out, finish),
+        _ => weight_grad_loops(s, x, dy, out, finish, dot_lanes::<i8>),
+    }
+    kernel
 }
 
 /// Writes one output plane, `dst` (rows of `width`), as `scale` times the accumulators: row `r`
@@ -345,44 +446,29 @@ fn input_grad_plane<T: Elem>(
 /// One image's contribution to one channel's weight gradient: `wide[tap] += sum of dy * x`. Both
 /// operands are in the layout and dY's spare columns are zero, so each tap is one dot product.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn weight_grad_plane<T: Elem>(
+fn weight_grad_plane<T: Elem, D: Fn(&[T], &[T]) -> T::Acc>(
     s: &ConvShape,
     lay: &Phased,
     (xp, dyp): &mut Scratch<T, T>,
-    x: &[T],
-    dy: &[T],
+    (x, dy): (&[T], &[T]),
     wide: &mut [T::Wide],
+    dot: &D,
 ) {
     lay.fill(s, x, xp);
     fill_rows(lay, dy, dyp);
     for (wd, &off) in wide.iter_mut().zip(&lay.offsets) {
-        *wd += T::wide(T::dot(&dyp[..lay.len], &xp[off..off + lay.len]));
+        *wd += T::wide(dot(&dyp[..lay.len], &xp[off..off + lay.len]));
     }
 }
 
 /// Forward: `out[n, c] = scale(c) * sum over taps of w[c, tap] * x[n, c, ...]`.
 pub(crate) fn forward<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
-    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
-    // The accumulator has rows of `pw`; only the first `out_w` columns of each are kept.
-    out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
-        || (vec![T::default(); lay.plane(s)], vec![T::Acc::default(); s.out_h() * lay.pw]),
-        |scratch, (nc, (out, x))| {
-            let c = nc % s.c_in;
-            forward_plane(s, &lay, scratch, x, &w[c * kk..(c + 1) * kk], out, scale(c));
-        },
-    );
+    T::forward(s, x, w, out, scale);
 }
 
 /// Input gradient: `out[n, c] = scale(c) * sum over taps of w[c, tap] * dy[n, c, ...] scattered`.
 pub(crate) fn input_grad<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
-    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
-    out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
-        || (vec![T::default(); s.out_h() * lay.pw], vec![T::Acc::default(); lay.plane(s)]),
-        |scratch, (nc, (out, dy))| {
-            let c = nc % s.c_in;
-            input_grad_plane(s, &lay, scratch, dy, &w[c * kk..(c + 1) * kk], out, scale(c));
-        },
-    );
+    T::input_grad(s, w, dy, out, scale);
 }
 
 /// Weight gradient: `out[c, tap] = finish(sum over images of (sum over pixels dy * x))`, each
@@ -394,58 +480,53 @@ pub(crate) fn weight_grad<T: Elem, O: Send>(
     out: &mut [O],
     finish: impl Fn(T::Wide) -> O + Sync,
 ) {
+    T::weight_grad(s, x, dy, out, finish);
+}
+
+/// [`forward`] by the generic loops.
+fn forward_loops<T: Elem>(s: &ConvShape, x: &[T], w: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
+    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
+    // The accumulator has rows of `pw`; only the first `out_w` columns of each are kept.
+    out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
+        || (vec![T::default(); lay.plane(s)], vec![T::Acc::default(); s.out_h() * lay.pw]),
+        |scratch, (nc, (out, x))| {
+            let c = nc % s.c_in;
+            forward_plane(s, &lay, scratch, x, &w[c * kk..(c + 1) * kk], out, scale(c));
+        },
+    );
+}
+
+/// [`input_grad`] by the generic loops.
+fn input_grad_loops<T: Elem>(s: &ConvShape, w: &[T], dy: &[T], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
+    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
+    out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
+        || (vec![T::default(); s.out_h() * lay.pw], vec![T::Acc::default(); lay.plane(s)]),
+        |scratch, (nc, (out, dy))| {
+            let c = nc % s.c_in;
+            input_grad_plane(s, &lay, scratch, dy, &w[c * kk..(c + 1) * kk], out, scale(c));
+        },
+    );
+}
+
+/// [`weight_grad`] by the generic loops, each image's sums by `dot`.
+fn weight_grad_loops<T: Elem, O: Send>(
+    s: &ConvShape,
+    x: &[T],
+    dy: &[T],
+    out: &mut [O],
+    finish: impl Fn(T::Wide) -> O + Sync,
+    dot: impl Fn(&[T], &[T]) -> T::Acc + Sync,
+) {
     let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
     out.par_chunks_mut(kk).enumerate().for_each(|(c, out)| {
         let mut scratch = (vec![T::default(); lay.plane(s)], vec![T::default(); s.out_h() * lay.pw]);
         let mut wide = vec![T::Wide::default(); kk];
         for n in 0..s.n {
             let (x, dy) = (&x[(n * s.c_in + c) * s.in_plane()..][..s.in_plane()], &dy[(n * s.c_in + c) * p..][..p]);
-            weight_grad_plane(s, &lay, &mut scratch, x, dy, &mut wide);
+            weight_grad_plane(s, &lay, &mut scratch, (x, dy), &mut wide, &dot);
         }
         for (o, &v) in out.iter_mut().zip(&wide) {
             *o = finish(v);
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Row copies of every length up to 70, into a longer row whose tail must stay untouched.
-    #[test]
-    fn row_copies_write_exactly_the_row() {
-        for n in 0..=70usize {
-            let src: Vec<i32> = (0..n as i32).map(|v| v * 7 + 1).collect();
-            let mut dst = vec![-1i32; n + 5];
-            copy_row(&mut dst, &src);
-            assert_eq!(&dst[..n], &src[..], "length {n}");
-            assert!(dst[n..].iter().all(|&v| v == -1), "length {n} wrote past the row");
-        }
-    }
-
-    /// The INT8 dot product (the portable loop, and the AVX2 kernel where the CPU has AVX2)
-    /// equals the naive `i64` sum at every length up to 100 (whole 32-code blocks and tails), for
-    /// random codes and for the extremes -128 and 127, whose products are the largest.
-    #[test]
-    fn int8_dot_is_exact_at_every_length() {
-        let rng = crate::rng::CounterRng::new(7);
-        let random: Vec<i8> = (0..200).map(|i| rng.bits(i) as u8 as i8).collect();
-        let lows = [-128i8; 100];
-        let highs = [127i8; 100];
-        for n in 0..=100 {
-            for (a, b) in [(&random[..n], &random[100..100 + n]), (&lows[..n], &lows[..n]), (&lows[..n], &highs[..n])] {
-                let want: i64 = a.iter().zip(b).map(|(&x, &y)| x as i64 * y as i64).sum();
-                assert_eq!(<i8 as Elem>::dot(a, b) as i64, want, "length {n}");
-                assert_eq!(dot_lanes(a, b) as i64, want, "length {n}, portable loop");
-                #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2 (checked above).
-                    assert_eq!(unsafe { dot_i8_avx2(a, b) } as i64, want, "length {n}, AVX2");
-                }
-            }
-        }
-        // The shorter operand sets the length.
-        assert_eq!(<i8 as Elem>::dot(&highs[..40], &highs[..33]), 33 * 127 * 127);
-    }
 }
