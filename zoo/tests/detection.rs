@@ -49,3 +49,55 @@ fn single_shot_detectors_cover_their_default_boxes_and_train_every_parameter_at_
         check(&lite, 3234, &[(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]);
     }
 }
+
+#[test]
+fn the_paper_policy_keeps_each_detectors_stem_and_prediction_layers_in_fp32() {
+    // The prediction layers (class logits and box offsets per anchor or region) are a detector's
+    // classifiers, kept FP32 as the paper keeps a classifier's last layer; every other
+    // convolution and fully connected layer runs in INT8.
+    let policy = LayerPolicy::paper(Int8Config::default());
+    let options = int8_zoo::detection::DetectorOptions::default();
+    let heads = |prefix: &'static str, n: usize| (0..n).map(move |i| format!("{prefix}.{i}"));
+    for (name, stem, prediction) in [
+        ("ssd300-vgg16", "vgg.conv1_1", heads("head.cls", 6).chain(heads("head.reg", 6)).collect::<Vec<_>>()),
+        (
+            "ssdlite-mobilenetv2",
+            "features.0.conv",
+            heads("head.cls", 6).chain(heads("head.reg", 6)).map(|p| format!("{p}.pw")).collect(),
+        ),
+        (
+            "fasterrcnn-resnet50-fpn",
+            "backbone.body.conv1",
+            [
+                "rpn.head.cls_logits",
+                "rpn.head.bbox_pred",
+                "roi_heads.box_predictor.cls_score",
+                "roi_heads.box_predictor.bbox_pred",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        (
+            "retinanet-resnet50-fpn",
+            "backbone.body.conv1",
+            ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"].map(String::from).to_vec(),
+        ),
+    ] {
+        let det = int8_zoo::detection::build(name, 3, &policy, 0, &options).unwrap();
+        let mut fp32 = Vec::new();
+        let mut weighted = 0;
+        det.visit(&mut |l| {
+            if matches!(l, int8_nn::Layer::Conv(_) | int8_nn::Layer::Linear(_)) {
+                weighted += 1;
+                if l.int8().is_none() {
+                    fp32.push(l.name().to_string());
+                }
+            }
+        });
+        let mut want: Vec<String> = std::iter::once(stem.to_string()).chain(prediction).collect();
+        want.sort();
+        fp32.sort();
+        assert_eq!(fp32, want, "{name}: the FP32 layers");
+        assert_eq!(det.int8_stats().len(), weighted - want.len(), "{name}: all the others in INT8");
+    }
+}

@@ -18,6 +18,13 @@ pub enum LayerKind {
         /// Whether it is the model's last layer.
         last: bool,
     },
+    /// A detector's prediction layer: the convolution (or layer) that gives the class logits or
+    /// box offsets of each anchor or region. It is the detector's classifier, and takes the
+    /// classifier's precision: FP32 under the paper's policy unless `linear_int8`. Measured on
+    /// RetinaNet learning two tree-crown tiles (120 steps, one seed each): mAP@0.5 55% with the
+    /// prediction convolutions in INT8, 92% with the class logits alone in FP32, 96% with both
+    /// (FP32 throughout: 95%).
+    Prediction,
 }
 
 /// A rule: layers whose name matches `pattern` (`*` matches any run of characters) run at
@@ -37,8 +44,10 @@ pub struct LayerPolicy {
     pub int8: Option<Int8Config>,
     /// Whether the first convolution runs in INT8 (the paper keeps it FP32).
     pub first_conv_int8: bool,
-    /// Whether the last fully connected layer (the classifier) runs in INT8; the paper keeps it
-    /// FP32 and runs the others in INT8.
+    /// Whether the output layers run in INT8: a classifier's last fully connected layer and a
+    /// detector's prediction layers. The paper keeps the classifier FP32 and runs the others in
+    /// INT8; a detector's prediction convolutions are its classifiers, and INT8 there costs a
+    /// dense detector most of what it learns (see `LayerKind::Prediction`).
     pub linear_int8: bool,
     /// Rules applied after the defaults, in order; the last match wins.
     pub rules: Vec<Rule>,
@@ -61,6 +70,7 @@ impl LayerPolicy {
         let mut int8 = match kind {
             LayerKind::Conv { first } => !first || self.first_conv_int8,
             LayerKind::Linear { last } => !last || self.linear_int8,
+            LayerKind::Prediction => self.linear_int8,
         };
         for rule in &self.rules {
             if glob(&rule.pattern, name) {
@@ -103,6 +113,7 @@ mod tests {
         assert!(matches!(p.precision_for("layer1.0.conv1", conv), Precision::Int8(_)));
         assert_eq!(p.precision_for("fc", last), Precision::Fp32);
         assert!(matches!(p.precision_for("fc6", hidden), Precision::Int8(_)), "only the last linear stays FP32");
+        assert_eq!(p.precision_for("head.cls.0", LayerKind::Prediction), Precision::Fp32);
         let p = LayerPolicy {
             first_conv_int8: true,
             linear_int8: true,
@@ -111,6 +122,7 @@ mod tests {
         };
         assert!(matches!(p.precision_for("conv1", first), Precision::Int8(_)));
         assert!(matches!(p.precision_for("fc", last), Precision::Int8(_)));
+        assert!(matches!(p.precision_for("head.cls.0", LayerKind::Prediction), Precision::Int8(_)));
         assert_eq!(p.precision_for("layer3.1.conv2", conv), Precision::Fp32);
         assert_eq!(LayerPolicy::fp32().precision_for("layer1.0.conv1", conv), Precision::Fp32);
         assert_eq!(LayerPolicy::fp32().precision_for("fc6", hidden), Precision::Fp32);

@@ -105,16 +105,18 @@ fn infer_scale(feature: usize, image: usize) -> f32 {
     2f32.powf((feature as f32 / image as f32).log2().round())
 }
 
-/// A convolution of a head as torchvision starts it: normal with std 0.01, a zero bias.
+/// A convolution of a head as torchvision starts it: normal with std 0.01, its bias at `bias`;
+/// `kind` says whether it is a hidden layer or a prediction layer.
 pub(crate) fn head_conv(
     b: &mut Builder,
     name: &str,
     (inp, out): (usize, usize),
     k: usize,
     bias: f32,
+    kind: LayerKind,
 ) -> Result<Conv2d> {
     let w = Tensor::randn((out, inp, k, k), b.next_seed()).scale(0.01)?;
-    let precision = b.policy.precision_for(name, LayerKind::Conv { first: false });
+    let precision = b.policy.precision_for(name, kind);
     Ok(Conv2d::new(name, w, same(k), precision)?.with_bias(Tensor::full(out, bias))?)
 }
 
@@ -210,9 +212,9 @@ impl FasterRcnn {
         let backbone = ResNet50Fpn::faster_rcnn(&mut b, norm)?;
         let c = FPN_CHANNELS;
         let rpn = RpnHead {
-            conv: head_conv(&mut b, "rpn.head.conv", (c, c), 3, 0.0)?,
-            cls_logits: head_conv(&mut b, "rpn.head.cls_logits", (c, RPN_ANCHORS), 1, 0.0)?,
-            bbox_pred: head_conv(&mut b, "rpn.head.bbox_pred", (c, 4 * RPN_ANCHORS), 1, 0.0)?,
+            conv: head_conv(&mut b, "rpn.head.conv", (c, c), 3, 0.0, LayerKind::Conv { first: false })?,
+            cls_logits: head_conv(&mut b, "rpn.head.cls_logits", (c, RPN_ANCHORS), 1, 0.0, LayerKind::Prediction)?,
+            bbox_pred: head_conv(&mut b, "rpn.head.bbox_pred", (c, 4 * RPN_ANCHORS), 1, 0.0, LayerKind::Prediction)?,
         };
         let pooled = c * POOLED * POOLED;
         Ok(Self {

@@ -255,7 +255,7 @@ pub(crate) fn biased_conv(
     (inp, out): (usize, usize),
     k: usize,
     geometry: ConvGeometry,
-    first: bool,
+    kind: LayerKind,
     start: Init,
 ) -> Result<Conv2d> {
     let seed = b.next_seed();
@@ -264,7 +264,7 @@ pub(crate) fn biased_conv(
         Init::Xavier => init::conv_weight_xavier(out, inp, k, seed)?,
         Init::Normal(std) => init::conv_weight_normal(out, inp, k, std, seed)?,
     };
-    let precision = b.policy.precision_for(name, LayerKind::Conv { first });
+    let precision = b.policy.precision_for(name, kind);
     Ok(Conv2d::new(name, w, geometry, precision)?.with_bias(Tensor::zeros(out))?)
 }
 

@@ -37,7 +37,7 @@ use int8_nn::detection::nms::{batched_nms, descending_order};
 use int8_nn::layers::Conv2d;
 use int8_nn::ops::detection::{sigmoid_focal, smooth_l1};
 use int8_nn::ops::{add, relu};
-use int8_nn::policy::LayerPolicy;
+use int8_nn::policy::{LayerKind, LayerPolicy};
 use int8_nn::{Layer, Module, NnError, Tensor};
 
 use super::canvas::Canvas;
@@ -81,8 +81,11 @@ pub struct Subnet {
 impl Subnet {
     fn new(b: &mut Builder, name: &str, out_name: &str, outputs: usize, bias: f32) -> Result<Self> {
         let c = FPN_CHANNELS;
-        let conv = (0..4).map(|i| head_conv(b, &format!("{name}.conv.{i}"), (c, c), 3, 0.0)).collect::<Result<_>>()?;
-        Ok(Self { conv, out: head_conv(b, &format!("{name}.{out_name}"), (c, outputs), 3, bias)? })
+        let hidden = LayerKind::Conv { first: false };
+        let conv =
+            (0..4).map(|i| head_conv(b, &format!("{name}.conv.{i}"), (c, c), 3, 0.0, hidden)).collect::<Result<_>>()?;
+        let out = head_conv(b, &format!("{name}.{out_name}"), (c, outputs), 3, bias, LayerKind::Prediction)?;
+        Ok(Self { conv, out })
     }
 
     /// The subnet on `x`, the levels packed on `canvas`: the gaps zeroed again after each hidden

@@ -10,12 +10,15 @@
 
 use int8_nn::layers::{Conv2d, L2Norm};
 use int8_nn::ops::{max_pool2d, max_pool2d_ceil, relu};
-use int8_nn::policy::LayerPolicy;
+use int8_nn::policy::{LayerKind, LayerPolicy};
 use int8_nn::{ConvGeometry, Layer, Module, Tensor};
 
 use super::{Dense, Init, SingleShot, biased_conv as conv, same, scoring_head};
 use crate::Result;
 use crate::blocks::Builder;
+
+/// The kind of every convolution but the first and the prediction layers.
+const HIDDEN: LayerKind = LayerKind::Conv { first: false };
 
 /// Default boxes per location of each of the six feature maps.
 const ANCHORS: [usize; 6] = [4, 6, 6, 6, 4, 4];
@@ -49,19 +52,27 @@ impl Ssd300Vgg16 {
         let names = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"];
         let mut vgg = Vec::new();
         for (i, (&io, name)) in widths.iter().zip(names).enumerate() {
-            vgg.push(conv(&mut b, &format!("vgg.{name}"), io, 3, same(3), i == 0, Init::HeFanOut)?);
+            vgg.push(conv(
+                &mut b,
+                &format!("vgg.{name}"),
+                io,
+                3,
+                same(3),
+                LayerKind::Conv { first: i == 0 },
+                Init::HeFanOut,
+            )?);
         }
         for (io, name) in [((256, 512), "conv4_1"), ((512, 512), "conv4_2"), ((512, 512), "conv4_3")] {
-            vgg.push(conv(&mut b, &format!("vgg.{name}"), io, 3, same(3), false, Init::HeFanOut)?);
+            vgg.push(conv(&mut b, &format!("vgg.{name}"), io, 3, same(3), HIDDEN, Init::HeFanOut)?);
         }
         let l2norm = L2Norm::new("l2norm", 512, 20.0);
         let mut fc = Vec::new();
         for name in ["conv5_1", "conv5_2", "conv5_3"] {
-            fc.push(conv(&mut b, &format!("vgg.{name}"), (512, 512), 3, same(3), false, Init::Xavier)?);
+            fc.push(conv(&mut b, &format!("vgg.{name}"), (512, 512), 3, same(3), HIDDEN, Init::Xavier)?);
         }
         let dilated = ConvGeometry { padding: (6, 6), dilation: 6, ..Default::default() };
-        fc.push(conv(&mut b, "fc6", (512, 1024), 3, dilated, false, Init::Xavier)?);
-        fc.push(conv(&mut b, "fc7", (1024, 1024), 1, same(1), false, Init::Xavier)?);
+        fc.push(conv(&mut b, "fc6", (512, 1024), 3, dilated, HIDDEN, Init::Xavier)?);
+        fc.push(conv(&mut b, "fc7", (1024, 1024), 1, same(1), HIDDEN, Init::Xavier)?);
         let stride2 = ConvGeometry { stride: 2, padding: (1, 1), ..Default::default() };
         let valid = ConvGeometry::default();
         let mut extra = Vec::new();
@@ -70,13 +81,29 @@ impl Ssd300Vgg16 {
                 .into_iter()
                 .enumerate()
         {
-            let reduce = conv(&mut b, &format!("extra.{i}.conv1"), (inp, mid), 1, same(1), false, Init::Xavier)?;
-            extra.push((reduce, conv(&mut b, &format!("extra.{i}.conv2"), (mid, out), 3, g, false, Init::Xavier)?));
+            let reduce = conv(&mut b, &format!("extra.{i}.conv1"), (inp, mid), 1, same(1), HIDDEN, Init::Xavier)?;
+            extra.push((reduce, conv(&mut b, &format!("extra.{i}.conv2"), (mid, out), 3, g, HIDDEN, Init::Xavier)?));
         }
         let (mut cls, mut reg) = (Vec::new(), Vec::new());
         for (i, (&c, &a)) in CHANNELS.iter().zip(&ANCHORS).enumerate() {
-            cls.push(conv(&mut b, &format!("head.cls.{i}"), (c, classes * a), 3, same(3), false, Init::Xavier)?);
-            reg.push(conv(&mut b, &format!("head.reg.{i}"), (c, 4 * a), 3, same(3), false, Init::Xavier)?);
+            cls.push(conv(
+                &mut b,
+                &format!("head.cls.{i}"),
+                (c, classes * a),
+                3,
+                same(3),
+                LayerKind::Prediction,
+                Init::Xavier,
+            )?);
+            reg.push(conv(
+                &mut b,
+                &format!("head.reg.{i}"),
+                (c, 4 * a),
+                3,
+                same(3),
+                LayerKind::Prediction,
+                Init::Xavier,
+            )?);
         }
         Ok(Self { classes, vgg, l2norm, fc, extra, cls, reg })
     }

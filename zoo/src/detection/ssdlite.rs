@@ -12,7 +12,7 @@
 //! assembled from torchvision's `mobilenet_v2` features, `_extra_block` and `SSDLiteHead`.
 
 use int8_nn::layers::Conv2d;
-use int8_nn::policy::LayerPolicy;
+use int8_nn::policy::{LayerKind, LayerPolicy};
 use int8_nn::{Layer, Module, Tensor};
 
 use super::{Dense, Init, SingleShot, biased_conv, same, scoring_head};
@@ -40,7 +40,15 @@ impl Prediction {
         let depthwise = b.conv_bn(&format!("{name}.dw"), inp, inp, 3, 1, inp, true)?;
         Ok(Self {
             depthwise,
-            pointwise: biased_conv(b, &format!("{name}.pw"), (inp, out), 1, same(1), false, Init::Normal(0.03))?,
+            pointwise: biased_conv(
+                b,
+                &format!("{name}.pw"),
+                (inp, out),
+                1,
+                same(1),
+                LayerKind::Prediction,
+                Init::Normal(0.03),
+            )?,
         })
     }
 
