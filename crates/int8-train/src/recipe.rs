@@ -369,7 +369,8 @@ pub struct QuantConfig {
     pub weights: WeightScale,
     /// Run the first convolution in INT8 too (the paper keeps it FP32).
     pub first_conv_int8: bool,
-    /// Run the classifier in INT8 too (the paper keeps it FP32).
+    /// Run the output layers in INT8 too: the classifier, and a detector's prediction layers (the
+    /// paper keeps the classifier FP32; so does the default for the prediction layers).
     pub linear_int8: bool,
     /// Rules applied after those defaults; the last match wins.
     pub rules: Vec<RuleConfig>,
