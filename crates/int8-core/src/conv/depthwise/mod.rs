@@ -368,7 +368,7 @@ pub(crate) fn weight_grad_i8<O: Send>(
 ) -> Kernel {
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => avx512::weight_grad(s, x, dy, out, finish),
+        Kernel::Avx512Vnni => avx512::weight_grad(s, x, dy, out, finish, &avx512::Layout::choose(s)),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => avx2::weight_grad(s, x, dy, out, finish),
         _ => weight_grad_loops(s, x, dy, out, finish, dot_lanes::<i8>),

@@ -169,6 +169,15 @@ fn int8_kernels_equal_the_reference() {
                 assert_eq!(weight_grad_i8(k, &s, &x, &dy, &mut dw, |v| v), k);
                 let dw_want: Vec<i64> = dw_ref.iter().map(|&v| v as i64).collect();
                 assert_eq!(dw, dw_want, "{}", what("weight gradient"));
+                // The AVX-512 weight gradient's two layouts, whichever it would choose.
+                #[cfg(target_arch = "x86_64")]
+                if k == Kernel::Avx512Vnni {
+                    for layout in avx512_layouts(&s) {
+                        let mut dw = vec![i64::MIN; s.w_len()];
+                        avx512::weight_grad(&s, &x, &dy, &mut dw, |v| v, &layout);
+                        assert_eq!(dw, dw_want, "{} {layout:?}", what("weight gradient"));
+                    }
+                }
                 // A kernel runs itself, or, where its windows do not take the shape, AVX2.
                 match k {
                     Kernel::Avx512Vnni if windows => assert_eq!((ran, ran_dx), (k, k), "{name}"),
@@ -180,10 +189,18 @@ fn int8_kernels_equal_the_reference() {
     }
 }
 
+/// The layouts of the AVX-512 weight gradient for `s`: the phases, and the windows where they
+/// take `s` (which MobileNetV2's planes must: see the plans' test).
+#[cfg(target_arch = "x86_64")]
+fn avx512_layouts(s: &ConvShape) -> Vec<avx512::Layout> {
+    std::iter::once(avx512::Layout::Phases).chain(windows::TapPlan::new(s).map(avx512::Layout::Windows)).collect()
+}
+
 /// The AVX-512 weight gradient keeps its per-lane 32-bit sums for a run of images and then moves
 /// them into `i64`: with the largest products over enough images to need several runs (each
-/// lane gains up to `17 * 4 * 255 * 128` per 32x32 image, so a run is 967 images), the sum over
-/// the batch is still exact, on every kernel.
+/// lane gains up to `16 * 4 * 255 * 128` per 32x32 image in the windows' 16 registers, so a run
+/// is 1028 images; 967 in the phases' 17), the sum over the batch is still exact, on every kernel
+/// and both layouts.
 #[test]
 fn int8_weight_gradient_is_exact_over_many_images() {
     let s = dw(2100, 2, (32, 32), 3, 1, 1);
@@ -196,10 +213,19 @@ fn int8_weight_gradient_is_exact_over_many_images() {
         &dy.iter().map(|&v| v as f64).collect::<Vec<_>>(),
     );
     assert!(want.iter().all(|&v| v < i32::MIN as f64), "the sums must exceed 32 bits");
+    let want: Vec<i64> = want.iter().map(|&v| v as i64).collect();
     for k in Kernel::available() {
         let mut dw = vec![0i64; s.w_len()];
         weight_grad_i8(k, &s, &x, &dy, &mut dw, |v| v);
-        assert_eq!(dw, want.iter().map(|&v| v as i64).collect::<Vec<_>>(), "{k:?}");
+        assert_eq!(dw, want, "{k:?}");
+        #[cfg(target_arch = "x86_64")]
+        if k == Kernel::Avx512Vnni {
+            for layout in avx512_layouts(&s) {
+                let mut dw = vec![0i64; s.w_len()];
+                avx512::weight_grad(&s, &x, &dy, &mut dw, |v| v, &layout);
+                assert_eq!(dw, want, "{layout:?}");
+            }
+        }
     }
 }
 
@@ -209,7 +235,7 @@ fn int8_weight_gradient_is_exact_over_many_images() {
 /// pass and one or three for its input gradient.
 #[test]
 fn window_plans_of_mobilenet_planes_are_compact() {
-    use windows::{Product, WindowPlan};
+    use windows::{Product, TapPlan, WindowPlan};
     for hw in [32, 16, 8, 4] {
         for stride in [1, 2] {
             let s = dw(1, 1, (hw, hw), 3, stride, 1);
@@ -221,6 +247,17 @@ fn window_plans_of_mobilenet_planes_are_compact() {
             assert!(dx.kinds.len() <= 2, "{hw} s{stride}");
             let groups = if stride == 1 { 3 } else { 1 };
             assert!(dx.kinds.iter().all(|k| k.len() == groups), "{hw} s{stride}: {:?}", dx.kinds);
+            // The weight gradient's windows: whole registers of 64 positions at stride 1 from
+            // 8x8 up, the whole plane where it is smaller, 16 positions (one or two output rows)
+            // at stride 2 otherwise.
+            let dw = TapPlan::new(&s).unwrap();
+            let block = match (hw, stride) {
+                (4, _) | (8, 2) => (hw / stride) * (hw / stride),
+                (_, 1) => 64,
+                _ => 16,
+            };
+            assert_eq!(dw.block_len(), block, "{hw} s{stride}");
+            assert_eq!(dw.blocks.len(), s.out_plane().div_ceil(block), "{hw} s{stride}");
         }
     }
 }

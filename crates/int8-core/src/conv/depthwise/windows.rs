@@ -214,3 +214,84 @@ impl WindowPlan {
 pub(super) fn low_bits(k: usize) -> u64 {
     if k >= 64 { u64::MAX } else { (1u64 << k) - 1 }
 }
+
+/// The weight gradient's windows: per block of up to 64 consecutive positions of an output plane
+/// (byte `j` of a register is position `first + j`), the window of the input plane that every
+/// tap reads for them, and per tap a permutation that lays out in slot `j` the input code the tap
+/// multiplies with dY at position `first + j` (code 0, `0x80` once offset, in the padding).
+#[derive(Debug)]
+pub(super) struct TapPlan {
+    pub blocks: Vec<TapBlock>,
+    /// For each block and tap, its permutation in `perms`.
+    pub steps: Vec<usize>,
+    pub perms: Vec<Perm>,
+}
+
+/// One block of a [`TapPlan`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TapBlock {
+    /// The block's first position in the output plane.
+    pub first: usize,
+    /// Which bytes of dY's register are the block's positions.
+    pub positions: u64,
+    /// Where the window starts in the input plane.
+    pub win: usize,
+    /// Which bytes of the window's two registers to load, as [`Block::load`].
+    pub load: [u64; 2],
+    /// Where the block's permutations start in [`TapPlan::steps`]: one per tap.
+    pub step: usize,
+}
+
+impl TapPlan {
+    /// The plan for shape `s` with blocks of 64 positions, or 32 or 16 where the windows of
+    /// larger ones do not fit; `None` where not even those fit.
+    pub(super) fn new(s: &ConvShape) -> Option<Self> {
+        [64, 32, 16].into_iter().find_map(|size| Self::with_blocks(s, size))
+    }
+
+    /// Positions per block (the first block's, which is the largest).
+    #[cfg(test)]
+    pub(super) fn block_len(&self) -> usize {
+        self.blocks.first().map_or(0, |b| b.positions.count_ones() as usize)
+    }
+
+    fn with_blocks(s: &ConvShape, size: usize) -> Option<Self> {
+        if s.kh * s.kw > MAX_TAPS {
+            return None;
+        }
+        let (p, ow, kk) = (s.out_plane(), s.out_w(), s.kh * s.kw);
+        let mut plan = TapPlan { blocks: Vec::new(), steps: Vec::new(), perms: Vec::new() };
+        let mut seen = HashMap::new();
+        let mut lanes: Vec<Vec<Contribution>> = vec![Vec::new(); size];
+        for first in (0..p).step_by(size) {
+            let n = size.min(p - first);
+            for (j, lane) in lanes.iter_mut().enumerate().take(n) {
+                let q = first + j;
+                contributions(s, Product::Forward, (q / ow, q % ow), lane);
+            }
+            let sources = lanes[..n].iter().flatten().filter_map(|&(_, src)| src);
+            let (lo, hi) = sources.fold((usize::MAX, 0), |(lo, hi), p| (lo.min(p), hi.max(p)));
+            let (win, span) = if lo == usize::MAX { (0, 0) } else { (lo, hi - lo + 1) };
+            if span > WINDOW {
+                return None;
+            }
+            let step = plan.steps.len();
+            for t in 0..kk {
+                let mut perm = Perm { index: [0x80; 64], valid: 0 };
+                for (j, lane) in lanes[..n].iter().enumerate() {
+                    // The forward pass's contributions list every tap, in kernel order.
+                    if let (tap, Some(src)) = lane[t] {
+                        debug_assert_eq!(tap as usize, t);
+                        perm.index[j] = (src - win) as u8;
+                        perm.valid |= 1 << j;
+                    }
+                }
+                plan.steps.push(intern(perm, &mut plan.perms, &mut seen));
+            }
+            let load_bits = span.min(s.in_plane() - win.min(s.in_plane()));
+            let load = [low_bits(load_bits), low_bits(load_bits.saturating_sub(64))];
+            plan.blocks.push(TapBlock { first, positions: low_bits(n), win, load, step });
+        }
+        Some(plan)
+    }
+}
