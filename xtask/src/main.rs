@@ -4,7 +4,7 @@
 //! pattern): benches run in the `int8-bench` binary, and training and the tool commands (`zoo`,
 //! `data`, `scalars`, a sweep's recipe check) in the `int8-train` binary, which this builds in
 //! release mode and spawns. `sweep` expands an experiment into runs and tabulates them (see
-//! [`sweep`]).
+//! [`sweep`]); `plot` draws a sweep's curves from its runs' TensorBoard events (see [`plot`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod events;
+mod plot;
 mod sweep;
 
 #[derive(Parser, Debug)]
@@ -147,6 +149,18 @@ enum Cmd {
     },
     /// List the models (with parameter counts) and the recipes.
     Zoo,
+    /// Draw a sweep's runs from their TensorBoard events, beside its results.md: curves.png (the
+    /// test metric and the losses by epoch, FP32 against each INT8 setting, every seed and their
+    /// mean) and layers.png (each INT8 layer's DCLR multiplier, gradient cosine distance and clip
+    /// value over the steps). The sweep does this itself when it writes its tables.
+    Plot {
+        /// An experiment name from experiments/ or a path to one (its sweep's folder is
+        /// runs/<name>), or a sweep's folder.
+        experiment: String,
+        /// The sweep's folder, as given to `cargo xtask sweep --out`; the pictures go there too.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a run's TensorBoard curves as a Markdown table: `cargo xtask scalars RUN_DIR --tag
     /// "quant/features.1.dw.conv/*" --to 300`; without --tag, list the tags.
     Scalars {
@@ -406,6 +420,26 @@ fn run() -> Result<()> {
                 cancel,
             };
             sweep::sweep(&root, &opts, stop)
+        }
+        Cmd::Plot { experiment, out } => {
+            let given = Path::new(&experiment);
+            let name = given.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep").to_string();
+            let dir = match out {
+                Some(o) => o,
+                None if given.join("plan.json").is_file() => given.to_path_buf(),
+                None => root.join("runs").join(&name),
+            };
+            let pictures = plot::plot_folder(&dir, &name)?;
+            if !pictures.missing.is_empty() {
+                println!("left out (no TensorBoard events yet): {}", pictures.missing.join(", "));
+            }
+            for note in &pictures.notes {
+                println!("note: {note}");
+            }
+            for p in &pictures.written {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
         }
         Cmd::Train { args } => trainer_tool(&root, &args),
         Cmd::Zoo => trainer_tool(&root, &["zoo"]),

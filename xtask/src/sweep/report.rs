@@ -327,8 +327,43 @@ pub fn write_results(
     }
     write_atomic(&out.join("results.md"), md.as_bytes())?;
     println!("results: {} and {}", out.join("results.csv").display(), out.join("results.md").display());
+    draw_pictures(out, runs);
     std::io::stdout().flush().ok();
     Ok(())
+}
+
+/// The pictures of the runs' curves beside the tables (`cargo xtask plot`): runs without events
+/// yet are left out, and a picture that cannot be drawn is a note, never a failed sweep.
+fn draw_pictures(out: &Path, runs: &[PlannedRun]) {
+    let plan: Vec<crate::plot::Run> = runs
+        .iter()
+        .map(|r| crate::plot::Run {
+            name: r.name.clone(),
+            recipe_name: r.recipe_name.clone(),
+            precision: r.precision.clone(),
+            labels: r.labels.clone(),
+            seed: r.seed,
+        })
+        .collect();
+    let name = out.file_name().map_or_else(|| "sweep".into(), |n| n.to_string_lossy().into_owned());
+    match crate::plot::plot_sweep(out, &name, &plan) {
+        Ok(p) => {
+            if p.written.is_empty() {
+                println!("pictures: none yet, no run has TensorBoard events");
+            } else {
+                let files: Vec<String> = p.written.iter().map(|w| w.display().to_string()).collect();
+                let missing = match p.missing.len() {
+                    0 => String::new(),
+                    n => format!(" ({n} runs without events yet left out)"),
+                };
+                println!("pictures: {}{missing}", files.join(" and "));
+            }
+            for note in p.notes {
+                println!("pictures: {note}");
+            }
+        }
+        Err(e) => println!("pictures: not drawn: {e:#}"),
+    }
 }
 
 #[cfg(test)]
