@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{Phased, fill_rows, weight_grad_loops};
+use super::{Phased, fill_rows, planes_per_task, weight_grad_loops};
 use crate::conv::ConvShape;
 use crate::out::Out;
 
@@ -23,18 +23,25 @@ pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx2")
 }
 
+/// Whether these kernels take shape `s`: kernels of at most 64 taps (32 pairs in registers).
+pub(super) fn takes(s: &ConvShape) -> bool {
+    s.kh * s.kw <= 2 * MAX_PAIRS
+}
+
 /// Forward: `out[n, c] = scale(c) * sum over taps of w[c, tap] * x[n, c, ...]`.
 pub(super) fn forward(s: &ConvShape, x: &[i8], w: &[i8], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
-    assert!(available(), "the AVX2 depthwise kernel needs AVX2");
-    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
-    out.par_chunks(p).zip(x.par_chunks(s.in_plane())).enumerate().for_each_init(
+    assert!(available() && takes(s), "the AVX2 depthwise kernel needs AVX2 and at most 64 taps");
+    let (p, hw, kk, k, lay) = (s.out_plane(), s.in_plane(), s.kh * s.kw, planes_per_task(s), Phased::new(s));
+    out.par_chunks(k * p).zip(x.par_chunks(k * hw)).enumerate().for_each_init(
         // 16 codes past the last run's start stay inside the buffer.
         || vec![0i8; lay.plane(s) + 32],
-        |xp, (nc, (out, x))| {
-            let c = nc % s.c_in;
-            lay.fill(s, x, xp);
-            // SAFETY: the CPU has AVX2 (asserted above); `xp` is the layout's plane with slack.
-            unsafe { forward_plane(&lay, xp, &w[c * kk..][..kk], out, scale(c)) };
+        |xp, (task, (out, x))| {
+            for (j, (out, x)) in out.chunks_exact_mut(p).zip(x.chunks_exact(hw)).enumerate() {
+                let c = (task * k + j) % s.c_in;
+                // SAFETY: the CPU has AVX2 and the kernel at most 64 taps (asserted above); `xp`
+                // is the layout's plane with slack.
+                unsafe { forward_plane(s, &lay, (x, xp), &w[c * kk..][..kk], out, scale(c)) };
+            }
         },
     );
 }
@@ -42,19 +49,20 @@ pub(super) fn forward(s: &ConvShape, x: &[i8], w: &[i8], out: Out<'_>, scale: im
 /// Input gradient: `out[n, c] = scale(c) * sum over taps of w[c, tap] * dy[n, c, ...]`,
 /// scattered.
 pub(super) fn input_grad(s: &ConvShape, w: &[i8], dy: &[i8], out: Out<'_>, scale: impl Fn(usize) -> f32 + Sync) {
-    assert!(available(), "the AVX2 depthwise kernel needs AVX2");
-    let (p, kk, lay) = (s.out_plane(), s.kh * s.kw, Phased::new(s));
+    assert!(available() && takes(s), "the AVX2 depthwise kernel needs AVX2 and at most 64 taps");
+    let (p, hw, kk, k, lay) = (s.out_plane(), s.in_plane(), s.kh * s.kw, planes_per_task(s), Phased::new(s));
     let (plane, margin) = (lay.plane(s), lay.offsets.iter().copied().max().unwrap_or(0));
-    out.par_chunks(s.in_plane()).zip(dy.par_chunks(p)).enumerate().for_each_init(
+    out.par_chunks(k * hw).zip(dy.par_chunks(k * p)).enumerate().for_each_init(
         // dY in rows of `pw` behind a zero margin as long as the largest offset; the
         // accumulators with room for the last run of 16.
         || (vec![0i8; margin + plane + 32], vec![0i32; plane + 16]),
-        |(dyp, acc), (nc, (out, dy))| {
-            let c = nc % s.c_in;
-            fill_rows(&lay, dy, &mut dyp[margin..]);
-            // SAFETY: the CPU has AVX2 (asserted above); the buffers are as made above.
-            unsafe { input_grad_plane(&lay, (dyp, margin), &w[c * kk..][..kk], acc) };
-            lay.store::<i8>(s, acc, out, scale(c));
+        |(dyp, acc), (task, (out, dy))| {
+            for (j, (out, dy)) in out.chunks_exact_mut(hw).zip(dy.chunks_exact(p)).enumerate() {
+                let c = (task * k + j) % s.c_in;
+                // SAFETY: the CPU has AVX2 and the kernel at most 64 taps (asserted above); the
+                // buffers are as made above.
+                unsafe { input_grad_plane(s, &lay, (dy, dyp, margin), &w[c * kk..][..kk], acc, (out, scale(c))) };
+            }
         },
     );
 }
@@ -72,18 +80,25 @@ pub(super) fn weight_grad<O: Send>(
     weight_grad_loops(s, x, dy, out, finish, |a, b| unsafe { dot_i8(a, b) });
 }
 
-/// The weights of taps `t` and `t + 1` (0 past the last tap) as a pair of 16-bit values in every
-/// 32-bit lane, for `vpmaddwd`, and the two taps' offsets (the first again past the last tap).
+/// The most tap pairs a plane's kernel may have.
+const MAX_PAIRS: usize = 32;
+
+/// A pair of taps: their weights as a pair of 16-bit values in every 32-bit lane, for
+/// `vpmaddwd`, and their offsets.
+type Pair = (__m256i, usize, usize);
+
+/// The pairs of taps `t` and `t + 1` of kernel `w` (weight 0 and the first's offset past the last
+/// tap), in `pairs`, returning how many.
 #[target_feature(enable = "avx2")]
-fn pairs(lay: &Phased, w: &[i8]) -> Vec<(__m256i, usize, usize)> {
-    w.chunks(2)
-        .zip(lay.offsets.chunks(2))
-        .map(|(w, o)| {
-            let (w1, o1) = if w.len() == 2 { (w[1], o[1]) } else { (0, o[0]) };
-            let pair = (w[0] as i16 as u16 as u32 | (w1 as i16 as u16 as u32) << 16) as i32;
-            (_mm256_set1_epi32(pair), o[0], o1)
-        })
-        .collect()
+fn pairs(lay: &Phased, w: &[i8], pairs: &mut [Pair; MAX_PAIRS]) -> usize {
+    let mut n = 0;
+    for ((w, o), pair) in w.chunks(2).zip(lay.offsets.chunks(2)).zip(pairs.iter_mut()) {
+        let (w1, o1) = if w.len() == 2 { (w[1], o[1]) } else { (0, o[0]) };
+        let both = (w[0] as i16 as u16 as u32 | (w1 as i16 as u16 as u32) << 16) as i32;
+        *pair = (_mm256_set1_epi32(both), o[0], o1);
+        n += 1;
+    }
+    n
 }
 
 /// `sum over pairs of w0 * at(o0) + w1 * at(o1)` for 16 consecutive positions, where `at(o)` is
@@ -93,7 +108,7 @@ fn pairs(lay: &Phased, w: &[i8]) -> Vec<(__m256i, usize, usize)> {
 /// The CPU has AVX2; 16 bytes from `base + o` are readable for every offset `o` of `pairs`.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn sum_pairs(pairs: &[(__m256i, usize, usize)], base: *const i8, sign: isize) -> (__m256i, __m256i) {
+unsafe fn sum_pairs(pairs: &[Pair], base: *const i8, sign: isize) -> (__m256i, __m256i) {
     let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
     for &(wp, o0, o1) in pairs {
         // SAFETY: the caller vouches for these 16-byte reads.
@@ -111,15 +126,25 @@ unsafe fn sum_pairs(pairs: &[(__m256i, usize, usize)], base: *const i8, sign: is
     (_mm256_permute2x128_si256::<0x20>(lo, hi), _mm256_permute2x128_si256::<0x31>(lo, hi))
 }
 
-/// One forward plane from its layout `xp`: each output row in runs of 16, summed over the taps in
-/// registers, converted, scaled and stored.
+/// One forward plane: `x` laid out in `xp`, then each output row in runs of 16, summed over
+/// the taps in registers, converted, scaled and stored.
 ///
 /// # Safety
-/// The CPU has AVX2; `xp` is `lay`'s plane with at least 32 bytes of slack, `out` the output
-/// plane (`out_h x out_w`).
+/// The CPU has AVX2; `xp` is `lay`'s plane with at least 32 bytes of slack, `x` the input plane,
+/// `out` the output plane (`out_h x out_w`), `w` at most 64 taps.
 #[target_feature(enable = "avx2")]
-unsafe fn forward_plane(lay: &Phased, xp: &[i8], w: &[i8], out: &mut [f32], scale: f32) {
-    let pairs = pairs(lay, w);
+unsafe fn forward_plane(
+    s: &ConvShape,
+    lay: &Phased,
+    (x, xp): (&[i8], &mut [i8]),
+    w: &[i8],
+    out: &mut [f32],
+    scale: f32,
+) {
+    lay.fill(s, x, xp);
+    let mut buf = [(_mm256_setzero_si256(), 0, 0); MAX_PAIRS];
+    let n = pairs(lay, w, &mut buf);
+    let pairs = &buf[..n];
     let max_off = lay.offsets.iter().copied().max().unwrap_or(0);
     let ow = lay.out_w;
     assert!(max_off + lay.len + 31 <= xp.len(), "the forward layout lacks its slack");
@@ -128,7 +153,7 @@ unsafe fn forward_plane(lay: &Phased, xp: &[i8], w: &[i8], out: &mut [f32], scal
         for c0 in (0..ow).step_by(16) {
             // SAFETY: the run's reads end at `r * pw + c0 + 15 + offset`, at most 31 past the
             // last position a tap reads (asserted above).
-            let (a, b) = unsafe { sum_pairs(&pairs, xp.as_ptr().add(r * lay.pw + c0), 1) };
+            let (a, b) = unsafe { sum_pairs(pairs, xp.as_ptr().add(r * lay.pw + c0), 1) };
             let (a, b) = (_mm256_mul_ps(_mm256_cvtepi32_ps(a), scale), _mm256_mul_ps(_mm256_cvtepi32_ps(b), scale));
             let n = (ow - c0).min(16);
             let dst = row[c0..].as_mut_ptr();
@@ -141,27 +166,40 @@ unsafe fn forward_plane(lay: &Phased, xp: &[i8], w: &[i8], out: &mut [f32], scal
     }
 }
 
-/// One input-gradient plane into `acc` (the layout's accumulators, in the layout's positions):
-/// `acc[a] = sum over taps of w[tap] * dyp[margin + a - offset(tap)]`.
+/// One input-gradient plane: `dy` copied into `dyp` after its margin, then the layout's
+/// accumulators gathered, `acc[a] = sum over taps of w[tap] * dyp[margin + a - offset(tap)]`, and
+/// stored into `out` times `scale`.
 ///
 /// # Safety
-/// The CPU has AVX2; `dyp` holds dY rows of `pw` after `margin` zeros (at least the largest
-/// offset), zeros after them, and 32 bytes of slack past the plane; `acc` has 16 of slack.
+/// The CPU has AVX2; `dyp` holds `margin` zeros (at least the largest offset), room for dY in
+/// rows of `pw`, zeros after them and 32 bytes of slack past the plane; `acc` is the layout's
+/// plane with 16 of slack; `w` at most 64 taps.
 #[target_feature(enable = "avx2")]
-unsafe fn input_grad_plane(lay: &Phased, (dyp, margin): (&[i8], usize), w: &[i8], acc: &mut [i32]) {
-    let pairs = pairs(lay, w);
+unsafe fn input_grad_plane(
+    s: &ConvShape,
+    lay: &Phased,
+    (dy, dyp, margin): (&[i8], &mut [i8], usize),
+    w: &[i8],
+    acc: &mut [i32],
+    (out, scale): (&mut [f32], f32),
+) {
+    fill_rows(lay, dy, &mut dyp[margin..]);
+    let mut buf = [(_mm256_setzero_si256(), 0, 0); MAX_PAIRS];
+    let n = pairs(lay, w, &mut buf);
+    let pairs = &buf[..n];
     let plane = acc.len() - 16;
     assert!(lay.offsets.iter().all(|&o| o <= margin) && margin + plane + 31 <= dyp.len(), "dY lacks its margins");
     for a in (0..plane).step_by(16) {
         // SAFETY: reads `dyp[margin + a - offset ..][..16]`, from `margin - offset >= 0` to at
         // most `margin + plane + 31` (asserted above).
-        let (lo, hi) = unsafe { sum_pairs(&pairs, dyp.as_ptr().add(margin + a), -1) };
+        let (lo, hi) = unsafe { sum_pairs(pairs, dyp.as_ptr().add(margin + a), -1) };
         // SAFETY: `a + 16 <= plane + 16 = acc.len()`.
         unsafe {
             _mm256_storeu_si256(acc.as_mut_ptr().add(a).cast(), lo);
             _mm256_storeu_si256(acc.as_mut_ptr().add(a + 8).cast(), hi);
         }
     }
+    lay.store::<i8>(s, acc, out, scale);
 }
 
 /// Lanes `0..n` of eight set (`n <= 8`), for the masked stores.

@@ -23,8 +23,8 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::Phased;
 use super::windows::{MAX_KINDS, MAX_PATTERNS, TapPlan, WindowPlan, low_bits};
+use super::{Phased, planes_per_task};
 use crate::conv::ConvShape;
 use crate::out::Out;
 
@@ -82,12 +82,6 @@ pub(super) fn input_grad(
             unsafe { plane(plan, dy, &w[c * kk..][..kk], out, scale(c)) }
         }
     });
-}
-
-/// Planes per parallel task: about 2048 outputs, so that the 4x4 and 8x8 planes of MobileNetV2
-/// do not each pay for a task and for zeroing their few outputs.
-fn planes_per_task(s: &ConvShape) -> usize {
-    (2048 / s.out_plane().max(s.in_plane())).max(1)
 }
 
 /// One plane of a planned product: `out[o] = scale * sum over o's taps of w[tap] * src[...]`.

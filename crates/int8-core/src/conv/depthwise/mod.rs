@@ -307,7 +307,8 @@ impl Elem for i8 {
 }
 
 /// The INT8 forward pass on `kernel` (which this CPU must run), or on the next kernel down where
-/// it does not take the shape; returns the kernel that ran.
+/// it does not take the shape (AVX-512's windows or AVX2's registers too small for it); returns
+/// the kernel that ran.
 pub(crate) fn forward_i8(
     kernel: Kernel,
     s: &ConvShape,
@@ -324,7 +325,7 @@ pub(crate) fn forward_i8(
         return Kernel::Avx512Vnni;
     }
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Portable {
+    if kernel != Kernel::Portable && avx2::takes(s) {
         avx2::forward(s, x, w, out, scale);
         return Kernel::Avx2;
     }
@@ -349,7 +350,7 @@ pub(crate) fn input_grad_i8(
         return Kernel::Avx512Vnni;
     }
     #[cfg(target_arch = "x86_64")]
-    if kernel != Kernel::Portable {
+    if kernel != Kernel::Portable && avx2::takes(s) {
         avx2::input_grad(s, w, dy, out, scale);
         return Kernel::Avx2;
     }
@@ -394,6 +395,12 @@ fn fill_rows<T: Copy>(lay: &Phased, dy: &[T], dyp: &mut [T]) {
     for (drow, row) in dyp.chunks_exact_mut(lay.pw).zip(dy.chunks_exact(lay.out_w)) {
         copy_row(drow, row);
     }
+}
+
+/// Planes per parallel task of the INT8 kernels: about 2048 outputs, so that the 4x4 and 8x8
+/// planes of MobileNetV2 do not each pay for a task and for zeroing their few outputs.
+fn planes_per_task(s: &ConvShape) -> usize {
+    (2048 / s.out_plane().max(s.in_plane())).max(1)
 }
 
 /// Buffers of one channel plane's work: the input in the layout and the accumulators (or, for
