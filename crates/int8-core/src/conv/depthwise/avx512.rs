@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::windows::{MAX_KINDS, MAX_PATTERNS, TapPlan, WindowPlan, low_bits};
+use super::windows::{TapPlan, WindowPlan, low_bits};
 use super::{Phased, planes_per_task};
 use crate::conv::ConvShape;
 use crate::out::Out;
@@ -51,13 +51,16 @@ pub(super) fn forward(
     scale: impl Fn(usize) -> f32 + Sync,
 ) {
     assert!(available(), "the AVX-512 VNNI depthwise kernel needs AVX-512 F, BW, VNNI and VBMI");
-    let (p, hw, kk, k) = (s.out_plane(), s.in_plane(), s.kh * s.kw, planes_per_task(s));
+    let (p, hw, k) = (s.out_plane(), s.in_plane(), planes_per_task(s));
+    // SAFETY: the CPU has the features (asserted above).
+    let (regs, per) = (unsafe { channel_registers(plan, w, s.kh * s.kw) }, plan.patterns.len() + plan.kinds.len());
     out.par_chunks(k * p).zip(x.par_chunks(k * hw)).enumerate().for_each(|(task, (out, x))| {
         for (j, (out, x)) in out.chunks_exact_mut(p).zip(x.chunks_exact(hw)).enumerate() {
             let c = (task * k + j) % s.c_in;
             // SAFETY: the CPU has the features (asserted above); `plan` is the forward plan of
-            // `s`, whose source planes are `x`'s and output planes `out`'s.
-            unsafe { plane(plan, x, &w[c * kk..][..kk], out, scale(c)) }
+            // `s`, whose source planes are `x`'s and output planes `out`'s, and `regs` its
+            // registers for these weights.
+            unsafe { plane(plan, x, &regs[c * per..][..per], out, scale(c)) }
         }
     });
 }
@@ -73,41 +76,56 @@ pub(super) fn input_grad(
     scale: impl Fn(usize) -> f32 + Sync,
 ) {
     assert!(available(), "the AVX-512 VNNI depthwise kernel needs AVX-512 F, BW, VNNI and VBMI");
-    let (p, hw, kk, k) = (s.out_plane(), s.in_plane(), s.kh * s.kw, planes_per_task(s));
+    let (p, hw, k) = (s.out_plane(), s.in_plane(), planes_per_task(s));
+    // SAFETY: the CPU has the features (asserted above).
+    let (regs, per) = (unsafe { channel_registers(plan, w, s.kh * s.kw) }, plan.patterns.len() + plan.kinds.len());
     out.par_chunks(k * hw).zip(dy.par_chunks(k * p)).enumerate().for_each(|(task, (out, dy))| {
         for (j, (out, dy)) in out.chunks_exact_mut(hw).zip(dy.chunks_exact(p)).enumerate() {
             let c = (task * k + j) % s.c_in;
             // SAFETY: the CPU has the features (asserted above); `plan` is the input-gradient
-            // plan of `s`, whose source planes are `dy`'s and output planes `out`'s.
-            unsafe { plane(plan, dy, &w[c * kk..][..kk], out, scale(c)) }
+            // plan of `s`, whose source planes are `dy`'s and output planes `out`'s, and `regs`
+            // its registers for these weights.
+            unsafe { plane(plan, dy, &regs[c * per..][..per], out, scale(c)) }
         }
     });
 }
 
-/// One plane of a planned product: `out[o] = scale * sum over o's taps of w[tap] * src[...]`.
+/// For each channel of the kernels `w` (`kk` taps each, at most 64), the registers `plane`
+/// takes: the weights of each of `plan`'s patterns, then for each kind the offset's contribution,
+/// `-128 * sum of the slot weights` per lane, which starts each block's sums. Made once per call:
+/// for the 4x4 planes of MobileNetV2 they cost as much as the plane's sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+fn channel_registers(plan: &WindowPlan, w: &[i8], kk: usize) -> Vec<__m512i> {
+    let offset = _mm512_set1_epi8(OFFSET);
+    let mut regs = Vec::with_capacity(w.len() / kk * (plan.patterns.len() + plan.kinds.len()));
+    for w in w.chunks_exact(kk) {
+        // SAFETY: the mask limits the load to `w`.
+        let taps = unsafe { _mm512_maskz_loadu_epi8(low_bits(kk), w.as_ptr()) };
+        let first = regs.len();
+        for p in &plan.patterns {
+            // SAFETY: `index` is 64 bytes.
+            let index = unsafe { _mm512_loadu_si512(p.index.as_ptr().cast()) };
+            regs.push(_mm512_maskz_permutexvar_epi8(p.valid, index, taps));
+        }
+        for kind in &plan.kinds {
+            let corr =
+                kind.iter().fold(_mm512_setzero_si512(), |acc, &p| _mm512_dpbusd_epi32(acc, offset, regs[first + p]));
+            regs.push(_mm512_sub_epi32(_mm512_setzero_si512(), corr));
+        }
+    }
+    regs
+}
+
+/// One plane of a planned product: `out[o] = scale * sum over o's taps of w[tap] * src[...]`,
+/// with `regs` the channel's registers from [`channel_registers`].
 ///
 /// # Safety
 /// The CPU has AVX-512 F, BW, VNNI and VBMI; `plan` was made for planes of `src.len()` sources
-/// and `out.len()` outputs (its loads and stores stay inside them), with `w.len()` taps (<= 64).
+/// and `out.len()` outputs (its loads and stores stay inside them).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-unsafe fn plane(plan: &WindowPlan, src: &[i8], w: &[i8], out: &mut [f32], scale: f32) {
-    debug_assert!(w.len() <= 64);
+unsafe fn plane(plan: &WindowPlan, src: &[i8], regs: &[__m512i], out: &mut [f32], scale: f32) {
     let offset = _mm512_set1_epi8(OFFSET);
-    // SAFETY: the mask limits the load to `w`.
-    let taps = unsafe { _mm512_maskz_loadu_epi8(low_bits(w.len()), w.as_ptr()) };
-    // The weights of each pattern, and per kind the offset's contribution, `-128 * sum of the
-    // slot weights` per lane, which starts each block's sums.
-    let mut weights = [_mm512_setzero_si512(); MAX_PATTERNS];
-    for (v, p) in weights.iter_mut().zip(&plan.patterns) {
-        // SAFETY: `index` is 64 bytes.
-        let index = unsafe { _mm512_loadu_si512(p.index.as_ptr().cast()) };
-        *v = _mm512_maskz_permutexvar_epi8(p.valid, index, taps);
-    }
-    let mut start = [_mm512_setzero_si512(); MAX_KINDS];
-    for (v, kind) in start.iter_mut().zip(&plan.kinds) {
-        let corr = kind.iter().fold(_mm512_setzero_si512(), |acc, &p| _mm512_dpbusd_epi32(acc, offset, weights[p]));
-        *v = _mm512_sub_epi32(_mm512_setzero_si512(), corr);
-    }
+    let (weights, start) = regs.split_at(plan.patterns.len());
     let scale = _mm512_set1_ps(scale);
     let (src, dst) = (src.as_ptr(), out.as_mut_ptr());
     for b in &plan.blocks {

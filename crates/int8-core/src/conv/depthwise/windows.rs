@@ -24,10 +24,11 @@ use crate::conv::ConvShape;
 
 /// Outputs per block: the 32-bit lanes of one AVX-512 register.
 pub(super) const LANES: usize = 16;
-/// The most distinct weight patterns a plan may use (the kernel keeps one register each).
-pub(super) const MAX_PATTERNS: usize = 16;
-/// The most distinct kinds (pattern sequences) a plan may use.
-pub(super) const MAX_KINDS: usize = 8;
+/// The most distinct weight patterns a plan may use: the kernel keeps a register of each per
+/// channel (MobileNetV2's planes need at most three).
+const MAX_PATTERNS: usize = 16;
+/// The most distinct kinds (pattern sequences) a plan may use, one register each per channel.
+const MAX_KINDS: usize = 8;
 /// The largest kernel a plan takes: a channel's taps are one 64-byte register.
 const MAX_TAPS: usize = 64;
 /// A window is two 64-byte registers.
