@@ -5,7 +5,8 @@
 //! group of four taps' codes into place with one `vpermi2b`, and sums them against the channel's
 //! weights with one `vpdpbusd` per group: three for a 3x3 kernel. The 16 sums stay in one
 //! register from the first tap to the store, which converts them to f32 and applies the scale, so
-//! the pass reads the codes once and writes each output once ([`super::windows`] has the plan).
+//! the pass reads the codes from memory once and writes each output once ([`super::windows`] has
+//! the plan).
 //!
 //! Weight gradient: per channel and block of up to 64 positions of dY (bytes of one register),
 //! the window of input codes the block reads is loaded once, and for each tap one `vpermi2b`
@@ -120,10 +121,11 @@ fn channel_registers(plan: &WindowPlan, w: &[i8], kk: usize) -> Vec<__m512i> {
 /// with `regs` the channel's registers from [`channel_registers`].
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW, VNNI and VBMI; `plan` was made for planes of `src.len()` sources
-/// and `out.len()` outputs (its loads and stores stay inside them).
+/// The CPU has AVX-512 F, BW, VNNI and VBMI (the plan's loads and stores stay inside planes of
+/// its lengths, which `src` and `out` have: asserted).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn plane(plan: &WindowPlan, src: &[i8], regs: &[__m512i], out: &mut [f32], scale: f32) {
+    assert_eq!((src.len(), out.len()), (plan.src_len, plan.out_len), "planes of another shape than the plan's");
     let offset = _mm512_set1_epi8(OFFSET);
     let (weights, start) = regs.split_at(plan.patterns.len());
     let scale = _mm512_set1_ps(scale);
@@ -302,8 +304,8 @@ unsafe fn phase_run<const K: usize>(
 /// from its window by `plan`.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW, VNNI and VBMI; `plan` is the plan of `planes`' shape; no image of
-/// the run adds more than `i32::MAX` to a lane.
+/// The CPU has AVX-512 F, BW, VNNI and VBMI (the plan's loads stay inside planes of its lengths,
+/// which `planes` has: asserted); no image of the run adds more than `i32::MAX` to a lane.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
 unsafe fn window_run<const K: usize>(
     planes: &Planes,
@@ -314,6 +316,7 @@ unsafe fn window_run<const K: usize>(
 ) {
     let s = planes.s;
     let (p, hw, kk) = (s.out_plane(), s.in_plane(), s.kh * s.kw);
+    assert_eq!((hw, p), (plan.src_len, plan.positions), "planes of another shape than the plan's");
     let (offset, ones) = (_mm512_set1_epi8(OFFSET), _mm512_set1_epi8(1));
     let (mut acc, mut acc_dy) = ([_mm512_setzero_si512(); K], _mm512_setzero_si512());
     for n in planes.images.clone() {

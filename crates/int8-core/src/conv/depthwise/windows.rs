@@ -85,6 +85,10 @@ pub(super) type Kind = Vec<usize>;
 /// The plan of one depthwise product for one channel plane (the same for every plane of a layer).
 #[derive(Debug)]
 pub(super) struct WindowPlan {
+    /// The length of the source planes the plan reads.
+    pub src_len: usize,
+    /// The length of the output planes it writes.
+    pub out_len: usize,
     pub blocks: Vec<Block>,
     /// For each block and group, its permutation in `perms`.
     pub steps: Vec<usize>,
@@ -153,6 +157,8 @@ impl WindowPlan {
         // consecutive in the plane), and runs of 16 columns of one row otherwise.
         let rows_per_block = if out_w >= LANES { 1 } else { LANES / out_w };
         let mut plan = WindowPlan {
+            src_len,
+            out_len: out_h * out_w,
             blocks: Vec::new(),
             steps: Vec::new(),
             perms: Vec::new(),
@@ -222,6 +228,10 @@ pub(super) fn low_bits(k: usize) -> u64 {
 /// multiplies with dY at position `first + j` (code 0, `0x80` once offset, in the padding).
 #[derive(Debug)]
 pub(super) struct TapPlan {
+    /// The length of the input planes the plan reads.
+    pub src_len: usize,
+    /// Positions of the output planes (the dY planes it reads).
+    pub positions: usize,
     pub blocks: Vec<TapBlock>,
     /// For each block and tap, its permutation in `perms`.
     pub steps: Vec<usize>,
@@ -261,7 +271,8 @@ impl TapPlan {
             return None;
         }
         let (p, ow, kk) = (s.out_plane(), s.out_w(), s.kh * s.kw);
-        let mut plan = TapPlan { blocks: Vec::new(), steps: Vec::new(), perms: Vec::new() };
+        let mut plan =
+            TapPlan { src_len: s.in_plane(), positions: p, blocks: Vec::new(), steps: Vec::new(), perms: Vec::new() };
         let mut seen = HashMap::new();
         let mut lanes: Vec<Vec<Contribution>> = vec![Vec::new(); size];
         for first in (0..p).step_by(size) {
