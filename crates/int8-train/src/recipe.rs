@@ -189,6 +189,10 @@ pub struct TrainConfig {
     /// Also checkpoint every this many steps inside an epoch (0: at epoch ends only).
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Write the epoch-end checkpoint every this many epochs (and always after the last): for
+    /// many short epochs of a large model, where one per epoch would cost more than the steps.
+    #[serde(default = "one")]
+    pub checkpoint_epochs: usize,
     /// Log step scalars every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
@@ -526,6 +530,7 @@ impl Recipe {
         above0("train.batch", t.batch)?;
         above0("train.eval_batch", t.eval_batch)?;
         above0("train.eval_every", t.eval_every)?;
+        above0("train.checkpoint_epochs", t.checkpoint_epochs)?;
         above0("train.log_every", t.log_every)?;
         let o = &self.optim;
         let number = |key: &str, v: f64, ok: bool, range: &str| {
@@ -794,6 +799,7 @@ lr = 0.05
             ("train.batch=0", "train.batch=1"),
             ("train.eval_batch=0", "train.eval_batch=1"),
             ("train.eval_every=0", "train.eval_every=1"),
+            ("train.checkpoint_epochs=0", "train.checkpoint_epochs=1"),
             ("train.log_every=0", "train.log_every=1"),
             ("optim.lr=0", "optim.lr=1e-9"),
             ("optim.lr=inf", "optim.lr=10"),

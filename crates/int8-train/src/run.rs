@@ -1,7 +1,8 @@
 //! One run of one recipe: the training loop (forward, loss, backward, SGD with each INT8 layer's
 //! DCLR multiplier), evaluation (top-1/top-5, or mAP for a detector; see `task.rs`), TensorBoard
-//! events, checkpoints at epoch ends (and every `train.checkpoint_every` steps), resume from the
-//! last checkpoint, divergence detection, and the run's summary.
+//! events, checkpoints (at epoch ends, every `train.checkpoint_epochs` of them, and every
+//! `train.checkpoint_every` steps), resume from the last checkpoint, divergence detection, and
+//! the run's summary.
 //!
 //! A run folder holds `recipe.toml` (the resolved recipe), the TensorBoard event files,
 //! `checkpoints/last.safetensors` and `checkpoints/best.safetensors`, `metrics.json` (one record
@@ -276,6 +277,18 @@ impl Trainer<'_> {
         Ok(path)
     }
 
+    /// Makes `best.safetensors` the file `last.safetensors` is now, atomically.
+    fn link_best_to_last(&self) -> Result<()> {
+        let dir = self.opts.out.join("checkpoints");
+        let (last, best) = (dir.join("last.safetensors"), dir.join("best.safetensors"));
+        let tmp = dir.join(format!("best.safetensors.tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::hard_link(&last, &tmp).is_err() {
+            std::fs::copy(&last, &tmp).map_err(TrainError::io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &best).map_err(TrainError::io(&best))
+    }
+
     fn diverged(&self, epoch: usize, why: String) -> TrainError {
         let last = self.opts.out.join("checkpoints/last.safetensors");
         let kept = if last.exists() {
@@ -462,9 +475,18 @@ impl Trainer<'_> {
             train_top1.map_or(String::new(), |t| format!(" top-1 {t:.2}%")),
             test.map_or(String::new(), |t| format!(" | {}", t.describe())),
         ));
-        self.checkpoint("last.safetensors")?;
+        let saving = epoch.is_multiple_of(r.train.checkpoint_epochs) || epoch == r.train.epochs;
+        if saving {
+            self.checkpoint("last.safetensors")?;
+        }
         if improved {
-            self.checkpoint("best.safetensors")?;
+            if saving {
+                // The same state as last: a second name for its file (a later last is a new file
+                // renamed over the name, so best keeps this one), copied where links are refused.
+                self.link_best_to_last()?;
+            } else {
+                self.checkpoint("best.safetensors")?;
+            }
         }
         let metrics = serde_json::to_vec_pretty(&self.state.history).unwrap_or_default();
         write_atomic(&self.opts.out.join("metrics.json"), &metrics)

@@ -100,9 +100,9 @@ fn ssdlite_learns_two_real_tiles_by_heart_at_both_precisions() {
 /// SSD300's settings for learning the tiles: VGG-16 without batch norm, from scratch, has gradient
 /// norms of 70 to 350 at batch 2 and its classification loss runs away at lr 0.01 even clipped;
 /// lr 0.002 clipped at norm 10 learns the tiles. (Its 35.6 million parameters make a checkpoint
-/// 280 MB with the momentum: one at the end.)
+/// 280 MB with the momentum: one at the end, not one an epoch.)
 const SSD300: [&str; 4] =
-    ["model=\"ssd300-vgg16\"", "optim.lr=0.002", "optim.max_grad_norm=10", "train.checkpoint_every=120"];
+    ["model=\"ssd300-vgg16\"", "optim.lr=0.002", "optim.max_grad_norm=10", "train.checkpoint_epochs=120"];
 
 #[test]
 fn ssd300_learns_two_real_tiles_by_heart_at_both_precisions() {
@@ -116,6 +116,7 @@ fn ssd300_learns_two_real_tiles_by_heart_at_both_precisions() {
         let s = run(&recipe(&root, &sets), &opts(&out)).unwrap();
         let map50 = s.map50.unwrap();
         assert!(map50 > 90.0, "{precision}: mAP@0.5 {map50:.2}% after 120 steps ({s:?})");
+        std::fs::remove_dir_all(&out).unwrap();
     }
 }
 

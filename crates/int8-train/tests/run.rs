@@ -218,6 +218,42 @@ fn a_killed_and_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     same_scalars_as_tensorboard(broken.path(), &ev);
 }
 
+/// `train.checkpoint_epochs = 2` over three epochs: the epoch-end checkpoint is written after
+/// epochs 2 and 3 only, so a run killed in epoch 3 resumes from epoch 2's end and still ends
+/// exactly where an uninterrupted run does; the best checkpoint is the best epoch's state.
+#[test]
+fn checkpoints_every_other_epoch_resume_from_the_last_written() {
+    let r = recipe(&["train.epochs=3", "train.checkpoint_every=0", "train.checkpoint_epochs=2"]);
+    let straight = tempfile::tempdir().unwrap();
+    one_thread(|| run(&r, &opts(straight.path()))).unwrap();
+    let broken = tempfile::tempdir().unwrap();
+    let mut o = opts(broken.path());
+    // Eight steps an epoch: killed in epoch 2, no epoch-end checkpoint has been written yet.
+    o.kill_at_step = Some(12);
+    assert!(matches!(one_thread(|| run(&r, &o)), Err(TrainError::Interrupted { step: 12, .. })));
+    assert!(!broken.path().join("checkpoints/last.safetensors").exists());
+    // Again from the start, killed in epoch 3: what is left is epoch 2's end.
+    o.resume = true;
+    o.kill_at_step = Some(20);
+    assert!(matches!(one_thread(|| run(&r, &o)), Err(TrainError::Interrupted { step: 20, .. })));
+    let ck = checkpoint::load(&broken.path().join("checkpoints/last.safetensors")).unwrap().state.unwrap();
+    assert_eq!((ck.global_step, ck.epochs_done), (16, 2));
+    o.kill_at_step = None;
+    one_thread(|| run(&r, &o)).unwrap();
+    let (a, b) = (
+        tensors(&straight.path().join("checkpoints/last.safetensors")),
+        tensors(&broken.path().join("checkpoints/last.safetensors")),
+    );
+    for (name, ta) in &a {
+        assert_eq!(ta, &b[name], "tensor {name} differs after resuming");
+    }
+    let best = checkpoint::load(&straight.path().join("checkpoints/best.safetensors")).unwrap().state.unwrap();
+    let top1 = best.history.last().unwrap().test_top1.unwrap();
+    assert_eq!(top1, best.best, "the best checkpoint holds the state of its best epoch");
+    let last = checkpoint::load(&straight.path().join("checkpoints/last.safetensors")).unwrap().state.unwrap();
+    assert_eq!(top1, last.history.iter().filter_map(|h| h.test_top1).fold(f64::MIN, f64::max));
+}
+
 /// A run killed before its first checkpoint starts again from step 0 on --resume, and removes
 /// what the killed session logged: TensorBoard sees each step once.
 #[test]
