@@ -98,6 +98,13 @@ fn a_killed_sweep_finishes_on_the_next_run_without_redoing_finished_runs() {
     assert!(md.contains("INT8 against FP32") && md.contains("dsgc=on") && md.contains("dsgc=off"), "{md}");
     assert!(out.join("plan.json").exists() && out.join("experiment.toml").exists());
 
+    // A run made before a recipe key existed (its saved recipe lacks the key) is the same run
+    // while the key is at its default.
+    let saved = out.join(RUNS[0]).join("recipe.toml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(text.contains("checkpoint_epochs = 1\n"), "{text}");
+    std::fs::write(&saved, text.replace("checkpoint_epochs = 1\n", "")).unwrap();
+
     // A third time there is nothing to do, and nothing is rewritten.
     let stamp = |run: &str| std::fs::metadata(out.join(run).join("summary.json")).unwrap().modified().unwrap();
     let before: Vec<_> = RUNS.iter().map(|r| stamp(r)).collect();

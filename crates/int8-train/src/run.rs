@@ -233,7 +233,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     if resuming {
         let ck = checkpoint::load(&last)?;
         state = checkpoint::restore_all(&model, &mut sgd, &ck, &last)?;
-        if state.recipe != resolved {
+        if state.recipe != resolved && !same_run(&state.recipe, recipe, out) {
             return Err(different_recipe(out));
         }
     } else if let Some(init) = &recipe.train.init {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 
-use experiment::{Experiment, plan, start_order};
+use experiment::{Experiment, PlannedRun, plan, start_order};
 use report::{Baseline, finished, write_results};
 
 /// Options of `cargo xtask sweep`.
@@ -88,18 +88,37 @@ pub fn sweep(root: &Path, opts: &SweepOptions, stop: Arc<AtomicBool>) -> Result<
     // so that a typo fails in a second, not an hour in.
     let built = build_trainer(root, opts.cuda)?;
     let resolved = check::check(&built, &runs)?;
+    // A run folder made with another recipe (the experiment changed since) is not reused. A saved
+    // recipe that differs only in text is resolved again by today's trainer first: a key added
+    // since, at its default, does not make a run another one.
+    let mut differ = Vec::new();
     for (r, resolved) in runs.iter().zip(&resolved) {
-        // A run folder made with another recipe (the experiment changed since) is not reused.
         let saved = opts.out.join(&r.name).join("recipe.toml");
         if let Ok(text) = std::fs::read_to_string(&saved)
             && text != resolved.resolved
         {
-            bail!(
-                "{} was made with a different recipe than this experiment now gives run {}; \
-                 move or delete that folder, or pass another --out",
-                saved.display(),
-                r.name
-            );
+            differ.push((r, saved, resolved));
+        }
+    }
+    if !differ.is_empty() {
+        let again: Vec<PlannedRun> = differ
+            .iter()
+            .map(|(r, saved, _)| PlannedRun {
+                recipe: std::path::absolute(saved).unwrap_or(saved.clone()).display().to_string(),
+                sets: vec![],
+                ..(*r).clone()
+            })
+            .collect();
+        let saved_now = check::check(&built, &again)?;
+        for ((r, saved, resolved), now) in differ.iter().zip(&saved_now) {
+            if now.resolved != resolved.resolved {
+                bail!(
+                    "{} was made with a different recipe than this experiment now gives run {}; \
+                     move or delete that folder, or pass another --out",
+                    saved.display(),
+                    r.name
+                );
+            }
         }
     }
     // The baseline is read before anything runs, so that a wrong name fails now, not at the end.
