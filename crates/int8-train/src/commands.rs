@@ -97,7 +97,7 @@ pub fn data_import(name: &str, path: &Path) -> Result<PathBuf> {
             why: "no such file or folder; pass the dataset's .tar.gz archive or its folder".into(),
         });
     }
-    eprintln!("importing {name} from {} (checking its checksum, then extracting)...", path.display());
+    eprintln!("importing {name} from {} (checking its checksum, then extracting or converting)...", path.display());
     Ok(import(ds, path, &workspace_cache())?)
 }
 
