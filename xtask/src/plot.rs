@@ -630,15 +630,19 @@ fn layers(title: &str, configs: &[Config]) -> Result<(u32, u32, Vec<u8>)> {
         // Each run's lines are running means over about an epoch of its logged points.
         let windows: Vec<usize> = columns.iter().map(|(_, r)| smoothing_window(r)).collect();
         let spans: Vec<u64> = columns.iter().zip(&windows).map(|((_, r), &k)| k as u64 * log_spacing(r)).collect();
-        let smoothing = match spans.iter().max() {
-            Some(&s) if s > 1 => format!("; lines are running means over {s} steps"),
-            _ => String::new(),
-        };
         top.draw_text(
-            &format!("{title}: per-layer DCLR multiplier, gradient cosine distance and clip value{smoothing}"),
+            &format!("{title}: per-layer DCLR multiplier, gradient cosine distance and clip value"),
             &(FONT, 22).into_text_style(&top),
-            (20, 14),
+            (20, 10),
         )?;
+        // On a line of its own: with one column the picture is too narrow for both.
+        if let Some(&s) = spans.iter().max().filter(|&&s| s > 1) {
+            top.draw_text(
+                &format!("lines are running means over {s} steps"),
+                &(FONT, 16).into_text_style(&top),
+                (20, 40),
+            )?;
+        }
         for (col, (c, r)) in columns.iter().enumerate() {
             let x = 80 + col as i32 * LAYERS_COLUMN_WIDTH as i32;
             top.draw_text(&format!("{}, seed {}", c.label, r.run.seed), &(FONT, 20).into_text_style(&top), (x, 66))?;
