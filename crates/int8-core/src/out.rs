@@ -158,6 +158,62 @@ impl Fill<'_> {
         self.done();
     }
 
+    /// `out[i] = f(x[i])` as [`Fill::map`], returning the largest `|out[i]|` (NaN ignored): what a
+    /// per-tensor quantizer of the output would otherwise find in a pass of its own.
+    #[inline(always)]
+    pub fn map_max_abs(self, x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+        const LANES: usize = 16;
+        let n = x.len().min(self.buf.len());
+        let mut m = [0.0f32; LANES];
+        let (oc, or) = self.buf[..n].as_chunks_mut::<LANES>();
+        let (xc, xr) = x[..n].as_chunks::<LANES>();
+        for (o, v) in oc.iter_mut().zip(xc) {
+            for l in 0..LANES {
+                let y = f(v[l]);
+                o[l].write(y);
+                m[l] = m[l].max(y.abs());
+            }
+        }
+        for (o, &v) in or.iter_mut().zip(xr) {
+            let y = f(v);
+            o.write(y);
+            m[0] = m[0].max(y.abs());
+        }
+        for o in &mut self.buf[n..] {
+            o.write(0.0);
+        }
+        self.done();
+        m.iter().fold(0.0f32, |a, &b| a.max(b))
+    }
+
+    /// `out[i] = f(a[i], b[i])` as [`Fill::zip_map`], returning the largest `|out[i]|` (NaN
+    /// ignored), as [`Fill::map_max_abs`] does.
+    #[inline(always)]
+    pub fn zip_map_max_abs(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+        const LANES: usize = 16;
+        let n = a.len().min(b.len()).min(self.buf.len());
+        let mut m = [0.0f32; LANES];
+        let (oc, or) = self.buf[..n].as_chunks_mut::<LANES>();
+        let ((ac, ar), (bc, br)) = (a[..n].as_chunks::<LANES>(), b[..n].as_chunks::<LANES>());
+        for ((o, u), v) in oc.iter_mut().zip(ac).zip(bc) {
+            for l in 0..LANES {
+                let y = f(u[l], v[l]);
+                o[l].write(y);
+                m[l] = m[l].max(y.abs());
+            }
+        }
+        for ((o, &u), &v) in or.iter_mut().zip(ar).zip(br) {
+            let y = f(u, v);
+            o.write(y);
+            m[0] = m[0].max(y.abs());
+        }
+        for o in &mut self.buf[n..] {
+            o.write(0.0);
+        }
+        self.done();
+        m.iter().fold(0.0f32, |a, &b| a.max(b))
+    }
+
     /// `out[i] = f(a[i], b[i])`; values past the end of `a` or `b` (a caller's bug) are zero.
     #[inline(always)]
     pub fn zip_map(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {

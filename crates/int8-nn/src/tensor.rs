@@ -212,6 +212,10 @@ struct Inner {
     shape: Shape,
     storage: Arc<Storage>,
     track: Track,
+    /// The largest `|value|` (NaN ignored), where the op that wrote the values found it on the way:
+    /// an INT8 consumer then quantizes with it instead of a pass of its own. Cleared whenever the
+    /// values are written in place.
+    max_abs: Option<f32>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -247,6 +251,7 @@ impl Tensor {
                 shape,
                 storage: Arc::new(Storage::Cpu(memory::HostBuf::new(values))),
                 track: Track::None,
+                max_abs: None,
             }),
         }
     }
@@ -412,7 +417,25 @@ impl Tensor {
     /// The same storage under `shape` (of the same size, which callers check), untracked.
     pub(crate) fn with_shape(&self, shape: Shape) -> Tensor {
         debug_assert_eq!(shape.elem_count(), self.elem_count());
-        Tensor { inner: Arc::new(Inner { shape, storage: self.inner.storage.clone(), track: Track::None }) }
+        Tensor {
+            inner: Arc::new(Inner {
+                shape,
+                storage: self.inner.storage.clone(),
+                track: Track::None,
+                max_abs: self.inner.max_abs,
+            }),
+        }
+    }
+
+    /// This untracked tensor, recorded as having `max_abs` as its largest `|value|` (see `Inner`).
+    pub(crate) fn with_max_abs(mut self, max_abs: f32) -> Tensor {
+        Arc::make_mut(&mut self.inner).max_abs = Some(max_abs);
+        self
+    }
+
+    /// The largest `|value|`, where the op that wrote the values recorded it.
+    pub(crate) fn known_max_abs(&self) -> Option<f32> {
+        self.inner.max_abs
     }
 
     pub(crate) fn with_track(&self, track: Track) -> Tensor {
@@ -423,6 +446,7 @@ impl Tensor {
     /// parameters update in place. `None` when shared.
     pub(crate) fn unique_cpu_mut(&mut self) -> Option<&mut [f32]> {
         let inner = Arc::get_mut(&mut self.inner)?;
+        inner.max_abs = None;
         match Arc::get_mut(&mut inner.storage)? {
             Storage::Cpu(b) => Some(b.as_mut_slice()),
             #[cfg(feature = "cuda")]
@@ -439,6 +463,7 @@ impl Tensor {
             *self = host.with_track(self.inner.track.clone());
         }
         let inner = Arc::make_mut(&mut self.inner);
+        inner.max_abs = None;
         match Arc::make_mut(&mut inner.storage) {
             Storage::Cpu(b) => b.as_mut_slice(),
             #[cfg(feature = "cuda")]
@@ -449,7 +474,7 @@ impl Tensor {
     /// A tensor of `shape` on storage `storage`, untracked.
     #[cfg(feature = "cuda")]
     pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Tensor {
-        Tensor { inner: Arc::new(Inner { shape, storage: Arc::new(storage), track: Track::None }) }
+        Tensor { inner: Arc::new(Inner { shape, storage: Arc::new(storage), track: Track::None, max_abs: None }) }
     }
 
     /// The storage and the tensor's own handle on it, for in-place GPU updates: the buffer
@@ -457,6 +482,7 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     pub(crate) fn unique_storage_mut(&mut self) -> Option<&mut Storage> {
         let inner = Arc::get_mut(&mut self.inner)?;
+        inner.max_abs = None;
         Arc::get_mut(&mut inner.storage)
     }
 
@@ -464,6 +490,7 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     pub(crate) fn make_storage_mut(&mut self) -> &mut Storage {
         let inner = Arc::make_mut(&mut self.inner);
+        inner.max_abs = None;
         Arc::make_mut(&mut inner.storage)
     }
 
@@ -549,6 +576,22 @@ impl Drop for Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A recorded maximum follows the values through new handles on the same storage, and is
+    /// dropped when the values are written in place.
+    #[test]
+    fn a_recorded_maximum_is_dropped_when_the_values_change() {
+        let t = Tensor::from_vec(vec![1.0, -3.0], [2]).unwrap().with_max_abs(3.0);
+        assert_eq!(t.detach().known_max_abs(), Some(3.0));
+        assert_eq!(t.with_shape(Shape::from([1, 2])).known_max_abs(), Some(3.0));
+        assert_eq!(t.requires_grad().known_max_abs(), Some(3.0));
+        let mut shared = t.clone();
+        shared.make_cpu_mut()[1] = -5.0;
+        assert_eq!((shared.known_max_abs(), t.known_max_abs()), (None, Some(3.0)));
+        let mut unique = Tensor::from_vec(vec![1.0, -3.0], [2]).unwrap().with_max_abs(3.0);
+        unique.unique_cpu_mut().unwrap()[0] = 7.0;
+        assert_eq!(unique.known_max_abs(), None);
+    }
 
     #[test]
     fn devices_parse_from_their_names_and_print_as_them() {

@@ -411,3 +411,31 @@ fn an_operand_kept_in_fp32_enters_its_convolutions_unquantized() {
         }
     }
 }
+
+/// An INT8 convolution of a batch norm's output quantizes it with the maximum the batch norm
+/// found while writing it (no pass of its own): the output and both gradients are bit for bit
+/// those of the same convolution of a copy of the values, whose maximum it must find itself, in
+/// training and in evaluation mode, with a fused ReLU or without.
+#[test]
+fn an_int8_conv_of_a_batch_norm_output_is_the_conv_of_its_values() {
+    use int8_nn::layers::BatchNorm2d;
+    let (xd, wd) = ([2, 3, 7, 7], [4, 3, 3, 3]);
+    let g = ConvGeometry { padding: (1, 1), ..Default::default() };
+    let r = uniform(2 * 4 * 7 * 7, 3);
+    for relu in [false, true] {
+        for training in [true, false] {
+            let bn = BatchNorm2d::new("bn", 3, relu).unwrap();
+            bn.set_training(training);
+            let x = tensor(uniform(2 * 3 * 7 * 7, 1).iter().map(|v| 3.0 * v + 0.5).collect(), &xd);
+            let y = bn.forward(&x).unwrap().detach().requires_grad();
+            let copy = var(y.to_vec(), &xd);
+            let conv =
+                || Conv2d::new("c", tensor(uniform(108, 2), &wd), g, Precision::Int8(Int8Config::default())).unwrap();
+            let (a, b) = (run(&conv(), &y, &r), run(&conv(), &copy, &r));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.0), bits(&b.0), "output, relu {relu} training {training}");
+            assert_eq!(bits(&a.1), bits(&b.1), "dx, relu {relu} training {training}");
+            assert_eq!(bits(&a.2), bits(&b.2), "dw, relu {relu} training {training}");
+        }
+    }
+}

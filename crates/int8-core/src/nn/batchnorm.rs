@@ -30,6 +30,9 @@ pub struct BatchStats {
     pub scale: Vec<f32>,
     /// Per-channel `beta - mean * scale`.
     pub shift: Vec<f32>,
+    /// The largest `|y|` of the output written (NaN ignored), where the pass that wrote it found it:
+    /// an INT8 consumer's per-tensor clip value without a pass of its own.
+    pub max_abs_out: Option<f32>,
 }
 
 /// Layout of an NCHW tensor for batch norm: `n` images, `c` channels, `hw` pixels each.
@@ -226,12 +229,12 @@ fn plane_dx(dx: Fill<'_>, x: &[f32], dy: &[f32], relu: Mask, mean: f32, inv: f32
     }
 }
 
-/// `y = x * a + b`, optionally clamped to `[0, cap]`, over a plane.
+/// `y = x * a + b`, optionally clamped to `[0, cap]`, over a plane; returns the largest `|y|`.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_affine(y: Fill<'_>, x: &[f32], a: f32, b: f32, relu: Option<f32>) {
+fn plane_affine(y: Fill<'_>, x: &[f32], a: f32, b: f32, relu: Option<f32>) -> f32 {
     match relu {
-        None => y.map(x, |v| v * a + b),
-        Some(cap) => y.map(x, |v| (v * a + b).max(0.0).min(cap)),
+        None => y.map_max_abs(x, |v| v * a + b),
+        Some(cap) => y.map_max_abs(x, |v| (v * a + b).max(0.0).min(cap)),
     }
 }
 
@@ -259,11 +262,11 @@ pub fn forward_train<'y>(
     let inv_std: Vec<f32> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
     let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] * inv_std[ch]).collect();
     let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-    affine(d, x, &scale, &shift, relu, y);
-    Ok(BatchStats { mean, inv_std, var, scale, shift })
+    let max_abs_out = Some(affine(d, x, &scale, &shift, relu, y));
+    Ok(BatchStats { mean, inv_std, var, scale, shift, max_abs_out })
 }
 
-/// Evaluation forward with running statistics.
+/// Evaluation forward with running statistics; returns the largest `|y|` written (NaN ignored).
 pub fn forward_eval<'y>(
     d: NchwDims,
     x: &[f32],
@@ -274,7 +277,7 @@ pub fn forward_eval<'y>(
     eps: f32,
     relu: Option<f32>,
     y: impl Into<Out<'y>>,
-) -> Result<()> {
+) -> Result<f32> {
     let y = y.into();
     d.check(&[
         ("batch norm input", x.len(), d.len()),
@@ -286,15 +289,17 @@ pub fn forward_eval<'y>(
     ])?;
     let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] / (running_var[ch] + eps).sqrt()).collect();
     let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - running_mean[ch] * scale[ch]).collect();
-    affine(d, x, &scale, &shift, relu, y);
-    Ok(())
+    Ok(affine(d, x, &scale, &shift, relu, y))
 }
 
-/// `y = x * scale[c] + shift[c]`, optionally clamped to `[0, cap]`, per plane in parallel.
-fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: Option<f32>, y: Out<'_>) {
-    y.par_fills(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(p, (yp, xp))| {
-        plane_affine(yp, xp, scale[p % d.c], shift[p % d.c], relu);
-    });
+/// `y = x * scale[c] + shift[c]`, optionally clamped to `[0, cap]`, per plane in parallel; returns
+/// the largest `|y|` (NaN ignored; a maximum, so the same whatever the threads' order).
+fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: Option<f32>, y: Out<'_>) -> f32 {
+    y.par_fills(d.hw)
+        .zip(x.par_chunks(d.hw))
+        .enumerate()
+        .map(|(p, (yp, xp))| plane_affine(yp, xp, scale[p % d.c], shift[p % d.c], relu))
+        .reduce(|| 0.0, f32::max)
 }
 
 /// Gradients of a training forward pass: returns `(dgamma, dbeta)` and writes `dx`. With a fused
@@ -611,5 +616,25 @@ mod tests {
             assert!((yv - want).abs() < 1e-5);
         }
         assert!(forward_eval(d, &x, &[1.0], &[0.0, 0.0], &[0.0; 2], &[1.0; 2], 1e-5, None, &mut y).is_err());
+    }
+
+    /// The largest |y| the output pass reports is the quantizer's own `max_abs` of the output,
+    /// exactly, at every activation and at planes of odd lengths (the 16-lane loop's remainder).
+    #[test]
+    fn the_reported_output_maximum_is_the_quantizers_own() {
+        for (d, seed) in [(NchwDims { n: 3, c: 5, hw: 49 }, 1), (NchwDims { n: 2, c: 3, hw: 16 }, 2)] {
+            let x = data(d.len(), seed, 0.3);
+            let gamma: Vec<f32> = (0..d.c).map(|c| if c == 1 { -1.7 } else { 0.5 + c as f32 }).collect();
+            let beta: Vec<f32> = (0..d.c).map(|c| 0.2 * c as f32 - 0.4).collect();
+            for relu in [None, Some(f32::INFINITY), Some(6.0), Some(0.25)] {
+                let mut y = vec![0.0; d.len()];
+                let st = forward_train(d, &x, &gamma, &beta, 1e-5, relu, &mut y).unwrap();
+                let want = crate::quant::max_abs("y", &y).unwrap();
+                assert_eq!(st.max_abs_out.unwrap().to_bits(), want.to_bits(), "{d:?} {relu:?}");
+                let (rm, rv) = (vec![0.1; d.c], vec![0.7; d.c]);
+                let got = forward_eval(d, &x, &gamma, &beta, &rm, &rv, 1e-5, relu, &mut y).unwrap();
+                assert_eq!(got.to_bits(), crate::quant::max_abs("y", &y).unwrap().to_bits(), "{d:?} {relu:?}");
+            }
+        }
     }
 }

@@ -17,13 +17,13 @@ const CHUNK: usize = 1 << 14;
 // its forward pass.
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn add_relu_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) {
-    y.zip_map(a, b, |u, v| (u + v).max(0.0));
+fn add_relu_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) -> f32 {
+    y.zip_map_max_abs(a, b, |u, v| (u + v).max(0.0))
 }
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn add_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) {
-    y.zip_map(a, b, |u, v| u + v);
+fn add_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) -> f32 {
+    y.zip_map_max_abs(a, b, |u, v| u + v)
 }
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
@@ -48,25 +48,30 @@ fn clamp_relu_backward_chunk(o: Fill<'_>, x: &[f32], g: &[f32], cap: f32) {
     o.zip_map(x, g, |v, gv| if (v > 0.0) & (v < cap) { gv } else { 0.0 });
 }
 
-/// `y = max(a + b, 0)`, the end of a residual block, in one pass.
-pub fn add_relu<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<()> {
+/// `y = max(a + b, 0)`, the end of a residual block, in one pass; returns the largest `|y|` (NaN
+/// ignored), for an INT8 consumer's quantizer.
+pub fn add_relu<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<f32> {
     let y = y.into();
     check_len("residual add operand", b.len(), a.len())?;
     check_len("residual add output", y.len(), a.len())?;
-    y.par_fills(CHUNK)
+    Ok(y.par_fills(CHUNK)
         .zip(a.par_chunks(CHUNK))
         .zip(b.par_chunks(CHUNK))
-        .for_each(|((y, a), b)| add_relu_chunk(y, a, b));
-    Ok(())
+        .map(|((y, a), b)| add_relu_chunk(y, a, b))
+        .reduce(|| 0.0, f32::max))
 }
 
-/// `y = a + b` (a residual add without activation, as MobileNetV2's), in one pass.
-pub fn add<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<()> {
+/// `y = a + b` (a residual add without activation, as MobileNetV2's), in one pass; returns the
+/// largest `|y|` (NaN ignored).
+pub fn add<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<f32> {
     let y = y.into();
     check_len("add operand", b.len(), a.len())?;
     check_len("add output", y.len(), a.len())?;
-    y.par_fills(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((y, a), b)| add_chunk(y, a, b));
-    Ok(())
+    Ok(y.par_fills(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .map(|((y, a), b)| add_chunk(y, a, b))
+        .reduce(|| 0.0, f32::max))
 }
 
 /// `acc += b` in place, on all threads: how the tape sums the gradients reaching one value.
@@ -140,6 +145,22 @@ mod tests {
         relu_backward(&y, &[1.0, 2.0, 3.0, 4.0], &mut dx).unwrap();
         assert_eq!(dx, [1.0, 0.0, 0.0, 0.0]);
         assert!(add_relu(&a, &b[..3], &mut y).is_err());
+    }
+
+    /// The largest |y| the residual adds report is the quantizer's own `max_abs` of the output,
+    /// exactly, over lengths that end mid-lane and span several chunks.
+    #[test]
+    fn the_adds_report_the_quantizers_maximum_of_their_output() {
+        let r = crate::rng::CounterRng::new(7);
+        for n in [5, 16, 3 * CHUNK + 21] {
+            let a: Vec<f32> = (0..n).map(|i| r.uniform(i as u64) * 6.0 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| r.uniform((n + i) as u64) * 2.0 - 1.5).collect();
+            let mut y = vec![0.0; n];
+            let m = add_relu(&a, &b, &mut y).unwrap();
+            assert_eq!(m.to_bits(), crate::quant::max_abs("y", &y).unwrap().to_bits(), "add_relu, {n}");
+            let m = add(&a, &b, &mut y).unwrap();
+            assert_eq!(m.to_bits(), crate::quant::max_abs("y", &y).unwrap().to_bits(), "add, {n}");
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return gpu::add_relu(&on, a, b);
     }
     let (av, bv) = (a.cpu()?, b.cpu()?);
-    let (y, ()) = fresh(a.elem_count(), |y| elementwise::add_relu(av, bv, y))?;
-    let y = cpu_out(y, a.shape());
+    let (y, max_abs) = fresh(a.elem_count(), |y| elementwise::add_relu(av, bv, y))?;
+    let y = cpu_out(y, a.shape()).with_max_abs(max_abs);
     Ok(match record(&[a, b]) {
         None => y,
         Some(r) => {

@@ -32,8 +32,8 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         });
     }
     let (av, bv) = (a.cpu()?, b.cpu()?);
-    let (y, ()) = fresh(a.elem_count(), |y| elementwise::add(av, bv, y))?;
-    let y = cpu_out(y, a.shape());
+    let (y, max_abs) = fresh(a.elem_count(), |y| elementwise::add(av, bv, y))?;
+    let y = cpu_out(y, a.shape()).with_max_abs(max_abs);
     Ok(match record(&[a, b]) {
         None => y,
         Some(r) => r.output("add", y, AddBackward),
@@ -177,7 +177,7 @@ pub(crate) fn add_into(acc: &mut Tensor, mut g: Tensor) -> Result<()> {
         return Ok(());
     }
     let (av, gv) = (acc.cpu()?, g.cpu()?);
-    let (sum, ()) = fresh(acc.elem_count(), |y| elementwise::add(av, gv, y))?;
+    let (sum, _) = fresh(acc.elem_count(), |y| elementwise::add(av, gv, y))?;
     *acc = cpu_out(sum, acc.shape());
     Ok(())
 }

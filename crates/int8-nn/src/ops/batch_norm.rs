@@ -51,6 +51,10 @@ pub(crate) fn train(
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
     let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
     let y = cpu_out(y, x.shape());
+    let y = match stats.max_abs_out {
+        Some(m) => y.with_max_abs(m),
+        None => y,
+    };
     let y = match record(&[x, gamma, beta]) {
         None => y,
         Some(r) => {
@@ -106,8 +110,8 @@ pub(crate) fn eval(
         return gpu::eval(&on, d, x, gamma, beta, (mean, var), eps, relu);
     }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
-    let (y, ()) = fresh(x.elem_count(), |y| batchnorm::forward_eval(d, xv, gv, bv, mean, var, eps, relu, y))?;
-    let y = cpu_out(y, x.shape());
+    let (y, max_abs) = fresh(x.elem_count(), |y| batchnorm::forward_eval(d, xv, gv, bv, mean, var, eps, relu, y))?;
+    let y = cpu_out(y, x.shape()).with_max_abs(max_abs);
     Ok(match record(&[x, gamma, beta]) {
         None => y,
         Some(r) => {
@@ -186,6 +190,7 @@ mod gpu {
             var: on.download(&st.var)?,
             scale: Vec::new(),
             shift: Vec::new(),
+            max_abs_out: None,
         };
         let y = on.out(y, x.shape());
         let y = match record(&[x, gamma, beta]) {

@@ -10,7 +10,7 @@ use int8_core::conv::{
 };
 use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
-use int8_core::quant::{Granularity, QTensor, Rounding, quantize};
+use int8_core::quant::{Granularity, QTensor, Rounding, quantize, quantize_with_clip};
 
 use super::{cpu_out, input_grad_weight, zeros};
 use crate::error::{NnError, Result};
@@ -121,7 +121,13 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
             (y, saved)
         }
         Precision::Int8(cfg) => {
-            let xq = quantize(&format!("{}.input", a.name), xv, Granularity::PerTensor, 1, Rounding::Nearest)?;
+            // The op that wrote X may have found max|X| on the way (batch norm does): the codes
+            // are then one pass, and the same as `quantize`'s.
+            let xname = format!("{}.input", a.name);
+            let xq = match x.known_max_abs().filter(|_| sub.is_none()) {
+                Some(clip) => quantize_with_clip(&xname, xv, clip, Rounding::Nearest)?,
+                None => quantize(&xname, xv, Granularity::PerTensor, 1, Rounding::Nearest)?,
+            };
             let wq = quantize(&format!("{}.weight", a.name), wv, cfg.weight, s.c_out, Rounding::Nearest)?;
             {
                 let mut st = a.quant.lock();
