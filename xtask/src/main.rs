@@ -1,9 +1,9 @@
 //! `cargo xtask`: the project's command line (see `docs/architecture.md`).
 //!
-//! It links none of the workspace's crates, so that it builds in seconds (the rust-analyzer xtask
-//! pattern): benches run in the `int8-bench` binary, and training and the tool commands (`zoo`,
-//! `data`, `scalars`, a sweep's recipe check) in the `int8-train` binary, which this builds in
-//! release mode and spawns. `sweep` expands an experiment into runs and tabulates them (see
+//! It links none of the workspace's crates but the light `int8-events` (TensorBoard event files),
+//! so that it builds in seconds (the rust-analyzer xtask pattern): benches run in the `int8-bench`
+//! binary, and training and the tool commands (`zoo`, `data`, `scalars`, a sweep's recipe check)
+//! in the `int8-train` binary, which this builds in release mode and spawns. `sweep` expands an experiment into runs and tabulates them (see
 //! [`sweep`]); `plot` draws a sweep's curves from its runs' TensorBoard events (see [`plot`]).
 
 use std::io::{BufRead, BufReader, Write};
@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod events;
 mod plot;
 mod sweep;
 

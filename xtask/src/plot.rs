@@ -1,5 +1,6 @@
 //! `cargo xtask plot`, and the pictures the sweep's report step draws beside `results.md`: a
-//! sweep's runs drawn from their TensorBoard events ([`crate::events`]), per recipe.
+//! sweep's runs drawn from their TensorBoard events (read with [`int8_events::read_run`]), per
+//! recipe.
 //!
 //! - `curves.png`: the test metric (top-1, or mAP@0.5 for detection) by epoch over the whole
 //!   schedule and over its last quarter, the training loss (epoch mean) and the test loss
@@ -20,12 +21,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
+use int8_events::{Scalars, event_files, read_run};
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use serde::Deserialize;
-
-use crate::events::{Scalars, event_files, read_run};
 
 /// A run of a sweep, with what the pictures group it by: the fields of a run of the sweep's
 /// `plan.json` that they read.
@@ -777,5 +777,82 @@ mod tests {
         let luma = 0.299 * last.0 as f64 + 0.587 * last.1 as f64 + 0.114 * last.2 as f64;
         assert!(luma < 200.0, "{last:?}");
         assert_ne!(depth_colour(0.4), depth_colour(0.6));
+    }
+
+    fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    }
+
+    /// Every scalar tag of `dir` with its (step, value) points, as TensorBoard's `EventAccumulator`
+    /// reads them (`crates/int8-train/tests/read_events.py`).
+    fn tensorboard_scalars(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
+        let script = root().join("crates/int8-train/tests/read_events.py");
+        let out = std::process::Command::new("python3").arg(&script).arg(dir).output().expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "TensorBoard's reader failed (install it with `pip install tensorboard`; the README's set-up does it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["scalars"].as_object().unwrap().clone()
+    }
+
+    /// A one-epoch INT8 run of the small CNN on 384 Fashion-MNIST images (12 steps), killed after
+    /// step 6 with its checkpoint of step 4, then resumed to the end: two event files, the first
+    /// with points past step 4 that TensorBoard drops. The reader's own cases (damaged and cut
+    /// records, files that are not event files) are int8-events' tests; this one checks what the
+    /// pictures read of a real run.
+    #[test]
+    fn a_killed_and_resumed_trainer_run_reads_as_tensorboard_reads_it() {
+        assert!(
+            Path::new("/usr/share/datasets/fashion-mnist").exists(),
+            "Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist (the README's set-up does it)"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        let trainer = crate::sweep::build_trainer(&root(), false).unwrap();
+        let sets = [
+            "data.train_limit=384",
+            "data.test_limit=500",
+            "train.epochs=1",
+            "train.batch=32",
+            "train.eval_batch=250",
+            "train.checkpoint_every=4",
+            "train.log_every=1",
+            "train.histogram_every=5",
+            "quant.precision=\"int8\"",
+        ];
+        let mut cmd = std::process::Command::new(&trainer);
+        cmd.current_dir(root()).args(["cnn-small-fashion-mnist", "--progress", "quiet", "--out"]).arg(&dir);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let killed = cmd.env("INT8_TRAIN_KILL_AT_STEP", "6").output().unwrap();
+        assert!(!killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+        let resumed = cmd.env_remove("INT8_TRAIN_KILL_AT_STEP").arg("--resume").output().unwrap();
+        assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+        assert_eq!(event_files(&dir).unwrap().len(), 2, "one event file per session");
+
+        let ours = read_run(&dir).unwrap();
+        let theirs = tensorboard_scalars(&dir);
+        let mut tags: Vec<&String> = ours.tags().iter().collect();
+        tags.sort();
+        assert_eq!(tags, theirs.keys().collect::<Vec<_>>());
+        for (tag, points) in &theirs {
+            let want: Vec<(u64, f32)> = points
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+                .collect();
+            assert_eq!(ours.get(tag), want.as_slice(), "{tag}");
+        }
+        // Every step once: the killed session's steps 5 and 6 are dropped for the resumed ones.
+        let steps: Vec<u64> = ours.get("train/loss").iter().map(|p| p.0).collect();
+        assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+        assert_eq!(ours.get("test/top1").len(), 1);
+        // Per-layer tags come in the model's order of layers.
+        let clips: Vec<&str> = ours.tags().iter().filter(|t| t.ends_with("/clip")).map(String::as_str).collect();
+        assert_eq!(clips, ["quant/conv2/clip", "quant/conv3/clip"]);
     }
 }

@@ -46,10 +46,10 @@ pub enum TrainError {
         /// What is wrong and what to do.
         why: String,
     },
-    /// A TensorBoard event file cannot be read.
+    /// A run's TensorBoard curves cannot be shown as asked (a `--tag` that matches no tag).
     #[error("{path}: {why}")]
     Events {
-        /// The event file or run folder.
+        /// The run folder.
         path: PathBuf,
         /// What is wrong and what to do.
         why: String,
@@ -76,6 +76,9 @@ pub enum TrainError {
         /// The checkpoint written.
         checkpoint: PathBuf,
     },
+    /// A TensorBoard event file could not be written, or a run's could not be read.
+    #[error(transparent)]
+    EventFile(#[from] int8_events::EventError),
     /// Reading data failed.
     #[error(transparent)]
     Data(#[from] int8_datasets::DatasetError),
