@@ -120,6 +120,14 @@ impl<'a> Out<'a> {
     }
 }
 
+/// `max(m, a)` as one `maxps` (a NaN `a` leaves `m`): `f32::max`'s NaN rule costs a compare and
+/// a blend per vector in passes that are otherwise bound by memory. A NaN never needs to reach the
+/// maximum: the quantizer that uses it checks finiteness in its own pass.
+#[inline(always)]
+fn max_nan_blind(m: f32, a: f32) -> f32 {
+    if a > m { a } else { m }
+}
+
 /// A chunk of an [`Out`] that one elementwise pass writes whole.
 #[derive(Debug)]
 pub struct Fill<'a> {
@@ -171,13 +179,13 @@ impl Fill<'_> {
             for l in 0..LANES {
                 let y = f(v[l]);
                 o[l].write(y);
-                m[l] = m[l].max(y.abs());
+                m[l] = max_nan_blind(m[l], y.abs());
             }
         }
         for (o, &v) in or.iter_mut().zip(xr) {
             let y = f(v);
             o.write(y);
-            m[0] = m[0].max(y.abs());
+            m[0] = max_nan_blind(m[0], y.abs());
         }
         for o in &mut self.buf[n..] {
             o.write(0.0);
@@ -199,13 +207,13 @@ impl Fill<'_> {
             for l in 0..LANES {
                 let y = f(u[l], v[l]);
                 o[l].write(y);
-                m[l] = m[l].max(y.abs());
+                m[l] = max_nan_blind(m[l], y.abs());
             }
         }
         for ((o, &u), &v) in or.iter_mut().zip(ar).zip(br) {
             let y = f(u, v);
             o.write(y);
-            m[0] = m[0].max(y.abs());
+            m[0] = max_nan_blind(m[0], y.abs());
         }
         for o in &mut self.buf[n..] {
             o.write(0.0);
