@@ -54,6 +54,10 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("3x3 s2 p1, even rows longer than one vector (70 wide)", sq(1, 2, 70, 3, 3, 2, 1)),
         ("1x1 s2 even (the split input is the operand)", sq(2, 3, 8, 4, 1, 2, 0)),
         ("planes of 576 pixels (one image per weight-gradient GEMM)", sq(3, 2, 24, 3, 3, 1, 1)),
+        (
+            "1x1 groups 2 over 16x16 planes (FP32 weight gradients as dot products along the plane)",
+            sq(2, 4, 16, 6, 1, 1, 0).with_groups(2),
+        ),
         ("5x5 s2 p2", sq(2, 3, 9, 4, 5, 2, 2)),
         ("2x2 s3: phases no tap reaches", sq(2, 3, 10, 4, 2, 3, 0)),
         ("3x2 stride (3,2) dilation (2,3) groups 2", uneven(sq(2, 4, 11, 6, 3, 1, 1).with_groups(2))),

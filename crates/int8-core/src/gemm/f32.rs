@@ -1,5 +1,8 @@
-//! FP32 GEMM on the `gemm` crate (AVX-512 / AVX2+FMA kernels chosen at run time).
+//! FP32 GEMM on the `gemm` crate (AVX-512 / AVX2+FMA kernels chosen at run time), but for products
+//! whose operands both run along the inner dimension, which take our dot-product kernels
+//! ([`super::f32_dot`]) on the calling thread.
 
+use super::f32_dot::{DotPath, applies, gemm_dot};
 use super::{MatMut, MatRef, Parallelism, check_product};
 use crate::error::Result;
 
@@ -17,6 +20,10 @@ pub fn gemm_f32(a: MatRef<f32>, b: MatRef<f32>, c: MatMut<f32>, accumulate: bool
                 }
             }
         }
+        return Ok(());
+    }
+    if par == Parallelism::None && applies(&a, &b) {
+        gemm_dot(DotPath::detect(), a, b, c, accumulate);
         return Ok(());
     }
     let par = match par {

@@ -1,11 +1,13 @@
 //! Matrix multiplication, FP32 and INT8, on strided matrix views.
 //!
 //! `C = A * B` (or `C += A * B`) where every operand is a view with its own row and column strides,
-//! so transposes are free. FP32 runs on the `gemm` crate. INT8 multiplies codes in `[-127, 127]`
+//! so transposes are free. FP32 runs on the `gemm` crate, and on dot-product kernels of our own
+//! where both operands run along the inner dimension (the weight gradient's layout). INT8 multiplies codes in `[-127, 127]`
 //! with exact INT32 accumulation on our own packed kernels, chosen at run time from the CPU's
 //! instruction sets ([`Int8Path`]). [`reference`] holds the naive loops that define both.
 
 mod f32;
+mod f32_dot;
 mod int8;
 pub mod reference;
 
