@@ -1,6 +1,6 @@
 //! A checkpoint written by the trainer before int8-nn owned its tensors and tape (main at
-//! ba3055e) loads and resumes with today's trainer, and the resumed run ends exactly where that
-//! trainer's own resumed run ended (`tests/fixtures/main-ba3055e/README.md` says how the files
+//! ba3055e) loads and resumes with today's trainer, and the resumed run ends where that
+//! trainer's own resumed run ended (exactly, but for the FP32 rounding noted in the test) (`tests/fixtures/main-ba3055e/README.md` says how the files
 //! were made).
 
 use std::path::{Path, PathBuf};
@@ -32,11 +32,23 @@ fn a_checkpoint_of_the_previous_trainer_resumes_to_the_same_end() {
     let summary = summary.unwrap();
     let want: Vec<EpochRecord> = serde_json::from_slice(&std::fs::read(fixture("metrics.json")).unwrap()).unwrap();
     let got = checkpoint::load(&out.path().join("checkpoints/last.safetensors")).unwrap().state.unwrap().history;
-    let key = |h: &[EpochRecord]| -> Vec<_> {
-        h.iter().map(|e| (e.epoch, e.lr, e.train_loss, e.train_top1, e.test_loss, e.test_top1, e.test_top5)).collect()
+    // Epochs, learning rates and accuracies exactly; losses to 1e-4 of their size. Since e90debb
+    // the FP32 layers' weight gradients (the stem convolution here) sum in another order than that
+    // trainer's, which moves the losses in their sixth digit (1.1e-5 of the size at most when this
+    // bound was set); a state lost on the way (momentum, the clip values, the rounding streams)
+    // changes every later step and moves them far more.
+    let exact = |h: &[EpochRecord]| -> Vec<_> {
+        h.iter().map(|e| (e.epoch, e.lr, e.train_top1, e.test_top1, e.test_top5)).collect()
     };
-    assert_eq!(key(&got), key(&want));
-    assert_eq!(summary.final_train_loss, want[1].train_loss);
+    assert_eq!(exact(&got), exact(&want));
+    let close = |what: &str, got: f64, want: f64| {
+        assert!((got - want).abs() <= 1e-4 * want.abs(), "{what}: {got} against {want} of the previous trainer")
+    };
+    for (g, w) in got.iter().zip(&want) {
+        close("train loss", g.train_loss, w.train_loss);
+        close("test loss", g.test_loss.unwrap(), w.test_loss.unwrap());
+    }
+    close("final train loss", summary.final_train_loss, want[1].train_loss);
 }
 
 #[test]
