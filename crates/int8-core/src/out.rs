@@ -222,6 +222,71 @@ impl Fill<'_> {
         m.iter().fold(0.0f32, |a, &b| a.max(b))
     }
 
+    /// `out[i] = f(a[i], b[i])` as [`Fill::zip_map_max_abs`], returning the largest `|out[i]|`
+    /// (NaN ignored) and setting bit `i % 64` of `positive[i / 64]` where `out[i] > 0`: all that a
+    /// ReLU's backward pass needs of its output, in a 32nd of its bytes. `positive` holds
+    /// `len().div_ceil(64)` words; the bits past the end of the chunk are 0.
+    #[inline(always)]
+    pub fn zip_map_max_abs_positive(
+        self,
+        a: &[f32],
+        b: &[f32],
+        positive: &mut [u64],
+        f: impl Fn(f32, f32) -> f32,
+    ) -> f32 {
+        const LANES: usize = 16;
+        let n = a.len().min(b.len()).min(self.buf.len());
+        let mut m = [0.0f32; LANES];
+        let (oc, or) = self.buf[..n].as_chunks_mut::<64>();
+        let ((ac, ar), (bc, br)) = (a[..n].as_chunks::<64>(), b[..n].as_chunks::<64>());
+        let (words, rest) = positive.split_at_mut(oc.len().min(positive.len()));
+        for (((o, u), v), w) in oc.iter_mut().zip(ac).zip(bc).zip(words) {
+            let mut word = 0u64;
+            for l in 0..64 {
+                let y = f(u[l], v[l]);
+                o[l].write(y);
+                m[l % LANES] = max_nan_blind(m[l % LANES], y.abs());
+                word |= u64::from(y > 0.0) << l;
+            }
+            *w = word;
+        }
+        let mut word = 0u64;
+        for (l, ((o, &u), &v)) in or.iter_mut().zip(ar).zip(br).enumerate() {
+            let y = f(u, v);
+            o.write(y);
+            m[0] = max_nan_blind(m[0], y.abs());
+            word |= u64::from(y > 0.0) << l;
+        }
+        rest.iter_mut().enumerate().for_each(|(i, w)| *w = if i == 0 { word } else { 0 });
+        for o in &mut self.buf[n..] {
+            o.write(0.0);
+        }
+        self.done();
+        m.iter().fold(0.0f32, |a, &b| a.max(b))
+    }
+
+    /// `out[i] = x[i]` where bit `i % 64` of `bits[i / 64]` is set, else 0; values past the end
+    /// of `x` or `bits` (a caller's bug) are zero.
+    #[inline(always)]
+    pub fn select_bits(self, x: &[f32], bits: &[u64]) {
+        let n = x.len().min(self.buf.len()).min(bits.len() * 64);
+        let (oc, or) = self.buf[..n].as_chunks_mut::<64>();
+        let (xc, xr) = x[..n].as_chunks::<64>();
+        for ((o, v), &w) in oc.iter_mut().zip(xc).zip(bits) {
+            for l in 0..64 {
+                o[l].write(if (w >> l) & 1 != 0 { v[l] } else { 0.0 });
+            }
+        }
+        let w = bits.get(oc.len()).copied().unwrap_or(0);
+        for (l, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
+            o.write(if (w >> l) & 1 != 0 { v } else { 0.0 });
+        }
+        for o in &mut self.buf[n..] {
+            o.write(0.0);
+        }
+        self.done();
+    }
+
     /// `out[i] = f(a[i], b[i])`; values past the end of `a` or `b` (a caller's bug) are zero.
     #[inline(always)]
     pub fn zip_map(self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {

@@ -118,4 +118,21 @@ fn dropped_graphs_and_evaluation_keep_nothing_alive() {
     assert!(peaks[0].1 < peaks[1].1 && peaks[1].1 < peaks[2].1, "{peaks:?}");
     drop(kept);
     assert_eq!((live_bytes(), saved_bytes()), (base, 0));
+
+    // A residual block's add + ReLU keeps one sign bit per value for its backward pass, not its
+    // f32 output: once the graph's other holders let the output go, its bytes are free.
+    let (x, _) = batch(3000);
+    let h = net
+        .bn2
+        .forward(&net.conv2.forward(&net.bn1.forward(&net.conv1.forward(&x).unwrap()).unwrap()).unwrap())
+        .unwrap();
+    let saved = saved_bytes();
+    let y = add_relu(&h, &x).unwrap();
+    assert_eq!(saved_bytes() - saved, 8 * x.elem_count().div_ceil(64));
+    let pooled = global_avg_pool(&y).unwrap();
+    let live = live_bytes();
+    drop(y);
+    assert_eq!(live - live_bytes(), 4 * x.elem_count(), "the tape holds no f32 copy of the output");
+    drop((x, h, pooled));
+    assert_eq!((live_bytes(), saved_bytes()), (base, 0));
 }

@@ -22,6 +22,16 @@ fn add_relu_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_relu_positive_chunk(y: Fill<'_>, a: &[f32], b: &[f32], positive: &mut [u64]) -> f32 {
+    y.zip_map_max_abs_positive(a, b, positive, |u, v| (u + v).max(0.0))
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn relu_backward_positive_chunk(o: Fill<'_>, positive: &[u64], g: &[f32]) {
+    o.select_bits(g, positive);
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn add_chunk(y: Fill<'_>, a: &[f32], b: &[f32]) -> f32 {
     y.zip_map_max_abs(a, b, |u, v| u + v)
 }
@@ -59,6 +69,37 @@ pub fn add_relu<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>) -> Result<f32> 
         .zip(b.par_chunks(CHUNK))
         .map(|((y, a), b)| add_relu_chunk(y, a, b))
         .reduce(|| 0.0, f32::max))
+}
+
+/// [`add_relu`] for training: also sets bit `i % 64` of `positive[i / 64]` where `y[i] > 0`, which
+/// is all that [`relu_backward_positive`] needs, so the backward pass keeps a 32nd of `y`'s bytes
+/// (`y` itself goes on to an INT8 convolution as 8-bit codes). `positive` holds
+/// `a.len().div_ceil(64)` words.
+pub fn add_relu_positive<'y>(a: &[f32], b: &[f32], y: impl Into<Out<'y>>, positive: &mut [u64]) -> Result<f32> {
+    let y = y.into();
+    check_len("residual add operand", b.len(), a.len())?;
+    check_len("residual add output", y.len(), a.len())?;
+    check_len("residual add sign bits", positive.len(), a.len().div_ceil(64))?;
+    const { assert!(CHUNK.is_multiple_of(64)) };
+    Ok(y.par_fills(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .zip(positive.par_chunks_mut(CHUNK / 64))
+        .map(|(((y, a), b), p)| add_relu_positive_chunk(y, a, b, p))
+        .reduce(|| 0.0, f32::max))
+}
+
+/// [`relu_backward`] from the sign bits [`add_relu_positive`] set: `dy` where the bit is set,
+/// else 0.
+pub fn relu_backward_positive<'x>(positive: &[u64], dy: &[f32], dx: impl Into<Out<'x>>) -> Result<()> {
+    let dx = dx.into();
+    check_len("relu sign bits", positive.len(), dy.len().div_ceil(64))?;
+    check_len("relu input gradient", dx.len(), dy.len())?;
+    dx.par_fills(CHUNK)
+        .zip(positive.par_chunks(CHUNK / 64))
+        .zip(dy.par_chunks(CHUNK))
+        .for_each(|((o, p), g)| relu_backward_positive_chunk(o, p, g));
+    Ok(())
 }
 
 /// `y = a + b` (a residual add without activation, as MobileNetV2's), in one pass; returns the
@@ -145,6 +186,46 @@ mod tests {
         relu_backward(&y, &[1.0, 2.0, 3.0, 4.0], &mut dx).unwrap();
         assert_eq!(dx, [1.0, 0.0, 0.0, 0.0]);
         assert!(add_relu(&a, &b[..3], &mut y).is_err());
+    }
+
+    /// The sign bits give the same output and gradient as the f32 output they replace, over
+    /// lengths that end mid-word and span several chunks, with zeros of both signs, NaN and
+    /// infinities among the sums.
+    #[test]
+    fn add_relu_sign_bits_give_what_the_output_gives() {
+        let r = crate::rng::CounterRng::new(11);
+        for n in [1, 63, 64, 65, 1000, CHUNK, 2 * CHUNK + 77] {
+            let mut a: Vec<f32> = (0..n).map(|i| r.uniform(i as u64) * 4.0 - 2.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| r.uniform((n + i) as u64) * 4.0 - 2.0).collect();
+            let specials = [0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+            for (i, v) in specials.into_iter().enumerate().take(n) {
+                a[i * n / 6] = v;
+            }
+            // A sum of exactly zero.
+            a[n - 1] = -b[n - 1];
+            let mut want = vec![0.0; n];
+            let max_want = add_relu(&a, &b, &mut want).unwrap();
+            let mut y = vec![9.0; n];
+            let mut bits = vec![u64::MAX; n.div_ceil(64)];
+            let max_got = add_relu_positive(&a, &b, &mut y, &mut bits).unwrap();
+            assert_eq!(max_got.to_bits(), max_want.to_bits(), "n = {n}");
+            assert!(y.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "n = {n}");
+            for (i, &v) in want.iter().enumerate() {
+                assert_eq!((bits[i / 64] >> (i % 64)) & 1 == 1, v > 0.0, "n = {n}, bit {i}");
+            }
+            if n % 64 != 0 {
+                assert_eq!(bits[n / 64] >> (n % 64), 0, "n = {n}: bits past the end");
+            }
+            let g: Vec<f32> = (0..n).map(|i| r.uniform((2 * n + i) as u64) - 0.5).collect();
+            let mut dx_want = vec![0.0; n];
+            relu_backward(&want, &g, &mut dx_want).unwrap();
+            let mut dx = vec![9.0; n];
+            relu_backward_positive(&bits, &g, &mut dx).unwrap();
+            assert!(dx.iter().zip(&dx_want).all(|(g, w)| g.to_bits() == w.to_bits()), "n = {n}");
+        }
+        let mut y = [0.0; 3];
+        assert!(add_relu_positive(&[1.0; 3], &[1.0; 3], &mut y, &mut []).is_err());
+        assert!(relu_backward_positive(&[], &[1.0; 3], &mut y).is_err());
     }
 
     /// The largest |y| the residual adds report is the quantizer's own `max_abs` of the output,

@@ -20,32 +20,38 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return gpu::add_relu(&on, a, b);
     }
     let (av, bv) = (a.cpu()?, b.cpu()?);
-    let (y, max_abs) = fresh(a.elem_count(), |y| elementwise::add_relu(av, bv, y))?;
-    let y = cpu_out(y, a.shape()).with_max_abs(max_abs);
     Ok(match record(&[a, b]) {
-        None => y,
+        None => {
+            let (y, max_abs) = fresh(a.elem_count(), |y| elementwise::add_relu(av, bv, y))?;
+            cpu_out(y, a.shape()).with_max_abs(max_abs)
+        }
         Some(r) => {
-            let saved = y.clone();
-            r.output("add-relu", y, AddReluBackward { y: saved })
+            let mut positive = vec![0u64; a.elem_count().div_ceil(64)];
+            let (y, max_abs) = fresh(a.elem_count(), |y| elementwise::add_relu_positive(av, bv, y, &mut positive))?;
+            let y = cpu_out(y, a.shape()).with_max_abs(max_abs);
+            r.output("add-relu", y, AddReluBackward { positive, len: a.elem_count() })
         }
     })
 }
 
-/// Keeps the output: its sign says where the gradient passes.
+/// Keeps the output's sign bits: where it is positive, the gradient passes. The output itself
+/// is not kept: an INT8 convolution that reads it keeps its 8-bit codes, and the sign bits are a
+/// 32nd of its bytes.
 struct AddReluBackward {
-    y: Tensor,
+    positive: Vec<u64>,
+    len: usize,
 }
 
 impl Backward for AddReluBackward {
     fn backward(self: Box<Self>, grad: Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let (y, g) = (self.y.cpu()?, grad.cpu()?);
-        let (d, ()) = fresh(self.y.elem_count(), |d| elementwise::relu_backward(y, g, d))?;
-        let d = cpu_out(d, self.y.shape());
+        let g = grad.cpu()?;
+        let (d, ()) = fresh(self.len, |d| elementwise::relu_backward_positive(&self.positive, g, d))?;
+        let d = cpu_out(d, grad.shape());
         Ok(vec![needs[0].then(|| d.clone()), needs[1].then_some(d)])
     }
 
     fn saved_bytes(&self) -> usize {
-        4 * self.y.elem_count()
+        8 * self.positive.len()
     }
 }
 
