@@ -58,6 +58,10 @@ enum What {
         /// `quant.grad_rounding = "stochastic"`) instead of to nearest.
         #[arg(long)]
         stochastic_grads: bool,
+        /// Batch norms after INT8 convolutions keep their input for the backward pass in half
+        /// precision (a recipe's `quant.batch_norm_input = "f16"`) instead of f32.
+        #[arg(long)]
+        f16_batch_norm_input: bool,
         /// Also time PyTorch's FP32 step of the same model with this Python (one that has torch;
         /// `cargo xtask bench step --peer pytorch` makes one), as a column of its own.
         #[arg(long, value_name = "PYTHON")]
@@ -82,6 +86,9 @@ enum What {
         /// As for `step`.
         #[arg(long)]
         stochastic_grads: bool,
+        /// As for `step`.
+        #[arg(long)]
+        f16_batch_norm_input: bool,
         /// As for `step`.
         #[arg(long, default_value = "cpu")]
         device: int8_nn::Device,
@@ -162,15 +169,15 @@ fn run_on(cli: Cli) -> Result<()> {
             let rows = kernels::run(std::time::Duration::from_secs_f64(seconds), filter.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::Step { json, seconds, model, fp32, stochastic_grads, peer_python, device } => {
+        What::Step { json, seconds, model, fp32, stochastic_grads, f16_batch_norm_input, peer_python, device } => {
             println!("{}", kernels::machine_line());
-            let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
+            let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads, f16_batch_norm_input };
             let budget = std::time::Duration::from_secs_f64(seconds);
             let rows = step::run(&model, &policy, &device, budget, peer_python.as_deref())?;
             write_json(json, &rows)?;
         }
-        What::StepMemory { model, precision, fp32, stochastic_grads, device } => {
-            let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads };
+        What::StepMemory { model, precision, fp32, stochastic_grads, f16_batch_norm_input, device } => {
+            let policy = step::Int8Policy { fp32_patterns: &fp32, stochastic_grads, f16_batch_norm_input };
             step::memory_child(&model, precision == "int8", &policy, &device)?;
         }
         What::Data { json, seconds } => {

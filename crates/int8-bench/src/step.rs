@@ -2,7 +2,8 @@
 //! images; a detector takes 8 images of its input size with ten boxes each, for VOC's 21 classes;
 //! forward + backward + SGD update) at FP32 and at INT8 (the paper's policy: DSGC, DCLR,
 //! first conv and FC in FP32, and any further layers a `--fp32` pattern names; gradients rounded to
-//! nearest, or stochastically with `--stochastic-grads`), split into its phases and its ops, with
+//! nearest, or stochastically with `--stochastic-grads`; batch norms keeping their input in half
+//! precision with `--f16-batch-norm-input`), split into its phases and its ops, with
 //! the step's peak memory: the process's resident set, the tensors' storage, and what the tape
 //! keeps for the backward pass. The input (and a detector's boxes) is made up: only time and memory are measured here.
 
@@ -133,6 +134,9 @@ fn child_rss(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> R
     if policy.stochastic_grads {
         cmd.arg("--stochastic-grads");
     }
+    if policy.f16_batch_norm_input {
+        cmd.arg("--f16-batch-norm-input");
+    }
     let out = cmd.output().context("cannot run the memory child")?;
     if !out.status.success() {
         anyhow::bail!("the memory child failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -192,13 +196,19 @@ pub struct Int8Policy<'a> {
     pub fp32_patterns: &'a [String],
     /// Output-gradient codes round stochastically instead of to nearest.
     pub stochastic_grads: bool,
+    /// Batch norms after INT8 convolutions keep their input in half precision.
+    pub f16_batch_norm_input: bool,
 }
 
 /// The INT8 model's policy: the paper's, changed as `p` says.
 fn int8_policy(p: &Int8Policy) -> LayerPolicy {
     let grad_rounding =
         if p.stochastic_grads { GradRounding::Stochastic { seed: 0x5EED } } else { GradRounding::Nearest };
-    let mut policy = LayerPolicy::paper(Int8Config { grad_rounding, ..Int8Config::default() });
+    let mut policy = LayerPolicy::paper(Int8Config {
+        grad_rounding,
+        f16_batch_norm_input: p.f16_batch_norm_input,
+        ..Int8Config::default()
+    });
     policy.rules.extend(p.fp32_patterns.iter().map(|p| Rule { pattern: p.clone(), int8: false }));
     policy
 }
@@ -329,7 +339,7 @@ mod tests {
     #[test]
     fn fp32_patterns_keep_exactly_the_matching_layers_in_fp32() {
         let patterns = ["*.dw.conv".to_string()];
-        let policy = Int8Policy { fp32_patterns: &patterns, stochastic_grads: false };
+        let policy = Int8Policy { fp32_patterns: &patterns, ..Default::default() };
         let model = int8_zoo::build("mobilenetv2-cifar", 10, &int8_policy(&policy), 0).unwrap();
         let convs: Vec<_> = model.layers().into_iter().filter(|l| matches!(l, int8_nn::Layer::Conv(_))).collect();
         let (mut dw, mut other_int8) = (0, 0);

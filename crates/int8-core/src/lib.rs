@@ -25,6 +25,7 @@ pub mod dclr;
 pub mod dsgc;
 mod error;
 pub mod gemm;
+pub mod half;
 pub mod nn;
 pub mod out;
 pub mod quant;

@@ -216,6 +216,11 @@ struct Inner {
     /// an INT8 consumer then quantizes with it instead of a pass of its own. Cleared whenever the
     /// values are written in place.
     max_abs: Option<f32>,
+    /// Whether an INT8 layer that asked for it (`Int8Config::f16_batch_norm_input`) wrote the
+    /// values: a batch norm reading them then keeps them for its backward pass in half precision
+    /// (they already carry the INT8 product's error, far above half precision's). Cleared, as
+    /// `max_abs` is, when the values are written in place.
+    f16_ok: bool,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -252,6 +257,7 @@ impl Tensor {
                 storage: Arc::new(Storage::Cpu(memory::HostBuf::new(values))),
                 track: Track::None,
                 max_abs: None,
+                f16_ok: false,
             }),
         }
     }
@@ -423,6 +429,7 @@ impl Tensor {
                 storage: self.inner.storage.clone(),
                 track: Track::None,
                 max_abs: self.inner.max_abs,
+                f16_ok: self.inner.f16_ok,
             }),
         }
     }
@@ -431,6 +438,18 @@ impl Tensor {
     pub(crate) fn with_max_abs(mut self, max_abs: f32) -> Tensor {
         Arc::make_mut(&mut self.inner).max_abs = Some(max_abs);
         self
+    }
+
+    /// This untracked tensor, marked as written by an INT8 layer whose consumers may keep it in
+    /// half precision (see `Inner`).
+    pub(crate) fn with_f16_ok(mut self) -> Tensor {
+        Arc::make_mut(&mut self.inner).f16_ok = true;
+        self
+    }
+
+    /// Whether a batch norm reading these values may keep them in half precision (see `Inner`).
+    pub(crate) fn f16_ok(&self) -> bool {
+        self.inner.f16_ok
     }
 
     /// The largest `|value|`, where the op that wrote the values recorded it.
@@ -447,6 +466,7 @@ impl Tensor {
     pub(crate) fn unique_cpu_mut(&mut self) -> Option<&mut [f32]> {
         let inner = Arc::get_mut(&mut self.inner)?;
         inner.max_abs = None;
+        inner.f16_ok = false;
         match Arc::get_mut(&mut inner.storage)? {
             Storage::Cpu(b) => Some(b.as_mut_slice()),
             #[cfg(feature = "cuda")]
@@ -464,6 +484,7 @@ impl Tensor {
         }
         let inner = Arc::make_mut(&mut self.inner);
         inner.max_abs = None;
+        inner.f16_ok = false;
         match Arc::make_mut(&mut inner.storage) {
             Storage::Cpu(b) => b.as_mut_slice(),
             #[cfg(feature = "cuda")]
@@ -474,7 +495,15 @@ impl Tensor {
     /// A tensor of `shape` on storage `storage`, untracked.
     #[cfg(feature = "cuda")]
     pub(crate) fn from_storage(storage: Storage, shape: Shape) -> Tensor {
-        Tensor { inner: Arc::new(Inner { shape, storage: Arc::new(storage), track: Track::None, max_abs: None }) }
+        Tensor {
+            inner: Arc::new(Inner {
+                shape,
+                storage: Arc::new(storage),
+                track: Track::None,
+                max_abs: None,
+                f16_ok: false,
+            }),
+        }
     }
 
     /// The storage and the tensor's own handle on it, for in-place GPU updates: the buffer
@@ -483,6 +512,7 @@ impl Tensor {
     pub(crate) fn unique_storage_mut(&mut self) -> Option<&mut Storage> {
         let inner = Arc::get_mut(&mut self.inner)?;
         inner.max_abs = None;
+        inner.f16_ok = false;
         Arc::get_mut(&mut inner.storage)
     }
 
@@ -491,6 +521,7 @@ impl Tensor {
     pub(crate) fn make_storage_mut(&mut self) -> &mut Storage {
         let inner = Arc::make_mut(&mut self.inner);
         inner.max_abs = None;
+        inner.f16_ok = false;
         Arc::make_mut(&mut inner.storage)
     }
 

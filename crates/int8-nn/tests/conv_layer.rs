@@ -439,3 +439,45 @@ fn an_int8_conv_of_a_batch_norm_output_is_the_conv_of_its_values() {
         }
     }
 }
+
+/// `f16_batch_norm_input`: the batch norm after the INT8 convolution keeps its input in half
+/// precision for the backward pass, and nothing else changes: the forward output is bit for bit
+/// that of the same layers without it, and the gradients of the convolution's input and weights
+/// and of the batch norm's gamma and beta are within 2e-3 of the largest of theirs (half
+/// precision's 2^-11 on the normalised input, through the INT8 codes of the gradient), with a
+/// fused ReLU or without (`tests/memory.rs` checks what it keeps).
+#[test]
+fn a_batch_norm_after_an_int8_conv_may_keep_its_input_in_half_precision() {
+    use int8_nn::layers::BatchNorm2d;
+    let (xd, wd) = ([4, 3, 9, 9], [8, 3, 3, 3]);
+    let g = ConvGeometry { padding: (1, 1), ..Default::default() };
+    let r = uniform(4 * 8 * 9 * 9, 3);
+    let pass = |precision: Precision, relu: bool| {
+        let conv = Conv2d::new("c", tensor(uniform(216, 2), &wd), g, precision).unwrap();
+        let bn = BatchNorm2d::new("bn", 8, relu).unwrap();
+        let x = var(uniform(4 * 3 * 9 * 9, 1).iter().map(|v| 3.0 * v + 0.5).collect(), &xd);
+        let y = bn.forward(&conv.forward(&x).unwrap()).unwrap();
+        let rt = Tensor::from_vec(r.clone(), y.dims()).unwrap();
+        let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![y.to_vec(), grads.get(&x).unwrap().to_vec(), grads.of(conv.weight()).unwrap().to_vec()];
+        out.push(grads.of(bn.gamma()).unwrap().to_vec());
+        out.push(grads.of(bn.beta()).unwrap().to_vec());
+        out
+    };
+    let int8 = Int8Config { clip: ClipMode::MaxAbs, ..Int8Config::default() };
+    let half = Int8Config { f16_batch_norm_input: true, ..int8 };
+    for relu in [false, true] {
+        let (want, got) = (pass(Precision::Int8(int8), relu), pass(Precision::Int8(half), relu));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got[0]), bits(&want[0]), "output, relu {relu}");
+        let mut differs = false;
+        for (what, (g, w)) in ["dx", "dw", "dgamma", "dbeta"].iter().zip(got.iter().zip(&want).skip(1)) {
+            let largest = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!((a - b).abs() <= 2e-3 * largest, "{what}[{i}], relu {relu}: {a} vs {b} (largest {largest})");
+            }
+            differs |= bits(g) != bits(w);
+        }
+        assert!(differs, "relu {relu}: the gradients must come from the half-precision input");
+    }
+}

@@ -135,4 +135,28 @@ fn dropped_graphs_and_evaluation_keep_nothing_alive() {
     assert_eq!(live - live_bytes(), 4 * x.elem_count(), "the tape holds no f32 copy of the output");
     drop((x, h, pooled));
     assert_eq!((live_bytes(), saved_bytes()), (base, 0));
+
+    // A batch norm with a ReLU keeps its f32 input after an FP32 convolution or a plain INT8 one;
+    // after an INT8 convolution with `f16_batch_norm_input`, 2 bytes a value and a bit a value
+    // (words of 64 per plane) instead. Its statistics take 5 floats per channel either way.
+    let (x, _) = batch(4000);
+    let (n, planes, c) = (x.elem_count(), 16 * 8, 8);
+    let w = || Tensor::randn((8, 8, 3, 3), 9).scale(0.2).unwrap();
+    let g = ConvGeometry { padding: (1, 1), ..Default::default() };
+    let half = Int8Config { f16_batch_norm_input: true, ..Int8Config::default() };
+    for (precision, kept) in [
+        (Precision::Fp32, 4 * n),
+        (Precision::Int8(Int8Config::default()), 4 * n),
+        (Precision::Int8(half), 2 * n + 8 * planes * 144usize.div_ceil(64)),
+    ] {
+        let conv = Conv2d::new("conv", w(), g, precision).unwrap();
+        let bn = BatchNorm2d::new("bn", c, true).unwrap();
+        let h = conv.forward(&x).unwrap();
+        let saved = saved_bytes();
+        let y = bn.forward(&h).unwrap();
+        assert_eq!(saved_bytes() - saved, kept + 4 * 5 * c, "{precision:?}");
+        drop((h, y));
+    }
+    drop(x);
+    assert_eq!((live_bytes(), saved_bytes()), (base, 0));
 }

@@ -382,6 +382,30 @@ pub struct QuantConfig {
     /// accuracy (an ablation; the paper quantizes all three, `none`).
     #[serde(skip_serializing_if = "KeepFp32::is_none")]
     pub keep_fp32: KeepFp32,
+    /// What a batch norm after an INT8 convolution keeps of its input for the backward pass: `f32`
+    /// (the default, as the paper), or `f16`, its normalised value in half precision and the
+    /// fused activation's mask as bits, about half the memory of the step's saved tensors
+    /// (`Int8Config::f16_batch_norm_input`).
+    #[serde(skip_serializing_if = "BatchNormInput::is_f32")]
+    pub batch_norm_input: BatchNormInput,
+}
+
+/// `quant.batch_norm_input`: the precision a batch norm after an INT8 convolution keeps its
+/// input in for the backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchNormInput {
+    /// The input itself (the paper).
+    #[default]
+    F32,
+    /// The normalised input in half precision.
+    F16,
+}
+
+impl BatchNormInput {
+    fn is_f32(&self) -> bool {
+        *self == BatchNormInput::F32
+    }
 }
 
 /// `quant.keep_fp32`: the operand INT8 convolutions leave unquantized.
@@ -421,6 +445,7 @@ impl Default for QuantConfig {
             linear_int8: false,
             rules: Vec::new(),
             keep_fp32: KeepFp32::None,
+            batch_norm_input: BatchNormInput::F32,
         }
     }
 }
@@ -630,6 +655,7 @@ impl Recipe {
                 KeepFp32::Weight => Some(Operand::Weight),
                 KeepFp32::Grad => Some(Operand::Grad),
             },
+            f16_batch_norm_input: q.batch_norm_input == BatchNormInput::F16,
         };
         LayerPolicy {
             int8: Some(cfg),
@@ -849,6 +875,20 @@ lr = 0.05
         }
         let err = parse(MINIMAL, &["quant.keep_fp32=\"bias\""]).unwrap_err().to_string();
         assert!(err.contains("keep_fp32") || err.contains("bias"), "{err}");
+    }
+
+    /// `quant.batch_norm_input` reaches the layers' INT8 settings, and is left out of the resolved
+    /// recipe when it is the default `f32`.
+    #[test]
+    fn the_batch_norm_input_precision_reaches_the_policy() {
+        let paper = parse(MINIMAL, &[]).unwrap();
+        assert!(!paper.policy().int8.unwrap().f16_batch_norm_input);
+        assert!(!paper.to_toml().contains("batch_norm_input"));
+        let r = parse(MINIMAL, &["quant.batch_norm_input=\"f16\""]).unwrap();
+        assert!(r.policy().int8.unwrap().f16_batch_norm_input);
+        assert!(r.to_toml().contains("batch_norm_input = \"f16\""), "{}", r.to_toml());
+        let err = parse(MINIMAL, &["quant.batch_norm_input=\"bf16\""]).unwrap_err().to_string();
+        assert!(err.contains("batch_norm_input") || err.contains("bf16"), "{err}");
     }
 
     /// `train.device` names a device or is an error naming the key and the choices; the CPU is

@@ -250,11 +250,19 @@ pub fn forward_train<'y>(
     y: impl Into<Out<'y>>,
 ) -> Result<BatchStats> {
     let y = y.into();
+    let mut stats = train_stats(d, x, gamma, beta, eps, y.len())?;
+    stats.max_abs_out = Some(affine(d, x, &stats.scale, &stats.shift, relu, y));
+    Ok(stats)
+}
+
+/// The batch statistics of a training forward pass (`max_abs_out` unset), after checking the
+/// lengths.
+fn train_stats(d: NchwDims, x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y_len: usize) -> Result<BatchStats> {
     d.check(&[
         ("batch norm input", x.len(), d.len()),
         ("gamma", gamma.len(), d.c),
         ("beta", beta.len(), d.c),
-        ("batch norm output", y.len(), d.len()),
+        ("batch norm output", y_len, d.len()),
     ])?;
     let stats = reduce_planes(d, |_, start| Moments::of_plane(&x[start..][..d.hw]), Moments::merge);
     let mean: Vec<f32> = stats.iter().map(|s| s.mean as f32).collect();
@@ -262,8 +270,99 @@ pub fn forward_train<'y>(
     let inv_std: Vec<f32> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
     let scale: Vec<f32> = (0..d.c).map(|ch| gamma[ch] * inv_std[ch]).collect();
     let shift: Vec<f32> = (0..d.c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
-    let max_abs_out = Some(affine(d, x, &scale, &shift, relu, y));
-    Ok(BatchStats { mean, inv_std, var, scale, shift, max_abs_out })
+    Ok(BatchStats { mean, inv_std, var, scale, shift, max_abs_out: None })
+}
+
+/// What a training forward pass keeps for its backward pass in place of its f32 input
+/// ([`forward_train_half`], for an input that came out of an INT8 layer): the normalised input
+/// `xhat = (x - mean) * inv_std` in half precision ([`crate::half`]: 2 bytes a value instead of 4,
+/// relative error at most `2^-11`; `|xhat| <= sqrt(count - 1)`, far inside its range), and, with
+/// a fused activation, where the gradient passes, one bit a value, from the forward pass's own
+/// arithmetic, so that the mask is exactly the forward's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HalfSaved {
+    /// `xhat` as half-precision bits, in the input's layout.
+    pub xhat: Vec<u16>,
+    /// With a fused activation: for plane `p` (image-major, `n * c` planes of `hw` values), words
+    /// `p * hw.div_ceil(64)..` hold one bit per value, bit `i % 64` of word `i / 64` set where the
+    /// gradient passes.
+    pub passes: Option<Vec<u64>>,
+}
+
+impl HalfSaved {
+    /// The bytes it holds.
+    pub fn bytes(&self) -> usize {
+        2 * self.xhat.len() + 8 * self.passes.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// [`forward_train`], keeping for the backward pass what [`backward_half`] needs ([`HalfSaved`])
+/// instead of `x`, written in the same pass over each plane as the output.
+pub fn forward_train_half<'y>(
+    d: NchwDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    relu: Option<f32>,
+    y: impl Into<Out<'y>>,
+) -> Result<(BatchStats, HalfSaved)> {
+    let y = y.into();
+    let mut stats = train_stats(d, x, gamma, beta, eps, y.len())?;
+    let words = d.hw.div_ceil(64);
+    let mut xhat = Vec::<u16>::with_capacity(d.len());
+    // Without an activation there is no mask; one placeholder word per plane keeps the planes'
+    // iterators in step.
+    let mut passes = vec![0u64; d.n * d.c * if relu.is_some() { words } else { 1 }];
+    let max = y
+        .par_fills(d.hw)
+        .zip(x.par_chunks(d.hw))
+        .zip(xhat.spare_capacity_mut()[..d.len()].par_chunks_mut(d.hw))
+        .zip(passes.par_chunks_mut(if relu.is_some() { words } else { 1 }))
+        .enumerate()
+        .map(|(p, (((yp, xp), hp), bp))| {
+            let ch = p % d.c;
+            let m = plane_affine(yp, xp, stats.scale[ch], stats.shift[ch], relu);
+            let mask = relu.map(|cap| (stats.scale[ch], stats.shift[ch], cap));
+            plane_keep_half(xp, stats.mean[ch], stats.inv_std[ch], mask, hp, bp);
+            m
+        })
+        .reduce(|| 0.0, f32::max);
+    // SAFETY: the capacity is at least `d.len()`, and `plane_keep_half` wrote every element of
+    // each plane's chunk (the chunks of `x` and of `xhat` have equal lengths).
+    unsafe { xhat.set_len(d.len()) };
+    stats.max_abs_out = Some(max);
+    Ok((stats, HalfSaved { xhat, passes: relu.is_some().then_some(passes) }))
+}
+
+/// Writes a plane's `xhat` in half precision and, with a fused activation (`mask`), its pass
+/// bits.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_keep_half(
+    x: &[f32],
+    mean: f32,
+    inv: f32,
+    mask: Mask,
+    xhat: &mut [std::mem::MaybeUninit<u16>],
+    bits: &mut [u64],
+) {
+    assert_eq!(x.len(), xhat.len(), "plane_keep_half: input and output lengths differ");
+    crate::half::normalise_into(x, mean, inv, xhat);
+    let Some(k) = mask else { return };
+    let (xc, xr) = x.as_chunks::<16>();
+    // `bits` comes zeroed; each group of 16 values sets its quarter of a word.
+    for (g, v) in xc.iter().enumerate() {
+        let mut b = 0u32;
+        for l in 0..16 {
+            b |= u32::from(passes(v[l], k)) << l;
+        }
+        bits[g / 4] |= u64::from(b) << (16 * (g % 4));
+    }
+    let g = xc.len();
+    let b = xr.iter().enumerate().fold(0u32, |b, (l, &v)| b | (u32::from(passes(v, k)) << l));
+    if let Some(w) = bits.get_mut(g / 4) {
+        *w |= u64::from(b) << (16 * (g % 4));
+    }
 }
 
 /// Evaluation forward with running statistics; returns the largest `|y|` written (NaN ignored).
@@ -354,6 +453,105 @@ pub fn backward<'x>(
         );
     });
     Ok((dgamma, dbeta))
+}
+
+/// [`backward`] from what [`forward_train_half`] kept: `xhat` in half precision and the pass
+/// bits of a fused activation (the same masking as [`backward`], from the bits).
+pub fn backward_half<'x>(
+    d: NchwDims,
+    saved: &HalfSaved,
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BatchStats,
+    dx: impl Into<Out<'x>>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dx = dx.into();
+    let words = d.hw.div_ceil(64);
+    d.check(&[
+        ("batch norm saved input", saved.xhat.len(), d.len()),
+        ("batch norm output gradient", dy.len(), d.len()),
+        ("batch norm input gradient", dx.len(), d.len()),
+    ])?;
+    if let Some(p) = &saved.passes {
+        crate::error::check_len("batch norm pass bits", p.len(), d.n * d.c * words)?;
+    }
+    crate::error::check_len("batch norm statistics", stats.inv_std.len(), d.c)?;
+    let bits = |plane: usize| saved.passes.as_ref().map(|p| &p[plane * words..][..words]);
+    let m = (d.n * d.hw) as f32;
+    let sums = reduce_planes(
+        d,
+        |_, start| {
+            let r = start..start + d.hw;
+            plane_grad_sums_half(&saved.xhat[r.clone()], &dy[r], bits(start / d.hw))
+        },
+        |a, b| (a.0 + b.0, a.1 + b.1),
+    );
+    let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    dx.par_chunks(d.hw).enumerate().for_each(|(p, dxp)| {
+        let ch = p % d.c;
+        let r = p * d.hw..(p + 1) * d.hw;
+        let k = gamma[ch] * stats.inv_std[ch] / m;
+        plane_dx_half(dxp, &saved.xhat[r.clone()], &dy[r], bits(p), k, m, dbeta[ch], dgamma[ch]);
+    });
+    Ok((dgamma, dbeta))
+}
+
+/// `(sum g, sum g * xhat)` over a plane as [`plane_grad_sums`], `xhat` in half precision and `g`
+/// masked by the pass bits when given.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_grad_sums_half(xhat: &[u16], dy: &[f32], bits: Option<&[u64]>) -> (f64, f64) {
+    let (mut sb, mut sg) = ([0.0f32; 16], [0.0f32; 16]);
+    let n = xhat.len().min(dy.len());
+    let (hc, hr) = xhat[..n].as_chunks::<16>();
+    let (dc, dr) = dy[..n].as_chunks::<16>();
+    for (b, (hv, dv)) in hc.iter().zip(dc).enumerate() {
+        let m = lane_bits(bits, b);
+        for l in 0..16 {
+            let g = if (m >> l) & 1 != 0 { dv[l] } else { 0.0 };
+            sb[l] += g;
+            sg[l] += g * crate::half::value(hv[l]);
+        }
+    }
+    let (m, mut tail) = (lane_bits(bits, hc.len()), (0.0f64, 0.0f64));
+    for (l, (&h, &g)) in hr.iter().zip(dr).enumerate() {
+        let g = if (m >> l) & 1 != 0 { g } else { 0.0 };
+        tail.0 += g as f64;
+        tail.1 += (g * crate::half::value(h)) as f64;
+    }
+    (sb.iter().map(|&v| v as f64).sum::<f64>() + tail.0, sg.iter().map(|&v| v as f64).sum::<f64>() + tail.1)
+}
+
+/// The pass bits of values `16 * group..16 * group + 16` of a plane (all set without a mask),
+/// in the low half of a `u32`: a lane's bit is then a 32-bit shift, which vectorises.
+#[inline(always)]
+fn lane_bits(bits: Option<&[u64]>, group: usize) -> u32 {
+    match bits {
+        None => u32::MAX,
+        Some(w) => w.get(group / 4).map_or(0, |&w| (w >> (16 * (group % 4))) as u32 & 0xffff),
+    }
+}
+
+/// `dx = k * (m * g - dbeta - xhat * dgamma)` over a plane as [`plane_dx`], `xhat` in half
+/// precision and `g` masked by the pass bits when given.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_dx_half(dx: &mut [f32], xhat: &[u16], dy: &[f32], bits: Option<&[u64]>, k: f32, m: f32, db: f32, dg: f32) {
+    let n = dx.len().min(xhat.len()).min(dy.len());
+    let (oc, or) = dx[..n].as_chunks_mut::<16>();
+    let (hc, hr) = xhat[..n].as_chunks::<16>();
+    let (dc, dr) = dy[..n].as_chunks::<16>();
+    for (b, ((o, hv), dv)) in oc.iter_mut().zip(hc).zip(dc).enumerate() {
+        let mask = lane_bits(bits, b);
+        for l in 0..16 {
+            let g = if (mask >> l) & 1 != 0 { dv[l] } else { 0.0 };
+            o[l] = k * (m * g - db - crate::half::value(hv[l]) * dg);
+        }
+    }
+    let mask = lane_bits(bits, oc.len());
+    for (l, ((o, &h), &g)) in or.iter_mut().zip(hr).zip(dr).enumerate() {
+        let g = if (mask >> l) & 1 != 0 { g } else { 0.0 };
+        *o = k * (m * g - db - crate::half::value(h) * dg);
+    }
 }
 
 /// Gradients of the evaluation forward pass ([`forward_eval`]: running statistics, which take no
@@ -602,6 +800,100 @@ mod tests {
             assert!((dbeta[ch] as f64 - db).abs() < 1e-4 * (1.0 + db.abs()), "dbeta[{ch}] {} vs {db}", dbeta[ch]);
             assert!((dgamma[ch] as f64 - dg).abs() < 1e-4 * (1.0 + dg.abs()), "dgamma[{ch}] {} vs {dg}", dgamma[ch]);
         }
+    }
+
+    /// Keeping `xhat` in half precision: the forward pass's output and statistics are
+    /// [`forward_train`]'s bit for bit; the kept `xhat` is within half precision's rounding of the
+    /// f64 definition and the pass bits are the forward's mask; the gradients are within 2e-3
+    /// of the largest (relative to [`backward`]'s from the f32 input, and to f64 sums from the
+    /// definitions), the same whatever the thread count; planes of lengths below, at and above
+    /// a multiple of 64.
+    #[test]
+    fn keeping_xhat_in_half_precision_changes_only_the_gradients_rounding() {
+        for (d, seed) in [
+            (NchwDims { n: 3, c: 4, hw: 10 }, 1),
+            (NchwDims { n: 5, c: 3, hw: 64 }, 2),
+            (NchwDims { n: 4, c: 6, hw: 1000 }, 3),
+            (NchwDims { n: 40, c: 5, hw: 49 }, 4),
+        ] {
+            for relu in [None, Some(f32::INFINITY), Some(1.0)] {
+                let x = data(d.len(), seed, 30.0);
+                let dy = data(d.len(), seed + 10, 0.0);
+                let (gamma, beta) = (data(d.c, seed + 20, 1.0), data(d.c, seed + 30, 0.0));
+                let mut y_ref = vec![0.0; d.len()];
+                let st_ref = forward_train(d, &x, &gamma, &beta, 1e-5, relu, &mut y_ref).unwrap();
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    pool.install(|| {
+                        let mut y = vec![0.0; d.len()];
+                        let (st, saved) = forward_train_half(d, &x, &gamma, &beta, 1e-5, relu, &mut y).unwrap();
+                        let mut dx = vec![0.0; d.len()];
+                        let (dg, db) = backward_half(d, &saved, &dy, &gamma, &st, &mut dx).unwrap();
+                        (y, st, saved, dx, dg, db)
+                    })
+                };
+                let one = run(1);
+                assert!(one == run(3), "{d:?} {relu:?}: results differ between 1 and 3 threads");
+                let (y, st, saved, dx, dgamma, dbeta) = one;
+                let what = format!("{d:?} {relu:?}");
+                assert!(y.iter().zip(&y_ref).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: output");
+                assert_eq!(st, st_ref, "{what}: statistics");
+                assert_eq!(saved.bytes(), 2 * d.len() + relu.map_or(0, |_| 8 * d.n * d.c * d.hw.div_ceil(64)));
+                let words = d.hw.div_ceil(64);
+                for (k, &xv) in x.iter().enumerate() {
+                    let ch = (k / d.hw) % d.c;
+                    let exact = (xv as f64 - st.mean[ch] as f64) * st.inv_std[ch] as f64;
+                    let kept = crate::half::value(saved.xhat[k]) as f64;
+                    assert!((kept - exact).abs() <= exact.abs() * 2f64.powi(-11) + 1e-6, "{what}: xhat[{k}]");
+                    if let (Some(cap), Some(bits)) = (relu, &saved.passes) {
+                        let (p, i) = (k / d.hw, k % d.hw);
+                        let bit = (bits[p * words + i / 64] >> (i % 64)) & 1 == 1;
+                        assert_eq!(bit, passes(xv, (st.scale[ch], st.shift[ch], cap)), "{what}: pass bit {k}");
+                    }
+                }
+                let mut dx_ref = vec![0.0; d.len()];
+                let (dg_ref, db_ref) = backward(d, &x, relu, &dy, &gamma, &st, &mut dx_ref).unwrap();
+                let close = |what: &str, got: &[f32], want: &[f32]| {
+                    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                        assert!((g - w).abs() <= 2e-3 * scale, "{what}[{i}]: {g} vs {w} (largest {scale})");
+                    }
+                };
+                close(&format!("{what}: dx"), &dx, &dx_ref);
+                close(&format!("{what}: dgamma"), &dgamma, &dg_ref);
+                close(&format!("{what}: dbeta"), &dbeta, &db_ref);
+                // dbeta and dgamma from the definitions in f64.
+                for ch in 0..d.c {
+                    let vals: Vec<f64> = d.planes(&x, ch).flatten().map(|&v| v as f64).collect();
+                    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                    let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+                    let (mut db, mut dg, mut scale) = (0.0f64, 0.0f64, 0.0f64);
+                    for (xp, gp) in d.planes(&x, ch).zip(d.planes(&dy, ch)) {
+                        for (&xv, &g) in xp.iter().zip(gp) {
+                            if relu.is_none_or(|cap| passes(xv, (st.scale[ch], st.shift[ch], cap))) {
+                                db += g as f64;
+                                dg += g as f64 * (xv as f64 - mean) / (var + 1e-5).sqrt();
+                                scale += (g as f64).abs();
+                            }
+                        }
+                    }
+                    assert!((dbeta[ch] as f64 - db).abs() <= 1e-5 * scale + 1e-6, "{what}: dbeta[{ch}]");
+                    assert!((dgamma[ch] as f64 - dg).abs() <= 2e-3 * scale + 1e-6, "{what}: dgamma[{ch}]");
+                }
+            }
+        }
+        let d = NchwDims { n: 2, c: 2, hw: 3 };
+        let saved = HalfSaved { xhat: vec![0; 5], passes: None };
+        let err = backward_half(d, &saved, &[0.0; 12], &[1.0; 2], &st_for(d), &mut [0.0; 12]).unwrap_err();
+        assert!(err.to_string().contains("saved input"), "{err}");
+        let saved = HalfSaved { xhat: vec![0; 12], passes: Some(vec![0; 3]) };
+        let err = backward_half(d, &saved, &[0.0; 12], &[1.0; 2], &st_for(d), &mut [0.0; 12]).unwrap_err();
+        assert!(err.to_string().contains("pass bits"), "{err}");
+    }
+
+    fn st_for(d: NchwDims) -> BatchStats {
+        let x = data(d.len(), 9, 0.0);
+        forward_train(d, &x, &vec![1.0; d.c], &vec![0.0; d.c], 1e-5, None, &mut vec![0.0; d.len()]).unwrap()
     }
 
     #[test]

@@ -49,27 +49,50 @@ pub(crate) fn train(
         return gpu::train(&on, d, x, gamma, beta, eps, relu);
     }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
-    let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
+    let rec = record(&[x, gamma, beta]);
+    // An input from an INT8 convolution that asked for it is kept in half precision; only a
+    // recorded pass keeps anything.
+    let (y, (stats, half)) = if rec.is_some() && x.f16_ok() {
+        let (y, (stats, half)) = fresh(x.elem_count(), |y| batchnorm::forward_train_half(d, xv, gv, bv, eps, relu, y))?;
+        (y, (stats, Some(half)))
+    } else {
+        let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
+        (y, (stats, None))
+    };
     let y = cpu_out(y, x.shape());
     let y = match stats.max_abs_out {
         Some(m) => y.with_max_abs(m),
         None => y,
     };
-    let y = match record(&[x, gamma, beta]) {
+    let y = match rec {
         None => y,
         Some(r) => {
-            let saved = TrainBackward { d, x: x.detach(), gamma: gamma.detach(), relu, stats: stats.clone() };
+            let input = match half {
+                Some(h) => Kept::Half(h),
+                None => Kept::Input(x.detach()),
+            };
+            let saved =
+                TrainBackward { d, shape: x.shape().clone(), input, gamma: gamma.detach(), relu, stats: stats.clone() };
             r.output("batch-norm", y, saved)
         }
     };
     Ok((y, stats))
 }
 
-/// Keeps the input, gamma and the batch statistics; the fused activation's mask is recomputed from
-/// them.
+/// What a training batch norm keeps of its input.
+enum Kept {
+    /// The input itself; the fused activation's mask is recomputed from it.
+    Input(Tensor),
+    /// The normalised input in half precision and the mask's bits
+    /// (`int8_core::nn::batchnorm::HalfSaved`).
+    Half(batchnorm::HalfSaved),
+}
+
+/// Keeps the input (or its half-precision form), gamma and the batch statistics.
 struct TrainBackward {
     d: NchwDims,
-    x: Tensor,
+    shape: crate::tensor::Shape,
+    input: Kept,
     gamma: Tensor,
     relu: Option<f32>,
     stats: BatchStats,
@@ -77,18 +100,28 @@ struct TrainBackward {
 
 impl Backward for TrainBackward {
     fn backward(self: Box<Self>, grad: Tensor, _needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        let (x, g, gamma) = (self.x.cpu()?, grad.cpu()?, self.gamma.cpu()?);
-        let (dx, (dgamma, dbeta)) =
-            fresh(self.x.elem_count(), |dx| batchnorm::backward(self.d, x, self.relu, g, gamma, &self.stats, dx))?;
+        let (g, gamma) = (grad.cpu()?, self.gamma.cpu()?);
+        let n = self.shape.elem_count();
+        let (dx, (dgamma, dbeta)) = match &self.input {
+            Kept::Input(x) => {
+                let x = x.cpu()?;
+                fresh(n, |dx| batchnorm::backward(self.d, x, self.relu, g, gamma, &self.stats, dx))?
+            }
+            Kept::Half(h) => fresh(n, |dx| batchnorm::backward_half(self.d, h, g, gamma, &self.stats, dx))?,
+        };
         Ok(vec![
-            Some(cpu_out(dx, self.x.shape())),
+            Some(cpu_out(dx, self.shape.clone())),
             Some(cpu_out(dgamma, self.gamma.shape())),
             Some(cpu_out(dbeta, self.gamma.shape())),
         ])
     }
 
     fn saved_bytes(&self) -> usize {
-        4 * (self.x.elem_count() + 5 * self.stats.mean.len())
+        let input = match &self.input {
+            Kept::Input(x) => 4 * x.elem_count(),
+            Kept::Half(h) => h.bytes(),
+        };
+        input + 4 * 5 * self.stats.mean.len()
     }
 }
 

@@ -152,6 +152,10 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
         }
     };
     let y = cpu_out(y, out_shape);
+    let y = match a.precision {
+        Precision::Int8(cfg) if cfg.f16_batch_norm_input => y.with_f16_ok(),
+        _ => y,
+    };
     Ok(match (rec, saved) {
         (Some(r), Some(saved)) => r.output(
             name,
