@@ -55,6 +55,11 @@ enum Cmd {
         /// `quant.grad_rounding = "stochastic"` does (its rows go to files named -stochastic-grads).
         #[arg(long)]
         stochastic_grads: bool,
+        /// Batch norms after the step bench's INT8 convolutions keep their input for the backward
+        /// pass in half precision, as a recipe's `quant.batch_norm_input = "f16"` does (its rows go
+        /// to files named -f16-batch-norm-input).
+        #[arg(long)]
+        f16_batch_norm_input: bool,
         /// Also time a peer framework's FP32 step of the same model in the step bench, as columns
         /// of their own: `pytorch` (torch from PyPI, installed once into runs/bench/.venv-pytorch).
         #[arg(long, value_name = "FRAMEWORK")]
@@ -240,7 +245,18 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Cmd::Bench { which, json, seconds, filter, model, fp32, stochastic_grads, peer, device } => {
+        Cmd::Bench {
+            which,
+            json,
+            seconds,
+            filter,
+            model,
+            fp32,
+            stochastic_grads,
+            f16_batch_norm_input,
+            peer,
+            device,
+        } => {
             if device.is_some() && which != Some(Bench::Step) {
                 bail!("--device is the step bench's; run it as `cargo xtask bench step --device cuda`");
             }
@@ -262,6 +278,11 @@ fn run() -> Result<()> {
                     "--stochastic-grads changes the step bench's INT8 model; run it as `cargo xtask bench step --stochastic-grads`"
                 );
             }
+            if f16_batch_norm_input && which != Some(Bench::Step) {
+                bail!(
+                    "--f16-batch-norm-input changes the step bench's INT8 model; run it as `cargo xtask bench step --f16-batch-norm-input`"
+                );
+            }
             let benches = match which {
                 Some(b) => vec![b],
                 None => vec![Bench::Kernels, Bench::Step, Bench::Data],
@@ -278,6 +299,9 @@ fn run() -> Result<()> {
             if stochastic_grads {
                 policy += "-stochastic-grads";
             }
+            if f16_batch_norm_input {
+                policy += "-f16-batch-norm-input";
+            }
             if let Some(d) = device.as_deref().filter(|d| *d != "cpu") {
                 policy += &format!("-{}", d.replace(':', "_"));
             }
@@ -293,6 +317,7 @@ fn run() -> Result<()> {
                     model: model.as_deref(),
                     fp32: &fp32,
                     stochastic_grads,
+                    f16_batch_norm_input,
                     peer_python: peer_python.as_deref(),
                     device: device.as_deref(),
                 };
@@ -487,6 +512,8 @@ struct BenchOpts<'a> {
     fp32: &'a [String],
     /// Whether the step bench's INT8 model rounds gradient codes stochastically.
     stochastic_grads: bool,
+    /// Whether the step bench's INT8 batch norms keep their input in half precision.
+    f16_batch_norm_input: bool,
     /// A Python with torch, for the step bench's PyTorch columns.
     peer_python: Option<&'a Path>,
     /// The step bench's device, the CPU unless given.
@@ -527,7 +554,7 @@ fn pytorch_venv(root: &Path) -> Result<PathBuf> {
 
 /// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
 fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result<()> {
-    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, peer_python, device } = *opts;
+    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, f16_batch_norm_input, peer_python, device } = *opts;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root).args(["run", "--release", "--quiet", "--package", "int8-bench"]);
@@ -550,6 +577,9 @@ fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result
         }
         if stochastic_grads {
             cmd.arg("--stochastic-grads");
+        }
+        if f16_batch_norm_input {
+            cmd.arg("--f16-batch-norm-input");
         }
         if let Some(py) = peer_python {
             cmd.arg("--peer-python").arg(py);
