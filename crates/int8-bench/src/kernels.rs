@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    strided_pointwise, subsample, upsample,
+    quantize_subsample, strided_pointwise, upsample,
 };
 use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
@@ -250,8 +250,11 @@ impl LayerWork {
     /// One INT8 step; `lap(i)` closes part `i` of [`PARTS`].
     fn int8(&mut self, lap: &mut impl FnMut(usize)) -> Result<()> {
         let (s, k, path) = (&self.s, &self.k, self.path);
-        let sub = self.pointwise.then(|| subsample(s, &self.x));
-        let xq = quantize("x", sub.as_deref().unwrap_or(&self.x), Granularity::PerTensor, 1, Rounding::Nearest)?;
+        let xq = if self.pointwise {
+            quantize_subsample("x", s, &self.x)?
+        } else {
+            quantize("x", &self.x, Granularity::PerTensor, 1, Rounding::Nearest)?
+        };
         lap(0);
         let wq = quantize("w", &self.w, Granularity::PerTensor, 1, Rounding::Nearest)?;
         lap(1);

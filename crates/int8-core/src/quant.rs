@@ -99,7 +99,7 @@ pub(crate) const LANES: usize = 16;
 
 /// `(max |v|, all finite)` over `c`, vectorised.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn max_abs_finite(c: &[f32]) -> (f32, bool) {
+pub(crate) fn max_abs_finite(c: &[f32]) -> (f32, bool) {
     let (mut m, mut z) = ([0.0f32; LANES], [0.0f32; LANES]);
     let mut blocks = c.chunks_exact(LANES);
     for b in blocks.by_ref() {

@@ -3,7 +3,7 @@
 
 use int8_core::conv::{
     ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    reference, strided_pointwise, subsample, upsample,
+    quantize_subsample, reference, strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::rng::CounterRng;
@@ -182,6 +182,36 @@ fn strided_pointwise_is_a_subsample_then_a_pointwise_convolution() {
         conv2d_dw_i8(path, &p, xq, dyq, &mut dw).unwrap();
         assert_eq!(f64s(&dw), reference::conv2d_dw(&s, &xd, &dyd), "{s:?} dw");
     }
+}
+
+/// The codes of a strided 1x1 convolution's input, made straight from X, are those of quantizing
+/// its subsample: codes, scale and saturation count, for strides 2 and 3 and odd sizes; a value
+/// that is not finite among the pixels read is the same error, and one outside them is no error.
+#[test]
+fn the_subsample_is_quantized_as_its_copy_would_be() {
+    use int8_core::quant::{Granularity, Rounding, quantize};
+    let sq = ConvShape::square;
+    for s in [
+        sq(3, 4, 7, 6, 1, 2, 0),
+        sq(2, 16, 32, 32, 1, 2, 0),
+        ConvShape { stride: (3, 2), h: 10, w: 9, ..sq(2, 3, 9, 4, 1, 1, 0) },
+    ] {
+        let r = CounterRng::new(s.x_len() as u64);
+        let mut x: Vec<f32> = (0..s.x_len()).map(|i| (r.uniform(i as u64) - 0.5) * 8.0).collect();
+        // The largest magnitude sits off the grid, so that a quantizer of all of X would differ.
+        x[1] = 100.0;
+        let want = quantize("x", &subsample(&s, &x), Granularity::PerTensor, 1, Rounding::Nearest).unwrap();
+        let got = quantize_subsample("x", &s, &x).unwrap();
+        assert_eq!(got, want, "{s:?}");
+        assert!(got.scales[0] < 100.0 / 127.0, "{s:?}: the off-grid maximum must not set the scale");
+        x[1] = f32::NAN;
+        assert!(quantize_subsample("x", &s, &x).is_ok(), "{s:?}: a NaN the convolution never reads");
+        x[s.w * s.stride.0 + s.stride.1] = f32::INFINITY;
+        let want = quantize("x", &subsample(&s, &x), Granularity::PerTensor, 1, Rounding::Nearest).unwrap_err();
+        let got = quantize_subsample("x", &s, &x).unwrap_err();
+        assert_eq!(got.to_string(), want.to_string(), "{s:?}");
+    }
+    assert!(quantize_subsample("x", &sq(1, 2, 5, 2, 1, 2, 0), &[0.0; 3]).is_err());
 }
 
 #[test]

@@ -224,6 +224,44 @@ pub fn subsample<T: Copy + Default + Send + Sync>(s: &ConvShape, x: &[T]) -> Vec
     out
 }
 
+/// The per-tensor INT8 codes of [`subsample`]`(s, x)` at their own largest magnitude, exactly
+/// `quantize(name, &subsample(s, x), PerTensor, 1, Nearest)`, with one pass fewer: the gathering
+/// pass finds the largest magnitude of each plane it writes (while the plane is in L1), so that
+/// the codes need only the quantizing pass. An error names `name` where a pixel read is not finite.
+pub fn quantize_subsample(name: &str, s: &ConvShape, x: &[f32]) -> Result<crate::quant::QTensor> {
+    use std::mem::MaybeUninit;
+
+    use crate::quant::{Granularity, Rounding, max_abs_finite, quantize, quantize_with_clip};
+    use rayon::prelude::*;
+    crate::error::check_len("strided 1x1 input", x.len(), s.x_len())?;
+    let (oh, ow, (sh, sw)) = (s.out_h(), s.out_w(), s.stride);
+    let (plane, n) = (oh * ow, s.n * s.c_in * oh * ow);
+    let mut sub = Vec::<f32>::with_capacity(n);
+    let (clip, finite) = sub.spare_capacity_mut()[..n]
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(s.in_plane()))
+        .map(|(dst, src)| {
+            // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and initialised values are valid
+            // `MaybeUninit` values; the gather only copies.
+            let src: &[MaybeUninit<f32>] = unsafe { std::slice::from_raw_parts(src.as_ptr().cast(), src.len()) };
+            for (i, row) in dst.chunks_exact_mut(ow).enumerate() {
+                let written = stride2::gather_strided(&src[i * sh * s.w..][..s.w], row, sw);
+                assert_eq!(written, ow, "quantize_subsample: a row of the subsample was not filled");
+            }
+            // SAFETY: the rows above wrote all of `dst` (`oh` rows of `ow` pixels, each checked).
+            max_abs_finite(unsafe { &*(dst as *const [MaybeUninit<f32>] as *const [f32]) })
+        })
+        .reduce(|| (0.0, true), |a, b| (a.0.max(b.0), a.1 && b.1));
+    // SAFETY: every plane's chunk was written above, and the chunks cover the first `n` values.
+    unsafe { sub.set_len(n) };
+    if finite {
+        quantize_with_clip(name, &sub, clip, Rounding::Nearest)
+    } else {
+        // `quantize`'s error, which names the first value that is not finite.
+        quantize(name, &sub, Granularity::PerTensor, 1, Rounding::Nearest)
+    }
+}
+
 /// The inverse placement of [`subsample`] for gradients: `dx` (`n x c_in x h x w`) gets `sub` at
 /// the pixels the convolution read and zero everywhere else.
 pub fn upsample<'x>(s: &ConvShape, sub: &[f32], dx: impl Into<crate::out::Out<'x>>) {

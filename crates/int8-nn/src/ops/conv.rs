@@ -6,7 +6,7 @@
 
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    strided_pointwise, subsample, upsample,
+    quantize_subsample, strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
@@ -108,7 +108,10 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
     let pointwise = strided_pointwise(&full).filter(|_| matches!(a.precision, Precision::Int8(_)));
     let s = pointwise.unwrap_or(full);
     let (xv, wv) = (x.cpu()?, w.cpu()?);
-    let sub = pointwise.map(|_| subsample(&full, xv));
+    // Only the operand ablation reads the subsample's f32 values; the codes are made from X
+    // directly.
+    let ablation = matches!(a.precision, Precision::Int8(cfg) if cfg.fp32_operand.is_some());
+    let sub = pointwise.filter(|_| ablation).map(|_| subsample(&full, xv));
     let xv = sub.as_deref().unwrap_or(xv);
     let out_shape = Shape::from([full.n, full.c_out, full.out_h(), full.out_w()]);
     let (y, saved) = match a.precision {
@@ -124,9 +127,10 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
             // The op that wrote X may have found max|X| on the way (batch norm does): the codes
             // are then one pass, and the same as `quantize`'s.
             let xname = format!("{}.input", a.name);
-            let xq = match x.known_max_abs().filter(|_| sub.is_none()) {
-                Some(clip) => quantize_with_clip(&xname, xv, clip, Rounding::Nearest)?,
-                None => quantize(&xname, xv, Granularity::PerTensor, 1, Rounding::Nearest)?,
+            let xq = match (x.known_max_abs(), pointwise) {
+                (_, Some(_)) if sub.is_none() => quantize_subsample(&xname, &full, xv)?,
+                (Some(clip), None) => quantize_with_clip(&xname, xv, clip, Rounding::Nearest)?,
+                _ => quantize(&xname, xv, Granularity::PerTensor, 1, Rounding::Nearest)?,
             };
             let wq = quantize(&format!("{}.weight", a.name), wv, cfg.weight, s.c_out, Rounding::Nearest)?;
             {
