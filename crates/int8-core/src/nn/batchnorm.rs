@@ -7,7 +7,9 @@
 //! update), so the statistics hold for large batches and offset data. Batch norm is memory-bound:
 //! every pass reads the tensor in memory order (a channel's planes, one per image, are a page or
 //! less each and far apart, which defeats the hardware prefetcher), and the backward pass
-//! recomputes the fused ReLU's mask from `x` instead of reading the output.
+//! recomputes the fused ReLU's mask from `x` instead of reading the output. [`forward_train_half`]
+//! and [`backward_half`] keep, instead of `x`, the normalised input in half precision and the mask
+//! as bits (for an input that came out of an INT8 layer, which carries a larger error already).
 //! The reductions run in parallel over fixed blocks of images and channels, merged in one order
 //! that depends only on the shape, so results do not depend on the thread count; the elementwise
 //! passes run in parallel over planes.

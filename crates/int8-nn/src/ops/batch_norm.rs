@@ -1,6 +1,8 @@
 //! Batch normalization over channels (FP32 at both precisions), optionally with a ReLU or ReLU6
 //! fused into the same pass. Training normalises with the batch's statistics, which the backward
-//! object keeps; evaluation with the running statistics the layer passes in.
+//! object keeps with the input, or, where an INT8 convolution that asked for it
+//! (`Int8Config::f16_batch_norm_input`) wrote the input, with the normalised input in half
+//! precision; evaluation with the running statistics the layer passes in.
 
 use int8_core::nn::batchnorm::{self, BatchStats, NchwDims};
 use int8_core::out::fresh;
