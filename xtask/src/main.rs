@@ -68,6 +68,12 @@ enum Cmd {
         /// its `cuda` feature; the rows go to files named -cuda).
         #[arg(long)]
         device: Option<String>,
+        /// Cap the kernels' instruction set, as `INT8_TRAIN_CPU` does, to time the paths of a
+        /// smaller CPU on this one (`avx2`: an AVX2-only CPU's kernels; the rows go to files named
+        /// -cpu-LEVEL). The `gemm` crate's FP32 kernels and the compiler-vectorised elementwise
+        /// loops keep what the CPU has.
+        #[arg(long, value_name = "LEVEL")]
+        cpu: Option<CpuLevel>,
     },
     /// The main job: run an experiment grid (FP32 vs INT8 x ablations x seeds) and tabulate it.
     Sweep {
@@ -256,6 +262,7 @@ fn run() -> Result<()> {
             f16_batch_norm_input,
             peer,
             device,
+            cpu,
         } => {
             if device.is_some() && which != Some(Bench::Step) {
                 bail!("--device is the step bench's; run it as `cargo xtask bench step --device cuda`");
@@ -305,6 +312,9 @@ fn run() -> Result<()> {
             if let Some(d) = device.as_deref().filter(|d| *d != "cpu") {
                 policy += &format!("-{}", d.replace(':', "_"));
             }
+            if let Some(c) = cpu {
+                policy += &format!("-cpu-{}", c.name());
+            }
             for bench in benches {
                 let file = match &model {
                     Some(m) => format!("{}-{m}{policy}.json", bench.name()),
@@ -320,6 +330,7 @@ fn run() -> Result<()> {
                     f16_batch_norm_input,
                     peer_python: peer_python.as_deref(),
                     device: device.as_deref(),
+                    cpu,
                 };
                 match run_bench(&root, bench, &json, &opts) {
                     // The data bench needs CIFAR-10 imported; a full run goes on without it.
@@ -518,6 +529,33 @@ struct BenchOpts<'a> {
     peer_python: Option<&'a Path>,
     /// The step bench's device, the CPU unless given.
     device: Option<&'a str>,
+    /// The instruction-set cap handed to int8-bench as `INT8_TRAIN_CPU`.
+    cpu: Option<CpuLevel>,
+}
+
+/// An instruction-set cap for the kernels (`int8_core::cpu::Level`, by the same names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CpuLevel {
+    /// No cap: AVX-512 where the CPU has it.
+    Avx512,
+    /// AVX2 with AVX-VNNI.
+    AvxVnni,
+    /// AVX2 and FMA, as AMD Zen 2/3 and older Xeons have.
+    Avx2,
+    /// Plain Rust.
+    Portable,
+}
+
+impl CpuLevel {
+    /// The name `INT8_TRAIN_CPU` takes.
+    fn name(self) -> &'static str {
+        match self {
+            CpuLevel::Avx512 => "avx512",
+            CpuLevel::AvxVnni => "avx-vnni",
+            CpuLevel::Avx2 => "avx2",
+            CpuLevel::Portable => "portable",
+        }
+    }
 }
 
 /// A framework the step bench can time beside ours.
@@ -554,9 +592,13 @@ fn pytorch_venv(root: &Path) -> Result<PathBuf> {
 
 /// Builds and runs `int8-bench` in release mode, echoing its table and saving it beside the JSON.
 fn run_bench(root: &Path, bench: Bench, json: &Path, opts: &BenchOpts) -> Result<()> {
-    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, f16_batch_norm_input, peer_python, device } = *opts;
+    let BenchOpts { seconds, filter, model, fp32, stochastic_grads, f16_batch_norm_input, peer_python, device, cpu } =
+        *opts;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    if let Some(c) = cpu {
+        cmd.env("INT8_TRAIN_CPU", c.name());
+    }
     cmd.current_dir(root).args(["run", "--release", "--quiet", "--package", "int8-bench"]);
     let gpu = device.filter(|d| *d != "cpu" && bench == Bench::Step);
     if gpu.is_some() {

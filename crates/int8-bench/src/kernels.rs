@@ -26,7 +26,8 @@ pub fn machine_line() -> String {
         })
         .unwrap_or_else(|| "unknown cpu".into());
     let paths: Vec<_> = Int8Path::available().iter().map(|p| p.name()).collect();
-    format!("cpu: {cpu}; threads: {}; int8 paths: {}", rayon::current_num_threads(), paths.join(", "))
+    let cap = int8_core::cpu::describe_cap().map(|c| format!("; {c}")).unwrap_or_default();
+    format!("cpu: {cpu}; threads: {}; int8 paths: {}{cap}", rayon::current_num_threads(), paths.join(", "))
 }
 
 fn random_f32(n: usize, seed: u64) -> Vec<f32> {

@@ -153,6 +153,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    int8_core::cpu::check_env()?;
     // Kernels and steps run on a worker of rayon's pool, as the trainer runs its steps
     // (`int8_nn::threads`), so that they are timed as they train. The data bench waits on its
     // loader, which must not happen on a worker; it puts each step there itself.

@@ -32,7 +32,7 @@ pub fn to_bits(v: f32) -> u16 {
 pub fn normalise_into(x: &[f32], mean: f32, inv: f32, out: &mut [MaybeUninit<u16>]) {
     assert_eq!(x.len(), out.len(), "normalise_into: input and output lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::allows(crate::cpu::Level::Avx512) && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, checked above.
         unsafe { normalise_avx512(x, mean, inv, out) };
         return;

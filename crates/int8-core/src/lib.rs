@@ -5,6 +5,7 @@
 //!   per channel.
 //! - [`dsgc`]: Direction Sensitive Gradient Clipping, the per-layer clip-value search.
 //! - [`dclr`]: Deviation Counteractive Learning Rate scaling.
+//! - [`cpu`]: the instruction sets the kernels may use (the `INT8_TRAIN_CPU` cap).
 //! - [`gemm`]: FP32 and exact INT8 matrix multiplication with run-time CPU dispatch.
 //! - [`conv`]: 2-D convolution forward, input gradient and weight gradient at both precisions.
 //! - [`nn`]: FP32 kernels for batch norm, residual add + ReLU, pooling and the loss.
@@ -18,6 +19,7 @@
 //! `target-cpu=native`, so without this they would run on 128-bit SSE2.
 
 pub mod conv;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cuda_sources;

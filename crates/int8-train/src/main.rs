@@ -154,6 +154,7 @@ fn tool(t: Tool) -> Result<()> {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    int8_core::cpu::check_env()?;
     if let Some(t) = cli.tool {
         return tool(t);
     }

@@ -546,7 +546,7 @@ impl LoweredPanels<'_> {
 fn has_avx512vl() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512vl")
+        crate::cpu::allows(crate::cpu::Level::Avx512) && is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -557,6 +557,7 @@ fn fast_masked_copy<T>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         matches!(std::mem::size_of::<T>(), 1 | 4)
+            && crate::cpu::allows(crate::cpu::Level::Avx512)
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
     }

@@ -277,7 +277,10 @@ pub(crate) fn interleave_rows<T: Copy>(even: &[T], odd: &[T], rows: usize, half:
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+    crate::cpu::allows(crate::cpu::Level::Avx512)
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
 }
 
 /// A mask of the low `k` bits (`k <= 64`).

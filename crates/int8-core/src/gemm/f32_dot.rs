@@ -31,10 +31,13 @@ impl DotPath {
     pub(super) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
+            if crate::cpu::allows(crate::cpu::Level::Avx512) && is_x86_feature_detected!("avx512f") {
                 return Self::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if crate::cpu::allows(crate::cpu::Level::Avx2)
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
                 return Self::Avx2;
             }
         }
@@ -47,10 +50,13 @@ impl DotPath {
         let mut paths = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if crate::cpu::allows(crate::cpu::Level::Avx2)
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
                 paths.push(Self::Avx2);
             }
-            if is_x86_feature_detected!("avx512f") {
+            if crate::cpu::allows(crate::cpu::Level::Avx512) && is_x86_feature_detected!("avx512f") {
                 paths.push(Self::Avx512);
             }
         }

@@ -79,14 +79,19 @@ impl Int8Path {
         match self {
             #[cfg(target_arch = "x86_64")]
             Int8Path::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f")
+                crate::cpu::allows(crate::cpu::Level::Avx512)
+                    && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(target_arch = "x86_64")]
-            Int8Path::AvxVnni => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni"),
+            Int8Path::AvxVnni => {
+                crate::cpu::allows(crate::cpu::Level::AvxVnni)
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("avxvnni")
+            }
             #[cfg(target_arch = "x86_64")]
-            Int8Path::Avx2 => is_x86_feature_detected!("avx2"),
+            Int8Path::Avx2 => crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2"),
             Int8Path::Portable => true,
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -645,7 +650,13 @@ fn pack_b(b: &MatRef<i8>, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usi
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if b.col_stride == 1 && ncols == 32 && nr == 32 && kc.is_multiple_of(4) && is_x86_feature_detected!("avx2") {
+    if b.col_stride == 1
+        && ncols == 32
+        && nr == 32
+        && kc.is_multiple_of(4)
+        && crate::cpu::allows(crate::cpu::Level::Avx2)
+        && is_x86_feature_detected!("avx2")
+    {
         // SAFETY: AVX2 was detected; rows `k0..k0 + kc` of B each hold columns `j0..j0 + 32`
         // (`ncols` columns lie inside the view), at `row_stride` apart; `dst` holds a whole panel
         // of `kc / 4 * 32 * 4` bytes.
