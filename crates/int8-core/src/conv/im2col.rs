@@ -402,6 +402,9 @@ impl Lowering {
     }
 }
 
+/// The most taps the 16-column panels of [`LoweredPanels`] take (a 7x7 kernel has 49).
+const MAX_PANEL_TAPS: usize = 64;
+
 /// Element types that may be INT8 codes, which [`LoweredPanels`] packs from.
 pub(crate) trait AsCodes: Sized {
     /// `x` as codes, for `i8`; `None` for other types.
@@ -423,7 +426,9 @@ impl AsCodes for f32 {
 /// The im2col operand of INT8 codes on a same-width [`Grid`], packed for the GEMM straight from the
 /// image: each 32-column panel of four rows is four masked 32-byte loads from the input planes
 /// (lanes outside the image read as zero) and the byte interleave of the packer, so the
-/// `k x out_plane` matrix is never written and read back.
+/// `k x out_plane` matrix is never written and read back. The 16-column panels of the AVX2 and
+/// AVX-VNNI paths take 16-byte loads, with the tap's mask bits widened to bytes and ANDed in (AVX2
+/// has no masked byte loads), and a bounded copy where a load would leave the input.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LoweredPanels<'a> {
     grid: &'a Grid,
@@ -440,7 +445,9 @@ impl<'a> LoweredPanels<'a> {
         Self::fits(grid, taps, masks, x.len()).then_some(LoweredPanels { grid, taps, masks, x })
     }
 
-    /// Whether [`LoweredPanels::new`] accepts an input of `len` codes on this grid.
+    /// Whether [`LoweredPanels::new`] accepts an input of `len` codes on this grid (for the
+    /// 32-column panels of AVX-512 or the 16-column ones of AVX2; [`PanelSource::pack`] takes the
+    /// one the GEMM asks for).
     pub fn fits(grid: &Grid, taps: &[Tap], masks: &[u64], len: usize) -> bool {
         let p = grid.out_h * grid.out_w;
         grid.out_w == grid.in_w
@@ -448,8 +455,7 @@ impl<'a> LoweredPanels<'a> {
             && p > 0
             && masks.len() == taps.len() * p.div_ceil(64)
             && len >= grid.channels * grid.planes * grid.in_h * grid.in_w
-            && fast_masked_copy::<i8>()
-            && has_avx512vl()
+            && (has_avx512_panels() || taps.len() <= MAX_PANEL_TAPS && has_avx2())
     }
 
     /// Element `(k, q)` of the operand: row `k` is channel `k / taps`, tap `k % taps`.
@@ -476,11 +482,26 @@ impl PanelSource for LoweredPanels<'_> {
 
     fn pack(&self, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]) {
         #[cfg(target_arch = "x86_64")]
-        if nr == 32 && ncols == 32 && j0.is_multiple_of(32) && dst.len() >= kc.div_ceil(4) * 128 {
-            // SAFETY: `new` checked AVX-512 F, BW and VL, the grid's geometry,
+        if nr == 32 && ncols == 32 && j0.is_multiple_of(32) && dst.len() >= kc.div_ceil(4) * 128 && has_avx512_panels()
+        {
+            // SAFETY: AVX-512 F, BW and VL (checked above); `new` checked the grid's geometry,
             // its masks and that `x` holds every input plane; the panel's columns
             // `j0..j0 + 32` lie inside the plane (`ncols == 32`) and `dst` holds the panel.
             unsafe { self.pack32(k0, kc, j0, xor, dst) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if nr == 16
+            && ncols == 16
+            && j0.is_multiple_of(16)
+            && dst.len() >= kc.div_ceil(4) * 64
+            && self.taps.len() <= MAX_PANEL_TAPS
+            && has_avx2()
+        {
+            // SAFETY: AVX2 (checked above); `new` checked the grid's geometry, its masks and that
+            // `x` holds every input plane; the panel's columns `j0..j0 + 16` lie inside the plane
+            // (`ncols == 16`) and `dst` holds the panel.
+            unsafe { self.pack16(k0, kc, j0, xor, dst) };
             return;
         }
         dst.fill(0);
@@ -540,6 +561,100 @@ impl LoweredPanels<'_> {
             unsafe { crate::gemm::interleave4x32(r, out.add(k4 * 128)) };
         }
     }
+
+    /// [`PanelSource::pack`] of a full 16-column panel with AVX2: per row a 16-byte load from the
+    /// tap's plane, ANDed with the tap's 16 mask bits widened to bytes, then the byte interleave
+    /// of four rows. A load that would start before `x` or end past it (the first and last
+    /// planes' edge taps) gathers the lanes the mask keeps into a zeroed copy instead.
+    ///
+    /// # Safety
+    /// AVX2; columns `j0..j0 + 16` inside the plane, `j0` a multiple of 16; `dst` holds
+    /// `kc.div_ceil(4) * 64` bytes; the grid, taps, masks and `x` as [`LoweredPanels::new`]
+    /// checked them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack16(&self, k0: usize, kc: usize, j0: usize, xor: i8, dst: &mut [i8]) {
+        use std::arch::x86_64::*;
+        let g = self.grid;
+        let (nt, in_plane) = (self.taps.len(), g.in_h * g.in_w);
+        let words = (g.out_h * g.out_w).div_ceil(64);
+        let flip = _mm_set1_epi8(xor);
+        // Byte `l` of a row keeps its lane when bit `l` of the mask is set: bytes 0-7 test the
+        // mask's low byte, 8-15 its high byte, each against its own bit.
+        let spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let select = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+        // Per tap, once per panel: where its row starts relative to its channel's first plane,
+        // its 16 mask bits and those bits as a byte mask (`MAX_PANEL_TAPS` at most, checked by
+        // `pack`).
+        let mut tap_start = [0isize; MAX_PANEL_TAPS];
+        let mut tap_bits = [0u16; MAX_PANEL_TAPS];
+        let mut tap_keep = [_mm_setzero_si128(); MAX_PANEL_TAPS];
+        for (t, tap) in self.taps.iter().enumerate() {
+            // The 16 columns' bits: `j0` is a multiple of 16, so they lie in one word.
+            let bits = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & 0xffff) as u16;
+            tap_start[t] = (tap.plane * in_plane + j0) as isize + tap.row_off * g.in_w as isize + tap.col_off;
+            tap_bits[t] = bits;
+            tap_keep[t] =
+                _mm_cmpeq_epi8(_mm_and_si128(_mm_shuffle_epi8(_mm_set1_epi16(bits as i16), spread), select), select);
+        }
+        let channel = (g.planes * in_plane) as isize;
+        let (mut c, mut t) = (k0 / nt, k0 % nt);
+        let out = dst.as_mut_ptr();
+        for k4 in 0..kc.div_ceil(4) {
+            // Rows past `kc` meet A's zero padding; zero is cheapest.
+            let mut r = [_mm_setzero_si128(); 4];
+            for r in r.iter_mut().take(kc - 4 * k4) {
+                let (start, bits, keep) = (c as isize * channel + tap_start[t], tap_bits[t], tap_keep[t]);
+                t += 1;
+                if t == nt {
+                    (c, t) = (c + 1, 0);
+                }
+                let v = if start >= 0 && start as usize + 16 <= self.x.len() {
+                    // SAFETY: the 16 bytes from `start` lie inside `x` (checked just above).
+                    unsafe { _mm_loadu_si128(self.x.as_ptr().add(start as usize).cast()) }
+                } else {
+                    // Only lanes whose mask bit is set are read, and those lie inside this tap's
+                    // plane by the masks' construction ([`tap_masks`]), so inside `x`.
+                    let mut tmp = [0i8; 16];
+                    for (l, v) in tmp.iter_mut().enumerate().filter(|&(l, _)| bits >> l & 1 == 1) {
+                        *v = self.x[(start + l as isize) as usize];
+                    }
+                    // SAFETY: `tmp` holds 16 bytes.
+                    unsafe { _mm_loadu_si128(tmp.as_ptr().cast()) }
+                };
+                *r = _mm_xor_si128(_mm_and_si128(v, keep), flip);
+            }
+            // Four bytes per column: `out[4j + t] = r[t][j]`.
+            let (a_lo, a_hi) = (_mm_unpacklo_epi8(r[0], r[1]), _mm_unpackhi_epi8(r[0], r[1]));
+            let (b_lo, b_hi) = (_mm_unpacklo_epi8(r[2], r[3]), _mm_unpackhi_epi8(r[2], r[3]));
+            let words = [
+                _mm_unpacklo_epi16(a_lo, b_lo),
+                _mm_unpackhi_epi16(a_lo, b_lo),
+                _mm_unpacklo_epi16(a_hi, b_hi),
+                _mm_unpackhi_epi16(a_hi, b_hi),
+            ];
+            for (i, w) in words.into_iter().enumerate() {
+                // SAFETY: the 64 bytes from `k4 * 64` lie inside `dst`, which holds
+                // `kc.div_ceil(4) * 64` (the contract).
+                unsafe { _mm_storeu_si128(out.add(k4 * 64 + 16 * i).cast(), w) };
+            }
+        }
+    }
+}
+
+/// Whether the 32-column panels' masked byte loads run here (AVX-512 F, BW and VL).
+fn has_avx512_panels() -> bool {
+    fast_masked_copy::<i8>() && has_avx512vl()
+}
+
+/// Whether this CPU runs AVX2 (the 16-column panels), as the cap allows.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether this CPU has AVX-512 VL (masked 256-bit loads).
@@ -703,6 +818,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Panels packed from the image, 16 and 32 columns wide, equal the packer's panels of the
+    /// lowered matrix, over every panel: the first and last planes' edge taps (where a plain load
+    /// would leave the input), partial groups of four rows, and the VNNI paths' XOR.
+    #[test]
+    fn panels_from_the_image_match_the_packed_lowering() {
+        use crate::gemm::{MatRef, PanelSource};
+        let sq = ConvShape::square;
+        let shapes =
+            [sq(1, 3, 8, 2, 3, 1, 1), sq(1, 2, 32, 2, 3, 1, 1), sq(1, 5, 16, 2, 3, 2, 1), sq(1, 1, 8, 1, 3, 1, 1)];
+        let mut tried = 0;
+        for s in shapes {
+            let x: Vec<i8> = (0..s.c_in * s.in_plane()).map(|i| ((i * 37 % 253) as i32 - 126) as i8).collect();
+            let lower = Lowering::new(&s);
+            let mut buf = vec![0i8; lower.buffer_len()];
+            let col = lower.run(&x, &mut buf).to_vec();
+            let mut buf = vec![0i8; lower.buffer_len()];
+            let Some(panels) = lower.panels(&x, &mut buf) else { continue };
+            let m = MatRef::row_major(&col, panels.rows(), panels.cols()).unwrap();
+            let k = panels.rows();
+            for nr in [16, 32] {
+                if nr == 32 && !has_avx512_panels() || nr == 16 && !has_avx2() {
+                    continue;
+                }
+                for xor in [0i8, -128] {
+                    for (k0, kc) in [(0, k), (1, k - 1), (4, k.min(9) - 4)] {
+                        for j0 in (0..panels.cols()).step_by(nr) {
+                            let len = kc.div_ceil(4) * nr * 4;
+                            let (mut got, mut want) = (vec![55i8; len], vec![55i8; len]);
+                            panels.pack(k0, kc, j0, nr, nr, xor, &mut got);
+                            m.pack(k0, kc, j0, nr, nr, xor, &mut want);
+                            // Rows past `kc` may hold anything (they meet A's zero padding).
+                            for (i, (g, w)) in
+                                got.iter().zip(&want).enumerate().filter(|(i, _)| i % 4 < kc - i / (4 * nr) * 4)
+                            {
+                                assert_eq!(g, w, "{s:?} nr {nr} xor {xor} k0 {k0} kc {kc} j0 {j0} at {i}");
+                            }
+                            tried += 1;
+                        }
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert!(tried > 0 || !is_x86_feature_detected!("avx2"), "no panel was compared");
     }
 
     #[test]

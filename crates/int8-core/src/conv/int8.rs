@@ -103,10 +103,8 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
                     gemm_i8_scaled_packed(a, MatRef::row_major(xg, kg, p)?, out, scales, par)?;
                     continue;
                 }
-                // The VNNI path packs the operand straight from the image where it can.
-                if path == Int8Path::Avx512Vnni
-                    && let Some(src) = lower.panels(xg, col)
-                {
+                // The operand is packed straight from the image where it can be.
+                if let Some(src) = lower.panels(xg, col) {
                     gemm_i8_scaled_packed_from(a, &src, out, scales, par)?;
                     continue;
                 }
@@ -193,11 +191,11 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
             for (g, packed) in packed.iter().enumerate() {
                 let dyg = &dy[g * cog * p..][..cog * p];
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
-                // The VNNI path packs each phase's operand straight from dY where it can.
+                // Each phase's operand is packed straight from dY where it can be.
                 let mut direct = |i: usize, b: &LoweredPanels, c: MatMut<f32>| {
                     gemm_i8_scaled_packed_from(&packed[i], b, c, &row_scales, par)
                 };
-                let direct: Option<phase::PanelProduct> = (path == Int8Path::Avx512Vnni).then_some(&mut direct);
+                let direct: Option<phase::PanelProduct> = Some(&mut direct);
                 phase::input_grad_image(
                     s,
                     &phases,

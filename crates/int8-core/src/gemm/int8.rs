@@ -55,7 +55,7 @@ pub enum Int8Path {
     Avx512Vnni,
     /// AVX-VNNI (`vpdpbusd` on 256-bit registers, VEX-encoded).
     AvxVnni,
-    /// AVX2 without VNNI (`vpmaddubsw` + `vpmaddwd`, kept exact).
+    /// AVX2 without VNNI (`vpmaddwd` on codes widened to 16 bits).
     Avx2,
     /// Plain Rust, on any CPU.
     Portable,
@@ -67,6 +67,10 @@ struct Geometry {
     /// Whether B is packed as `b + 128` (for `vpdpbusd`'s unsigned operand), so that outputs are
     /// corrected by `128 * rowsum(A)`.
     offset: bool,
+    /// Whether the kernel reads its panels with every code sign-extended to a little-endian
+    /// `i16` (two bytes each, in the packed order): `vpmaddwd` then multiplies pairs of codes
+    /// exactly, with no sign trick per row.
+    widen: bool,
     kernel: Kernel,
 }
 
@@ -122,12 +126,14 @@ impl Int8Path {
     fn geometry(self) -> Geometry {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Int8Path::Avx512Vnni => Geometry { mr: 8, nr: 32, offset: true, kernel: x86::kernel_avx512_vnni },
+            Int8Path::Avx512Vnni => {
+                Geometry { mr: 8, nr: 32, offset: true, widen: false, kernel: x86::kernel_avx512_vnni }
+            }
             #[cfg(target_arch = "x86_64")]
-            Int8Path::AvxVnni => Geometry { mr: 4, nr: 16, offset: true, kernel: x86::kernel_avx_vnni },
+            Int8Path::AvxVnni => Geometry { mr: 4, nr: 16, offset: true, widen: false, kernel: x86::kernel_avx_vnni },
             #[cfg(target_arch = "x86_64")]
-            Int8Path::Avx2 => Geometry { mr: 4, nr: 16, offset: false, kernel: x86::kernel_avx2 },
-            _ => Geometry { mr: 4, nr: 16, offset: false, kernel: kernel_portable },
+            Int8Path::Avx2 => Geometry { mr: 2, nr: 16, offset: false, widen: true, kernel: x86::kernel_avx2_wide },
+            _ => Geometry { mr: 4, nr: 16, offset: false, widen: false, kernel: kernel_portable },
         }
     }
 }
@@ -272,6 +278,11 @@ impl PackedA {
                 let mc = MC.min(a.rows - i0);
                 let (mut data, mut row_corr) = (Vec::new(), Vec::new());
                 pack_a(&a, i0, mc, k0, kc, &g, par, &mut data, &mut row_corr);
+                if g.widen {
+                    let mut wide = vec![0i8; 2 * data.len()];
+                    widen_codes(&data, &mut wide);
+                    data = wide;
+                }
                 blocks.push(PackedBlock { i0, mc, k0, kc, data, row_corr });
             }
         }
@@ -405,9 +416,49 @@ impl Block<'_> {
         // conv layer makes one call per image, and fresh zeroed buffers each time measured a few
         // percent of a small layer's time.
         thread_local! {
-            static SCRATCH: std::cell::RefCell<(Vec<i32>, Vec<i8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+            static SCRATCH: std::cell::RefCell<(Vec<i32>, Vec<i8>, Vec<i8>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
         }
-        SCRATCH.with_borrow_mut(|(tile, packed)| self.run_with(g, panels, tile, packed));
+        SCRATCH.with_borrow_mut(|(tile, packed, wide)| {
+            if g.widen {
+                self.run_widened(g, panels, tile, packed, wide)
+            } else {
+                self.run_with(g, panels, tile, packed)
+            }
+        });
+    }
+
+    /// [`Block::run`] for a kernel of widened codes: each B panel is packed, then sign-extended
+    /// once into `wide` for every A panel to read.
+    fn run_widened(
+        &self,
+        g: &Geometry,
+        panels: std::ops::Range<usize>,
+        tile: &mut Vec<i32>,
+        packed: &mut Vec<i8>,
+        wide: &mut Vec<i8>,
+    ) {
+        let kc4 = self.kc.div_ceil(4);
+        let panel_len = kc4 * 4 * g.nr;
+        if tile.len() < g.mr * g.nr {
+            tile.resize(g.mr * g.nr, 0);
+        }
+        let tile = &mut tile[..g.mr * g.nr];
+        if packed.len() < panel_len {
+            packed.resize(panel_len, 0);
+        }
+        if wide.len() < 2 * panel_len {
+            wide.resize(2 * panel_len, 0);
+        }
+        let (packed, wide) = (&mut packed[..panel_len], &mut wide[..2 * panel_len]);
+        for jp in panels {
+            let j0 = jp * g.nr;
+            self.b.pack(self.k0, self.kc, j0, g.nr.min(self.n - j0), g.nr, 0, packed);
+            widen_codes(packed, wide);
+            for (ip, a) in self.a.chunks_exact(2 * kc4 * 4 * g.mr).enumerate() {
+                self.tile(g, ip, a, jp, wide, tile);
+            }
+        }
     }
 
     /// [`Block::run`] with scratch buffers, grown as needed; their contents are overwritten.
@@ -528,6 +579,21 @@ impl Block<'_> {
                 }
             }
         }
+    }
+}
+
+/// Writes each code of `src` sign-extended to a little-endian `i16` (two bytes) into `dst`, which
+/// holds twice as many bytes: the panels of a widening kernel ([`Geometry::widen`]).
+fn widen_codes(src: &[i8], dst: &mut [i8]) {
+    assert_eq!(dst.len(), 2 * src.len(), "widen_codes: the output holds two bytes per code");
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected; the lengths were checked above.
+        unsafe { x86::widen_avx2(src, dst) };
+        return;
+    }
+    for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
+        d.copy_from_slice(&(v as i16).to_le_bytes().map(|b| b as i8));
     }
 }
 
@@ -976,13 +1042,18 @@ mod x86 {
         unsafe { store_ymm_tile(&acc, out, ldc, corr, accumulate) };
     }
 
-    /// The AVX2 4x16 micro-kernel (A signed), exact through the `|a|`, `sign(a) * b` form.
+    /// The AVX2 2x16 micro-kernel on widened codes ([`super::Geometry::widen`]): per group of four
+    /// depths, each row's four A codes are broadcast as `i16` to every column and `vpmaddwd`
+    /// multiplies them by four columns' codes at once, summing pairs into `i32` lanes (two
+    /// partial sums per column, added at the end). A pair's sum is at most `2 * 127^2`, so it is
+    /// exact, and there is no sign trick per row as `vpmaddubsw` needs.
     ///
     /// # Safety
-    /// The CPU must support AVX2; `a` must hold `kc4 * 16` bytes, `b` `kc4 * 64` bytes, `corr` 4
-    /// values and `out` a 4 x 16 tile at row stride `ldc`.
+    /// The CPU must support AVX2; `a` must hold `kc4 * 16` bytes (2 rows x 4 codes x 2 bytes per
+    /// group), `b` `kc4 * 128` (16 columns x 4 codes x 2 bytes), `corr` 2 values and `out` a
+    /// 2 x 16 tile at row stride `ldc`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn kernel_avx2(
+    pub(super) unsafe fn kernel_avx2_wide(
         kc4: usize,
         a: *const i8,
         b: *const i8,
@@ -991,26 +1062,65 @@ mod x86 {
         corr: *const i32,
         accumulate: bool,
     ) {
-        let ones = _mm256_set1_epi16(1);
+        // acc[4r + i]: row `r`, columns `4i..4i + 4`, each as (codes 0-1, codes 2-3) partial sums.
         let mut acc = [_mm256_setzero_si256(); 8];
         for k in 0..kc4 {
             // SAFETY: `k < kc4`, so every read is inside the panels the caller vouched for.
             unsafe {
-                let b0 = _mm256_loadu_si256(b.add(k * 64).cast());
-                let b1 = _mm256_loadu_si256(b.add(k * 64 + 32).cast());
+                let bp = b.add(k * 128);
+                let bv: [__m256i; 4] = [
+                    _mm256_loadu_si256(bp.cast()),
+                    _mm256_loadu_si256(bp.add(32).cast()),
+                    _mm256_loadu_si256(bp.add(64).cast()),
+                    _mm256_loadu_si256(bp.add(96).cast()),
+                ];
                 let ap = a.add(k * 16);
-                for r in 0..4 {
-                    let av = _mm256_set1_epi32(ap.add(r * 4).cast::<i32>().read_unaligned());
-                    let aa = _mm256_abs_epi8(av);
-                    let p0 = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(b0, av));
-                    let p1 = _mm256_maddubs_epi16(aa, _mm256_sign_epi8(b1, av));
-                    acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(p0, ones));
-                    acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(p1, ones));
+                for r in 0..2 {
+                    let av = _mm256_set1_epi64x(ap.add(r * 8).cast::<i64>().read_unaligned());
+                    for i in 0..4 {
+                        acc[4 * r + i] = _mm256_add_epi32(acc[4 * r + i], _mm256_madd_epi16(av, bv[i]));
+                    }
                 }
             }
         }
-        // SAFETY: forwarded from the caller, whose contract `store_ymm_tile` shares.
-        unsafe { store_ymm_tile(&acc, out, ldc, corr, accumulate) };
+        for r in 0..2 {
+            // Pairs of lanes summed: within each 128-bit lane, columns (0, 1, 4, 5) low and
+            // (2, 3, 6, 7) high, put back in order by a 64-bit permute.
+            let lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[4 * r], acc[4 * r + 1]), 0b11_01_10_00);
+            let hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[4 * r + 2], acc[4 * r + 3]), 0b11_01_10_00);
+            // SAFETY: the caller's contract: row `r`, 16 values, starts at `r * ldc`.
+            unsafe {
+                let c = _mm256_set1_epi32(*corr.add(r));
+                let p = out.add(r * ldc);
+                let mut v0 = _mm256_sub_epi32(lo, c);
+                let mut v1 = _mm256_sub_epi32(hi, c);
+                if accumulate {
+                    v0 = _mm256_add_epi32(v0, _mm256_loadu_si256(p.cast()));
+                    v1 = _mm256_add_epi32(v1, _mm256_loadu_si256(p.add(8).cast()));
+                }
+                _mm256_storeu_si256(p.cast(), v0);
+                _mm256_storeu_si256(p.add(8).cast(), v1);
+            }
+        }
+    }
+
+    /// [`super::widen_codes`] with `vpmovsxbw`, 16 codes at a time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `dst` holds `2 * src.len()` bytes.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn widen_avx2(src: &[i8], dst: &mut [i8]) {
+        let n16 = src.len() / 16 * 16;
+        for i in (0..n16).step_by(16) {
+            // SAFETY: codes `i..i + 16` lie inside `src` and bytes `2i..2i + 32` inside `dst`.
+            unsafe {
+                let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(src.as_ptr().add(i).cast()));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(2 * i).cast(), v);
+            }
+        }
+        for (d, &v) in dst[2 * n16..].chunks_exact_mut(2).zip(&src[n16..]) {
+            d.copy_from_slice(&(v as i16).to_le_bytes().map(|b| b as i8));
+        }
     }
 }
 
