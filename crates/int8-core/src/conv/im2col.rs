@@ -624,20 +624,9 @@ impl LoweredPanels<'_> {
                 };
                 *r = _mm_xor_si128(_mm_and_si128(v, keep), flip);
             }
-            // Four bytes per column: `out[4j + t] = r[t][j]`.
-            let (a_lo, a_hi) = (_mm_unpacklo_epi8(r[0], r[1]), _mm_unpackhi_epi8(r[0], r[1]));
-            let (b_lo, b_hi) = (_mm_unpacklo_epi8(r[2], r[3]), _mm_unpackhi_epi8(r[2], r[3]));
-            let words = [
-                _mm_unpacklo_epi16(a_lo, b_lo),
-                _mm_unpackhi_epi16(a_lo, b_lo),
-                _mm_unpacklo_epi16(a_hi, b_hi),
-                _mm_unpackhi_epi16(a_hi, b_hi),
-            ];
-            for (i, w) in words.into_iter().enumerate() {
-                // SAFETY: the 64 bytes from `k4 * 64` lie inside `dst`, which holds
-                // `kc.div_ceil(4) * 64` (the contract).
-                unsafe { _mm_storeu_si128(out.add(k4 * 64 + 16 * i).cast(), w) };
-            }
+            // SAFETY: the 64 bytes from `k4 * 64` lie inside `dst`, which holds
+            // `kc.div_ceil(4) * 64` (the contract).
+            unsafe { crate::gemm::interleave4x16(r, out.add(k4 * 64)) };
         }
     }
 }

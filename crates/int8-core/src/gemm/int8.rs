@@ -773,6 +773,30 @@ unsafe fn pack_b_rows32(src: *const i8, row_stride: usize, kc4: usize, xor: i8, 
     }
 }
 
+/// Writes four rows of 16 bytes as 16 columns of four bytes (`out[4j + t] = r[t][j]`): the packed
+/// layout of one group of four rows of a 16-column B panel.
+///
+/// # Safety
+/// `out` is valid for 64 bytes of writes (SSE2 is part of the x86_64 baseline).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+#[inline]
+pub(crate) unsafe fn interleave4x16(r: [std::arch::x86_64::__m128i; 4], out: *mut i8) {
+    use std::arch::x86_64::*;
+    let (a_lo, a_hi) = (_mm_unpacklo_epi8(r[0], r[1]), _mm_unpackhi_epi8(r[0], r[1]));
+    let (b_lo, b_hi) = (_mm_unpacklo_epi8(r[2], r[3]), _mm_unpackhi_epi8(r[2], r[3]));
+    let words = [
+        _mm_unpacklo_epi16(a_lo, b_lo),
+        _mm_unpackhi_epi16(a_lo, b_lo),
+        _mm_unpacklo_epi16(a_hi, b_hi),
+        _mm_unpackhi_epi16(a_hi, b_hi),
+    ];
+    for (i, w) in words.into_iter().enumerate() {
+        // SAFETY: the 16 bytes from `16 i` lie inside the 64 of `out` (the contract).
+        unsafe { _mm_storeu_si128(out.add(16 * i).cast(), w) };
+    }
+}
+
 /// Writes four rows of 32 bytes as 32 columns of four bytes (`out[4j + t] = r[t][j]`): the packed
 /// layout of one group of four rows of a 32-column B panel.
 ///
@@ -814,13 +838,7 @@ fn interleave4_simd(rows: [&[i8]; 4], xor: i8, out: &mut [i8]) -> usize {
         unsafe {
             let r: [__m128i; 4] =
                 std::array::from_fn(|t| _mm_xor_si128(_mm_loadu_si128(rows[t].as_ptr().add(j).cast()), x));
-            let (a_lo, a_hi) = (_mm_unpacklo_epi8(r[0], r[1]), _mm_unpackhi_epi8(r[0], r[1]));
-            let (b_lo, b_hi) = (_mm_unpacklo_epi8(r[2], r[3]), _mm_unpackhi_epi8(r[2], r[3]));
-            let o = out.as_mut_ptr().add(4 * j);
-            _mm_storeu_si128(o.cast(), _mm_unpacklo_epi16(a_lo, b_lo));
-            _mm_storeu_si128(o.add(16).cast(), _mm_unpackhi_epi16(a_lo, b_lo));
-            _mm_storeu_si128(o.add(32).cast(), _mm_unpacklo_epi16(a_hi, b_hi));
-            _mm_storeu_si128(o.add(48).cast(), _mm_unpackhi_epi16(a_hi, b_hi));
+            interleave4x16(r, out.as_mut_ptr().add(4 * j));
         }
     }
     n

@@ -12,10 +12,10 @@ mod int8;
 pub mod reference;
 
 pub use self::f32::gemm_f32;
-#[cfg(target_arch = "x86_64")]
-pub(crate) use self::int8::interleave4x32;
 pub use self::int8::{Int8Path, MAX_K_I8, PackedA, gemm_i8, gemm_i8_packed, gemm_i8_scaled, gemm_i8_scaled_packed};
 pub(crate) use self::int8::{PanelSource, gemm_i8_scaled_packed_from};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::int8::{interleave4x16, interleave4x32};
 
 use crate::error::{CoreError, Result};
 
