@@ -313,10 +313,18 @@ impl Trainer<'_> {
             tb.text(0, "recipe", &format!("```toml\n{}```", self.state.recipe))?;
         }
         let int8_layers = self.model.int8_stats().len();
+        // Which CPU kernels the INT8 layers run on: it sets the step times. Their integer sums
+        // are the same on every path (the FP32 layers' sums may differ in the last bits).
+        let kernels = match self.model.device() {
+            int8_nn::Device::Cpu if int8_layers > 0 => {
+                format!(" ({} kernels)", int8_core::gemm::Int8Path::detect().name())
+            }
+            _ => String::new(),
+        };
         let params = self.model.param_count();
         let mut progress = Progress::new(self.opts.progress, total, self.state.global_step);
         progress.message(&format!(
-            "{} on {} ({} train / {} test images, {} class{}), {} on {} at {}: {} parameters, {} INT8 layers; {} -> {}",
+            "{} on {} ({} train / {} test images, {} class{}), {} on {} at {}: {} parameters, {} INT8 layers{}; {} -> {}",
             r.model,
             r.dataset,
             self.data.train_len(),
@@ -328,6 +336,7 @@ impl Trainer<'_> {
             self.data.root().display(),
             params,
             int8_layers,
+            kernels,
             if resuming { format!("resuming at step {}", self.state.global_step) } else { start.to_string() },
             self.opts.out.display()
         ));
