@@ -89,6 +89,12 @@ pub fn allows(level: Level) -> bool {
     }
 }
 
+/// Whether the kernels may use AVX2 here: the cap allows it and the CPU has it.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2() -> bool {
+    allows(Level::Avx2) && is_x86_feature_detected!("avx2")
+}
+
 /// A line for bench tables and logs: the cap, if one is set.
 pub fn describe_cap() -> Option<String> {
     match cap() {

@@ -636,11 +636,11 @@ fn has_avx512_panels() -> bool {
     fast_masked_copy::<i8>() && has_avx512vl()
 }
 
-/// Whether this CPU runs AVX2 (the 16-column panels), as the cap allows.
+/// Whether the 16-column panels' AVX2 code runs here.
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2")
+        crate::cpu::avx2()
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

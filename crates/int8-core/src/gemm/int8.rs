@@ -95,7 +95,7 @@ impl Int8Path {
                     && is_x86_feature_detected!("avxvnni")
             }
             #[cfg(target_arch = "x86_64")]
-            Int8Path::Avx2 => crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2"),
+            Int8Path::Avx2 => crate::cpu::avx2(),
             Int8Path::Portable => true,
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -586,13 +586,12 @@ impl Block<'_> {
 /// holds twice as many bytes: the panels of a widening kernel ([`Geometry::widen`]).
 fn widen_codes(src: &[i8], dst: &mut [i8]) {
     assert_eq!(dst.len(), 2 * src.len(), "widen_codes: the output holds two bytes per code");
+    // SAFETY: AVX2 was detected; the lengths were checked above.
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected; the lengths were checked above.
-        unsafe { x86::widen_avx2(src, dst) };
-        return;
-    }
-    for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
+    let done = if crate::cpu::avx2() { unsafe { x86::widen_avx2(src, dst) } } else { 0 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for (d, &v) in dst[2 * done..].chunks_exact_mut(2).zip(&src[done..]) {
         d.copy_from_slice(&(v as i16).to_le_bytes().map(|b| b as i8));
     }
 }
@@ -716,13 +715,7 @@ fn pack_b(b: &MatRef<i8>, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usi
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if b.col_stride == 1
-        && ncols == 32
-        && nr == 32
-        && kc.is_multiple_of(4)
-        && crate::cpu::allows(crate::cpu::Level::Avx2)
-        && is_x86_feature_detected!("avx2")
-    {
+    if b.col_stride == 1 && ncols == 32 && nr == 32 && kc.is_multiple_of(4) && crate::cpu::avx2() {
         // SAFETY: AVX2 was detected; rows `k0..k0 + kc` of B each hold columns `j0..j0 + 32`
         // (`ncols` columns lie inside the view), at `row_stride` apart; `dst` holds a whole panel
         // of `kc / 4 * 32 * 4` bytes.
@@ -953,14 +946,14 @@ unsafe fn kernel_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Stores a 4 x 16 tile held as eight ymm registers (row `r` in `acc[2r]`, `acc[2r + 1]`) at
+    /// Stores an `R` x 16 tile held as `2R` ymm registers (row `r` in `acc[2r]`, `acc[2r + 1]`) at
     /// row stride `ldc`, less `corr[r]`, overwriting or adding.
     ///
     /// # Safety
-    /// The CPU must support AVX2; `corr` must hold 4 values and `out` a 4 x 16 tile at `ldc`.
+    /// The CPU must support AVX2; `corr` must hold `R` values and `out` an `R` x 16 tile at `ldc`.
     #[target_feature(enable = "avx2")]
-    unsafe fn store_ymm_tile(acc: &[__m256i; 8], out: *mut i32, ldc: usize, corr: *const i32, accumulate: bool) {
-        for r in 0..4 {
+    unsafe fn store_ymm_tile(acc: &[__m256i], out: *mut i32, ldc: usize, corr: *const i32, accumulate: bool) {
+        for r in 0..acc.len() / 2 {
             // SAFETY: the caller's contract: row `r`, 16 values, starts at `r * ldc`.
             unsafe {
                 let c = _mm256_set1_epi32(*corr.add(r));
@@ -1101,33 +1094,22 @@ mod x86 {
                 }
             }
         }
-        for r in 0..2 {
-            // Pairs of lanes summed: within each 128-bit lane, columns (0, 1, 4, 5) low and
-            // (2, 3, 6, 7) high, put back in order by a 64-bit permute.
-            let lo = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[4 * r], acc[4 * r + 1]), 0b11_01_10_00);
-            let hi = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[4 * r + 2], acc[4 * r + 3]), 0b11_01_10_00);
-            // SAFETY: the caller's contract: row `r`, 16 values, starts at `r * ldc`.
-            unsafe {
-                let c = _mm256_set1_epi32(*corr.add(r));
-                let p = out.add(r * ldc);
-                let mut v0 = _mm256_sub_epi32(lo, c);
-                let mut v1 = _mm256_sub_epi32(hi, c);
-                if accumulate {
-                    v0 = _mm256_add_epi32(v0, _mm256_loadu_si256(p.cast()));
-                    v1 = _mm256_add_epi32(v1, _mm256_loadu_si256(p.add(8).cast()));
-                }
-                _mm256_storeu_si256(p.cast(), v0);
-                _mm256_storeu_si256(p.add(8).cast(), v1);
-            }
-        }
+        // Pairs of lanes summed: within each 128-bit lane, columns (0, 1, 4, 5) low and (2, 3, 6, 7)
+        // high, put back in order by a 64-bit permute; then row `r` is `rows[2r]`, `rows[2r + 1]`.
+        let rows: [__m256i; 4] = std::array::from_fn(|h| {
+            _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[2 * h], acc[2 * h + 1]), 0b11_01_10_00)
+        });
+        // SAFETY: forwarded from the caller, whose contract `store_ymm_tile` shares for two rows.
+        unsafe { store_ymm_tile(&rows, out, ldc, corr, accumulate) };
     }
 
-    /// [`super::widen_codes`] with `vpmovsxbw`, 16 codes at a time.
+    /// [`super::widen_codes`] with `vpmovsxbw`, 16 codes at a time; returns how many codes it
+    /// widened (the whole groups of 16), leaving the rest to the caller.
     ///
     /// # Safety
     /// The CPU must support AVX2; `dst` holds `2 * src.len()` bytes.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn widen_avx2(src: &[i8], dst: &mut [i8]) {
+    pub(super) unsafe fn widen_avx2(src: &[i8], dst: &mut [i8]) -> usize {
         let n16 = src.len() / 16 * 16;
         for i in (0..n16).step_by(16) {
             // SAFETY: codes `i..i + 16` lie inside `src` and bytes `2i..2i + 32` inside `dst`.
@@ -1136,9 +1118,7 @@ mod x86 {
                 _mm256_storeu_si256(dst.as_mut_ptr().add(2 * i).cast(), v);
             }
         }
-        for (d, &v) in dst[2 * n16..].chunks_exact_mut(2).zip(&src[n16..]) {
-            d.copy_from_slice(&(v as i16).to_le_bytes().map(|b| b as i8));
-        }
+        n16
     }
 }
 

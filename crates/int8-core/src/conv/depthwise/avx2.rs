@@ -20,7 +20,7 @@ use crate::out::Out;
 
 /// Whether this CPU runs these kernels.
 pub(super) fn available() -> bool {
-    crate::cpu::allows(crate::cpu::Level::Avx2) && is_x86_feature_detected!("avx2")
+    crate::cpu::avx2()
 }
 
 /// Whether these kernels take shape `s`: kernels of at most 64 taps (32 pairs in registers).
