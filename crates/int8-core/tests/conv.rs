@@ -1,6 +1,9 @@
 //! Convolution kernels against the naive f64 reference: FP32 within 1e-5 of the sum of absolute
 //! terms, INT8 exact on every instruction-set path this CPU can run.
 
+mod common;
+use common::{codes, f64s, floats};
+
 use int8_core::conv::{
     ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
     quantize_subsample, reference, strided_pointwise, subsample, upsample,
@@ -63,20 +66,6 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("3x2 stride (3,2) dilation (2,3) groups 2", uneven(sq(2, 4, 11, 6, 3, 1, 1).with_groups(2))),
         ("1x1 pad 1 (padding wider than the kernel)", sq(2, 3, 5, 4, 1, 1, 1)),
     ]
-}
-
-fn floats(n: usize, seed: u64) -> Vec<f32> {
-    let rng = CounterRng::new(seed);
-    (0..n).map(|i| rng.uniform(i as u64) * 2.0 - 1.0).collect()
-}
-
-fn codes(n: usize, seed: u64) -> Vec<i8> {
-    let rng = CounterRng::new(seed);
-    (0..n).map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8).collect()
-}
-
-fn f64s<T: Copy + Into<f64>>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|&x| x.into()).collect()
 }
 
 fn abs(v: &[f64]) -> Vec<f64> {

@@ -7,27 +7,15 @@
 //! One test in its own binary: the cap is read once per process, so it must be set before any
 //! kernel dispatches, with no other test running beside it.
 
+mod common;
+use common::{codes, f64s, floats};
+
 use int8_core::conv::{
     ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
     reference,
 };
 use int8_core::cpu::{self, Level};
 use int8_core::gemm::Int8Path;
-use int8_core::rng::CounterRng;
-
-fn codes(n: usize, seed: u64) -> Vec<i8> {
-    let rng = CounterRng::new(seed);
-    (0..n).map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8).collect()
-}
-
-fn floats(n: usize, seed: u64) -> Vec<f32> {
-    let rng = CounterRng::new(seed);
-    (0..n).map(|i| rng.uniform(i as u64) * 2.0 - 1.0).collect()
-}
-
-fn f64s<T: Copy + Into<f64>>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|&x| x.into()).collect()
-}
 
 fn close(got: &[f32], want: &[f64], bound: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");

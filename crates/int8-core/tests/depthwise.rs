@@ -5,9 +5,11 @@
 //! per tensor and per channel, on the kernel this CPU runs (the kernels' own tests run every
 //! kernel the CPU has).
 
+mod common;
+use common::{codes, f64s};
+
 use int8_core::conv::{ConvShape, QView, conv2d_dw_i8, conv2d_dx_i8, conv2d_fwd_i8, reference};
 use int8_core::gemm::Int8Path;
-use int8_core::rng::CounterRng;
 
 /// MobileNetV2's depthwise layers with CIFAR strides: (channels, input size, stride).
 const LAYERS: [(usize, usize, usize); 10] = [
@@ -22,15 +24,6 @@ const LAYERS: [(usize, usize, usize); 10] = [
     (576, 8, 2),
     (960, 4, 1),
 ];
-
-fn codes(n: usize, seed: u64) -> Vec<i8> {
-    let rng = CounterRng::new(seed);
-    (0..n).map(|i| ((rng.bits(i as u64) % 255) as i32 - 127) as i8).collect()
-}
-
-fn f64s(v: &[i8]) -> Vec<f64> {
-    v.iter().map(|&c| c as f64).collect()
-}
 
 #[test]
 fn mobilenet_depthwise_layers_are_exact_and_scaled_as_defined() {
