@@ -9,7 +9,7 @@ use int8_core::conv::{
 };
 use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
-use int8_core::quant::{Granularity, Rounding, quantize};
+use int8_core::quant::{Granularity, Rounding, max_abs, quantize, quantize_with_clip};
 use int8_core::rng::CounterRng;
 
 use crate::timing::median_ms;
@@ -193,10 +193,13 @@ pub fn mobilenetv2_convs(n: usize) -> Vec<(String, ConvShape)> {
 const PARTS: [&str; 6] = ["quantize x", "quantize w", "forward", "dsgc + q(dy)", "dx", "dw"];
 
 /// One conv layer's training work on fixed random tensors, at either precision, as the layer
-/// runs it: INT8 quantizes X and W (per tensor, at max|.|) and dY at its DSGC clip value, with the
-/// cosine distance measured in the same pass (the search itself is due every 100 steps and is
-/// not part of a step here). A strided 1x1 convolution works in INT8 on its input's subsample
-/// (only that is quantized), with the input gradient placed back; FP32 reads in place.
+/// runs it in training: INT8 quantizes X and W (per tensor, at max|.|) and dY at its DSGC clip
+/// value, with the cosine distance measured in the same pass (the search itself is due every 100
+/// steps and is not part of a step here). max|X| comes with X, as in training, where the op that
+/// writes a convolution's input (batch norm, add, ReLU) finds it on the way at both precisions.
+/// A strided 1x1 convolution works in INT8 on its input's subsample (only that is quantized, at
+/// the subsample's own largest magnitude, found while gathering it), with the input gradient
+/// placed back; FP32 reads in place.
 struct LayerWork {
     s: ConvShape,
     /// The shape the INT8 kernels run: `s`, or the stride-1 shape over the subsample.
@@ -205,6 +208,8 @@ struct LayerWork {
     path: Int8Path,
     clip: ClipState,
     x: Vec<f32>,
+    /// max|X|, which the op that wrote X found.
+    x_max: f32,
     w: Vec<f32>,
     dy: Vec<f32>,
     y: Vec<f32>,
@@ -220,13 +225,15 @@ impl LayerWork {
         let dy = random_f32(s.y_len(), 13);
         let mut clip = ClipState::new(ClipMode::dsgc(100));
         clip.update("dy", &dy)?;
+        let x = random_f32(s.x_len(), 11);
         Ok(LayerWork {
             s: *s,
             k,
             pointwise: pointwise.is_some(),
             path: Int8Path::detect(),
             clip,
-            x: random_f32(s.x_len(), 11),
+            x_max: max_abs("x", &x)?,
+            x,
             w: random_f32(s.w_len(), 12),
             dy,
             y: vec![0f32; s.y_len()],
@@ -254,7 +261,7 @@ impl LayerWork {
         let xq = if self.pointwise {
             quantize_subsample("x", s, &self.x)?
         } else {
-            quantize("x", &self.x, Granularity::PerTensor, 1, Rounding::Nearest)?
+            quantize_with_clip("x", &self.x, self.x_max, Rounding::Nearest)?
         };
         lap(0);
         let wq = quantize("w", &self.w, Granularity::PerTensor, 1, Rounding::Nearest)?;
