@@ -221,6 +221,12 @@ struct Inner {
     /// (they already carry the INT8 product's error, far above half precision's). Cleared, as
     /// `max_abs` is, when the values are written in place.
     f16_ok: bool,
+    /// Per channel (the second dimension), the scale by which an INT8 convolution multiplied its
+    /// integer sums to write these values: a batch norm reading them keeps them for its backward
+    /// pass as 16-bit sums, which give every value back exactly
+    /// (`int8_core::nn::batchnorm::SumsSaved`). Cleared, as `max_abs` is, when the values are
+    /// written in place, and by a change of shape.
+    sum_scales: Option<Arc<[f32]>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -258,6 +264,7 @@ impl Tensor {
                 track: Track::None,
                 max_abs: None,
                 f16_ok: false,
+                sum_scales: None,
             }),
         }
     }
@@ -430,6 +437,7 @@ impl Tensor {
                 track: Track::None,
                 max_abs: self.inner.max_abs,
                 f16_ok: self.inner.f16_ok,
+                sum_scales: None,
             }),
         }
     }
@@ -445,6 +453,19 @@ impl Tensor {
     pub(crate) fn with_f16_ok(mut self) -> Tensor {
         Arc::make_mut(&mut self.inner).f16_ok = true;
         self
+    }
+
+    /// This untracked tensor, recorded as an INT8 convolution's sums times `scales`, one per
+    /// channel (see `Inner`).
+    pub(crate) fn with_sum_scales(mut self, scales: Arc<[f32]>) -> Tensor {
+        Arc::make_mut(&mut self.inner).sum_scales = Some(scales);
+        self
+    }
+
+    /// Per channel, the scale of the INT8 sums these values are, where an INT8 convolution wrote
+    /// them (see `Inner`).
+    pub(crate) fn sum_scales(&self) -> Option<&[f32]> {
+        self.inner.sum_scales.as_deref()
     }
 
     /// Whether a batch norm reading these values may keep them in half precision (see `Inner`).
@@ -467,6 +488,7 @@ impl Tensor {
         let inner = Arc::get_mut(&mut self.inner)?;
         inner.max_abs = None;
         inner.f16_ok = false;
+        inner.sum_scales = None;
         match Arc::get_mut(&mut inner.storage)? {
             Storage::Cpu(b) => Some(b.as_mut_slice()),
             #[cfg(feature = "cuda")]
@@ -485,6 +507,7 @@ impl Tensor {
         let inner = Arc::make_mut(&mut self.inner);
         inner.max_abs = None;
         inner.f16_ok = false;
+        inner.sum_scales = None;
         match Arc::make_mut(&mut inner.storage) {
             Storage::Cpu(b) => b.as_mut_slice(),
             #[cfg(feature = "cuda")]
@@ -502,6 +525,7 @@ impl Tensor {
                 track: Track::None,
                 max_abs: None,
                 f16_ok: false,
+                sum_scales: None,
             }),
         }
     }
@@ -513,6 +537,7 @@ impl Tensor {
         let inner = Arc::get_mut(&mut self.inner)?;
         inner.max_abs = None;
         inner.f16_ok = false;
+        inner.sum_scales = None;
         Arc::get_mut(&mut inner.storage)
     }
 
@@ -522,6 +547,7 @@ impl Tensor {
         let inner = Arc::make_mut(&mut self.inner);
         inner.max_abs = None;
         inner.f16_ok = false;
+        inner.sum_scales = None;
         Arc::make_mut(&mut inner.storage)
     }
 

@@ -440,6 +440,52 @@ fn an_int8_conv_of_a_batch_norm_output_is_the_conv_of_its_values() {
     }
 }
 
+/// A batch norm after an INT8 convolution keeps the convolution's output as 16-bit integer sums,
+/// and nothing changes: the output and the gradients of the convolution's input and weights and
+/// of gamma and beta are bit for bit those of the same layers where the batch norm reads an
+/// untagged copy of the output (a reshape to the same shape) and keeps it in f32, with a fused
+/// ReLU or without, for per-tensor and per-channel weight scales (`tests/memory.rs` checks that
+/// it keeps the sums, in a binary of its own: the byte counters are the process's).
+#[test]
+fn a_batch_norm_after_an_int8_conv_keeps_its_sums_and_changes_nothing() {
+    use int8_nn::layers::BatchNorm2d;
+    let (xd, wd) = ([4, 3, 9, 9], [8, 3, 3, 3]);
+    let g = ConvGeometry { padding: (1, 1), ..Default::default() };
+    let r = uniform(4 * 8 * 9 * 9, 3);
+    // One large weight and one large input value set the scales, so that the other codes are
+    // small, as a trained network's are: most sums then fit in 16 bits (the few beyond are kept
+    // beside them).
+    let mut wv = uniform(216, 2);
+    wv[5] = 8.0;
+    let mut xv: Vec<f32> = uniform(4 * 3 * 9 * 9, 1).iter().map(|v| 3.0 * v + 0.5).collect();
+    xv[7] = 40.0;
+    let pass = |precision: Precision, relu: bool, copy: bool| {
+        let conv = Conv2d::new("c", tensor(wv.clone(), &wd), g, precision).unwrap();
+        let bn = BatchNorm2d::new("bn", 8, relu).unwrap();
+        let x = var(xv.clone(), &xd);
+        let h = conv.forward(&x).unwrap();
+        let h = if copy { h.reshape(h.dims().to_vec()).unwrap() } else { h };
+        let y = bn.forward(&h).unwrap();
+        let rt = Tensor::from_vec(r.clone(), y.dims()).unwrap();
+        let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![y.to_vec(), grads.get(&x).unwrap().to_vec(), grads.of(conv.weight()).unwrap().to_vec()];
+        out.push(grads.of(bn.gamma()).unwrap().to_vec());
+        out.push(grads.of(bn.beta()).unwrap().to_vec());
+        out
+    };
+    let per_tensor = Int8Config { clip: ClipMode::MaxAbs, ..Int8Config::default() };
+    let per_channel = Int8Config { weight: Granularity::PerChannel, ..per_tensor };
+    for cfg in [per_tensor, per_channel] {
+        for relu in [false, true] {
+            let (got, want) = (pass(Precision::Int8(cfg), relu, false), pass(Precision::Int8(cfg), relu, true));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (what, (g, w)) in ["output", "dx", "dw", "dgamma", "dbeta"].iter().zip(got.iter().zip(&want)) {
+                assert_eq!(bits(g), bits(w), "{what}, relu {relu}, {:?}", cfg.weight);
+            }
+        }
+    }
+}
+
 /// `f16_batch_norm_input`: the batch norm after the INT8 convolution keeps its input in half
 /// precision for the backward pass, and nothing else changes: the forward output is bit for bit
 /// that of the same layers without it, and the gradients of the convolution's input and weights

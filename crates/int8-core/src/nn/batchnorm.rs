@@ -10,6 +10,8 @@
 //! recomputes the fused ReLU's mask from `x` instead of reading the output. [`forward_train_half`]
 //! and [`backward_half`] keep, instead of `x`, the normalised input in half precision and the mask
 //! as bits (for an input that came out of an INT8 layer, which carries a larger error already).
+//! [`forward_train_sums`] and [`backward_sums`] keep an INT8 convolution's output as its integer
+//! sums in 16 bits, which give it back exactly: half the bytes, the same gradients.
 //! The reductions run in parallel over fixed blocks of images and channels, merged in one order
 //! that depends only on the shape, so results do not depend on the thread count; the elementwise
 //! passes run in parallel over planes.
@@ -367,6 +369,197 @@ fn plane_keep_half(
     }
 }
 
+/// What a training forward pass keeps for its backward pass in place of its f32 input when that
+/// input is an INT8 convolution's output ([`forward_train_sums`]). Each such value is the
+/// convolution's integer sum times its output channel's scale (`sum as f32 * scale`, as the INT8
+/// kernels write it), so its sum gives it back bit for bit: the sums are kept in 16 bits, and the
+/// few values that are not such a product, or whose sum does not fit, are kept as they are,
+/// beside them. [`SumsSaved::restore`] rebuilds the input exactly, so the backward pass, and
+/// training, are those of the f32 input, at 2 bytes a value instead of 4.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SumsSaved {
+    /// Each value's integer sum, in the input's layout (meaningless where `others` holds the value).
+    pub sums: Vec<i16>,
+    /// Per channel, the scale the sums are multiplied by.
+    pub scales: Vec<f32>,
+    /// `(index, value)` of the values the sums do not give back, by increasing index.
+    pub others: Vec<(u32, f32)>,
+}
+
+impl SumsSaved {
+    /// The bytes it holds.
+    pub fn bytes(&self) -> usize {
+        2 * self.sums.len() + 4 * self.scales.len() + 8 * self.others.len()
+    }
+
+    /// The input it was made from, bit for bit.
+    pub fn restore(&self, d: NchwDims) -> Result<Vec<f32>> {
+        self.check(d)?;
+        let mut x = Vec::with_capacity(d.len());
+        let mut plane = Vec::new();
+        for p in 0..d.n * d.c {
+            self.decode_plane(d, p, &mut plane);
+            x.extend_from_slice(&plane);
+        }
+        Ok(x)
+    }
+
+    fn check(&self, d: NchwDims) -> Result<()> {
+        crate::error::check_len("batch norm saved sums", self.sums.len(), d.len())?;
+        crate::error::check_len("batch norm sum scales", self.scales.len(), d.c)
+    }
+
+    /// Plane `p` of the input (`p` counting planes image-major), into `out`.
+    fn decode_plane(&self, d: NchwDims, p: usize, out: &mut Vec<f32>) {
+        let start = p * d.hw;
+        out.resize(d.hw, 0.0);
+        decode_sums(&self.sums[start..][..d.hw], self.scales[p % d.c], out);
+        let first = self.others.partition_point(|o| (o.0 as usize) < start);
+        for &(i, v) in self.others[first..].iter().take_while(|o| (o.0 as usize) < start + d.hw) {
+            out[i as usize - start] = v;
+        }
+    }
+}
+
+/// `out[i] = sums[i] as f32 * s`, as the INT8 kernels wrote the values.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn decode_sums(sums: &[i16], s: f32, out: &mut [f32]) {
+    for (o, &q) in out.iter_mut().zip(sums) {
+        *o = f32::from(q) * s;
+    }
+}
+
+/// Where a backward pass reads its input, a plane at a time: the f32 values, or
+/// [`SumsSaved`] decoded into a buffer of the thread's.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    F32(&'a [f32]),
+    Sums(&'a SumsSaved),
+}
+
+thread_local! {
+    /// The plane [`Input::Sums`] decodes into (a plane is a few KiB: it stays in L1).
+    static PLANE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Input<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Input::F32(x) => x.len(),
+            Input::Sums(s) => s.sums.len(),
+        }
+    }
+
+    /// `f` of plane `p`'s values.
+    fn with_plane<R>(&self, d: NchwDims, p: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            Input::F32(x) => f(&x[p * d.hw..][..d.hw]),
+            Input::Sums(s) => PLANE.with(|b| {
+                let mut b = b.borrow_mut();
+                s.decode_plane(d, p, &mut b);
+                f(&b)
+            }),
+        }
+    }
+}
+
+/// At most this fraction of a tensor's values may lie outside the 16-bit sums
+/// ([`forward_train_sums`]); beyond it, keeping the f32 input is as small.
+const MAX_OTHERS: usize = 16;
+
+/// [`forward_train`] for an input whose values are INT8 sums times `scales` (one per channel),
+/// keeping for the backward pass [`SumsSaved`] instead of `x`, written in the same pass over each
+/// plane as the output. The second result is `None` where the input is not such a tensor after
+/// all (more than a sixteenth of its values outside the sums): the caller then keeps `x`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train_sums<'y>(
+    d: NchwDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    relu: Option<f32>,
+    scales: &[f32],
+    y: impl Into<Out<'y>>,
+) -> Result<(BatchStats, Option<SumsSaved>)> {
+    let y = y.into();
+    let mut stats = train_stats(d, x, gamma, beta, eps, y.len())?;
+    crate::error::check_len("batch norm sum scales", scales.len(), d.c)?;
+    if u32::try_from(d.len()).is_err() {
+        stats.max_abs_out = Some(affine(d, x, &stats.scale, &stats.shift, relu, y));
+        return Ok((stats, None));
+    }
+    let mut sums = Vec::<i16>::with_capacity(d.len());
+    let (max, others) = y
+        .par_fills(d.hw)
+        .zip(x.par_chunks(d.hw))
+        .zip(sums.spare_capacity_mut()[..d.len()].par_chunks_mut(d.hw))
+        .enumerate()
+        .map(|(p, ((yp, xp), sp))| {
+            let ch = p % d.c;
+            let m = plane_affine(yp, xp, stats.scale[ch], stats.shift[ch], relu);
+            let others = plane_keep_sums(xp, scales[ch], sp);
+            (m, others.into_iter().map(|(i, v)| ((p * d.hw + i) as u32, v)).collect::<Vec<_>>())
+        })
+        .reduce(
+            || (0.0, Vec::new()),
+            |(ma, mut a), (mb, b)| {
+                a.extend(b);
+                (ma.max(mb), a)
+            },
+        );
+    // SAFETY: the capacity is at least `d.len()`, and `plane_keep_sums` wrote every element of
+    // each plane's chunk (the chunks of `x` and of `sums` have equal lengths).
+    unsafe { sums.set_len(d.len()) };
+    stats.max_abs_out = Some(max);
+    let keep = others.len() <= d.len() / MAX_OTHERS;
+    Ok((stats, keep.then(|| SumsSaved { sums, scales: scales.to_vec(), others })))
+}
+
+/// Writes a plane's sums at scale `s` (`x[i] == sums[i] as f32 * s`, bit for bit) and returns the
+/// plane offsets and values of those that have none in 16 bits (whose written sums mean nothing).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn plane_keep_sums(x: &[f32], s: f32, sums: &mut [std::mem::MaybeUninit<i16>]) -> Vec<(usize, f32)> {
+    assert_eq!(x.len(), sums.len(), "plane_keep_sums: input and output lengths differ");
+    // `v * inv` is within a few units in the last place of the sum, which the rounding absorbs for
+    // every sum that fits; the check below is what guarantees the value. Clamped (NaN to the
+    // bottom: `max` keeps the number), the rounded value converts without saturating. A zero
+    // scale (all-zero codes) has the sums 0.
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    let code = |v: f32| {
+        #[allow(clippy::manual_clamp)] // `clamp` keeps NaN, which must not reach the conversion
+        let t = (v * inv).round().max(-32767.0).min(32767.0);
+        // SAFETY: `t` is an integer in [-32767, 32767], never NaN, after the clamp above.
+        let q = unsafe { t.to_int_unchecked::<i32>() } as i16;
+        (q, (f32::from(q) * s).to_bits() == v.to_bits())
+    };
+    let mut others = Vec::new();
+    let (xc, xr) = x.as_chunks::<16>();
+    let (sc, sr) = sums.as_chunks_mut::<16>();
+    for (g, (xv, sv)) in xc.iter().zip(sc).enumerate() {
+        let mut ok = [false; 16];
+        for l in 0..16 {
+            let (q, good) = code(xv[l]);
+            sv[l] = std::mem::MaybeUninit::new(q);
+            ok[l] = good;
+        }
+        if !ok.iter().all(|&o| o) {
+            for l in (0..16).filter(|&l| !ok[l]) {
+                others.push((g * 16 + l, xv[l]));
+            }
+        }
+    }
+    let base = xc.len() * 16;
+    for (i, (&v, o)) in xr.iter().zip(sr).enumerate() {
+        let (q, ok) = code(v);
+        o.write(q);
+        if !ok {
+            others.push((base + i, v));
+        }
+    }
+    others
+}
+
 /// Evaluation forward with running statistics; returns the largest `|y|` written (NaN ignored).
 pub fn forward_eval<'y>(
     d: NchwDims,
@@ -416,7 +609,33 @@ pub fn backward<'x>(
     stats: &BatchStats,
     dx: impl Into<Out<'x>>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let dx = dx.into();
+    backward_from(d, Input::F32(x), relu, dy, gamma, stats, dx.into())
+}
+
+/// [`backward`] from what [`forward_train_sums`] kept, which gives the input back exactly: the
+/// same gradients, bit for bit, each plane decoded where it is read.
+pub fn backward_sums<'x>(
+    d: NchwDims,
+    saved: &SumsSaved,
+    relu: Option<f32>,
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BatchStats,
+    dx: impl Into<Out<'x>>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    saved.check(d)?;
+    backward_from(d, Input::Sums(saved), relu, dy, gamma, stats, dx.into())
+}
+
+fn backward_from(
+    d: NchwDims,
+    x: Input<'_>,
+    relu: Option<f32>,
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BatchStats,
+    dx: Out<'_>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     d.check(&[
         ("batch norm input", x.len(), d.len()),
         ("batch norm output gradient", dy.len(), d.len()),
@@ -429,8 +648,9 @@ pub fn backward<'x>(
     let sums = reduce_planes(
         d,
         |ch, start| {
-            let r = start..start + d.hw;
-            plane_grad_sums(&x[r.clone()], &dy[r], mask(ch), stats.mean[ch], stats.inv_std[ch])
+            x.with_plane(d, start / d.hw, |xp| {
+                plane_grad_sums(xp, &dy[start..][..d.hw], mask(ch), stats.mean[ch], stats.inv_std[ch])
+            })
         },
         |a, b| (a.0 + b.0, a.1 + b.1),
     );
@@ -439,20 +659,11 @@ pub fn backward<'x>(
     // dx = gamma * inv_std / m * (m * g - dbeta - xhat * dgamma).
     dx.par_fills(d.hw).enumerate().for_each(|(p, dxp)| {
         let ch = p % d.c;
-        let r = p * d.hw..(p + 1) * d.hw;
         let inv = stats.inv_std[ch];
-        plane_dx(
-            dxp,
-            &x[r.clone()],
-            &dy[r],
-            mask(ch),
-            stats.mean[ch],
-            inv,
-            gamma[ch] * inv / m,
-            m,
-            dbeta[ch],
-            dgamma[ch],
-        );
+        x.with_plane(d, p, |xp| {
+            let dyp = &dy[p * d.hw..][..d.hw];
+            plane_dx(dxp, xp, dyp, mask(ch), stats.mean[ch], inv, gamma[ch] * inv / m, m, dbeta[ch], dgamma[ch]);
+        });
     });
     Ok((dgamma, dbeta))
 }
@@ -930,5 +1141,71 @@ mod tests {
                 assert_eq!(got.to_bits(), crate::quant::max_abs("y", &y).unwrap().to_bits(), "{d:?} {relu:?}");
             }
         }
+    }
+
+    /// An INT8 convolution's output kept as its 16-bit sums gives the input back bit for bit:
+    /// sums that fit, sums beyond 16 bits, values that are no sum times the scale, and a zero
+    /// scale (an all-zero input) among them, at planes of odd lengths; the output and the
+    /// statistics are forward_train's exactly, and so are the backward pass's gradients. An input
+    /// of arbitrary floats is not kept this way.
+    #[test]
+    fn sums_give_the_convolution_output_back_exactly() {
+        let d = NchwDims { n: 3, c: 4, hw: 37 };
+        let r = CounterRng::new(7);
+        let scales = [0.013f32, 2.5e-6, 0.0, 1.0 / 3.0];
+        let mut x: Vec<f32> = (0..d.len())
+            .map(|i| {
+                let ch = (i / d.hw) % d.c;
+                // Sums of a 3x3 convolution over 64 channels reach 2.3 million; most are far smaller.
+                let u = r.uniform(i as u64);
+                let sum = if u < 0.02 { (u * 1.0e8) as i32 - 1_000_000 } else { ((u - 0.5) * 60000.0) as i32 };
+                // A zero scale comes of all-zero codes, whose sums are 0.
+                if scales[ch] == 0.0 { 0.0 } else { sum as f32 * scales[ch] }
+            })
+            .collect();
+        let odd = [(5usize, 0.1234f32), (d.hw + 3, 1e30), (2 * d.hw, -0.0), (d.len() - 1, 7.77)];
+        for &(i, v) in &odd {
+            x[i] = v;
+        }
+        let (gamma, beta) = (data(d.c, 3, 1.0), data(d.c, 4, 0.0));
+        for relu in [None, Some(f32::INFINITY), Some(6.0)] {
+            let (mut y, mut want_y) = (vec![0.0; d.len()], vec![0.0; d.len()]);
+            let want = forward_train(d, &x, &gamma, &beta, 1e-5, relu, &mut want_y).unwrap();
+            let (st, kept) = forward_train_sums(d, &x, &gamma, &beta, 1e-5, relu, &scales, &mut y).unwrap();
+            assert_eq!(st, want, "{relu:?}");
+            assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want_y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let kept = kept.expect("an INT8 convolution's output is kept as sums");
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&kept.restore(d).unwrap()), bits(&x));
+            // The backward pass from the sums is the f32 input's, bit for bit.
+            let dy = data(d.len(), 5, 0.0);
+            let (mut want_dx, mut dx) = (vec![0.0; d.len()], vec![0.0; d.len()]);
+            let want = backward(d, &x, relu, &dy, &gamma, &st, &mut want_dx).unwrap();
+            let got = backward_sums(d, &kept, relu, &dy, &gamma, &st, &mut dx).unwrap();
+            assert_eq!((bits(&got.0), bits(&got.1), bits(&dx)), (bits(&want.0), bits(&want.1), bits(&want_dx)));
+            // Beside the sums: exactly the values that are no 16-bit sum times their scale, by an
+            // f64 search of the nearest sums.
+            let beside: Vec<u32> = (0..d.len() as u32)
+                .filter(|&i| {
+                    let (v, s) = (x[i as usize], scales[(i as usize / d.hw) % d.c]);
+                    // A zero scale's sums are 0 (all-zero codes): its one value is +0.0.
+                    let near = if s > 0.0 { (v as f64 / s as f64).round() } else { 0.0 };
+                    let tries = if s > 0.0 { [near - 1.0, near, near + 1.0] } else { [0.0; 3] };
+                    !tries.iter().any(|&q| q.abs() <= 32767.0 && ((q as f32) * s).to_bits() == v.to_bits())
+                })
+                .collect();
+            assert_eq!(kept.others.iter().map(|o| o.0).collect::<Vec<_>>(), beside, "{relu:?}");
+            assert!(beside.len() > odd.len(), "the data must hold wide sums too");
+            assert!(kept.others.windows(2).all(|w| w[0].0 < w[1].0), "by increasing index");
+            assert!(kept.bytes() < 4 * d.len() * 3 / 4);
+        }
+        let noise = data(d.len(), 9, 0.0);
+        let (_, kept) =
+            forward_train_sums(d, &noise, &gamma, &beta, 1e-5, None, &scales, &mut vec![0.0; d.len()]).unwrap();
+        assert!(kept.is_none(), "arbitrary floats are not sums");
+        assert!(forward_train_sums(d, &x, &gamma, &beta, 1e-5, None, &scales[..3], &mut vec![0.0; d.len()]).is_err());
     }
 }

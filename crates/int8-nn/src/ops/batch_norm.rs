@@ -54,9 +54,16 @@ pub(crate) fn train(
     let rec = record(&[x, gamma, beta]);
     // An input from an INT8 convolution that asked for it is kept in half precision; only a
     // recorded pass keeps anything.
-    let (y, (stats, half)) = if rec.is_some() && x.f16_ok() {
+    // An input an INT8 convolution wrote is kept as its 16-bit sums, which give it back exactly
+    // (or, where its layer asked for it, in half precision).
+    let sums = x.sum_scales().filter(|s| rec.is_some() && s.len() == d.c);
+    let (y, (stats, kept)) = if rec.is_some() && x.f16_ok() {
         let (y, (stats, half)) = fresh(x.elem_count(), |y| batchnorm::forward_train_half(d, xv, gv, bv, eps, relu, y))?;
-        (y, (stats, Some(half)))
+        (y, (stats, Some(Kept::Half(half))))
+    } else if let Some(scales) = sums {
+        let (y, (stats, sums)) =
+            fresh(x.elem_count(), |y| batchnorm::forward_train_sums(d, xv, gv, bv, eps, relu, scales, y))?;
+        (y, (stats, sums.map(Kept::Sums)))
     } else {
         let (y, stats) = fresh(x.elem_count(), |y| batchnorm::forward_train(d, xv, gv, bv, eps, relu, y))?;
         (y, (stats, None))
@@ -69,10 +76,7 @@ pub(crate) fn train(
     let y = match rec {
         None => y,
         Some(r) => {
-            let input = match half {
-                Some(h) => Kept::Half(h),
-                None => Kept::Input(x.detach()),
-            };
+            let input = kept.unwrap_or_else(|| Kept::Input(x.detach()));
             let saved =
                 TrainBackward { d, shape: x.shape().clone(), input, gamma: gamma.detach(), relu, stats: stats.clone() };
             r.output("batch-norm", y, saved)
@@ -88,6 +92,9 @@ enum Kept {
     /// The normalised input in half precision and the mask's bits
     /// (`int8_core::nn::batchnorm::HalfSaved`).
     Half(batchnorm::HalfSaved),
+    /// The input as an INT8 convolution's 16-bit sums, which give it back exactly
+    /// (`int8_core::nn::batchnorm::SumsSaved`).
+    Sums(batchnorm::SumsSaved),
 }
 
 /// Keeps the input (or its half-precision form), gamma and the batch statistics.
@@ -110,6 +117,7 @@ impl Backward for TrainBackward {
                 fresh(n, |dx| batchnorm::backward(self.d, x, self.relu, g, gamma, &self.stats, dx))?
             }
             Kept::Half(h) => fresh(n, |dx| batchnorm::backward_half(self.d, h, g, gamma, &self.stats, dx))?,
+            Kept::Sums(s) => fresh(n, |dx| batchnorm::backward_sums(self.d, s, self.relu, g, gamma, &self.stats, dx))?,
         };
         Ok(vec![
             Some(cpu_out(dx, self.shape.clone())),
@@ -122,6 +130,7 @@ impl Backward for TrainBackward {
         let input = match &self.input {
             Kept::Input(x) => 4 * x.elem_count(),
             Kept::Half(h) => h.bytes(),
+            Kept::Sums(s) => s.bytes(),
         };
         input + 4 * 5 * self.stats.mean.len()
     }

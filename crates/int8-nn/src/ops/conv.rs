@@ -114,14 +114,14 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
     let sub = pointwise.filter(|_| ablation).map(|_| subsample(&full, xv));
     let xv = sub.as_deref().unwrap_or(xv);
     let out_shape = Shape::from([full.n, full.c_out, full.out_h(), full.out_w()]);
-    let (y, saved) = match a.precision {
+    let (y, saved, sum_scales) = match a.precision {
         Precision::Fp32 => {
             let y = fresh(s.y_len(), |y| conv2d_fwd_f32(&s, xv, wv, y))?.0;
             // dX reads W, dW reads X: keep each only if the other's gradient is wanted.
             let saved = rec
                 .as_ref()
                 .map(|r| Saved::Fp32 { x: r.needs(1).then(|| x.detach()), w: r.needs(0).then(|| w.detach()) });
-            (y, saved)
+            (y, saved, None)
         }
         Precision::Int8(cfg) => {
             // The op that wrote X may have found max|X| on the way (batch norm does): the codes
@@ -145,19 +145,28 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
                 let ws = if keep == Operand::Weight { wv.to_vec() } else { wq.dequantize() };
                 let y = fresh(s.y_len(), |y| conv2d_fwd_f32(&s, &xs, &ws, y))?.0;
                 let saved = rec.as_ref().map(|_| Saved::Simulated { x: xs, w: wq, w_f32: w.detach(), cfg, keep });
-                (y, saved)
+                (y, saved, None)
             } else {
                 let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&xq).into(), (&wq).into(), y))?;
                 // The input gradient needs the f32 weights only to quantize them per tensor again.
                 let keep_w = wq.channels() > 1 && !s.is_depthwise();
+                // Each output value is an integer sum times its channel's scale, computed as the
+                // kernels compute it: a batch norm that reads the output keeps the sums.
+                let sum_scales: std::sync::Arc<[f32]> = (0..s.c_out)
+                    .map(|co| xq.scales[0] * wq.scales[if wq.scales.len() == 1 { 0 } else { co }])
+                    .collect();
                 let saved = rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32: keep_w.then(|| w.detach()), cfg });
-                (y, saved)
+                (y, saved, Some(sum_scales))
             }
         }
     };
     let y = cpu_out(y, out_shape);
     let y = match a.precision {
         Precision::Int8(cfg) if cfg.f16_batch_norm_input => y.with_f16_ok(),
+        _ => y,
+    };
+    let y = match sum_scales {
+        Some(scales) if rec.is_some() => y.with_sum_scales(scales),
         _ => y,
     };
     Ok(match (rec, saved) {
