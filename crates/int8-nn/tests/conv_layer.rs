@@ -440,6 +440,15 @@ fn an_int8_conv_of_a_batch_norm_output_is_the_conv_of_its_values() {
     }
 }
 
+/// The batch norm output `y` of `conv` and `bn` on `x`, then the gradients of `sum(r * y)` for
+/// `x`, the convolution's weight, and the batch norm's gamma and beta.
+fn conv_bn_grads(conv: &Conv2d, bn: &int8_nn::layers::BatchNorm2d, x: &Tensor, y: Tensor, r: &[f32]) -> Vec<Vec<f32>> {
+    let rt = Tensor::from_vec(r.to_vec(), y.dims()).unwrap();
+    let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+    let of = |p: &int8_nn::Param| grads.of(p).unwrap().to_vec();
+    vec![y.to_vec(), grads.get(x).unwrap().to_vec(), of(conv.weight()), of(bn.gamma()), of(bn.beta())]
+}
+
 /// A batch norm after an INT8 convolution keeps the convolution's output as 16-bit integer sums,
 /// and nothing changes: the output and the gradients of the convolution's input and weights and
 /// of gamma and beta are bit for bit those of the same layers where the batch norm reads an
@@ -465,13 +474,7 @@ fn a_batch_norm_after_an_int8_conv_keeps_its_sums_and_changes_nothing() {
         let x = var(xv.clone(), &xd);
         let h = conv.forward(&x).unwrap();
         let h = if copy { h.reshape(h.dims().to_vec()).unwrap() } else { h };
-        let y = bn.forward(&h).unwrap();
-        let rt = Tensor::from_vec(r.clone(), y.dims()).unwrap();
-        let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
-        let mut out = vec![y.to_vec(), grads.get(&x).unwrap().to_vec(), grads.of(conv.weight()).unwrap().to_vec()];
-        out.push(grads.of(bn.gamma()).unwrap().to_vec());
-        out.push(grads.of(bn.beta()).unwrap().to_vec());
-        out
+        conv_bn_grads(&conv, &bn, &x, bn.forward(&h).unwrap(), &r)
     };
     let per_tensor = Int8Config { clip: ClipMode::MaxAbs, ..Int8Config::default() };
     let per_channel = Int8Config { weight: Granularity::PerChannel, ..per_tensor };
@@ -502,13 +505,7 @@ fn a_batch_norm_after_an_int8_conv_may_keep_its_input_in_half_precision() {
         let conv = Conv2d::new("c", tensor(uniform(216, 2), &wd), g, precision).unwrap();
         let bn = BatchNorm2d::new("bn", 8, relu).unwrap();
         let x = var(uniform(4 * 3 * 9 * 9, 1).iter().map(|v| 3.0 * v + 0.5).collect(), &xd);
-        let y = bn.forward(&conv.forward(&x).unwrap()).unwrap();
-        let rt = Tensor::from_vec(r.clone(), y.dims()).unwrap();
-        let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
-        let mut out = vec![y.to_vec(), grads.get(&x).unwrap().to_vec(), grads.of(conv.weight()).unwrap().to_vec()];
-        out.push(grads.of(bn.gamma()).unwrap().to_vec());
-        out.push(grads.of(bn.beta()).unwrap().to_vec());
-        out
+        conv_bn_grads(&conv, &bn, &x, bn.forward(&conv.forward(&x).unwrap()).unwrap(), &r)
     };
     let int8 = Int8Config { clip: ClipMode::MaxAbs, ..Int8Config::default() };
     let half = Int8Config { f16_batch_norm_input: true, ..int8 };
