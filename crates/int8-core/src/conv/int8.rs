@@ -53,6 +53,13 @@ fn tensor_scale(what: &'static str, q: &QView) -> Result<f32> {
     }
 }
 
+/// The scale the forward pass multiplies output channel `co`'s integer sums by: `s_x * s_w[co]`,
+/// with one weight scale for every channel or one per channel. Whatever keeps those sums (a batch
+/// norm after the convolution) computes it here, so that it is the kernels' bit for bit.
+pub fn output_scale(x_scale: f32, w_scales: &[f32], co: usize) -> f32 {
+    x_scale * w_scales[if w_scales.len() == 1 { 0 } else { co }]
+}
+
 /// Forward: `y = (s_x * s_w[co]) * conv(xq, wq)`, overwriting `y`. The weight may have one scale
 /// or one per output channel.
 pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: impl Into<Out<'y>>) -> Result<()> {
@@ -76,7 +83,7 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
             ),
         });
     }
-    let scale = |co: usize| sx * w.scales[if w.scales.len() == 1 { 0 } else { co }];
+    let scale = |co: usize| output_scale(sx, w.scales, co);
     if s.is_depthwise() {
         depthwise::forward(s, x.codes, w.codes, y, scale);
         return Ok(());

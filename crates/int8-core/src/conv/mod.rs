@@ -17,7 +17,7 @@ pub mod reference;
 mod stride2;
 
 pub use fp32::{conv2d_dw_f32, conv2d_dx_f32, conv2d_fwd_f32};
-pub use int8::{QView, conv2d_dw_i8, conv2d_dx_i8, conv2d_fwd_i8};
+pub use int8::{QView, conv2d_dw_i8, conv2d_dx_i8, conv2d_fwd_i8, output_scale};
 
 use crate::error::{CoreError, Result};
 use crate::gemm::{self, MAX_K_I8};

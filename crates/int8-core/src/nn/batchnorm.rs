@@ -374,8 +374,8 @@ fn plane_keep_half(
 /// convolution's integer sum times its output channel's scale (`sum as f32 * scale`, as the INT8
 /// kernels write it), so its sum gives it back bit for bit: the sums are kept in 16 bits, and the
 /// few values that are not such a product, or whose sum does not fit, are kept as they are,
-/// beside them. [`SumsSaved::restore`] rebuilds the input exactly, so the backward pass, and
-/// training, are those of the f32 input, at 2 bytes a value instead of 4.
+/// beside them. The backward pass ([`backward_sums`]) rebuilds each plane of the input exactly, so
+/// it, and training, are those of the f32 input, at 2 bytes a value instead of 4.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SumsSaved {
     /// Each value's integer sum, in the input's layout (meaningless where `others` holds the value).
@@ -392,8 +392,9 @@ impl SumsSaved {
         2 * self.sums.len() + 4 * self.scales.len() + 8 * self.others.len()
     }
 
-    /// The input it was made from, bit for bit.
-    pub fn restore(&self, d: NchwDims) -> Result<Vec<f32>> {
+    /// The input it was made from, bit for bit (the backward pass decodes a plane at a time).
+    #[cfg(test)]
+    fn restore(&self, d: NchwDims) -> Result<Vec<f32>> {
         self.check(d)?;
         let mut x = Vec::with_capacity(d.len());
         let mut plane = Vec::new();

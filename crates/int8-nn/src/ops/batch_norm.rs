@@ -52,10 +52,8 @@ pub(crate) fn train(
     }
     let (xv, gv, bv) = (x.cpu()?, gamma.cpu()?, beta.cpu()?);
     let rec = record(&[x, gamma, beta]);
-    // An input from an INT8 convolution that asked for it is kept in half precision; only a
-    // recorded pass keeps anything.
-    // An input an INT8 convolution wrote is kept as its 16-bit sums, which give it back exactly
-    // (or, where its layer asked for it, in half precision).
+    // Only a recorded pass keeps anything. An input an INT8 convolution wrote is kept as its
+    // 16-bit sums, which give it back exactly, or in half precision where its layer asked for it.
     let sums = x.sum_scales().filter(|s| rec.is_some() && s.len() == d.c);
     let (y, (stats, kept)) = if rec.is_some() && x.f16_ok() {
         let (y, (stats, half)) = fresh(x.elem_count(), |y| batchnorm::forward_train_half(d, xv, gv, bv, eps, relu, y))?;

@@ -5,7 +5,7 @@
 //! 4.2), for the optimizer to read. Also the per-channel bias add of convolutions with a bias.
 
 use int8_core::conv::{
-    ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
+    ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8, output_scale,
     quantize_subsample, strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
@@ -150,13 +150,13 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
                 let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&xq).into(), (&wq).into(), y))?;
                 // The input gradient needs the f32 weights only to quantize them per tensor again.
                 let keep_w = wq.channels() > 1 && !s.is_depthwise();
-                // Each output value is an integer sum times its channel's scale, computed as the
-                // kernels compute it: a batch norm that reads the output keeps the sums.
-                let sum_scales: std::sync::Arc<[f32]> = (0..s.c_out)
-                    .map(|co| xq.scales[0] * wq.scales[if wq.scales.len() == 1 { 0 } else { co }])
-                    .collect();
+                // Each output value is an integer sum times its channel's scale: a batch norm that
+                // reads the output in a recorded pass keeps the sums.
+                let sum_scales = rec.as_ref().map(|_| -> std::sync::Arc<[f32]> {
+                    (0..s.c_out).map(|co| output_scale(xq.scales[0], &wq.scales, co)).collect()
+                });
                 let saved = rec.as_ref().map(|_| Saved::Int8 { x: xq, w: wq, w_f32: keep_w.then(|| w.detach()), cfg });
-                (y, saved, Some(sum_scales))
+                (y, saved, sum_scales)
             }
         }
     };
@@ -166,8 +166,8 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
         _ => y,
     };
     let y = match sum_scales {
-        Some(scales) if rec.is_some() => y.with_sum_scales(scales),
-        _ => y,
+        Some(scales) => y.with_sum_scales(scales),
+        None => y,
     };
     Ok(match (rec, saved) {
         (Some(r), Some(saved)) => r.output(
