@@ -12,7 +12,7 @@ use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
 use int8_core::quant::{Granularity, Rounding, max_abs, quantize, quantize_with_clip};
 use int8_core::rng::CounterRng;
 
-use crate::timing::median_ms;
+use crate::timing::{median_ms, median_pair_ms};
 use crate::{Row, print_header, print_row};
 
 /// The CPU, thread count and INT8 path, for the top of the table.
@@ -73,7 +73,7 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
     let (ai, bi) = (random_codes(n * n, 3), random_codes(n * n, 4));
     let mut cf = vec![0f32; n * n];
     let mut ci = vec![0i32; n * n];
-    let fp32 = median_ms(budget, || {
+    let mut fp32 = || {
         gemm_f32(
             MatRef::row_major(&af, n, n).unwrap(),
             MatRef::row_major(&bf, n, n).unwrap(),
@@ -82,10 +82,10 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
             Parallelism::Rayon,
         )
         .unwrap()
-    });
+    };
     let mut rows = Vec::new();
     for path in Int8Path::available() {
-        let int8 = median_ms(budget, || {
+        let (f, i) = median_pair_ms(budget, &mut fp32, || {
             gemm_i8(
                 path,
                 MatRef::row_major(&ai, n, n).unwrap(),
@@ -97,7 +97,7 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
             .unwrap()
         });
         let suffix = if path == Int8Path::detect() { String::new() } else { format!(" ({})", path.name()) };
-        rows.push(Row::new(format!("gemm-1024{suffix}"), fp32, int8));
+        rows.push(Row::new(format!("gemm-1024{suffix}"), f, i));
     }
     // rten-gemm's u8 x i8 kernel on the same problem, the reference point we must match or beat.
     // Ours is exact on every path; rten-gemm's AVX2 kernel (no VNNI) adds u8 x i8 pairs in 16
@@ -106,7 +106,7 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
     let exec = rten_gemm::GemmExecutor::<u8, i8, i32>::default();
     let au: Vec<u8> = ai.iter().map(|&v| (v as u8) ^ 0x80).collect();
     let zero = vec![128u8; n];
-    let rten = median_ms(budget, || {
+    let (f, rten) = median_pair_ms(budget, &mut fp32, || {
         let a = rten_tensor::NdTensorView::from_data([n, n], au.as_slice());
         let b = rten_tensor::NdTensorView::from_data([n, n], bi.as_slice());
         exec.gemm(
@@ -126,7 +126,7 @@ fn gemm_rows(budget: Duration) -> Result<Vec<Row>> {
     } else {
         format!("gemm-1024 (rten-gemm u8xi8, {wrong} of {} sums inexact)", ci.len())
     };
-    rows.push(Row::new(name, fp32, rten));
+    rows.push(Row::new(name, f, rten));
     Ok(rows)
 }
 
@@ -281,30 +281,30 @@ impl LayerWork {
         lap(5);
         Ok(())
     }
-
-    /// The median time of one step at FP32 (`int8` false) or INT8 over `budget`.
-    fn time_ms(&mut self, int8: bool, budget: Duration) -> Result<f64> {
-        let mut failed = None;
-        let ms = median_ms(budget, || {
-            let r = if int8 { self.int8(&mut |_| ()) } else { self.fp32(&mut |_| ()) };
-            if let Err(e) = r {
-                failed.get_or_insert(e);
-            }
-        });
-        failed.map_or(Ok(ms), Err)
-    }
 }
 
-/// One conv layer's training work, forward + dX + dW, at both precisions ([`LayerWork`]). The
-/// INT8 clip search runs every 100 steps, so a hundredth of its measured time is added.
+/// One conv layer's training work, forward + dX + dW, at both precisions ([`LayerWork`]), timed in
+/// alternation. The INT8 clip search runs every 100 steps, so a hundredth of its measured time is
+/// added.
 pub fn conv_row(name: &str, s: &ConvShape, budget: Duration) -> Result<Row> {
-    let mut work = LayerWork::new(s)?;
-    let fp32 = work.time_ms(false, budget)?;
+    let work = std::cell::RefCell::new(LayerWork::new(s)?);
+    let failed = std::cell::RefCell::new(None);
+    let run = |int8: bool| {
+        let mut w = work.borrow_mut();
+        let r = if int8 { w.int8(&mut |_| ()) } else { w.fp32(&mut |_| ()) };
+        if let Err(e) = r {
+            failed.borrow_mut().get_or_insert(e);
+        }
+    };
+    let (fp32, int8) = median_pair_ms(budget, || run(false), || run(true));
+    if let Some(e) = failed.into_inner() {
+        return Err(e);
+    }
+    let dy = &work.borrow().dy;
     let search = median_ms(budget / 4, || {
-        search_clip("dy", &work.dy).unwrap();
+        search_clip("dy", dy).unwrap();
     });
-    let int8 = work.time_ms(true, budget)? + search / 100.0;
-    Ok(Row::new(name, fp32, int8))
+    Ok(Row::new(name, fp32, int8 + search / 100.0))
 }
 
 /// Runs one layer's work (or, for `gemm`, GEMM 1024^3) for `seconds` at `precision`, then prints

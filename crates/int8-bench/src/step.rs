@@ -7,6 +7,7 @@
 //! the step's peak memory: the process's resident set, the tensors' storage, and what the tape
 //! keeps for the backward pass. The input (and a detector's boxes) is made up: only time and memory are measured here.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use int8_train::step::{detection_step, train_step};
 use int8_zoo::Model;
 use int8_zoo::detection::{Detector, DetectorOptions, Target};
 
+use crate::timing::median;
 use crate::{Row, print_header_with, print_row_with};
 
 /// A zoo model with the batch it is timed on.
@@ -147,7 +149,7 @@ fn child_rss(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> R
 /// What `step-memory` does in the child: build, take four steps, print the peak RSS in MiB.
 pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy, device: &Device) -> Result<()> {
     let m = Subject::build(model, &if int8 { int8_policy(policy) } else { LayerPolicy::fp32() }, device)?;
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
+    let mut sgd = sgd();
     for _ in 0..4 {
         m.step(&mut sgd)?;
     }
@@ -155,37 +157,72 @@ pub fn memory_child(model: &str, int8: bool, policy: &Int8Policy, device: &Devic
     Ok(())
 }
 
-/// Mean milliseconds of (forward, backward, update) over steps filling `budget`, after a warm-up,
-/// and the peak memory of those steps.
-fn time_steps(model: &Subject, budget: Duration) -> Result<([f64; 3], Peaks)> {
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
+/// The peak memory of one step of `model`, after a warm-up step.
+fn step_peaks(model: &Subject) -> Result<Peaks> {
+    let mut sgd = sgd();
     model.step(&mut sgd)?;
     int8_nn::memory::reset_peak();
-    let (start, mut n, mut t) = (Instant::now(), 0usize, [0.0; 3]);
-    while n < 3 || start.elapsed() < budget {
-        let s = model.step(&mut sgd)?;
-        for (acc, d) in t.iter_mut().zip([s.forward, s.backward, s.update]) {
-            *acc += d.as_secs_f64() * 1e3;
-        }
-        n += 1;
-    }
-    Ok((t.map(|v| v / n as f64), peaks()))
+    model.step(&mut sgd)?;
+    Ok(peaks())
 }
 
-/// Per-op milliseconds per step over a few profiled steps, and the step's own time.
-fn breakdown(model: &Subject) -> Result<(std::collections::BTreeMap<String, f64>, f64)> {
-    let steps = 3;
-    let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None });
-    int8_nn::profile::reset();
-    int8_nn::profile::set_enabled(true);
-    let t = Instant::now();
-    for _ in 0..steps {
-        model.step(&mut sgd)?;
+/// Median milliseconds of (forward, backward, update) and of the whole step for `a` and for `b`,
+/// their steps in alternation (`a, b`, then `b, a`, and so on) after a warm-up step each, until
+/// `2 * budget` has passed (at least three steps each): the machine's changes of speed then fall
+/// on both (`crate::timing`). The median step need not be the sum of the median phases.
+fn time_steps(a: &Subject, b: &Subject, budget: Duration) -> Result<[Times; 2]> {
+    let mut sgd = [sgd(), sgd()];
+    a.step(&mut sgd[0])?;
+    b.step(&mut sgd[1])?;
+    let mut times: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
+    let start = Instant::now();
+    while times[0].len() < 3 || start.elapsed() < 2 * budget {
+        let order = if times[0].len().is_multiple_of(2) { [0, 1] } else { [1, 0] };
+        for k in order {
+            let s = [a, b][k].step(&mut sgd[k])?;
+            times[k].push([s.forward, s.backward, s.update].map(|d| d.as_secs_f64() * 1e3));
+        }
     }
-    let total = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    int8_nn::profile::set_enabled(false);
-    let ops = int8_nn::profile::report().into_iter().map(|(name, ms, _)| (name, ms / steps as f64)).collect();
-    Ok((ops, total))
+    Ok(times.map(|t| Times {
+        step: median(t.iter().map(|p| p.iter().sum()).collect()),
+        phases: [0, 1, 2].map(|i| median(t.iter().map(|p| p[i]).collect())),
+        steps: t.len(),
+    }))
+}
+
+/// Median step and phase times of one model ([`time_steps`]).
+struct Times {
+    step: f64,
+    phases: [f64; 3],
+    steps: usize,
+}
+
+fn sgd() -> Sgd {
+    Sgd::new(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 1e-4, max_grad_norm: None })
+}
+
+/// Per-op milliseconds per step, and the step's own time, for `a` and for `b`, over three profiled
+/// steps each, in alternation as in [`time_steps`].
+fn breakdown(a: &Subject, b: &Subject) -> Result<[(BTreeMap<String, f64>, f64); 2]> {
+    let steps = 3usize;
+    let mut sgd = [sgd(), sgd()];
+    let mut out: [(BTreeMap<String, f64>, f64); 2] = Default::default();
+    for round in 0..steps {
+        for k in if round.is_multiple_of(2) { [0, 1] } else { [1, 0] } {
+            int8_nn::profile::reset();
+            int8_nn::profile::set_enabled(true);
+            let t = Instant::now();
+            let r = [a, b][k].step(&mut sgd[k]);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            int8_nn::profile::set_enabled(false);
+            r?;
+            out[k].1 += ms / steps as f64;
+            for (name, op_ms, _) in int8_nn::profile::report() {
+                *out[k].0.entry(name).or_default() += op_ms / steps as f64;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// How the INT8 model departs from the paper's policy.
@@ -247,8 +284,9 @@ pub fn run(
         anyhow::bail!("--peer times PyTorch's classifiers only; leave it out for detector {model}");
     }
     let batch = fp32.batch();
-    let (f, fm) = time_steps(&fp32, budget)?;
-    let (i, im) = time_steps(&int8, budget)?;
+    let (fm, im) = (step_peaks(&fp32)?, step_peaks(&int8)?);
+    let [f, i] = time_steps(&fp32, &int8, budget)?;
+    eprintln!("{} steps each, alternating", f.steps);
     let torch = peer.map(|python| pytorch(python, model, budget)).transpose()?;
     let with_torch = |mut r: Row, k: Option<usize>| {
         r.pytorch_fp32_ms = torch.map(|t| k.map_or(t.iter().sum(), |k| t[k]));
@@ -256,10 +294,10 @@ pub fn run(
     };
     print_header_with(peer.is_some());
     let rows = vec![
-        with_torch(Row::new(format!("{model}-step-b{batch}"), f.iter().sum(), i.iter().sum()), None),
-        with_torch(Row::new(format!("{model}-forward-b{batch}"), f[0], i[0]), Some(0)),
-        with_torch(Row::new(format!("{model}-backward-b{batch}"), f[1], i[1]), Some(1)),
-        with_torch(Row::new(format!("{model}-update-b{batch}"), f[2], i[2]), Some(2)),
+        with_torch(Row::new(format!("{model}-step-b{batch}"), f.step, i.step), None),
+        with_torch(Row::new(format!("{model}-forward-b{batch}"), f.phases[0], i.phases[0]), Some(0)),
+        with_torch(Row::new(format!("{model}-backward-b{batch}"), f.phases[1], i.phases[1]), Some(1)),
+        with_torch(Row::new(format!("{model}-update-b{batch}"), f.phases[2], i.phases[2]), Some(2)),
         Row::new(
             "peak resident set, each precision in a process of its own (MiB, not ms)",
             child_rss(model, false, policy, device)?,
@@ -274,10 +312,9 @@ pub fn run(
     // Where a step's time goes, per kind of op (forward and backward), at each precision: the
     // INT8 model's row of a kind sums its INT8 and FP32 variants (its first convolution stays
     // FP32), and the INT8 variants follow on rows of their own.
-    let (f_ops, f_total) = breakdown(&fp32)?;
-    let (i_ops, i_total) = breakdown(&int8)?;
+    let [(f_ops, f_total), (i_ops, i_total)] = breakdown(&fp32, &int8)?;
     let kind = |name: &str| name.strip_prefix("int8-").unwrap_or(name).to_string();
-    let mut kinds: std::collections::BTreeMap<String, (f64, f64)> = std::collections::BTreeMap::new();
+    let mut kinds: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for (name, ms) in &f_ops {
         kinds.entry(kind(name)).or_default().0 += ms;
     }
