@@ -402,7 +402,7 @@ impl Lowering {
     }
 }
 
-/// The most taps the 16-column panels of [`LoweredPanels`] take (a 7x7 kernel has 49).
+/// The most taps the AVX2 and AVX-512 panels of [`LoweredPanels`] take (a 7x7 kernel has 49).
 const MAX_PANEL_TAPS: usize = 64;
 
 /// Element types that may be INT8 codes, which [`LoweredPanels`] packs from.
@@ -482,7 +482,12 @@ impl PanelSource for LoweredPanels<'_> {
 
     fn pack(&self, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]) {
         #[cfg(target_arch = "x86_64")]
-        if nr == 32 && ncols == 32 && j0.is_multiple_of(32) && dst.len() >= kc.div_ceil(4) * 128 && has_avx512_panels()
+        if nr == 32
+            && ncols == 32
+            && j0.is_multiple_of(32)
+            && dst.len() >= kc.div_ceil(4) * 128
+            && self.taps.len() <= MAX_PANEL_TAPS
+            && has_avx512_panels()
         {
             // SAFETY: AVX-512 F, BW and VL (checked above); `new` checked the grid's geometry,
             // its masks and that `x` holds every input plane; the panel's columns
@@ -529,6 +534,16 @@ impl LoweredPanels<'_> {
         let words = (g.out_h * g.out_w).div_ceil(64);
         let flip = _mm256_set1_epi8(xor);
         let base = self.x.as_ptr();
+        // Per tap, once per panel: where its row starts relative to its channel's first plane and
+        // its 32 mask bits (`j0` is a multiple of 32, so they lie in one word); `MAX_PANEL_TAPS`
+        // at most, checked by `pack`. Looking them up per row cost more than the loads.
+        let mut tap_start = [0isize; MAX_PANEL_TAPS];
+        let mut tap_bits = [0u32; MAX_PANEL_TAPS];
+        for (t, tap) in self.taps.iter().enumerate() {
+            tap_start[t] = (tap.plane * in_plane + j0) as isize + tap.row_off * g.in_w as isize + tap.col_off;
+            tap_bits[t] = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & 0xffff_ffff) as u32;
+        }
+        let channel = (g.planes * in_plane) as isize;
         // Row `k` is channel `c`, tap `t`; both advance with `k` (no division per row).
         let (mut c, mut t) = (k0 / nt, k0 % nt);
         let out = dst.as_mut_ptr();
@@ -538,11 +553,7 @@ impl LoweredPanels<'_> {
             // inlined.)
             let mut r = [_mm256_setzero_si256(); 4];
             for r in r.iter_mut().take(kc - 4 * k4) {
-                let tap = &self.taps[t];
-                let shift = tap.row_off * g.in_w as isize + tap.col_off;
-                // The 32 columns' bits: `j0` is a multiple of 32, so they lie in one word.
-                let bits = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & 0xffff_ffff) as u32;
-                let plane = (c * g.planes + tap.plane) * in_plane;
+                let (start, bits) = (c as isize * channel + tap_start[t], tap_bits[t]);
                 t += 1;
                 if t == nt {
                     (c, t) = (c + 1, 0);
@@ -551,9 +562,7 @@ impl LoweredPanels<'_> {
                 // position `q`, read at `q + shift`) lie inside this tap's plane by the masks'
                 // construction ([`tap_masks`]); the plane lies inside `x` (checked by `new`);
                 // `wrapping_offset` forms the address without asserting it is in bounds.
-                let v = unsafe {
-                    _mm256_maskz_loadu_epi8(bits, base.wrapping_add(plane).wrapping_offset(j0 as isize + shift).cast())
-                };
+                let v = unsafe { _mm256_maskz_loadu_epi8(bits, base.wrapping_offset(start).cast()) };
                 *r = _mm256_xor_si256(v, flip);
             }
             // SAFETY: AVX2 is enabled here; the 128 bytes from `k4 * 128` lie inside `dst`, which
