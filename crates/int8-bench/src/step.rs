@@ -20,7 +20,7 @@ use int8_train::step::{detection_step, train_step};
 use int8_zoo::Model;
 use int8_zoo::detection::{Detector, DetectorOptions, Target};
 
-use crate::timing::median;
+use crate::timing::{median, turn};
 use crate::{Row, print_header_with, print_row_with};
 
 /// A zoo model with the batch it is timed on.
@@ -177,8 +177,7 @@ fn time_steps(a: &Subject, b: &Subject, budget: Duration) -> Result<[Times; 2]> 
     let mut times: [Vec<[f64; 3]>; 2] = [Vec::new(), Vec::new()];
     let start = Instant::now();
     while times[0].len() < 3 || start.elapsed() < 2 * budget {
-        let order = if times[0].len().is_multiple_of(2) { [0, 1] } else { [1, 0] };
-        for k in order {
+        for k in turn(times[0].len()) {
             let s = [a, b][k].step(&mut sgd[k])?;
             times[k].push([s.forward, s.backward, s.update].map(|d| d.as_secs_f64() * 1e3));
         }
@@ -208,7 +207,7 @@ fn breakdown(a: &Subject, b: &Subject) -> Result<[(BTreeMap<String, f64>, f64); 
     let mut sgd = [sgd(), sgd()];
     let mut out: [(BTreeMap<String, f64>, f64); 2] = Default::default();
     for round in 0..steps {
-        for k in if round.is_multiple_of(2) { [0, 1] } else { [1, 0] } {
+        for k in turn(round) {
             int8_nn::profile::reset();
             int8_nn::profile::set_enabled(true);
             let t = Instant::now();

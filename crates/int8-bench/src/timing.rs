@@ -22,15 +22,17 @@ pub fn median_pair_ms(budget: Duration, mut f: impl FnMut(), mut g: impl FnMut()
     let first = start.elapsed();
     let pairs = ((budget.as_secs_f64() / first.as_secs_f64().max(1e-6)) as usize).clamp(3, 50);
     for i in 0..pairs {
-        if i.is_multiple_of(2) {
-            tf.push(time_ms(&mut f));
-            tg.push(time_ms(&mut g));
-        } else {
-            tg.push(time_ms(&mut g));
-            tf.push(time_ms(&mut f));
+        for k in turn(i) {
+            if k == 0 { tf.push(time_ms(&mut f)) } else { tg.push(time_ms(&mut g)) }
         }
     }
     (median(tf), median(tg))
+}
+
+/// Which of two runs first in pair `i` of an alternation: 0 then 1 in even pairs, 1 then 0 in
+/// odd ones.
+pub fn turn(i: usize) -> [usize; 2] {
+    if i.is_multiple_of(2) { [0, 1] } else { [1, 0] }
 }
 
 fn time_ms(f: &mut impl FnMut()) -> f64 {

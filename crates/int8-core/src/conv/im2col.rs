@@ -455,7 +455,24 @@ impl<'a> LoweredPanels<'a> {
             && p > 0
             && masks.len() == taps.len() * p.div_ceil(64)
             && len >= grid.channels * grid.planes * grid.in_h * grid.in_w
-            && (has_avx512_panels() || taps.len() <= MAX_PANEL_TAPS && has_avx2())
+            && taps.len() <= MAX_PANEL_TAPS
+            && (has_avx512_panels() || has_avx2())
+    }
+
+    /// Per tap, for the panel of `width` columns (16 or 32) from column `j0` (a multiple of
+    /// `width`, so its mask bits lie in one word): where its row starts relative to its channel's
+    /// first plane, and its `width` mask bits. Made once per panel: looking them up per row cost
+    /// the packers more than their loads. `MAX_PANEL_TAPS` taps at most (checked by `fits`).
+    #[inline(always)]
+    fn tap_rows(&self, j0: usize, width: usize) -> ([isize; MAX_PANEL_TAPS], [u32; MAX_PANEL_TAPS]) {
+        let g = self.grid;
+        let (in_plane, words) = (g.in_h * g.in_w, (g.out_h * g.out_w).div_ceil(64));
+        let (mut start, mut bits) = ([0isize; MAX_PANEL_TAPS], [0u32; MAX_PANEL_TAPS]);
+        for (t, tap) in self.taps.iter().enumerate() {
+            start[t] = (tap.plane * in_plane + j0) as isize + tap.row_off * g.in_w as isize + tap.col_off;
+            bits[t] = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & ((1u64 << width) - 1)) as u32;
+        }
+        (start, bits)
     }
 
     /// Element `(k, q)` of the operand: row `k` is channel `k / taps`, tap `k % taps`.
@@ -531,18 +548,9 @@ impl LoweredPanels<'_> {
         use std::arch::x86_64::*;
         let g = self.grid;
         let (nt, in_plane) = (self.taps.len(), g.in_h * g.in_w);
-        let words = (g.out_h * g.out_w).div_ceil(64);
         let flip = _mm256_set1_epi8(xor);
         let base = self.x.as_ptr();
-        // Per tap, once per panel: where its row starts relative to its channel's first plane and
-        // its 32 mask bits (`j0` is a multiple of 32, so they lie in one word); `MAX_PANEL_TAPS`
-        // at most, checked by `pack`. Looking them up per row cost more than the loads.
-        let mut tap_start = [0isize; MAX_PANEL_TAPS];
-        let mut tap_bits = [0u32; MAX_PANEL_TAPS];
-        for (t, tap) in self.taps.iter().enumerate() {
-            tap_start[t] = (tap.plane * in_plane + j0) as isize + tap.row_off * g.in_w as isize + tap.col_off;
-            tap_bits[t] = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & 0xffff_ffff) as u32;
-        }
+        let (tap_start, tap_bits) = self.tap_rows(j0, 32);
         let channel = (g.planes * in_plane) as isize;
         // Row `k` is channel `c`, tap `t`; both advance with `k` (no division per row).
         let (mut c, mut t) = (k0 / nt, k0 % nt);
@@ -586,24 +594,16 @@ impl LoweredPanels<'_> {
         use std::arch::x86_64::*;
         let g = self.grid;
         let (nt, in_plane) = (self.taps.len(), g.in_h * g.in_w);
-        let words = (g.out_h * g.out_w).div_ceil(64);
         let flip = _mm_set1_epi8(xor);
         // Byte `l` of a row keeps its lane when bit `l` of the mask is set: bytes 0-7 test the
         // mask's low byte, 8-15 its high byte, each against its own bit.
         let spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let select = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
-        // Per tap, once per panel: where its row starts relative to its channel's first plane,
-        // its 16 mask bits and those bits as a byte mask (`MAX_PANEL_TAPS` at most, checked by
-        // `pack`).
-        let mut tap_start = [0isize; MAX_PANEL_TAPS];
-        let mut tap_bits = [0u16; MAX_PANEL_TAPS];
+        // Per tap, once per panel: its row's start, its 16 mask bits and those bits as a byte mask.
+        let (tap_start, tap_bits) = self.tap_rows(j0, 16);
         let mut tap_keep = [_mm_setzero_si128(); MAX_PANEL_TAPS];
-        for (t, tap) in self.taps.iter().enumerate() {
-            // The 16 columns' bits: `j0` is a multiple of 16, so they lie in one word.
-            let bits = ((self.masks[t * words + j0 / 64] >> (j0 % 64)) & 0xffff) as u16;
-            tap_start[t] = (tap.plane * in_plane + j0) as isize + tap.row_off * g.in_w as isize + tap.col_off;
-            tap_bits[t] = bits;
-            tap_keep[t] =
+        for (keep, &bits) in tap_keep.iter_mut().zip(&tap_bits).take(nt) {
+            *keep =
                 _mm_cmpeq_epi8(_mm_and_si128(_mm_shuffle_epi8(_mm_set1_epi16(bits as i16), spread), select), select);
         }
         let channel = (g.planes * in_plane) as isize;
