@@ -128,6 +128,20 @@ fn max_nan_blind(m: f32, a: f32) -> f32 {
     if a > m { a } else { m }
 }
 
+/// The largest of sixteen lanes (none NaN: they come of [`max_nan_blind`]), as a tree of four
+/// vector maxima: one after the other, they cost a 16-value plane more than its pass.
+#[inline(always)]
+fn lanes_max(mut m: [f32; 16]) -> f32 {
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            m[i] = max_nan_blind(m[i], m[i + w]);
+        }
+        w /= 2;
+    }
+    m[0]
+}
+
 /// A chunk of an [`Out`] that one elementwise pass writes whole.
 #[derive(Debug)]
 pub struct Fill<'a> {
@@ -135,7 +149,7 @@ pub struct Fill<'a> {
     handed: Option<&'a Counter>,
 }
 
-impl Fill<'_> {
+impl<'a> Fill<'a> {
     /// The number of values.
     pub fn len(&self) -> usize {
         self.buf.len()
@@ -144,6 +158,13 @@ impl Fill<'_> {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
+    }
+
+    /// The chunk in consecutive pieces of `len` (the last may be shorter), each a [`Fill`] of its
+    /// own: for tasks that write a run of planes.
+    pub fn chunks(self, len: usize) -> impl Iterator<Item = Fill<'a>> {
+        let handed = self.handed;
+        self.buf.chunks_mut(len.max(1)).map(move |buf| Fill { buf, handed })
     }
 
     /// Counts the chunk as written (every value of it was).
@@ -191,7 +212,7 @@ impl Fill<'_> {
             o.write(0.0);
         }
         self.done();
-        m.iter().fold(0.0f32, |a, &b| a.max(b))
+        lanes_max(m)
     }
 
     /// `out[i] = f(a[i], b[i])` as [`Fill::zip_map`], returning the largest `|out[i]|` (NaN
@@ -219,7 +240,7 @@ impl Fill<'_> {
             o.write(0.0);
         }
         self.done();
-        m.iter().fold(0.0f32, |a, &b| a.max(b))
+        lanes_max(m)
     }
 
     /// `out[i] = f(a[i], b[i])` as [`Fill::zip_map_max_abs`], returning the largest `|out[i]|`
@@ -262,7 +283,7 @@ impl Fill<'_> {
             o.write(0.0);
         }
         self.done();
-        m.iter().fold(0.0f32, |a, &b| a.max(b))
+        lanes_max(m)
     }
 
     /// `out[i] = x[i]` where bit `i % 64` of `bits[i / 64]` is set, else 0; values past the end

@@ -92,6 +92,44 @@ where
     P: Fn(usize, usize) -> A + Sync,
     M: Fn(A, A) -> A + Sync,
 {
+    let run = |i: usize, chs: std::ops::Range<usize>, acc: &mut [A]| {
+        for (a, ch) in acc.iter_mut().zip(chs) {
+            *a = merge(*a, plane(ch, (i * d.c + ch) * d.hw));
+        }
+    };
+    reduce_runs(d, run, &merge)
+}
+
+/// [`reduce_planes`] over an [`Input`]: `plane(ch, start, values)` gets the plane's values too,
+/// a run of planes decoded at a time where the input is kept as sums.
+fn reduce_input_planes<A, P, M>(d: NchwDims, x: Input<'_>, plane: P, merge: M) -> Vec<A>
+where
+    A: Copy + Default + Send,
+    P: Fn(usize, usize, &[f32]) -> A + Sync,
+    M: Fn(A, A) -> A + Sync,
+{
+    let per = planes_per_task(d);
+    let run = |i: usize, chs: std::ops::Range<usize>, acc: &mut [A]| {
+        for (k, sub) in acc.chunks_mut(per).enumerate() {
+            let ch0 = chs.start + k * per;
+            x.with_planes(d, i * d.c + ch0, sub.len(), |xs| {
+                for (j, (a, xp)) in sub.iter_mut().zip(xs.chunks(d.hw)).enumerate() {
+                    *a = merge(*a, plane(ch0 + j, (i * d.c + ch0 + j) * d.hw, xp));
+                }
+            });
+        }
+    };
+    reduce_runs(d, run, &merge)
+}
+
+/// What [`reduce_planes`] does, with `fold_run(i, chs, acc)` folding image `i`'s planes of channels
+/// `chs` into `acc` (one per channel of the run, in order).
+fn reduce_runs<A, R, M>(d: NchwDims, fold_run: R, merge: M) -> Vec<A>
+where
+    A: Copy + Default + Send,
+    R: Fn(usize, std::ops::Range<usize>, &mut [A]) + Sync,
+    M: Fn(A, A) -> A + Sync,
+{
     let blocks = d.n.min(IMAGE_BLOCKS);
     let run = (TASK_RUN / d.hw).clamp(1, d.c.max(1));
     let runs = d.c.div_ceil(run);
@@ -102,9 +140,7 @@ where
             let chs = k * run..((k + 1) * run).min(d.c);
             let mut acc = vec![A::default(); chs.len()];
             for i in b * d.n / blocks..(b + 1) * d.n / blocks {
-                for (a, ch) in acc.iter_mut().zip(chs.clone()) {
-                    *a = merge(*a, plane(ch, (i * d.c + ch) * d.hw));
-                }
+                fold_run(i, chs.clone(), &mut acc);
             }
             acc
         })
@@ -167,7 +203,23 @@ fn plane_moments(v: &[f32], mean: Option<f32>) -> f64 {
         }
     }
     let tail: f64 = rest.iter().map(|&x| if sq { ((x - m) * (x - m)) as f64 } else { x as f64 }).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+    lanes_sum(acc) + tail
+}
+
+/// The sum of sixteen f32 lanes in f64, added as a tree (four vector adds): a plane of 16 or 64
+/// values (MobileNetV2's last stages) spent more in adding its lanes one after the other than in
+/// reading the plane.
+#[inline(always)]
+fn lanes_sum(a: [f32; 16]) -> f64 {
+    let mut v = a.map(f64::from);
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            v[i] += v[i + w];
+        }
+        w /= 2;
+    }
+    v[0]
 }
 
 /// The fused activation's mask for one channel: `(a, b, cap)` where the forward pass computed
@@ -218,7 +270,7 @@ fn plane_grad_sums(x: &[f32], dy: &[f32], relu: Mask, mean: f32, inv: f32) -> (f
             }
         }
     }
-    (sb.iter().map(|&v| v as f64).sum::<f64>() + tail.0, sg.iter().map(|&v| v as f64).sum::<f64>() + tail.1)
+    (lanes_sum(sb) + tail.0, lanes_sum(sg) + tail.1)
 }
 
 /// `dx = k * (m * g - dbeta - xhat * dgamma)` over a plane, `g` masked as above.
@@ -396,12 +448,8 @@ impl SumsSaved {
     #[cfg(test)]
     fn restore(&self, d: NchwDims) -> Result<Vec<f32>> {
         self.check(d)?;
-        let mut x = Vec::with_capacity(d.len());
-        let mut plane = Vec::new();
-        for p in 0..d.n * d.c {
-            self.decode_plane(d, p, &mut plane);
-            x.extend_from_slice(&plane);
-        }
+        let mut x = Vec::new();
+        self.decode_planes(d, 0, d.n * d.c, &mut x);
         Ok(x)
     }
 
@@ -410,13 +458,15 @@ impl SumsSaved {
         crate::error::check_len("batch norm sum scales", self.scales.len(), d.c)
     }
 
-    /// Plane `p` of the input (`p` counting planes image-major), into `out`.
-    fn decode_plane(&self, d: NchwDims, p: usize, out: &mut Vec<f32>) {
-        let start = p * d.hw;
-        out.resize(d.hw, 0.0);
-        decode_sums(&self.sums[start..][..d.hw], self.scales[p % d.c], out);
+    /// Planes `p..p + k` of the input (counting planes image-major), into `out`.
+    fn decode_planes(&self, d: NchwDims, p: usize, k: usize, out: &mut Vec<f32>) {
+        let (start, len) = (p * d.hw, k * d.hw);
+        out.resize(len, 0.0);
+        for (j, o) in out.chunks_mut(d.hw).enumerate() {
+            decode_sums(&self.sums[start + j * d.hw..][..d.hw], self.scales[(p + j) % d.c], o);
+        }
         let first = self.others.partition_point(|o| (o.0 as usize) < start);
-        for &(i, v) in self.others[first..].iter().take_while(|o| (o.0 as usize) < start + d.hw) {
+        for &(i, v) in self.others[first..].iter().take_while(|o| (o.0 as usize) < start + len) {
             out[i as usize - start] = v;
         }
     }
@@ -439,7 +489,8 @@ enum Input<'a> {
 }
 
 thread_local! {
-    /// The plane [`Input::Sums`] decodes into (a plane is a few KiB: it stays in L1).
+    /// The planes [`Input::Sums`] decodes into (a plane, or a run of small ones, is a few KiB: it
+    /// stays in L1).
     static PLANE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -451,13 +502,13 @@ impl Input<'_> {
         }
     }
 
-    /// `f` of plane `p`'s values.
-    fn with_plane<R>(&self, d: NchwDims, p: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    /// `f` of the values of planes `p..p + k`.
+    fn with_planes<R>(&self, d: NchwDims, p: usize, k: usize, f: impl FnOnce(&[f32]) -> R) -> R {
         match self {
-            Input::F32(x) => f(&x[p * d.hw..][..d.hw]),
+            Input::F32(x) => f(&x[p * d.hw..][..k * d.hw]),
             Input::Sums(s) => PLANE.with(|b| {
                 let mut b = b.borrow_mut();
-                s.decode_plane(d, p, &mut b);
+                s.decode_planes(d, p, k, &mut b);
                 f(&b)
             }),
         }
@@ -491,24 +542,25 @@ pub fn forward_train_sums<'y>(
         return Ok((stats, None));
     }
     let mut sums = Vec::<i16>::with_capacity(d.len());
-    let (max, others) = y
-        .par_fills(d.hw)
-        .zip(x.par_chunks(d.hw))
-        .zip(sums.spare_capacity_mut()[..d.len()].par_chunks_mut(d.hw))
+    let per = planes_per_task(d);
+    let parts: Vec<(f32, Vec<(u32, f32)>)> = y
+        .par_fills(per * d.hw)
+        .zip(x.par_chunks(per * d.hw))
+        .zip(sums.spare_capacity_mut()[..d.len()].par_chunks_mut(per * d.hw))
         .enumerate()
-        .map(|(p, ((yp, xp), sp))| {
-            let ch = p % d.c;
-            let m = plane_affine(yp, xp, stats.scale[ch], stats.shift[ch], relu);
-            let others = plane_keep_sums(xp, scales[ch], sp);
-            (m, others.into_iter().map(|(i, v)| ((p * d.hw + i) as u32, v)).collect::<Vec<_>>())
+        .map(|(t, ((ys, xs), ss))| {
+            let (mut max, mut others) = (0.0f32, Vec::new());
+            for (j, ((yp, xp), sp)) in ys.chunks(d.hw).zip(xs.chunks(d.hw)).zip(ss.chunks_mut(d.hw)).enumerate() {
+                let p = t * per + j;
+                let ch = p % d.c;
+                max = max.max(plane_affine(yp, xp, stats.scale[ch], stats.shift[ch], relu));
+                plane_keep_sums(xp, scales[ch], sp, p * d.hw, &mut others);
+            }
+            (max, others)
         })
-        .reduce(
-            || (0.0, Vec::new()),
-            |(ma, mut a), (mb, b)| {
-                a.extend(b);
-                (ma.max(mb), a)
-            },
-        );
+        .collect();
+    let max = parts.iter().fold(0.0f32, |m, p| m.max(p.0));
+    let others: Vec<(u32, f32)> = parts.into_iter().flat_map(|p| p.1).collect();
     // SAFETY: the capacity is at least `d.len()`, and `plane_keep_sums` wrote every element of
     // each plane's chunk (the chunks of `x` and of `sums` have equal lengths).
     unsafe { sums.set_len(d.len()) };
@@ -517,48 +569,62 @@ pub fn forward_train_sums<'y>(
     Ok((stats, keep.then(|| SumsSaved { sums, scales: scales.to_vec(), others })))
 }
 
-/// Writes a plane's sums at scale `s` (`x[i] == sums[i] as f32 * s`, bit for bit) and returns the
-/// plane offsets and values of those that have none in 16 bits (whose written sums mean nothing).
+/// Writes a plane's sums at scale `s` (`x[i] == sums[i] as f32 * s`, bit for bit) and appends to
+/// `others` the indices (`base` + plane offset) and values of those that have none in 16 bits
+/// (whose written sums mean nothing).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn plane_keep_sums(x: &[f32], s: f32, sums: &mut [std::mem::MaybeUninit<i16>]) -> Vec<(usize, f32)> {
+fn plane_keep_sums(
+    x: &[f32],
+    s: f32,
+    sums: &mut [std::mem::MaybeUninit<i16>],
+    base: usize,
+    others: &mut Vec<(u32, f32)>,
+) {
     assert_eq!(x.len(), sums.len(), "plane_keep_sums: input and output lengths differ");
-    // `v * inv` is within a few units in the last place of the sum, which the rounding absorbs for
-    // every sum that fits; the check below is what guarantees the value. Clamped (NaN to the
-    // bottom: `max` keeps the number), the rounded value converts without saturating. A zero
-    // scale (all-zero codes) has the sums 0.
+    // `v * inv` is within a few units in the last place of the sum, which any rounding absorbs for
+    // every sum that fits; the check below is what guarantees the value. Clamped with plain
+    // compares (one `maxps` and one `minps`; NaN goes to the bottom), the rounded value converts
+    // without saturating. A zero scale (all-zero codes) has the sums 0.
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     let code = |v: f32| {
-        #[allow(clippy::manual_clamp)] // `clamp` keeps NaN, which must not reach the conversion
-        let t = (v * inv).round().max(-32767.0).min(32767.0);
-        // SAFETY: `t` is an integer in [-32767, 32767], never NaN, after the clamp above.
-        let q = unsafe { t.to_int_unchecked::<i32>() } as i16;
-        (q, (f32::from(q) * s).to_bits() == v.to_bits())
+        let t = v * inv;
+        let t = if t > -32767.0 { t } else { -32767.0 };
+        let t = if t < 32767.0 { t } else { 32767.0 };
+        // SAFETY: `t` is in [-32767, 32767], never NaN, after the clamp above, and so is its
+        // rounding.
+        let q = unsafe { t.round_ties_even().to_int_unchecked::<i32>() } as i16;
+        (q, (f32::from(q) * s).to_bits() != v.to_bits())
     };
-    let mut others = Vec::new();
+    // Lane-wise flags, looked at once per plane: a plane with a value outside the sums (rare) is
+    // searched again for it, in L1.
+    let mut bad = [0u32; 16];
     let (xc, xr) = x.as_chunks::<16>();
     let (sc, sr) = sums.as_chunks_mut::<16>();
-    for (g, (xv, sv)) in xc.iter().zip(sc).enumerate() {
-        let mut ok = [false; 16];
+    for (xv, sv) in xc.iter().zip(sc) {
         for l in 0..16 {
-            let (q, good) = code(xv[l]);
-            sv[l] = std::mem::MaybeUninit::new(q);
-            ok[l] = good;
+            let (q, b) = code(xv[l]);
+            sv[l].write(q);
+            bad[l] |= u32::from(b);
         }
-        if !ok.iter().all(|&o| o) {
-            for l in (0..16).filter(|&l| !ok[l]) {
-                others.push((g * 16 + l, xv[l]));
+    }
+    for (l, (&v, o)) in xr.iter().zip(sr).enumerate() {
+        let (q, b) = code(v);
+        o.write(q);
+        bad[l] |= u32::from(b);
+    }
+    if bad.iter().any(|&b| b != 0) {
+        for (i, &v) in x.iter().enumerate() {
+            if code(v).1 {
+                others.push(((base + i) as u32, v));
             }
         }
     }
-    let base = xc.len() * 16;
-    for (i, (&v, o)) in xr.iter().zip(sr).enumerate() {
-        let (q, ok) = code(v);
-        o.write(q);
-        if !ok {
-            others.push((base + i, v));
-        }
-    }
-    others
+}
+
+/// Planes per task of the passes that run over whole planes in memory order: enough for a few
+/// thousand values, since at MobileNetV2's 4x4 planes a task per plane costs more than its work.
+fn planes_per_task(d: NchwDims) -> usize {
+    (4096 / d.hw).max(1)
 }
 
 /// Evaluation forward with running statistics; returns the largest `|y|` written (NaN ignored).
@@ -590,10 +656,16 @@ pub fn forward_eval<'y>(
 /// `y = x * scale[c] + shift[c]`, optionally clamped to `[0, cap]`, per plane in parallel; returns
 /// the largest `|y|` (NaN ignored; a maximum, so the same whatever the threads' order).
 fn affine(d: NchwDims, x: &[f32], scale: &[f32], shift: &[f32], relu: Option<f32>, y: Out<'_>) -> f32 {
-    y.par_fills(d.hw)
-        .zip(x.par_chunks(d.hw))
+    let per = planes_per_task(d);
+    y.par_fills(per * d.hw)
+        .zip(x.par_chunks(per * d.hw))
         .enumerate()
-        .map(|(p, (yp, xp))| plane_affine(yp, xp, scale[p % d.c], shift[p % d.c], relu))
+        .map(|(t, (ys, xs))| {
+            ys.chunks(d.hw).zip(xs.chunks(d.hw)).enumerate().fold(0.0f32, |m, (j, (yp, xp))| {
+                let ch = (t * per + j) % d.c;
+                m.max(plane_affine(yp, xp, scale[ch], shift[ch], relu))
+            })
+        })
         .reduce(|| 0.0, f32::max)
 }
 
@@ -646,24 +718,25 @@ fn backward_from(
     let mask = |ch: usize| relu.map(|cap| (stats.scale[ch], stats.shift[ch], cap));
     let m = (d.n * d.hw) as f32;
     // Per channel: dbeta = sum(g), dgamma = sum(g * xhat), g = dy masked by the ReLU.
-    let sums = reduce_planes(
+    let sums = reduce_input_planes(
         d,
-        |ch, start| {
-            x.with_plane(d, start / d.hw, |xp| {
-                plane_grad_sums(xp, &dy[start..][..d.hw], mask(ch), stats.mean[ch], stats.inv_std[ch])
-            })
-        },
+        x,
+        |ch, start, xp| plane_grad_sums(xp, &dy[start..][..d.hw], mask(ch), stats.mean[ch], stats.inv_std[ch]),
         |a, b| (a.0 + b.0, a.1 + b.1),
     );
     let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
     // dx = gamma * inv_std / m * (m * g - dbeta - xhat * dgamma).
-    dx.par_fills(d.hw).enumerate().for_each(|(p, dxp)| {
-        let ch = p % d.c;
-        let inv = stats.inv_std[ch];
-        x.with_plane(d, p, |xp| {
-            let dyp = &dy[p * d.hw..][..d.hw];
-            plane_dx(dxp, xp, dyp, mask(ch), stats.mean[ch], inv, gamma[ch] * inv / m, m, dbeta[ch], dgamma[ch]);
+    let per = planes_per_task(d);
+    dx.par_fills(per * d.hw).enumerate().for_each(|(t, dxs)| {
+        let planes = dxs.len() / d.hw;
+        x.with_planes(d, t * per, planes, |xs| {
+            for (j, (dxp, xp)) in dxs.chunks(d.hw).zip(xs.chunks(d.hw)).enumerate() {
+                let p = t * per + j;
+                let (ch, dyp) = (p % d.c, &dy[p * d.hw..][..d.hw]);
+                let inv = stats.inv_std[ch];
+                plane_dx(dxp, xp, dyp, mask(ch), stats.mean[ch], inv, gamma[ch] * inv / m, m, dbeta[ch], dgamma[ch]);
+            }
         });
     });
     Ok((dgamma, dbeta))
@@ -733,7 +806,7 @@ fn plane_grad_sums_half(xhat: &[u16], dy: &[f32], bits: Option<&[u64]>) -> (f64,
         tail.0 += g as f64;
         tail.1 += (g * crate::half::value(h)) as f64;
     }
-    (sb.iter().map(|&v| v as f64).sum::<f64>() + tail.0, sg.iter().map(|&v| v as f64).sum::<f64>() + tail.1)
+    (lanes_sum(sb) + tail.0, lanes_sum(sg) + tail.1)
 }
 
 /// The pass bits of values `16 * group..16 * group + 16` of a plane (all set without a mask),
@@ -1151,7 +1224,14 @@ mod tests {
     /// of arbitrary floats is not kept this way.
     #[test]
     fn sums_give_the_convolution_output_back_exactly() {
-        let d = NchwDims { n: 3, c: 4, hw: 37 };
+        // The second shape takes several tasks of the passes over runs of planes, and more
+        // images than the reductions have blocks.
+        for d in [NchwDims { n: 3, c: 4, hw: 37 }, NchwDims { n: 45, c: 4, hw: 37 }] {
+            sums_give_back_exactly(d);
+        }
+    }
+
+    fn sums_give_back_exactly(d: NchwDims) {
         let r = CounterRng::new(7);
         let scales = [0.013f32, 2.5e-6, 0.0, 1.0 / 3.0];
         let mut x: Vec<f32> = (0..d.len())
