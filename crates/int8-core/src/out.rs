@@ -3,8 +3,8 @@
 //! Safe Rust hands out `&mut [f32]` only over initialised memory, and zeroing each fresh output
 //! first would cost one more pass at memory speed; instead [`Out`] hands a kernel its output in the
 //! chunks its tasks write, zeroed just before a task writes them (while in cache) or not at all
-//! when the task computes every value ([`Fill`]), and [`fresh`] checks that every chunk was
-//! written. Measurements: `docs/performance.md`.
+//! when the task computes every value ([`Fill`], [`Out::par_chunks_unzeroed`]), and [`fresh`]
+//! checks that every chunk was handed out. Measurements: `docs/performance.md`.
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,6 +105,32 @@ impl<'a> Out<'a> {
     pub fn par_chunks(self, len: usize) -> impl IndexedParallelIterator<Item = &'a mut [f32]> {
         let handed = self.handed;
         self.buf.par_chunks_mut(len.max(1)).map(move |c| take(c, handed))
+    }
+
+    /// The values in consecutive chunks of `len` (the last may be shorter), in parallel, not
+    /// zeroed: for kernels that write every value of a chunk and read none (the GEMMs'
+    /// overwriting stores).
+    ///
+    /// # Safety
+    /// Every element of every chunk must be written before the output is read ([`fresh`] takes
+    /// the chunks handed out as written).
+    pub unsafe fn par_chunks_unzeroed(
+        self,
+        len: usize,
+    ) -> impl IndexedParallelIterator<Item = &'a mut [MaybeUninit<f32>]> {
+        let handed = self.handed;
+        self.buf.par_chunks_mut(len.max(1)).map(move |c| {
+            if let Some(h) = handed {
+                h.add(c.len());
+            }
+            c
+        })
+    }
+
+    /// An output over memory that may be uninitialised, for kernels that initialise it
+    /// ([`Out::zeroed`]).
+    pub(crate) fn from_uninit(buf: &'a mut [MaybeUninit<f32>]) -> Self {
+        Out { buf, handed: None }
     }
 
     /// All the values, zeroed (a full pass: for outputs a kernel fills piecemeal).
@@ -423,6 +449,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("wrote 5 of 10"), "{e}");
+    }
+
+    #[test]
+    fn unzeroed_chunks_count_as_written_and_keep_what_the_kernel_wrote() {
+        let (v, ()) = fresh(1000, |out| {
+            // SAFETY: every element of every chunk is written below.
+            let chunks = unsafe { out.par_chunks_unzeroed(64) };
+            chunks.enumerate().for_each(|(i, c)| {
+                c.iter_mut().enumerate().for_each(|(j, x)| {
+                    x.write((i * 64 + j) as f32);
+                })
+            });
+            Ok(())
+        })
+        .unwrap();
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::im2col::Lowering;
 use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, weight_grad_run};
 use crate::error::Result;
-use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32};
+use crate::gemm::{MatMut, MatRef, Parallelism, gemm_f32, gemm_f32_overwrite};
 use crate::out::Out;
 
 /// Parallelism inside each image's GEMM: images already run in parallel unless there are fewer
@@ -32,7 +32,10 @@ pub fn conv2d_fwd_f32<'y>(s: &ConvShape, x: &[f32], w: &[f32], y: impl Into<Out<
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
-    y.par_chunks(s.c_out * p).zip(x.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
+    // SAFETY: each image's chunk is written whole: the groups' rows tile it, and each group's
+    // GEMM writes every element of its view (`gemm_f32_overwrite`).
+    let chunks = unsafe { y.par_chunks_unzeroed(s.c_out * p) };
+    chunks.zip(x.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
         || vec![0f32; col_len],
         |col, (y, x)| {
             for g in 0..s.groups {
@@ -43,7 +46,7 @@ pub fn conv2d_fwd_f32<'y>(s: &ConvShape, x: &[f32], w: &[f32], y: impl Into<Out<
                     MatRef::row_major(lower.run(xg, col), kg, p)?
                 };
                 let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?;
-                gemm_f32(a, b, MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?, false, par)?;
+                gemm_f32_overwrite(a, b, MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?, par)?;
             }
             Ok(())
         },
@@ -71,17 +74,15 @@ pub fn conv2d_dx_f32<'x>(s: &ConvShape, w: &[f32], dy: &[f32], dx: impl Into<Out
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     if s.is_pointwise() {
-        return dx.par_chunks(s.c_in * s.in_plane()).zip(dy.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
+        // SAFETY: as in `conv2d_fwd_f32`: the groups' rows tile each image's chunk, and each GEMM
+        // writes every element of its view.
+        let chunks = unsafe { dx.par_chunks_unzeroed(s.c_in * s.in_plane()) };
+        return chunks.zip(dy.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
             for g in 0..s.groups {
                 let a = MatRef::row_major(&w[g * cog * kg..][..cog * kg], cog, kg)?.t();
                 let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                gemm_f32(
-                    a,
-                    b,
-                    MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?,
-                    false,
-                    par,
-                )?;
+                let out = MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?;
+                gemm_f32_overwrite(a, b, out, par)?;
             }
             Ok(())
         });

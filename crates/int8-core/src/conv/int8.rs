@@ -99,7 +99,10 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
             PackedA::new(path, MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?, Parallelism::Rayon)
         })
         .collect::<Result<Vec<_>>>()?;
-    y.par_chunks(s.c_out * p).zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
+    // SAFETY: each image's chunk is written whole: the groups' rows tile it, and each group's
+    // GEMM writes every element of its view (`gemm_i8_scaled_packed_from`).
+    let chunks = unsafe { y.par_chunks_unzeroed(s.c_out * p) };
+    chunks.zip(x.codes.par_chunks(s.c_in * s.in_plane())).try_for_each_init(
         || vec![0i8; col_len],
         |col, (y, x)| {
             for (g, a) in packed.iter().enumerate() {
@@ -107,7 +110,7 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
                 let out = MatMut::row_major(&mut y[g * cog * p..][..cog * p], cog, p)?;
                 let scales = &row_scales[g * cog..(g + 1) * cog];
                 if s.is_pointwise() {
-                    gemm_i8_scaled_packed(a, MatRef::row_major(xg, kg, p)?, out, scales, par)?;
+                    gemm_i8_scaled_packed_from(a, &MatRef::row_major(xg, kg, p)?, out, scales, par)?;
                     continue;
                 }
                 // The operand is packed straight from the image where it can be.
@@ -115,7 +118,7 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
                     gemm_i8_scaled_packed_from(a, &src, out, scales, par)?;
                     continue;
                 }
-                gemm_i8_scaled_packed(a, MatRef::row_major(lower.run(xg, col), kg, p)?, out, scales, par)?;
+                gemm_i8_scaled_packed_from(a, &MatRef::row_major(lower.run(xg, col), kg, p)?, out, scales, par)?;
             }
             Ok(())
         },
@@ -168,11 +171,14 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        return dx.par_chunks(s.c_in * s.in_plane()).zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
+        // SAFETY: as in `conv2d_fwd_i8`: the groups' rows tile each image's chunk, and each GEMM
+        // writes every element of its view.
+        let chunks = unsafe { dx.par_chunks_unzeroed(s.c_in * s.in_plane()) };
+        return chunks.zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
             for (g, a) in packed.iter().enumerate() {
                 let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
                 let out = MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?;
-                gemm_i8_scaled_packed(a, b, out, &row_scales, par)?;
+                gemm_i8_scaled_packed_from(a, &b, out, &row_scales, par)?;
             }
             Ok(())
         });
@@ -200,7 +206,7 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
                 let dxg = &mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()];
                 // Each phase's operand is packed straight from dY where it can be.
                 let mut direct = |i: usize, b: &LoweredPanels, c: MatMut<f32>| {
-                    gemm_i8_scaled_packed_from(&packed[i], b, c, &row_scales, par)
+                    gemm_i8_scaled_packed_from(&packed[i], b, c.into_uninit(), &row_scales, par)
                 };
                 let direct: Option<phase::PanelProduct> = Some(&mut direct);
                 phase::input_grad_image(

@@ -18,6 +18,8 @@
 //!   then widens with `vpmaddwd`: exact.
 //! - Portable (4x16 tile): plain Rust with wrapping arithmetic, the same packing.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::{MatMut, MatRef, Parallelism, check_product};
@@ -209,15 +211,16 @@ pub fn gemm_i8_scaled_packed(
     row_scales: &[f32],
     par: Parallelism,
 ) -> Result<()> {
-    gemm_i8_scaled_packed_from(a, &b, c, row_scales, par)
+    gemm_i8_scaled_packed_from(a, &b, c.into_uninit(), row_scales, par)
 }
 
 /// [`gemm_i8_scaled_packed`] with B given by whatever packs its panels ([`PanelSource`]): a
 /// convolution's lowered input can be packed straight from the image, without the im2col matrix.
+/// `C` may start uninitialised: every element of the view is written, none read.
 pub(crate) fn gemm_i8_scaled_packed_from(
     a: &PackedA,
     b: &dyn PanelSource,
-    c: MatMut<f32>,
+    c: MatMut<MaybeUninit<f32>>,
     row_scales: &[f32],
     par: Parallelism,
 ) -> Result<()> {
@@ -233,12 +236,13 @@ pub(crate) fn gemm_i8_scaled_packed_from(
         }
         for i in 0..c.rows {
             for j in 0..c.cols {
-                c.data[i * c.row_stride + j * c.col_stride] = sums[i * n + j] as f32 * row_scales[i];
+                c.data[i * c.row_stride + j * c.col_stride].write(sums[i * n + j] as f32 * row_scales[i]);
             }
         }
         return Ok(());
     }
-    let out = OutPtr::F32 { ptr: c.data.as_mut_ptr(), rs: c.row_stride, cs: c.col_stride, scales: row_scales.as_ptr() };
+    let ptr = c.data.as_mut_ptr().cast::<f32>();
+    let out = OutPtr::F32 { ptr, rs: c.row_stride, cs: c.col_stride, scales: row_scales.as_ptr() };
     drive(a, b, out, false, par);
     Ok(())
 }
@@ -558,8 +562,13 @@ impl Block<'_> {
             }
             OutPtr::F32 { ptr, rs, cs: 1, scales } => {
                 // SAFETY: as above; `scales` has an entry per output row.
-                let (dst, scale) =
-                    unsafe { (std::slice::from_raw_parts_mut(ptr.add(i * rs + j0), row.len()), *scales.add(i)) };
+                // The output may be uninitialised ([`gemm_i8_scaled_packed_from`]): written, never read.
+                let (dst, scale) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(ptr.add(i * rs + j0).cast::<MaybeUninit<f32>>(), row.len()),
+                        *scales.add(i),
+                    )
+                };
                 store_row_scaled(dst, row, correction, scale);
             }
             OutPtr::I32 { ptr, rs, cs } => {
@@ -598,9 +607,9 @@ fn widen_codes(src: &[i8], dst: &mut [i8]) {
 
 /// Stores one tile row, less the VNNI correction, dequantized: `dst = (v - c) * scale`.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn store_row_scaled(dst: &mut [f32], row: &[i32], correction: i32, scale: f32) {
+fn store_row_scaled(dst: &mut [MaybeUninit<f32>], row: &[i32], correction: i32, scale: f32) {
     for (d, &v) in dst.iter_mut().zip(row) {
-        *d = v.wrapping_sub(correction) as f32 * scale;
+        d.write(v.wrapping_sub(correction) as f32 * scale);
     }
 }
 

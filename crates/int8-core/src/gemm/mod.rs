@@ -12,10 +12,13 @@ mod int8;
 pub mod reference;
 
 pub use self::f32::gemm_f32;
+pub(crate) use self::f32::gemm_f32_overwrite;
 pub use self::int8::{Int8Path, MAX_K_I8, PackedA, gemm_i8, gemm_i8_packed, gemm_i8_scaled, gemm_i8_scaled_packed};
 pub(crate) use self::int8::{PanelSource, gemm_i8_scaled_packed_from};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::int8::{interleave4x16, interleave4x32};
+
+use std::mem::MaybeUninit;
 
 use crate::error::{CoreError, Result};
 
@@ -131,6 +134,27 @@ impl<'a, T: Copy> MatMut<'a, T> {
     /// Columns.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+}
+
+impl<'a> MatMut<'a, f32> {
+    /// The same view for a kernel that only writes it ([`gemm_f32_overwrite`],
+    /// [`gemm_i8_scaled_packed`]).
+    pub(crate) fn into_uninit(self) -> MatMut<'a, MaybeUninit<f32>> {
+        let (ptr, len) = (self.data.as_mut_ptr(), self.data.len());
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, the slice stays borrowed for `'a`,
+        // and the kernels that take such a view write only initialised values into it.
+        let data = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<MaybeUninit<f32>>(), len) };
+        MatMut { data, rows: self.rows, cols: self.cols, row_stride: self.row_stride, col_stride: self.col_stride }
+    }
+}
+
+impl<'a> MatMut<'a, MaybeUninit<f32>> {
+    /// The view over its slice written with zeros throughout, for the kernels that read their
+    /// output.
+    fn zeroed(self) -> MatMut<'a, f32> {
+        let data = crate::out::Out::from_uninit(self.data).zeroed();
+        MatMut { data, rows: self.rows, cols: self.cols, row_stride: self.row_stride, col_stride: self.col_stride }
     }
 }
 
