@@ -1217,6 +1217,54 @@ mod tests {
         }
     }
 
+    /// A plane's sums (`plane_keep_sums`) against an f64 search of each value's sum, at every
+    /// alignment of the sums and at plane lengths around the 16-value steps, with NaN, infinities,
+    /// -0.0, values off the grid and wide sums among the values: each value with a 16-bit sum gets
+    /// it, the others are listed (with the index base added).
+    #[test]
+    fn plane_sums_are_each_values_sum_at_every_alignment() {
+        let s = 0.0123f32;
+        let r = CounterRng::new(11);
+        let x: Vec<f32> = (0..300)
+            .map(|i| match i % 37 {
+                3 => f32::NAN,
+                5 => f32::INFINITY,
+                7 => -0.0,
+                11 => 0.77,
+                13 => 50000.0 * s,
+                _ => (((r.uniform(i as u64) - 0.5) * 60000.0) as i32) as f32 * s,
+            })
+            .collect();
+        let sum_of = |v: f32| {
+            let near = (v as f64 / s as f64).round();
+            [near - 1.0, near, near + 1.0]
+                .into_iter()
+                .find(|&q| q.abs() <= 32767.0 && (f32::from(q as i16) * s).to_bits() == v.to_bits())
+                .map(|q| q as i16)
+        };
+        let mut checked = (0, 0);
+        for start in 0..32 {
+            for len in [0, 1, 15, 16, 17, 31, 32, 33, 100, 200] {
+                let xs = &x[start..start + len];
+                let mut buf = vec![std::mem::MaybeUninit::new(0i16); 300];
+                let mut others = Vec::new();
+                plane_keep_sums(xs, s, &mut buf[start..start + len], 9, &mut others);
+                let mut want_others = Vec::new();
+                for (i, &v) in xs.iter().enumerate() {
+                    match sum_of(v) {
+                        // SAFETY: the buffer was initialised when made.
+                        Some(q) => assert_eq!(unsafe { buf[start + i].assume_init() }, q, "{start} {len} {i}"),
+                        None => want_others.push((9 + i as u32, v.to_bits())),
+                    }
+                }
+                let got: Vec<_> = others.iter().map(|&(i, v)| (i, v.to_bits())).collect();
+                assert_eq!(got, want_others, "start {start}, len {len}");
+                checked = (checked.0 + len - want_others.len(), checked.1 + want_others.len());
+            }
+        }
+        assert!(checked.0 > 4 * checked.1 && checked.1 > 0, "{checked:?}");
+    }
+
     /// An INT8 convolution's output kept as its 16-bit sums gives the input back bit for bit:
     /// sums that fit, sums beyond 16 bits, values that are no sum times the scale, and a zero
     /// scale (an all-zero input) among them, at planes of odd lengths; the output and the
