@@ -75,14 +75,19 @@ impl Counter {
     }
 }
 
+/// Counts `k` values as handed out, where an output counts them ([`fresh`]'s).
+fn count(handed: Option<&Counter>, k: usize) {
+    if let Some(h) = handed {
+        h.add(k);
+    }
+}
+
 /// Zeroes `c` and returns it as initialised values, counting them in `handed`.
 fn take<'a>(c: &'a mut [MaybeUninit<f32>], handed: Option<&Counter>) -> &'a mut [f32] {
     for v in c.iter_mut() {
         v.write(0.0);
     }
-    if let Some(h) = handed {
-        h.add(c.len());
-    }
+    count(handed, c.len());
     let (ptr, len) = (c.as_mut_ptr(), c.len());
     // SAFETY: every element of `c` was written just above, and `MaybeUninit<f32>` has the layout
     // of `f32`; the result borrows `c`.
@@ -120,9 +125,7 @@ impl<'a> Out<'a> {
     ) -> impl IndexedParallelIterator<Item = &'a mut [MaybeUninit<f32>]> {
         let handed = self.handed;
         self.buf.par_chunks_mut(len.max(1)).map(move |c| {
-            if let Some(h) = handed {
-                h.add(c.len());
-            }
+            count(handed, c.len());
             c
         })
     }
@@ -195,9 +198,7 @@ impl<'a> Fill<'a> {
 
     /// Counts the chunk as written (every value of it was).
     fn done(self) {
-        if let Some(h) = self.handed {
-            h.add(self.buf.len());
-        }
+        count(self.handed, self.buf.len());
     }
 
     /// `out[i] = f(x[i])`; values past the end of `x` (a caller's bug) are zero.

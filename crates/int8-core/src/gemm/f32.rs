@@ -48,8 +48,9 @@ pub(crate) fn gemm_f32_overwrite(
         return Ok(());
     }
     if a.cols == 0 || (par == Parallelism::None && applies(&a, &b)) {
-        // Shapes that no convolution's forward pass makes: zeroed first, as the kernels there
-        // read their output.
+        // An empty reduction, or a product our dot kernels take (in the convolutions, only planes
+        // of one pixel, on the calling thread): those kernels read their output, so it is zeroed
+        // first.
         return gemm_f32(a, b, c.zeroed(), false, par);
     }
     // SAFETY: as in `gemm_f32`; without `read_dst` the `gemm` crate writes `C` and never reads it
