@@ -7,7 +7,7 @@
 //! runs. It does not reach code that others dispatch: the `gemm` crate's FP32 kernels and the
 //! compiler-vectorised elementwise loops (the `multiversion` attribute) keep what the CPU has.
 //!
-//! Values: `avx512` (no cap, the default), `avx-vnni`, `avx2`, `portable`. A binary calls
+//! Values: `amx` (no cap, the default), `avx512`, `avx-vnni`, `avx2`, `portable`. A binary calls
 //! [`check_env`] at start so that a bad value is an error naming the variable; a library user who
 //! skips that gets a panic with the same message on the first dispatch.
 
@@ -29,11 +29,14 @@ pub enum Level {
     AvxVnni,
     /// AVX-512 (F, BW, VL; VNNI and VBMI where the kernel says).
     Avx512,
+    /// AMX (the tile registers and their INT8 dot products, Sapphire Rapids and later), on top of
+    /// AVX-512.
+    Amx,
 }
 
 impl Level {
     /// Every level, smallest first.
-    pub const ALL: [Level; 4] = [Level::Portable, Level::Avx2, Level::AvxVnni, Level::Avx512];
+    pub const ALL: [Level; 5] = [Level::Portable, Level::Avx2, Level::AvxVnni, Level::Avx512, Level::Amx];
 
     /// The name `INT8_TRAIN_CPU` takes.
     pub fn name(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Level {
             Level::Avx2 => "avx2",
             Level::AvxVnni => "avx-vnni",
             Level::Avx512 => "avx512",
+            Level::Amx => "amx",
         }
     }
 
@@ -66,7 +70,7 @@ fn cap() -> &'static std::result::Result<Option<Level>, CoreError> {
         Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(v)) => Err(CoreError::InvalidArgument {
             what: "INT8_TRAIN_CPU",
-            why: format!("{v:?} is not valid unicode; use one of avx512, avx-vnni, avx2, portable"),
+            why: format!("{v:?} is not valid unicode; use one of amx, avx512, avx-vnni, avx2, portable"),
         }),
     })
 }
@@ -95,6 +99,41 @@ pub(crate) fn avx2() -> bool {
     allows(Level::Avx2) && is_x86_feature_detected!("avx2")
 }
 
+/// Whether the kernels may use AMX's INT8 tiles here: the cap allows it, the CPU has AMX-TILE and
+/// AMX-INT8, and Linux let this process use the tile registers. Linux hands out the tiles' 8 KiB of
+/// state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per process, for every thread);
+/// a refusal (an older kernel, a virtual machine that hides the state) leaves AMX off, and the
+/// AVX-512 kernels run as before.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    allows(Level::Amx)
+        && *GRANTED.get_or_init(|| {
+            // CPUID leaf 7, sub-leaf 0: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8 (Intel SDM, vol. 2A).
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx >> 24 & 1 == 0 || edx >> 25 & 1 == 0 {
+                return false;
+            }
+            request_tile_state()
+        })
+}
+
+/// Asks Linux for the AMX tile state (`arch/x86/include/uapi/asm/prctl.h`); true if granted.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: the request only changes which state components this process may use; it takes two
+    // integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+/// Elsewhere AMX stays off: no other system is known to hand out the tile state on request.
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_state() -> bool {
+    false
+}
+
 /// A line for bench tables and logs: the cap, if one is set.
 pub fn describe_cap() -> Option<String> {
     match cap() {
@@ -116,5 +155,6 @@ mod tests {
         let e = Level::parse("avx512vnni").unwrap_err().to_string();
         assert!(e.contains("INT8_TRAIN_CPU") && e.contains("avx2"), "{e}");
         assert!(Level::Portable < Level::Avx2 && Level::Avx2 < Level::AvxVnni && Level::AvxVnni < Level::Avx512);
+        assert!(Level::Avx512 < Level::Amx);
     }
 }

@@ -39,7 +39,10 @@ fn the_cap_holds_the_kernels_to_the_named_level_and_they_stay_exact() {
     assert!(!cpu::allows(Level::AvxVnni));
     let want_path = if has_avx2 { Int8Path::Avx2 } else { Int8Path::Portable };
     assert_eq!(Int8Path::detect(), want_path);
-    assert!(Int8Path::available().iter().all(|p| !matches!(p, Int8Path::Avx512Vnni | Int8Path::AvxVnni)));
+    assert!(
+        Int8Path::available().iter().all(|p| !matches!(p, Int8Path::Amx | Int8Path::Avx512Vnni | Int8Path::AvxVnni))
+    );
+    assert!(!cpu::allows(Level::Amx));
 
     let sq = ConvShape::square;
     let one = [1.0f32];
