@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
 use super::im2col::{LoweredPanels, Lowering};
-use super::{ConvShape, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, weight_grad_run};
+use super::{ConvShape, amx, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, weight_grad_run};
 use crate::error::{CoreError, Result};
 use crate::gemm::{
     Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed, gemm_i8_scaled_packed_from,
@@ -88,11 +88,14 @@ pub fn conv2d_fwd_i8<'y>(path: Int8Path, s: &ConvShape, x: QView, w: QView, y: i
         depthwise::forward(s, x.codes, w.codes, y, scale);
         return Ok(());
     }
+    let row_scales: Vec<f32> = (0..s.c_out).map(scale).collect();
+    if amx::applies(path, s) && path.is_available() {
+        return amx::forward(s, x.codes, w.codes, y, &row_scales);
+    }
     let lower = Lowering::new(s);
     let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
-    let row_scales: Vec<f32> = (0..s.c_out).map(scale).collect();
     // The weight is packed once per group and serves every image of the batch.
     let packed = (0..s.groups)
         .map(|g| {

@@ -8,6 +8,7 @@
 //! H x W, accumulates each image's INT32 partial sums in `i64` so it never overflows.
 //! [`reference`] holds the naive f64 loops that define all of them.
 
+mod amx;
 mod depthwise;
 mod fp32;
 mod im2col;

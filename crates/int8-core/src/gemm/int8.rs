@@ -318,11 +318,11 @@ struct Line([i8; 64]);
 /// from L1 in about 7 cycles, against 39 from rows off the line boundary). A `Vec` of lines keeps
 /// that alignment through clones and growth.
 #[derive(Debug, Clone, Default)]
-struct LineBuf(Vec<Line>);
+pub(crate) struct LineBuf(Vec<Line>);
 
 impl LineBuf {
     /// The first `len` bytes, the buffer grown (with zeros) to hold them.
-    fn bytes_mut(&mut self, len: usize) -> &mut [i8] {
+    pub(crate) fn bytes_mut(&mut self, len: usize) -> &mut [i8] {
         self.grow(len);
         // SAFETY: the lines hold at least `len` initialised bytes, contiguous (`Line` is a
         // `repr(C)` byte array with no padding), and the borrow of `self` covers the slice.
@@ -330,14 +330,14 @@ impl LineBuf {
     }
 
     /// The first `len` bytes (which must have been made by [`LineBuf::bytes_mut`]).
-    fn bytes(&self, len: usize) -> &[i8] {
+    pub(crate) fn bytes(&self, len: usize) -> &[i8] {
         assert!(len <= 64 * self.0.len(), "LineBuf::bytes: {len} bytes asked of {}", 64 * self.0.len());
         // SAFETY: as in `bytes_mut`, for shared reads.
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<i8>(), len) }
     }
 
     /// The first `len` `i32`s, the buffer grown (with zeros) to hold them.
-    fn words_mut(&mut self, len: usize) -> &mut [i32] {
+    pub(crate) fn words_mut(&mut self, len: usize) -> &mut [i32] {
         self.grow(4 * len);
         // SAFETY: as in `bytes_mut`; every bit pattern is an `i32` and a line's 64-byte alignment
         // exceeds an `i32`'s.
@@ -689,7 +689,7 @@ fn widen_codes(src: &[i8], dst: &mut [i8]) {
 
 /// Stores one tile row, less the VNNI correction, dequantized: `dst = (v - c) * scale`.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn store_row_scaled(dst: &mut [MaybeUninit<f32>], row: &[i32], correction: i32, scale: f32) {
+pub(crate) fn store_row_scaled(dst: &mut [MaybeUninit<f32>], row: &[i32], correction: i32, scale: f32) {
     for (d, &v) in dst.iter_mut().zip(row) {
         d.write(v.wrapping_sub(correction) as f32 * scale);
     }
@@ -1054,6 +1054,9 @@ unsafe fn kernel_portable(
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::configure_tiles;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -1131,8 +1134,10 @@ mod x86 {
         }
     }
 
-    /// The tile shapes every AMX kernel call uses, loaded once per thread: palette 1, each of the
-    /// eight tiles 16 rows of 64 bytes (the A tile, two B tiles and two C tiles of `kernel_amx`).
+    /// The tile shapes of the AMX kernels, palette 1: C tiles (`tmm0`-`tmm3`, `tmm5`) 16 rows of 64
+    /// bytes, the A tile (`tmm4`) 16 rows of `4 * b_rows` bytes, the B tiles (`tmm6`, `tmm7`)
+    /// `b_rows` rows of 64 bytes: a product reduces over `4 * b_rows` codes. The GEMM takes
+    /// `b_rows = 16`; the direct convolution one row per group of four input channels.
     #[repr(C, align(64))]
     struct TileConfig {
         palette: u8,
@@ -1142,25 +1147,29 @@ mod x86 {
         rows: [u8; 16],
     }
 
-    /// Loads [`TileConfig`] into this thread's tile state unless it already holds it. The state is
-    /// per thread and kept across context switches; nothing else in the process configures tiles.
+    /// Loads the [`TileConfig`] of `b_rows` (1 to 16) into this thread's tile state unless it
+    /// already holds it. The state is per thread and kept across context switches; nothing else
+    /// in the process configures tiles. Loading a configuration zeroes every tile.
     ///
     /// # Safety
     /// The CPU must support AMX-TILE and Linux must have granted the tile state (`cpu::amx`).
     #[inline]
-    unsafe fn configure_tiles() {
+    pub(crate) unsafe fn configure_tiles(b_rows: usize) {
         thread_local! {
-            static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+            static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         }
-        if CONFIGURED.get() {
+        debug_assert!((1..=16).contains(&b_rows));
+        if LOADED.get() == b_rows {
             return;
         }
-        let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
-        cfg.colsb[..8].fill(64);
-        cfg.rows[..8].fill(16);
+        let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64; 16], rows: [16; 16] };
+        cfg.colsb[8..].fill(0);
+        cfg.rows[8..].fill(0);
+        cfg.colsb[4] = 4 * b_rows as u16;
+        (cfg.rows[6], cfg.rows[7]) = (b_rows as u8, b_rows as u8);
         // SAFETY: `cfg` is a valid 64-byte palette-1 configuration (the caller vouches for AMX).
         unsafe { std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) &cfg, options(nostack, readonly)) };
-        CONFIGURED.set(true);
+        LOADED.set(b_rows);
     }
 
     /// The AMX 16x32 micro-kernel: per 64 of depth, one A tile (16 rows of 64 codes, row-major at
@@ -1190,7 +1199,7 @@ mod x86 {
         // operands it vouched for (the A tile at `s * 64` of each row, the B tiles at rows
         // `16 s .. 16 s + 16`, the C tiles at columns 0-15 and 16-31 of the 16 output rows).
         unsafe {
-            configure_tiles();
+            configure_tiles(16);
             if accumulate {
                 asm!(
                     "tileloadd tmm0, [{c} + {ldc}*1]",
