@@ -53,8 +53,8 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("3x3 s1 p1 6x6, 128 channels (two tiles of 64 channels per tap on AMX)", sq(2, 128, 6, 20, 3, 1, 1)),
         (
-            "5x3 s1 p(2,1), 18 outputs (a partial block of 16 on AMX)",
-            ConvShape { kh: 5, kw: 3, pad: (2, 1), ..sq(2, 6, 7, 18, 3, 1, 1) },
+            "5x3 s1 p(2,1), 40 outputs (on AMX three blocks of 16 at once, the last partial)",
+            ConvShape { kh: 5, kw: 3, pad: (2, 1), ..sq(2, 6, 7, 40, 3, 1, 1) },
         ),
         ("wide reduction", sq(2, 40, 5, 70, 3, 1, 1)),
         ("3x3 s2 p1 even", sq(2, 5, 8, 7, 3, 2, 1)),

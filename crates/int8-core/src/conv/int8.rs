@@ -243,6 +243,9 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         depthwise::weight_grad(s, x.codes, dy.codes, dw, |v| (v as f64 * sc) as f32);
         return Ok(());
     }
+    if amx::applies(path, s) && path.is_available() {
+        return amx::weight_grad(s, x.codes, dy.codes, dw, sc);
+    }
     let lower = Lowering::new(s);
     let p = s.out_plane();
     let par = inner_parallelism(s);

@@ -802,7 +802,16 @@ fn pack_a_panel_rows(a: &MatRef<i8>, i0: usize, rows: usize, k0: usize, kc: usiz
 /// zero padded, every byte XORed with `xor` (`0x80` turns codes into `b + 128` for the VNNI
 /// paths).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn pack_b(b: &MatRef<i8>, k0: usize, kc: usize, j0: usize, ncols: usize, nr: usize, xor: i8, dst: &mut [i8]) {
+pub(crate) fn pack_b(
+    b: &MatRef<i8>,
+    k0: usize,
+    kc: usize,
+    j0: usize,
+    ncols: usize,
+    nr: usize,
+    xor: i8,
+    dst: &mut [i8],
+) {
     if ncols < nr || !kc.is_multiple_of(4) {
         dst.fill(0);
     }
@@ -1134,8 +1143,8 @@ mod x86 {
         }
     }
 
-    /// The tile shapes of the AMX kernels, palette 1: C tiles (`tmm0`-`tmm3`, `tmm5`) 16 rows of 64
-    /// bytes, the A tile (`tmm4`) 16 rows of `4 * b_rows` bytes, the B tiles (`tmm6`, `tmm7`)
+    /// The tile shapes of the AMX kernels, palette 1: C tiles (`tmm0`-`tmm3`) 16 rows of 64 bytes,
+    /// A tiles (`tmm4`, `tmm5`) 16 rows of `4 * b_rows` bytes, B tiles (`tmm6`, `tmm7`)
     /// `b_rows` rows of 64 bytes: a product reduces over `4 * b_rows` codes. The GEMM takes
     /// `b_rows = 16`; the direct convolution one row per group of four input channels.
     #[repr(C, align(64))]
@@ -1165,7 +1174,7 @@ mod x86 {
         let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64; 16], rows: [16; 16] };
         cfg.colsb[8..].fill(0);
         cfg.rows[8..].fill(0);
-        cfg.colsb[4] = 4 * b_rows as u16;
+        (cfg.colsb[4], cfg.colsb[5]) = (4 * b_rows as u16, 4 * b_rows as u16);
         (cfg.rows[6], cfg.rows[7]) = (b_rows as u8, b_rows as u8);
         // SAFETY: `cfg` is a valid 64-byte palette-1 configuration (the caller vouches for AMX).
         unsafe { std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) &cfg, options(nostack, readonly)) };

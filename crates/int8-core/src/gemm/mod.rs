@@ -16,7 +16,7 @@ pub(crate) use self::f32::gemm_f32_overwrite;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::int8::configure_tiles;
 pub use self::int8::{Int8Path, MAX_K_I8, PackedA, gemm_i8, gemm_i8_packed, gemm_i8_scaled, gemm_i8_scaled_packed};
-pub(crate) use self::int8::{LineBuf, PanelSource, gemm_i8_scaled_packed_from, store_row_scaled};
+pub(crate) use self::int8::{LineBuf, PanelSource, gemm_i8_scaled_packed_from, pack_b, store_row_scaled};
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::int8::{interleave4x16, interleave4x32};
 
