@@ -536,7 +536,9 @@ struct BenchOpts<'a> {
 /// An instruction-set cap for the kernels (`int8_core::cpu::Level`, by the same names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum CpuLevel {
-    /// No cap: AVX-512 where the CPU has it.
+    /// No cap: AMX where the CPU and Linux allow it.
+    Amx,
+    /// AVX-512 (with VNNI) but not AMX.
     Avx512,
     /// AVX2 with AVX-VNNI.
     AvxVnni,
@@ -550,6 +552,7 @@ impl CpuLevel {
     /// The name `INT8_TRAIN_CPU` takes.
     fn name(self) -> &'static str {
         match self {
+            CpuLevel::Amx => "amx",
             CpuLevel::Avx512 => "avx512",
             CpuLevel::AvxVnni => "avx-vnni",
             CpuLevel::Avx2 => "avx2",

@@ -3,7 +3,8 @@
 //! The three products of a training step of a conv layer (Zhu et al., CVPR 2020, Sec. 3):
 //! `Y = W * X`, `dX = W^T * dY`, `dW = dY * X^T`. General convolutions lower to GEMMs per image and
 //! group through im2col (skipped for 1x1 stride-1 convolutions); depthwise convolutions run direct
-//! loops ([`depthwise`]). INT8 kernels take quantized codes, multiply them with exact INT32
+//! loops ([`depthwise`]); on AMX, stride-1 INT8 convolutions multiply tiles read straight from
+//! the codes ([`amx`]). INT8 kernels take quantized codes, multiply them with exact INT32
 //! accumulation and apply the scales once at the end; the weight gradient, which sums over batch x
 //! H x W, accumulates each image's INT32 partial sums in `i64` so it never overflows.
 //! [`reference`] holds the naive f64 loops that define all of them.
