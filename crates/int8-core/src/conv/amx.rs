@@ -288,7 +288,7 @@ unsafe fn weight_grad_image(
     panel: &[i8],
     sums: &mut [i32],
 ) {
-    use std::arch::asm;
+    use crate::gemm::amx;
     let wp = s.w + 2 * s.pad.1;
     debug_assert!(xpad.len() >= cp * plane && panel.len() >= qk * cop && sums.len() >= s.kh * s.kw * cp * cop);
     let (lda, ldb, ldc) = (plane, 4 * cop, 4 * cop);
@@ -297,36 +297,18 @@ unsafe fn weight_grad_image(
     // panel (four positions each) from `q0 / 4`, 64 bytes at output channel `32 p` or `32 p + 16`.
     // Writes: the two C tiles of channels `c0 .. c0 + 16`, output channels `32 p .. 32 p + 32`.
     unsafe {
-        crate::gemm::configure_tiles(16);
+        amx::configure_tiles(16);
         for t in 0..s.kh * s.kw {
             let off = (t / s.kw) * wp + t % s.kw;
             for c0 in (0..cp).step_by(16) {
                 for p in 0..cop / 32 {
                     let c = sums.as_mut_ptr().add((t * cp + c0) * cop + 32 * p);
-                    asm!(
-                        "tileloadd tmm0, [{c} + {ldc}*1]",
-                        "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-                        c = in(reg) c, ldc = in(reg) ldc, options(nostack, readonly)
-                    );
+                    amx::load_c2(c, ldc);
                     for q0 in (0..qk).step_by(64) {
-                        asm!(
-                            "tileloadd tmm4, [{a} + {lda}*1]",
-                            "tileloadd tmm6, [{b} + {ldb}*1]",
-                            "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                            "tdpbssd tmm0, tmm4, tmm6",
-                            "tdpbssd tmm1, tmm4, tmm7",
-                            a = in(reg) xpad.as_ptr().add(c0 * plane + q0 + off),
-                            lda = in(reg) lda,
-                            b = in(reg) panel.as_ptr().add((q0 / 4 * cop + 32 * p) * 4),
-                            ldb = in(reg) ldb,
-                            options(nostack, readonly)
-                        );
+                        let b = panel.as_ptr().add((q0 / 4 * cop + 32 * p) * 4);
+                        amx::product2(xpad.as_ptr().add(c0 * plane + q0 + off), lda, b, ldb);
                     }
-                    asm!(
-                        "tilestored [{c} + {ldc}*1], tmm0",
-                        "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                        c = in(reg) c, ldc = in(reg) ldc, options(nostack)
-                    );
+                    amx::store_c2(c, ldc);
                 }
             }
         }
@@ -353,7 +335,7 @@ unsafe fn weight_grad_image(
 /// lies inside it).
 #[cfg(target_arch = "x86_64")]
 unsafe fn block(g: &Geometry, a: &[i8], codes: &[i8], sums: &mut [i32]) {
-    use std::arch::asm;
+    use crate::gemm::amx;
     debug_assert!(a.len() >= g.taps * g.chunks * g.a_tile_len() && codes.len() >= g.image_len());
     debug_assert!(sums.len() >= CO_BLOCK * g.qn);
     let (lda, ldb, ldc) = (4 * g.rows, 4 * g.plane, 4 * g.qn);
@@ -362,33 +344,17 @@ unsafe fn block(g: &Geometry, a: &[i8], codes: &[i8], sums: &mut [i32]) {
     // qn + (kh - 1) * wp + kw - 1 <= plane` ([`Geometry::new`]), so they stay inside `codes`.
     // Writes: the two C tiles of positions `q0 .. q0 + 32` of the 16 rows of `sums`.
     unsafe {
-        crate::gemm::configure_tiles(g.rows);
+        amx::configure_tiles(g.rows);
         for q0 in (0..g.qn).step_by(2 * Q_TILE) {
-            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            amx::zero_c2();
             for t in 0..g.taps {
                 let off = (t / g.kw) * g.wp + t % g.kw;
                 for ch in 0..g.chunks {
-                    asm!(
-                        "tileloadd tmm4, [{a} + {lda}*1]",
-                        "tileloadd tmm6, [{b} + {ldb}*1]",
-                        "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                        "tdpbssd tmm0, tmm4, tmm6",
-                        "tdpbssd tmm1, tmm4, tmm7",
-                        a = in(reg) a.as_ptr().add((t * g.chunks + ch) * g.a_tile_len()),
-                        lda = in(reg) lda,
-                        b = in(reg) codes.as_ptr().add((ch * g.rows * g.plane + q0 + off) * 4),
-                        ldb = in(reg) ldb,
-                        options(nostack, readonly)
-                    );
+                    let b = codes.as_ptr().add((ch * g.rows * g.plane + q0 + off) * 4);
+                    amx::product2(a.as_ptr().add((t * g.chunks + ch) * g.a_tile_len()), lda, b, ldb);
                 }
             }
-            asm!(
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                c = in(reg) sums.as_mut_ptr().add(q0),
-                ldc = in(reg) ldc,
-                options(nostack)
-            );
+            amx::store_c2(sums.as_mut_ptr().add(q0), ldc);
         }
     }
 }
@@ -403,6 +369,7 @@ unsafe fn block(g: &Geometry, a: &[i8], codes: &[i8], sums: &mut [i32]) {
 /// As for [`block`], with `a` holding `nb` blocks' A tiles and `sums` `nb * 16 * g.qn` values.
 #[cfg(target_arch = "x86_64")]
 unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], sums: &mut [i32]) {
+    use crate::gemm::amx;
     use std::arch::asm;
     debug_assert!((2..=MAX_BLOCKS).contains(&nb));
     debug_assert!(a.len() >= nb * g.taps * g.chunks * g.a_tile_len() && codes.len() >= g.image_len());
@@ -429,7 +396,7 @@ unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], sums: &mut [i3
     // and block `k`'s A tiles lie at `k * per_block` of `a`; each store writes the 16 rows of
     // block `k` (rows `16 k ..` of `sums`), positions `q0 .. q0 + 16`.
     unsafe {
-        crate::gemm::configure_tiles(g.rows);
+        amx::configure_tiles(g.rows);
         for q0 in (0..g.qn).step_by(Q_TILE) {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             for t in 0..g.taps {

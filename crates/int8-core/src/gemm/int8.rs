@@ -1063,9 +1063,6 @@ unsafe fn kernel_portable(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::configure_tiles;
-
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -1143,44 +1140,6 @@ mod x86 {
         }
     }
 
-    /// The tile shapes of the AMX kernels, palette 1: C tiles (`tmm0`-`tmm3`) 16 rows of 64 bytes,
-    /// A tiles (`tmm4`, `tmm5`) 16 rows of `4 * b_rows` bytes, B tiles (`tmm6`, `tmm7`)
-    /// `b_rows` rows of 64 bytes: a product reduces over `4 * b_rows` codes. The GEMM takes
-    /// `b_rows = 16`; the direct convolution one row per group of four input channels.
-    #[repr(C, align(64))]
-    struct TileConfig {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
-
-    /// Loads the [`TileConfig`] of `b_rows` (1 to 16) into this thread's tile state unless it
-    /// already holds it. The state is per thread and kept across context switches; nothing else
-    /// in the process configures tiles. Loading a configuration zeroes every tile.
-    ///
-    /// # Safety
-    /// The CPU must support AMX-TILE and Linux must have granted the tile state (`cpu::amx`).
-    #[inline]
-    pub(crate) unsafe fn configure_tiles(b_rows: usize) {
-        thread_local! {
-            static LOADED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-        }
-        debug_assert!((1..=16).contains(&b_rows));
-        if LOADED.get() == b_rows {
-            return;
-        }
-        let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64; 16], rows: [16; 16] };
-        cfg.colsb[8..].fill(0);
-        cfg.rows[8..].fill(0);
-        (cfg.colsb[4], cfg.colsb[5]) = (4 * b_rows as u16, 4 * b_rows as u16);
-        (cfg.rows[6], cfg.rows[7]) = (b_rows as u8, b_rows as u8);
-        // SAFETY: `cfg` is a valid 64-byte palette-1 configuration (the caller vouches for AMX).
-        unsafe { std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) &cfg, options(nostack, readonly)) };
-        LOADED.set(b_rows);
-    }
-
     /// The AMX 16x32 micro-kernel: per 64 of depth, one A tile (16 rows of 64 codes, row-major at
     /// stride `kc4.div_ceil(16) * 64`) times two B tiles (the panel's 32 columns as two halves of
     /// each 128-byte group row) into two C tiles, `tdpbssd` (signed by signed, exact wrapping
@@ -1201,39 +1160,23 @@ mod x86 {
         _corr: *const i32,
         accumulate: bool,
     ) {
-        use std::arch::asm;
+        use crate::gemm::amx;
         let steps = kc4.div_ceil(16);
         let (lda, ldb, ldc) = (steps * 64, 128usize, ldc * 4);
         // SAFETY: the caller's contract covers AMX; every tile read or written lies inside the
         // operands it vouched for (the A tile at `s * 64` of each row, the B tiles at rows
         // `16 s .. 16 s + 16`, the C tiles at columns 0-15 and 16-31 of the 16 output rows).
         unsafe {
-            configure_tiles(16);
+            amx::configure_tiles(16);
             if accumulate {
-                asm!(
-                    "tileloadd tmm0, [{c} + {ldc}*1]",
-                    "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-                    c = in(reg) out, ldc = in(reg) ldc, options(nostack, readonly)
-                );
+                amx::load_c2(out, ldc);
             } else {
-                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                amx::zero_c2();
             }
             for s in 0..steps {
-                asm!(
-                    "tileloadd tmm4, [{a} + {lda}*1]",
-                    "tileloadd tmm6, [{b} + {ldb}*1]",
-                    "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                    "tdpbssd tmm0, tmm4, tmm6",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    a = in(reg) a.add(s * 64), lda = in(reg) lda, b = in(reg) b.add(s * 16 * ldb), ldb = in(reg) ldb,
-                    options(nostack, readonly)
-                );
+                amx::product2(a.add(s * 64), lda, b.add(s * 16 * ldb), ldb);
             }
-            asm!(
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                c = in(reg) out, ldc = in(reg) ldc, options(nostack)
-            );
+            amx::store_c2(out, ldc);
         }
     }
 

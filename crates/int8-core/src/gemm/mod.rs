@@ -6,6 +6,8 @@
 //! with exact INT32 accumulation on our own packed kernels, chosen at run time from the CPU's
 //! instruction sets ([`Int8Path`]). [`reference`] holds the naive loops that define both.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 mod f32;
 mod f32_dot;
 mod int8;
@@ -13,8 +15,7 @@ pub mod reference;
 
 pub use self::f32::gemm_f32;
 pub(crate) use self::f32::gemm_f32_overwrite;
-#[cfg(target_arch = "x86_64")]
-pub(crate) use self::int8::configure_tiles;
+
 pub use self::int8::{Int8Path, MAX_K_I8, PackedA, gemm_i8, gemm_i8_packed, gemm_i8_scaled, gemm_i8_scaled_packed};
 pub(crate) use self::int8::{LineBuf, PanelSource, gemm_i8_scaled_packed_from, pack_b, store_row_scaled};
 #[cfg(target_arch = "x86_64")]
