@@ -53,6 +53,11 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("5x5 to 1x1", sq(2, 2, 5, 3, 5, 1, 0)),
         ("3x3 s1 p1 6x6, 128 channels (two tiles of 64 channels per tap on AMX)", sq(2, 128, 6, 20, 3, 1, 1)),
         (
+            "3x3 s1 p1 48x64 (two bands of rows on AMX, the last shorter)",
+            ConvShape { h: 48, w: 64, ..sq(2, 5, 8, 20, 3, 1, 1) },
+        ),
+        ("3x3 s1 p1 3x2100 (bands of one row on AMX)", ConvShape { h: 3, w: 2100, ..sq(1, 4, 8, 4, 3, 1, 1) }),
+        (
             "5x3 s1 p(2,1), 40 outputs (on AMX three blocks of 16 at once, the last partial)",
             ConvShape { kh: 5, kw: 3, pad: (2, 1), ..sq(2, 6, 7, 40, 3, 1, 1) },
         ),

@@ -30,6 +30,10 @@ const CO_BLOCK: usize = 16;
 const Q_TILE: usize = 16;
 /// Blocks of 16 output channels that [`blocks`] computes at once, one C tile each.
 const MAX_BLOCKS: usize = 4;
+/// About how many output positions one band of rows computes before writing them out: the
+/// sums of a band (64 channels of 2048 positions: 512 KiB) stay in L2, and a detector's 300x300
+/// planes need no sums buffer of the whole plane.
+const BAND: usize = 2048;
 
 /// Whether [`forward`] computes this convolution on `path`: AMX, stride 1, no dilation, one
 /// group, a kernel wider than 1x1 (1x1 convolutions need no im2col on any path), and input
@@ -56,7 +60,11 @@ struct Geometry {
     plane: usize,
     out_h: usize,
     out_w: usize,
-    /// Output positions computed per output channel (`out_h * wp` rounded up to two tiles).
+    /// Output rows per band, and the positions a band computes (its rows' `band * wp` rounded up
+    /// to two tiles): the sums' row length.
+    band: usize,
+    band_q: usize,
+    /// An upper bound on the positions any band computes, from the first row's.
     qn: usize,
     taps: usize,
     kw: usize,
@@ -68,9 +76,12 @@ impl Geometry {
         let c4 = s.c_in.div_ceil(4);
         let rows = c4.min(16);
         let (out_h, out_w, wp) = (s.out_h(), s.out_w(), s.w + 2 * s.pad.1);
-        let qn = (out_h * wp).next_multiple_of(2 * Q_TILE);
-        // The last tile row reads 16 pixels from `qn - 16 + (kh - 1) * wp + kw - 1`; the padded
-        // image (`(out_h + kh - 1) * wp` pixels) lies within that.
+        let band = (BAND / wp).clamp(1, out_h);
+        let band_q = (band * wp).next_multiple_of(2 * Q_TILE);
+        // A band starts at row `oh0 <= out_h - 1`, so no band computes past `qn`; its last tile
+        // row reads 16 pixels from `qn - 16 + (kh - 1) * wp + kw - 1`. The padded image
+        // (`(out_h + kh - 1) * wp` pixels) lies within that too, since `band_q >= wp`.
+        let qn = (out_h - 1) * wp + band_q;
         let plane = (qn + (s.kh - 1) * wp + s.kw).next_multiple_of(16);
         Geometry {
             rows,
@@ -79,6 +90,8 @@ impl Geometry {
             plane,
             out_h,
             out_w,
+            band,
+            band_q,
             qn,
             taps: s.kh * s.kw,
             kw: s.kw,
@@ -181,24 +194,29 @@ pub(crate) fn forward(s: &ConvShape, x: &[i8], w: &[i8], y: Out, scales: &[f32])
         |(codes, sums), (y, x)| {
             let codes = codes.bytes_mut(g.image_len());
             interleave(s, &g, x, codes);
-            let sums = sums.words_mut(MAX_BLOCKS * CO_BLOCK * g.qn);
+            let sums = sums.words_mut(MAX_BLOCKS * CO_BLOCK * g.band_q);
             let per_block = g.taps * g.chunks * g.a_tile_len();
             for b0 in (0..g.co_blocks).step_by(MAX_BLOCKS) {
                 let nb = MAX_BLOCKS.min(g.co_blocks - b0);
-                // SAFETY: `applies` held, so the path (checked available by the caller) has AMX;
-                // the operands have the lengths `Geometry` gives, `a` the blocks' A tiles.
-                unsafe {
-                    if nb == 1 {
-                        block(&g, &a[b0 * per_block..], codes, sums)
-                    } else {
-                        blocks(&g, &a[b0 * per_block..], nb, codes, sums)
-                    }
-                };
-                for r in 0..(nb * CO_BLOCK).min(s.c_out - b0 * CO_BLOCK) {
-                    let co = b0 * CO_BLOCK + r;
-                    for oh in 0..g.out_h {
-                        let dst: &mut [MaybeUninit<f32>] = &mut y[co * out_plane + oh * g.out_w..][..g.out_w];
-                        store_row_scaled(dst, &sums[r * g.qn + oh * g.wp..][..g.out_w], 0, scales[co]);
+                for oh0 in (0..g.out_h).step_by(g.band) {
+                    let q_start = oh0 * g.wp;
+                    // SAFETY: `applies` held, so the path (checked available by the caller) has
+                    // AMX; the operands have the lengths `Geometry` gives, `a` the blocks' A
+                    // tiles, and the band starts at a row of the output.
+                    unsafe {
+                        if nb == 1 {
+                            block(&g, &a[b0 * per_block..], codes, q_start, sums)
+                        } else {
+                            blocks(&g, &a[b0 * per_block..], nb, codes, q_start, sums)
+                        }
+                    };
+                    for r in 0..(nb * CO_BLOCK).min(s.c_out - b0 * CO_BLOCK) {
+                        let co = b0 * CO_BLOCK + r;
+                        for oh in oh0..(oh0 + g.band).min(g.out_h) {
+                            let dst: &mut [MaybeUninit<f32>] = &mut y[co * out_plane + oh * g.out_w..][..g.out_w];
+                            let row = &sums[r * g.band_q + (oh - oh0) * g.wp..][..g.out_w];
+                            store_row_scaled(dst, row, 0, scales[co]);
+                        }
                     }
                 }
             }
@@ -214,15 +232,20 @@ pub(crate) fn forward(s: &ConvShape, x: &[i8], w: &[i8], y: Out, scales: &[f32])
 /// the padded rows: the input's zero-padded planes give the A tiles as they lie (16 channels by 64
 /// positions, at the tap's offset), and the output gradient, its rows padded to `wp` with zeros
 /// (so the wrapped positions add nothing) and packed as GEMM panels (four positions by every
-/// output channel, [`pack_b`]), the B tiles. Each task sums its images in INT32 per tap (one
+/// output channel, [`pack_b`]), the B tiles, a band of rows at a time. Each task sums its images
+/// in INT32 per tap (one
 /// image adds at most `plane * 127^2`, so this many images stay exact) and adds them to the i64
 /// total when it ends.
 pub(crate) fn weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], scale: f64) -> Result<()> {
     let (out_h, out_w, wp) = (s.out_h(), s.out_w(), s.w + 2 * s.pad.1);
     let (taps, cp, cop) = (s.kh * s.kw, s.c_in.next_multiple_of(16), s.c_out.next_multiple_of(32));
-    let qk = (out_h * wp).next_multiple_of(64);
-    // The A tiles of the last step read 64 positions from `qk - 64 + (kh - 1) * wp + kw - 1`.
-    let plane = (qk + (s.kh - 1) * wp + s.kw).next_multiple_of(64);
+    // The output rows are taken in bands of about BAND positions (`qk` computed per band), so
+    // that a band's gradient and its panel stay in L2 whatever the plane.
+    let band = (BAND / wp).clamp(1, out_h);
+    let qk = (band * wp).next_multiple_of(64);
+    // A band starts at row `oh0 <= out_h - 1`; its last step's A tiles read 64 positions from
+    // `oh0 * wp + qk - 64 + (kh - 1) * wp + kw - 1`.
+    let plane = ((out_h - 1) * wp + qk + (s.kh - 1) * wp + s.kw).next_multiple_of(64);
     let sums_len = taps * cp * cop;
     let per_i32 = (i32::MAX as usize / (s.out_plane() * 127 * 127)).max(1);
     let run = super::batch_run(s.n).min(per_i32);
@@ -242,19 +265,27 @@ pub(crate) fn weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], sc
                             .copy_from_slice(&x[(c * s.h + r) * s.w..][..s.w]);
                     }
                 }
-                for co in 0..s.c_out {
-                    for oh in 0..out_h {
-                        dyp[co * qk + oh * wp..][..out_w].copy_from_slice(&dy[(co * out_h + oh) * out_w..][..out_w]);
+                for oh0 in (0..out_h).step_by(band) {
+                    let rows = band.min(out_h - oh0);
+                    for co in 0..s.c_out {
+                        let dst = &mut dyp[co * qk..][..qk];
+                        for r in 0..rows {
+                            dst[r * wp..][..out_w].copy_from_slice(&dy[(co * out_h + oh0 + r) * out_w..][..out_w]);
+                        }
+                        // Past the band's rows (a last band of fewer rows): zeros, not an earlier
+                        // band's codes. The columns past `out_w` of each row are never written.
+                        dst[rows * wp..].fill(0);
                     }
+                    // The band's gradient as a `qk x c_out` matrix (column-major), packed as one
+                    // panel of `cop` columns: each group of four positions holds every output
+                    // channel's four codes, 16 channels per 64 bytes, as B tiles read them.
+                    let b = crate::gemm::MatRef::new(dyp, qk, s.c_out, 1, qk)?;
+                    pack_b(&b, 0, qk, 0, s.c_out, cop, 0, panel);
+                    // SAFETY: `applies` held and the caller checked the path is available (AMX);
+                    // the buffers have the lengths the kernel's contract names, and the band
+                    // starts at an output row.
+                    unsafe { weight_grad_band(s, (plane, qk, cp, cop), xpad, oh0 * wp, panel, sums) };
                 }
-                // The gradient as a `qk x c_out` matrix (column-major), packed as one panel of
-                // `cop` columns: each group of four positions holds every output channel's four
-                // codes, 16 channels per 64 bytes, as B tiles read them.
-                let b = crate::gemm::MatRef::new(dyp, qk, s.c_out, 1, qk)?;
-                pack_b(&b, 0, qk, 0, s.c_out, cop, 0, panel);
-                // SAFETY: `applies` held and the caller checked the path is available (AMX); the
-                // buffers have the lengths the kernel's contract names.
-                unsafe { weight_grad_image(s, (plane, qk, cp, cop), xpad, panel, sums) };
             }
             let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
             for co in 0..s.c_out {
@@ -274,17 +305,19 @@ pub(crate) fn weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], sc
     Ok(())
 }
 
-/// Adds one image's weight-gradient sums to `sums` (`[tap][cp channels][cop output channels]`).
+/// Adds one band's weight-gradient sums (its `qk` positions from `q_start`) to `sums`
+/// (`[tap][cp channels][cop output channels]`).
 ///
 /// # Safety
 /// AMX granted (`cpu::amx`); `xpad` holds `cp` planes of `plane` bytes, `panel` `qk * cop`
-/// bytes (`qk` and `plane` multiples of 64 with `plane >= qk + (kh - 1) * wp + kw - 1`), `sums`
-/// `kh * kw * cp * cop` values; `cp` a multiple of 16, `cop` of 32.
+/// bytes (`qk` and `plane` multiples of 64 with `plane >= q_start + qk + (kh - 1) * wp + kw -
+/// 1`), `sums` `kh * kw * cp * cop` values; `cp` a multiple of 16, `cop` of 32.
 #[cfg(target_arch = "x86_64")]
-unsafe fn weight_grad_image(
+unsafe fn weight_grad_band(
     s: &ConvShape,
     (plane, qk, cp, cop): (usize, usize, usize, usize),
     xpad: &[i8],
+    q_start: usize,
     panel: &[i8],
     sums: &mut [i32],
 ) {
@@ -292,9 +325,11 @@ unsafe fn weight_grad_image(
     let wp = s.w + 2 * s.pad.1;
     debug_assert!(xpad.len() >= cp * plane && panel.len() >= qk * cop && sums.len() >= s.kh * s.kw * cp * cop);
     let (lda, ldb, ldc) = (plane, 4 * cop, 4 * cop);
+    debug_assert!(q_start + qk + (s.kh - 1) * wp + s.kw - 1 <= plane);
     // SAFETY: the caller's contract covers AMX. Reads: an A tile is 16 planes' 64 bytes from
-    // `q0 + off <= qk - 64 + (kh - 1) * wp + kw - 1`, inside each plane; a B tile 16 rows of the
-    // panel (four positions each) from `q0 / 4`, 64 bytes at output channel `32 p` or `32 p + 16`.
+    // `q_start + q0 + off <= q_start + qk - 64 + (kh - 1) * wp + kw - 1`, inside each plane; a B
+    // tile 16 rows of the panel (four positions each) from `q0 / 4`, 64 bytes at output channel
+    // `32 p` or `32 p + 16`.
     // Writes: the two C tiles of channels `c0 .. c0 + 16`, output channels `32 p .. 32 p + 32`.
     unsafe {
         amx::configure_tiles(16);
@@ -306,7 +341,7 @@ unsafe fn weight_grad_image(
                     amx::load_c2(c, ldc);
                     for q0 in (0..qk).step_by(64) {
                         let b = panel.as_ptr().add((q0 / 4 * cop + 32 * p) * 4);
-                        amx::product2(xpad.as_ptr().add(c0 * plane + q0 + off), lda, b, ldb);
+                        amx::product2(xpad.as_ptr().add(c0 * plane + q_start + q0 + off), lda, b, ldb);
                     }
                     amx::store_c2(c, ldc);
                 }
@@ -317,40 +352,43 @@ unsafe fn weight_grad_image(
 
 /// Elsewhere no path is AMX, so [`applies`] never holds.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn weight_grad_image(
+unsafe fn weight_grad_band(
     _s: &ConvShape,
     _geometry: (usize, usize, usize, usize),
     _xpad: &[i8],
+    _q_start: usize,
     _panel: &[i8],
     _sums: &mut [i32],
 ) {
     unreachable!("AMX exists on x86-64 only")
 }
 
-/// One block of 16 output channels of one image: `sums[r][q]` for every computed position `q`.
+/// One block of 16 output channels of one image, over the band of positions from `q_start`:
+/// `sums[r][q - q_start]` for each of the band's `g.band_q` positions.
 ///
 /// # Safety
 /// AMX granted (`cpu::amx`); `a` holds the block's `taps * chunks` A tiles, `codes` one image's
-/// interleaved codes and `sums` `16 * g.qn` values (its rows `g.qn` apart, so every tile store
-/// lies inside it).
+/// interleaved codes, `q_start` is `oh0 * g.wp` for an output row `oh0`, and `sums` holds `16 *
+/// g.band_q` values (its rows `g.band_q` apart, so every tile store lies inside it).
 #[cfg(target_arch = "x86_64")]
-unsafe fn block(g: &Geometry, a: &[i8], codes: &[i8], sums: &mut [i32]) {
+unsafe fn block(g: &Geometry, a: &[i8], codes: &[i8], q_start: usize, sums: &mut [i32]) {
     use crate::gemm::amx;
     debug_assert!(a.len() >= g.taps * g.chunks * g.a_tile_len() && codes.len() >= g.image_len());
-    debug_assert!(sums.len() >= CO_BLOCK * g.qn);
-    let (lda, ldb, ldc) = (4 * g.rows, 4 * g.plane, 4 * g.qn);
+    debug_assert!(sums.len() >= CO_BLOCK * g.band_q && q_start + g.band_q <= g.qn);
+    let (lda, ldb, ldc) = (4 * g.rows, 4 * g.plane, 4 * g.band_q);
     // SAFETY: the caller's contract covers AMX. Reads: each A tile lies inside `a`; a B tile's
-    // rows start at pixel `q0 + off` (+16) of planes `ch * rows ..+ rows`, and `q0 + 32 + off <=
-    // qn + (kh - 1) * wp + kw - 1 <= plane` ([`Geometry::new`]), so they stay inside `codes`.
-    // Writes: the two C tiles of positions `q0 .. q0 + 32` of the 16 rows of `sums`.
+    // rows start at pixel `q_start + q0 + off` (+16) of planes `ch * rows ..+ rows`, and
+    // `q_start + q0 + 32 + off <= qn + (kh - 1) * wp + kw - 1 <= plane` ([`Geometry::new`]), so
+    // they stay inside `codes`. Writes: the two C tiles of band positions `q0 .. q0 + 32` of the
+    // 16 rows of `sums`.
     unsafe {
         amx::configure_tiles(g.rows);
-        for q0 in (0..g.qn).step_by(2 * Q_TILE) {
+        for q0 in (0..g.band_q).step_by(2 * Q_TILE) {
             amx::zero_c2();
             for t in 0..g.taps {
                 let off = (t / g.kw) * g.wp + t % g.kw;
                 for ch in 0..g.chunks {
-                    let b = codes.as_ptr().add((ch * g.rows * g.plane + q0 + off) * 4);
+                    let b = codes.as_ptr().add((ch * g.rows * g.plane + q_start + q0 + off) * 4);
                     amx::product2(a.as_ptr().add((t * g.chunks + ch) * g.a_tile_len()), lda, b, ldb);
                 }
             }
@@ -366,15 +404,15 @@ unsafe fn block(g: &Geometry, a: &[i8], codes: &[i8], sums: &mut [i32]) {
 /// block, against 0.66-0.78 ms for the GEMM path from im2col panels.
 ///
 /// # Safety
-/// As for [`block`], with `a` holding `nb` blocks' A tiles and `sums` `nb * 16 * g.qn` values.
+/// As for [`block`], with `a` holding `nb` blocks' A tiles and `sums` `nb * 16 * g.band_q` values.
 #[cfg(target_arch = "x86_64")]
-unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], sums: &mut [i32]) {
+unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], q_start: usize, sums: &mut [i32]) {
     use crate::gemm::amx;
     use std::arch::asm;
     debug_assert!((2..=MAX_BLOCKS).contains(&nb));
     debug_assert!(a.len() >= nb * g.taps * g.chunks * g.a_tile_len() && codes.len() >= g.image_len());
-    debug_assert!(sums.len() >= nb * CO_BLOCK * g.qn);
-    let (lda, ldb, ldc) = (4 * g.rows, 4 * g.plane, 4 * g.qn);
+    debug_assert!(sums.len() >= nb * CO_BLOCK * g.band_q && q_start + g.band_q <= g.qn);
+    let (lda, ldb, ldc) = (4 * g.rows, 4 * g.plane, 4 * g.band_q);
     let per_block = g.taps * g.chunks * g.a_tile_len();
     // One `tdpbssd` into C tile `k` (`tmm0`-`tmm3`), A alternating between `tmm4` and `tmm5` so
     // that the next block's A loads while this one multiplies.
@@ -397,14 +435,14 @@ unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], sums: &mut [i3
     // block `k` (rows `16 k ..` of `sums`), positions `q0 .. q0 + 16`.
     unsafe {
         amx::configure_tiles(g.rows);
-        for q0 in (0..g.qn).step_by(Q_TILE) {
+        for q0 in (0..g.band_q).step_by(Q_TILE) {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
             for t in 0..g.taps {
                 let off = (t / g.kw) * g.wp + t % g.kw;
                 for ch in 0..g.chunks {
                     asm!(
                         "tileloadd tmm6, [{b} + {ldb}*1]",
-                        b = in(reg) codes.as_ptr().add((ch * g.rows * g.plane + q0 + off) * 4),
+                        b = in(reg) codes.as_ptr().add((ch * g.rows * g.plane + q_start + q0 + off) * 4),
                         ldb = in(reg) ldb,
                         options(nostack, readonly)
                     );
@@ -420,7 +458,7 @@ unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], sums: &mut [i3
                 }
             }
             let base = sums.as_mut_ptr();
-            let c = |k: usize| base.add(k * CO_BLOCK * g.qn + q0);
+            let c = |k: usize| base.add(k * CO_BLOCK * g.band_q + q0);
             store!("tmm0", c(0));
             store!("tmm1", c(1));
             if nb > 2 {
@@ -435,13 +473,13 @@ unsafe fn blocks(g: &Geometry, a: &[i8], nb: usize, codes: &[i8], sums: &mut [i3
 
 /// Elsewhere no path is AMX, so [`applies`] never holds.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn blocks(_g: &Geometry, _a: &[i8], _nb: usize, _codes: &[i8], _sums: &mut [i32]) {
+unsafe fn blocks(_g: &Geometry, _a: &[i8], _nb: usize, _codes: &[i8], _q_start: usize, _sums: &mut [i32]) {
     unreachable!("AMX exists on x86-64 only")
 }
 
 /// Elsewhere no path is AMX, so [`applies`] never holds.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block(_g: &Geometry, _a: &[i8], _codes: &[i8], _sums: &mut [i32]) {
+unsafe fn block(_g: &Geometry, _a: &[i8], _codes: &[i8], _q_start: usize, _sums: &mut [i32]) {
     unreachable!("AMX exists on x86-64 only")
 }
 
@@ -466,15 +504,22 @@ mod tests {
     #[test]
     fn the_layout_reads_stay_inside_the_plane() {
         let sq = ConvShape::square;
-        for s in
-            [sq(1, 16, 32, 16, 3, 1, 1), sq(1, 64, 8, 64, 3, 1, 1), sq(1, 5, 7, 3, 5, 1, 0), sq(1, 4, 3, 4, 3, 1, 2)]
-        {
+        for s in [
+            sq(1, 16, 32, 16, 3, 1, 1),
+            sq(1, 64, 8, 64, 3, 1, 1),
+            sq(1, 5, 7, 3, 5, 1, 0),
+            sq(1, 4, 3, 4, 3, 1, 2),
+            sq(1, 64, 300, 64, 3, 1, 1),
+            sq(1, 3, 71, 4, 3, 1, 1),
+        ] {
             let g = Geometry::new(&s);
-            // The last B tile row starts at the last pair's second tile plus the widest offset.
-            let last = g.qn - Q_TILE + (s.kh - 1) * g.wp + s.kw - 1;
-            assert!(last + Q_TILE <= g.plane, "{s:?}");
-            assert!((s.h + 2 * s.pad.0) * g.wp <= g.plane && g.out_h * g.wp <= g.qn, "{s:?}");
-            assert!(g.plane.is_multiple_of(16) && g.qn.is_multiple_of(2 * Q_TILE));
+            // The last band's last B tile row starts at its last tile plus the widest offset.
+            let last_band = (g.out_h - 1) / g.band * g.band;
+            let last = last_band * g.wp + g.band_q - Q_TILE + (s.kh - 1) * g.wp + s.kw - 1;
+            assert!(last + Q_TILE <= g.plane && last_band * g.wp + g.band_q <= g.qn, "{s:?}");
+            assert!((s.h + 2 * s.pad.0) * g.wp <= g.plane, "{s:?}");
+            assert!(g.band * g.wp <= g.band_q && g.band_q.is_multiple_of(2 * Q_TILE), "{s:?}");
+            assert!(g.plane.is_multiple_of(16));
         }
     }
 }
