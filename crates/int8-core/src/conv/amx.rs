@@ -35,6 +35,12 @@ const MAX_BLOCKS: usize = 4;
 /// planes need no sums buffer of the whole plane.
 const BAND: usize = 2048;
 
+/// Output rows per band: about [`BAND`] positions of rows `wp` wide, at least one row, at most
+/// all of them.
+fn band_rows(out_h: usize, wp: usize) -> usize {
+    (BAND / wp).clamp(1, out_h)
+}
+
 /// Whether [`forward`] computes this convolution on `path`: AMX, stride 1, no dilation, one
 /// group, a kernel wider than 1x1 (1x1 convolutions need no im2col on any path), and input
 /// channels in groups of four that fill one tile's rows or a whole number of them (up to 64, or a
@@ -76,7 +82,7 @@ impl Geometry {
         let c4 = s.c_in.div_ceil(4);
         let rows = c4.min(16);
         let (out_h, out_w, wp) = (s.out_h(), s.out_w(), s.w + 2 * s.pad.1);
-        let band = (BAND / wp).clamp(1, out_h);
+        let band = band_rows(out_h, wp);
         let band_q = (band * wp).next_multiple_of(2 * Q_TILE);
         // A band starts at row `oh0 <= out_h - 1`, so no band computes past `qn`; its last tile
         // row reads 16 pixels from `qn - 16 + (kh - 1) * wp + kw - 1`. The padded image
@@ -232,62 +238,66 @@ pub(crate) fn forward(s: &ConvShape, x: &[i8], w: &[i8], y: Out, scales: &[f32])
 /// the padded rows: the input's zero-padded planes give the A tiles as they lie (16 channels by 64
 /// positions, at the tap's offset), and the output gradient, its rows padded to `wp` with zeros
 /// (so the wrapped positions add nothing) and packed as GEMM panels (four positions by every
-/// output channel, [`pack_b`]), the B tiles, a band of rows at a time. Each task sums its images
-/// in INT32 per tap (one
-/// image adds at most `plane * 127^2`, so this many images stay exact) and adds them to the i64
-/// total when it ends.
+/// output channel, [`pack_b`]), the B tiles, a band of rows at a time. Each run of images is
+/// summed in INT32 per tap, then added to the i64 total ([`super::int8::weight_grad_in_runs`]).
 pub(crate) fn weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], scale: f64) -> Result<()> {
     let (out_h, out_w, wp) = (s.out_h(), s.out_w(), s.w + 2 * s.pad.1);
     let (taps, cp, cop) = (s.kh * s.kw, s.c_in.next_multiple_of(16), s.c_out.next_multiple_of(32));
-    // The output rows are taken in bands of about BAND positions (`qk` computed per band), so
-    // that a band's gradient and its panel stay in L2 whatever the plane.
-    let band = (BAND / wp).clamp(1, out_h);
+    // The output rows are taken in bands (`qk` positions computed per band), so that a band's
+    // gradient and its panel stay in L2 whatever the plane.
+    let band = band_rows(out_h, wp);
     let qk = (band * wp).next_multiple_of(64);
     // A band starts at row `oh0 <= out_h - 1`; its last step's A tiles read 64 positions from
     // `oh0 * wp + qk - 64 + (kh - 1) * wp + kw - 1`.
     let plane = ((out_h - 1) * wp + qk + (s.kh - 1) * wp + s.kw).next_multiple_of(64);
-    let sums_len = taps * cp * cop;
-    let per_i32 = (i32::MAX as usize / (s.out_plane() * 127 * 127)).max(1);
-    let run = super::batch_run(s.n).min(per_i32);
-    let (x_len, y_len) = (s.c_in * s.h * s.w, s.c_out * s.out_plane());
-    let total = std::sync::Mutex::new(vec![0i64; s.w_len()]);
-    x.par_chunks(run * x_len).zip(dy.par_chunks(run * y_len)).try_for_each_init(
-        || (LineBuf::default(), LineBuf::default(), vec![0i8; s.c_out * qk], LineBuf::default()),
-        |(xpad, panel, dyp, sums), (xs, dys)| {
-            let xpad = xpad.bytes_mut(cp * plane);
-            let panel = panel.bytes_mut(qk * cop);
-            let sums = sums.words_mut(sums_len);
-            sums.fill(0);
-            for (x, dy) in xs.chunks_exact(x_len).zip(dys.chunks_exact(y_len)) {
-                for c in 0..s.c_in {
-                    for r in 0..s.h {
-                        xpad[c * plane + (s.pad.0 + r) * wp + s.pad.1..][..s.w]
-                            .copy_from_slice(&x[(c * s.h + r) * s.w..][..s.w]);
-                    }
-                }
-                for oh0 in (0..out_h).step_by(band) {
-                    let rows = band.min(out_h - oh0);
-                    for co in 0..s.c_out {
-                        let dst = &mut dyp[co * qk..][..qk];
-                        for r in 0..rows {
-                            dst[r * wp..][..out_w].copy_from_slice(&dy[(co * out_h + oh0 + r) * out_w..][..out_w]);
-                        }
-                        // Past the band's rows (a last band of fewer rows): zeros, not an earlier
-                        // band's codes. The columns past `out_w` of each row are never written.
-                        dst[rows * wp..].fill(0);
-                    }
-                    // The band's gradient as a `qk x c_out` matrix (column-major), packed as one
-                    // panel of `cop` columns: each group of four positions holds every output
-                    // channel's four codes, 16 channels per 64 bytes, as B tiles read them.
-                    let b = crate::gemm::MatRef::new(dyp, qk, s.c_out, 1, qk)?;
-                    pack_b(&b, 0, qk, 0, s.c_out, cop, 0, panel);
-                    // SAFETY: `applies` held and the caller checked the path is available (AMX);
-                    // the buffers have the lengths the kernel's contract names, and the band
-                    // starts at an output row.
-                    unsafe { weight_grad_band(s, (plane, qk, cp, cop), xpad, oh0 * wp, panel, sums) };
+    let x_len = s.c_in * s.h * s.w;
+    let sum_run = |(xpad, panel, dyp, sums): &mut (LineBuf, LineBuf, Vec<i8>, LineBuf), xs: &[i8], dys: &[i8]| {
+        let xpad = xpad.bytes_mut(cp * plane);
+        let panel = panel.bytes_mut(qk * cop);
+        let sums = sums.words_mut(taps * cp * cop);
+        sums.fill(0);
+        for (x, dy) in xs.chunks_exact(x_len).zip(dys.chunks_exact(s.c_out * s.out_plane())) {
+            for c in 0..s.c_in {
+                for r in 0..s.h {
+                    xpad[c * plane + (s.pad.0 + r) * wp + s.pad.1..][..s.w]
+                        .copy_from_slice(&x[(c * s.h + r) * s.w..][..s.w]);
                 }
             }
-            let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
+            for oh0 in (0..out_h).step_by(band) {
+                let rows = band.min(out_h - oh0);
+                for co in 0..s.c_out {
+                    let dst = &mut dyp[co * qk..][..qk];
+                    for r in 0..rows {
+                        dst[r * wp..][..out_w].copy_from_slice(&dy[(co * out_h + oh0 + r) * out_w..][..out_w]);
+                    }
+                    // Past the band's rows (a last band of fewer rows): zeros, not an earlier
+                    // band's codes. The columns past `out_w` of each row are never written.
+                    dst[rows * wp..].fill(0);
+                }
+                // The band's gradient as a `qk x c_out` matrix (column-major), packed as one
+                // panel of `cop` columns: each group of four positions holds every output
+                // channel's four codes, 16 channels per 64 bytes, as B tiles read them.
+                let b = crate::gemm::MatRef::new(dyp, qk, s.c_out, 1, qk)?;
+                pack_b(&b, 0, qk, 0, s.c_out, cop, 0, panel);
+                // SAFETY: `applies` held and the caller checked the path is available (AMX);
+                // the buffers have the lengths the kernel's contract names, and the band
+                // starts at an output row.
+                unsafe { weight_grad_band(s, (plane, qk, cp, cop), xpad, oh0 * wp, panel, sums) };
+            }
+        }
+        Ok(())
+    };
+    super::int8::weight_grad_in_runs(
+        s,
+        (x, dy),
+        dw,
+        scale,
+        || (LineBuf::default(), LineBuf::default(), vec![0i8; s.c_out * qk], LineBuf::default()),
+        sum_run,
+        |(_, _, _, sums), total| {
+            // The run's sums are `[tap][cp channels][cop output channels]`; `dw` is
+            // `[co][c][tap]`.
+            let sums = sums.words(taps * cp * cop);
             for co in 0..s.c_out {
                 for c in 0..s.c_in {
                     for t in 0..taps {
@@ -295,14 +305,8 @@ pub(crate) fn weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], sc
                     }
                 }
             }
-            Ok::<_, crate::error::CoreError>(())
         },
-    )?;
-    let total = total.into_inner().unwrap_or_else(|e| e.into_inner());
-    for (o, &v) in dw.iter_mut().zip(&total) {
-        *o = (v as f64 * scale) as f32;
-    }
-    Ok(())
+    )
 }
 
 /// Adds one band's weight-gradient sums (its `qk` positions from `q_start`) to `sums`

@@ -247,29 +247,51 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         return amx::weight_grad(s, x.codes, dy.codes, dw, sc);
     }
     let lower = Lowering::new(s);
-    let p = s.out_plane();
     let par = inner_parallelism(s);
     let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
-    // One image adds at most `plane * 127^2` to each sum, so this many images add up exactly in
-    // INT32 (the GEMM accumulates them in place); each task's INT32 sums are widened into the i64
-    // total when it ends. At 32x32 planes that is 130 images, more than a task takes.
+    weight_grad_in_runs(
+        s,
+        (x.codes, dy.codes),
+        dw,
+        sc,
+        || (vec![0i8; col_len], vec![0i32; s.w_len()]),
+        |(col, acc), xs, dys| {
+            // The GEMM accumulates the run's images in place, the first overwriting.
+            weight_grad_run(s, &lower, (xs, dys), col, acc, |a, b, c, accumulate| {
+                gemm_i8(path, a, b, c, accumulate, par)
+            })
+        },
+        |(_, acc), total| widen_add(total, acc),
+    )
+}
+
+/// The batch loop of an INT8 weight gradient: `dw = scale * sum over the batch`, each sum exact.
+/// The images go in runs, one per task: `sum_run` sums a run's images (whole images, one after
+/// the other) into its state's INT32 sums, and `widen` adds those to the i64 total (in `dw`'s
+/// layout) when the run ends. One image adds at most `plane * 127^2` to each sum, so a run is
+/// never longer than INT32 holds exactly (at 32x32 planes, 130 images: more than a task takes).
+pub(super) fn weight_grad_in_runs<S: Send>(
+    s: &ConvShape,
+    (x, dy): (&[i8], &[i8]),
+    dw: &mut [f32],
+    scale: f64,
+    init: impl Fn() -> S + Sync + Send,
+    sum_run: impl Fn(&mut S, &[i8], &[i8]) -> Result<()> + Sync + Send,
+    widen: impl Fn(&S, &mut [i64]) + Sync + Send,
+) -> Result<()> {
+    let p = s.out_plane();
     let per_i32 = (i32::MAX as usize / (p * 127 * 127)).max(1);
     let run = batch_run(s.n).min(per_i32);
     let (x_len, y_len) = (s.c_in * s.in_plane(), s.c_out * p);
     let total = std::sync::Mutex::new(vec![0i64; s.w_len()]);
-    x.codes.par_chunks(run * x_len).zip(dy.codes.par_chunks(run * y_len)).try_for_each_init(
-        || (vec![0i8; col_len], vec![0i32; s.w_len()]),
-        |(col, acc), (xs, dys)| {
-            weight_grad_run(s, &lower, (xs, dys), col, acc, |a, b, c, accumulate| {
-                gemm_i8(path, a, b, c, accumulate, par)
-            })?;
-            widen_add(&mut total.lock().unwrap_or_else(|e| e.into_inner()), acc);
-            Ok::<_, CoreError>(())
-        },
-    )?;
+    x.par_chunks(run * x_len).zip(dy.par_chunks(run * y_len)).try_for_each_init(init, |state, (xs, dys)| {
+        sum_run(state, xs, dys)?;
+        widen(state, &mut total.lock().unwrap_or_else(|e| e.into_inner()));
+        Ok::<_, CoreError>(())
+    })?;
     let total = total.into_inner().unwrap_or_else(|e| e.into_inner());
     for (o, &v) in dw.iter_mut().zip(&total) {
-        *o = (v as f64 * sc) as f32;
+        *o = (v as f64 * scale) as f32;
     }
     Ok(())
 }

@@ -344,6 +344,13 @@ impl LineBuf {
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<i32>(), len) }
     }
 
+    /// The first `len` `i32`s (which must have been made by [`LineBuf::words_mut`]).
+    pub(crate) fn words(&self, len: usize) -> &[i32] {
+        assert!(4 * len <= 64 * self.0.len(), "LineBuf::words: {len} values asked of {}", 16 * self.0.len());
+        // SAFETY: as in `words_mut`, for shared reads.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<i32>(), len) }
+    }
+
     fn grow(&mut self, bytes: usize) {
         if self.0.len() * 64 < bytes {
             self.0.resize(bytes.div_ceil(64), Line([0; 64]));
