@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    quantize_subsample, strided_pointwise, upsample,
+    quantize_subsample_with_clip, strided_pointwise,
 };
 use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
@@ -198,8 +198,7 @@ const PARTS: [&str; 6] = ["quantize x", "quantize w", "forward", "dsgc + q(dy)",
 /// steps and is not part of a step here). max|X| comes with X, as in training, where the op that
 /// writes a convolution's input (batch norm, add, ReLU) finds it on the way at both precisions.
 /// A strided 1x1 convolution works in INT8 on its input's subsample (only that is quantized, at
-/// the subsample's own largest magnitude, found while gathering it), with the input gradient
-/// placed back; FP32 reads in place.
+/// X's scale), with the input gradient placed back; FP32 reads in place.
 struct LayerWork {
     s: ConvShape,
     /// The shape the INT8 kernels run: `s`, or the stride-1 shape over the subsample.
@@ -215,7 +214,6 @@ struct LayerWork {
     y: Vec<f32>,
     dx: Vec<f32>,
     dw: Vec<f32>,
-    dx_sub: Vec<f32>,
 }
 
 impl LayerWork {
@@ -239,7 +237,6 @@ impl LayerWork {
             y: vec![0f32; s.y_len()],
             dx: vec![0f32; s.x_len()],
             dw: vec![0f32; s.w_len()],
-            dx_sub: vec![0f32; if pointwise.is_some() { k.x_len() } else { 0 }],
         })
     }
 
@@ -259,7 +256,7 @@ impl LayerWork {
     fn int8(&mut self, lap: &mut impl FnMut(usize)) -> Result<()> {
         let (s, k, path) = (&self.s, &self.k, self.path);
         let xq = if self.pointwise {
-            quantize_subsample("x", s, &self.x)?
+            quantize_subsample_with_clip("x", s, &self.x, self.x_max)?
         } else {
             quantize_with_clip("x", &self.x, self.x_max, Rounding::Nearest)?
         };
@@ -270,12 +267,8 @@ impl LayerWork {
         lap(2);
         let (dyq, _) = self.clip.quantize("dy", &self.dy, Rounding::Nearest)?;
         lap(3);
-        if self.pointwise {
-            conv2d_dx_i8(path, k, (&wq).into(), (&dyq).into(), &mut self.dx_sub)?;
-            upsample(s, &self.dx_sub, &mut self.dx);
-        } else {
-            conv2d_dx_i8(path, k, (&wq).into(), (&dyq).into(), &mut self.dx)?;
-        }
+        // A strided 1x1 convolution's kernel places its gradient back itself.
+        conv2d_dx_i8(path, s, (&wq).into(), (&dyq).into(), &mut self.dx)?;
         lap(4);
         conv2d_dw_i8(path, k, (&xq).into(), (&dyq).into(), &mut self.dw)?;
         lap(5);

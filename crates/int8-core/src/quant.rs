@@ -172,7 +172,7 @@ impl PassStats {
 /// lanes, carried in f64 every 1024 values), so the distance costs no pass of its own. `clip <= 0`
 /// maps everything to zero.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn quantize_slice<const TERMS: bool>(
+pub(crate) fn quantize_slice<const TERMS: bool>(
     x: &[f32],
     clip: f32,
     rounding: Rounding,

@@ -6,7 +6,7 @@ use common::{codes, f64s, floats};
 
 use int8_core::conv::{
     ConvShape, QView, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    quantize_subsample, reference, strided_pointwise, subsample, upsample,
+    quantize_subsample, quantize_subsample_with_clip, reference, strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::rng::CounterRng;
@@ -66,6 +66,15 @@ fn shapes() -> Vec<(&'static str, ConvShape)> {
         ("3x3 s2 p1, rows longer than one vector (71 wide)", sq(1, 2, 71, 3, 3, 2, 1)),
         ("3x3 s2 p1, even rows longer than one vector (70 wide)", sq(1, 2, 70, 3, 3, 2, 1)),
         ("1x1 s2 even (the split input is the operand)", sq(2, 3, 8, 4, 1, 2, 0)),
+        ("1x1 s2 16x16, 16->32 (ResNet-20's shortcut)", sq(2, 16, 16, 32, 1, 2, 0)),
+        (
+            "1x1 8x8, 20->16 (AMX dW: the gradient's rows read in place, a partial block of inputs)",
+            sq(3, 20, 8, 16, 1, 1, 0),
+        ),
+        (
+            "1x1 8x16, 40->32 (AMX dW: two blocks each way, rows of two tiles)",
+            ConvShape { h: 8, w: 16, ..sq(2, 40, 8, 32, 1, 1, 0) },
+        ),
         ("planes of 576 pixels (one image per weight-gradient GEMM)", sq(3, 2, 24, 3, 3, 1, 1)),
         (
             "1x1 groups 2 over 16x16 planes (FP32 weight gradients as dot products along the plane)",
@@ -145,7 +154,8 @@ fn int8_forward_and_gradients_are_exact_on_every_path() {
 }
 
 /// A strided 1x1 convolution is its subsample followed by a stride-1 one: forward, input gradient
-/// (placed back, zero at the pixels never read) and weight gradient, in INT8 exactly and in f64.
+/// (placed back, zero at the pixels never read, by `upsample` and by the strided shape's own
+/// kernel) and weight gradient, in INT8 exactly and in f64.
 #[test]
 fn strided_pointwise_is_a_subsample_then_a_pointwise_convolution() {
     let sq = ConvShape::square;
@@ -177,6 +187,10 @@ fn strided_pointwise_is_a_subsample_then_a_pointwise_convolution() {
         let mut dx = vec![f32::NAN; s.x_len()];
         upsample(&s, &dx_sub, &mut dx);
         assert_eq!(f64s(&dx), reference::conv2d_dx(&s, &wd, &dyd), "{s:?} dx");
+        // The kernel of the strided shape places its gradient itself, every pixel written.
+        let mut placed = vec![f32::NAN; s.x_len()];
+        conv2d_dx_i8(path, &s, wq, dyq, &mut placed).unwrap();
+        assert_eq!(placed, dx, "{s:?} dx placed by the kernel");
         let mut dw = vec![f32::NAN; s.w_len()];
         conv2d_dw_i8(path, &p, xq, dyq, &mut dw).unwrap();
         assert_eq!(f64s(&dw), reference::conv2d_dw(&s, &xd, &dyd), "{s:?} dw");
@@ -184,11 +198,12 @@ fn strided_pointwise_is_a_subsample_then_a_pointwise_convolution() {
 }
 
 /// The codes of a strided 1x1 convolution's input, made straight from X, are those of quantizing
-/// its subsample: codes, scale and saturation count, for strides 2 and 3 and odd sizes; a value
-/// that is not finite among the pixels read is the same error, and one outside them is no error.
+/// its subsample, at its own maximum or at a given clip value: codes, scale and saturation count,
+/// for strides 2 and 3 and odd sizes; a value that is not finite among the pixels read is the
+/// same error, and one outside them is no error.
 #[test]
 fn the_subsample_is_quantized_as_its_copy_would_be() {
-    use int8_core::quant::{Granularity, Rounding, quantize};
+    use int8_core::quant::{Granularity, Rounding, quantize, quantize_with_clip};
     let sq = ConvShape::square;
     for s in [
         sq(3, 4, 7, 6, 1, 2, 0),
@@ -203,12 +218,24 @@ fn the_subsample_is_quantized_as_its_copy_would_be() {
         let got = quantize_subsample("x", &s, &x).unwrap();
         assert_eq!(got, want, "{s:?}");
         assert!(got.scales[0] < 100.0 / 127.0, "{s:?}: the off-grid maximum must not set the scale");
+        // At a given clip value (X's maximum, or one that saturates some codes).
+        for clip in [100.0, 1.5] {
+            let want = quantize_with_clip("x", &subsample(&s, &x), clip, Rounding::Nearest).unwrap();
+            let got = quantize_subsample_with_clip("x", &s, &x, clip).unwrap();
+            assert_eq!(got, want, "{s:?} at clip {clip}");
+            assert_eq!(got.saturated > 0, clip < 4.0, "{s:?} at clip {clip}");
+        }
+        assert!(quantize_subsample_with_clip("x", &s, &x, f32::NAN).is_err());
         x[1] = f32::NAN;
         assert!(quantize_subsample("x", &s, &x).is_ok(), "{s:?}: a NaN the convolution never reads");
+        assert!(quantize_subsample_with_clip("x", &s, &x, 100.0).is_ok(), "{s:?}: the same at a clip value");
         x[s.w * s.stride.0 + s.stride.1] = f32::INFINITY;
         let want = quantize("x", &subsample(&s, &x), Granularity::PerTensor, 1, Rounding::Nearest).unwrap_err();
         let got = quantize_subsample("x", &s, &x).unwrap_err();
         assert_eq!(got.to_string(), want.to_string(), "{s:?}");
+        let want = quantize_with_clip("x", &subsample(&s, &x), 100.0, Rounding::Nearest).unwrap_err();
+        let got = quantize_subsample_with_clip("x", &s, &x, 100.0).unwrap_err();
+        assert_eq!(got.to_string(), want.to_string(), "{s:?} at a clip value");
     }
     assert!(quantize_subsample("x", &sq(1, 2, 5, 2, 1, 2, 0), &[0.0; 3]).is_err());
 }

@@ -309,6 +309,129 @@ pub(crate) fn weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], sc
     )
 }
 
+/// Whether [`pointwise_weight_grad`] computes this convolution's weight gradient on `path`: AMX,
+/// a 1x1 stride-1 convolution without padding, one group.
+pub(crate) fn pointwise_weight_grad_applies(path: Int8Path, s: &ConvShape) -> bool {
+    path == Int8Path::Amx && s.is_pointwise() && s.dilation == (1, 1) && s.groups == 1
+}
+
+/// The weight gradient of a 1x1 stride-1 convolution, `dw[co][c] = scale * sum over images and
+/// positions of dy[co][q] * x[c][q]`, on AMX tiles: the output gradient's rows are the A tiles (16
+/// output channels by 64 positions, read in place when the plane is a whole number of tiles and
+/// the channels a whole number of blocks, else from a zero-padded copy), and the input's codes,
+/// packed per image as a GEMM panel of its channels (`pack_b`), the B tiles. Each block of sums
+/// stays in its tiles over a whole run of images. Where the GEMM packed both operands and called
+/// a product per image, this packs one small panel per image, which on the small planes of CIFAR
+/// networks cost less than the calls.
+pub(crate) fn pointwise_weight_grad(s: &ConvShape, x: &[i8], dy: &[i8], dw: &mut [f32], scale: f64) -> Result<()> {
+    let p = s.out_plane();
+    let (p64, cp, cop) = (p.next_multiple_of(64), s.c_in.next_multiple_of(32), s.c_out.next_multiple_of(16));
+    let g = PointwiseGrad { p64, cp, cop, panel: p64 / 4 * cp * 4, image: cop * p64 };
+    // The gradient's rows serve as A tiles in place where every tile lies inside them.
+    let in_place = p == p64 && s.c_out == cop;
+    let sum_run = |(panels, dyp, sums): &mut (LineBuf, LineBuf, LineBuf), xs: &[i8], dys: &[i8]| {
+        let images = xs.len() / (s.c_in * p);
+        let panels = panels.bytes_mut(images * g.panel);
+        for (x, panel) in xs.chunks_exact(s.c_in * p).zip(panels.chunks_exact_mut(g.panel)) {
+            // X^T (`p x c_in`, column-major) as one panel of `cp` columns; the groups of four
+            // positions past the plane (up to the last tile's) are zero, so that whatever the
+            // A tiles hold there adds nothing.
+            let b = crate::gemm::MatRef::new(x, p, s.c_in, 1, p)?;
+            let (packed, tail) = panel.split_at_mut(p.div_ceil(4) * cp * 4);
+            pack_b(&b, 0, p, 0, s.c_in, cp, 0, packed);
+            tail.fill(0);
+        }
+        let a = if in_place {
+            dys
+        } else {
+            let dyp = dyp.bytes_mut(images * g.image);
+            for (dy, padded) in dys.chunks_exact(s.c_out * p).zip(dyp.chunks_exact_mut(g.image)) {
+                // Rows of `p` codes, then zeros to `p64` and in the rows past `c_out`.
+                let (rows, spare) = padded.split_at_mut(s.c_out * p64);
+                for (row, src) in rows.chunks_exact_mut(p64).zip(dy.chunks_exact(p)) {
+                    row[..p].copy_from_slice(src);
+                    row[p..].fill(0);
+                }
+                spare.fill(0);
+            }
+            &*dyp
+        };
+        let sums = sums.words_mut(cop * cp);
+        // SAFETY: the caller checked the path is available (AMX); `a` holds `images` images of
+        // `cop` rows of `p64` codes (in place: `c_out = cop` rows of `p = p64`), `panels` as
+        // many panels, `sums` `cop x cp` values.
+        unsafe { pointwise_weight_grad_run(&g, images, a, panels, sums) };
+        Ok(())
+    };
+    super::int8::weight_grad_in_runs(
+        s,
+        (x, dy),
+        dw,
+        scale,
+        || (LineBuf::default(), LineBuf::default(), LineBuf::default()),
+        sum_run,
+        |(_, _, sums), total| {
+            let sums = sums.words(cop * cp);
+            for co in 0..s.c_out {
+                for c in 0..s.c_in {
+                    total[co * s.c_in + c] += sums[co * cp + c] as i64;
+                }
+            }
+        },
+    )
+}
+
+/// The layout of [`pointwise_weight_grad`]'s operands: positions per row of A tiles (`p64`, a
+/// multiple of 64), input channels per panel (`cp`, a multiple of 32), output channels (`cop`, a
+/// multiple of 16), and the bytes of one image's panel and of its A rows.
+struct PointwiseGrad {
+    p64: usize,
+    cp: usize,
+    cop: usize,
+    panel: usize,
+    image: usize,
+}
+
+/// Overwrites `sums` (`cop x cp`) with a run's products: per block of 16 output channels and 32
+/// input channels, held in two C tiles over every image, the A tiles of each image's rows of `a`
+/// times its panel's B tiles, 64 positions at a time.
+///
+/// # Safety
+/// AMX granted (`cpu::amx`); `a` holds `images` blocks of `g.image` bytes (`cop` rows of `p64`),
+/// `panels` `images` panels of `g.panel` bytes, `sums` `cop * cp` values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pointwise_weight_grad_run(g: &PointwiseGrad, images: usize, a: &[i8], panels: &[i8], sums: &mut [i32]) {
+    use crate::gemm::amx;
+    let PointwiseGrad { p64, cp, cop, .. } = *g;
+    debug_assert!(a.len() >= images * g.image && panels.len() >= images * g.panel && sums.len() >= cop * cp);
+    let (lda, ldb, ldc) = (p64, 4 * cp, 4 * cp);
+    // SAFETY: the caller's contract covers AMX. Reads: an A tile is 16 rows from `co0` of image
+    // `i`, 64 bytes from `q0 < p64`; a B tile 16 groups from `q0 / 4` of image `i`'s panel, 64
+    // bytes at column `c0` or `c0 + 16`. Writes: the two C tiles of rows `co0 .. co0 + 16`,
+    // columns `c0 .. c0 + 32`.
+    unsafe {
+        amx::configure_tiles(16);
+        for co0 in (0..cop).step_by(16) {
+            for c0 in (0..cp).step_by(32) {
+                amx::zero_c2();
+                for i in 0..images {
+                    let (ai, bi) = (a.as_ptr().add(i * g.image + co0 * lda), panels.as_ptr().add(i * g.panel + c0 * 4));
+                    for q0 in (0..p64).step_by(64) {
+                        amx::product2(ai.add(q0), lda, bi.add(q0 * cp), ldb);
+                    }
+                }
+                amx::store_c2(sums.as_mut_ptr().add(co0 * cp + c0), ldc);
+            }
+        }
+    }
+}
+
+/// Elsewhere no path is AMX, so [`pointwise_weight_grad_applies`] never holds.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pointwise_weight_grad_run(_g: &PointwiseGrad, _images: usize, _a: &[i8], _panels: &[i8], _sums: &mut [i32]) {
+    unreachable!("AMX exists on x86-64 only")
+}
+
 /// Adds one band's weight-gradient sums (its `qk` positions from `q_start`) to `sums`
 /// (`[tap][cp channels][cop output channels]`).
 ///

@@ -11,7 +11,10 @@ use rayon::prelude::*;
 
 use super::fp32::inner_parallelism;
 use super::im2col::{LoweredPanels, Lowering};
-use super::{ConvShape, amx, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, weight_grad_run};
+use super::{
+    ConvShape, amx, batch_run, check, depthwise, dx_as_forward, flip_transpose, phase, strided_pointwise,
+    upsample_plane, weight_grad_run,
+};
 use crate::error::{CoreError, Result};
 use crate::gemm::{
     Int8Path, MatMut, MatRef, PackedA, Parallelism, gemm_i8, gemm_i8_scaled_packed, gemm_i8_scaled_packed_from,
@@ -160,31 +163,33 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
         let flipped = flip_transpose(s, w.codes);
         return conv2d_fwd_i8(path, &t, dy, QView { codes: &flipped, scales: w.scales }, dx);
     }
-    let (p, kg, cig, cog) = (s.out_plane(), s.k_group(), s.c_in_group(), s.c_out_group());
+    if let Some(k) = strided_pointwise(s) {
+        // The stride-1 input gradient over the subsample, placed back with zeros between: each
+        // image's goes through a buffer that stays in cache, so the full gradient is written once.
+        let pointwise = pointwise_dx(path, &k, w, sc)?;
+        // SAFETY: `upsample_plane` writes every value of each image's planes.
+        let chunks = unsafe { dx.par_chunks_unzeroed(s.c_in * s.in_plane()) };
+        return chunks.zip(dy.codes.par_chunks(s.c_out * k.out_plane())).try_for_each_init(
+            || vec![0f32; k.c_in * k.in_plane()],
+            |sub, (dx, dy)| {
+                // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the GEMM writes only values.
+                let out = unsafe { std::slice::from_raw_parts_mut(sub.as_mut_ptr().cast(), sub.len()) };
+                pointwise.image(dy, out)?;
+                for (src, plane) in sub.chunks_exact(k.in_plane()).zip(dx.chunks_exact_mut(s.in_plane())) {
+                    upsample_plane(s, src, plane);
+                }
+                Ok(())
+            },
+        );
+    }
+    let (p, cig, cog) = (s.out_plane(), s.c_in_group(), s.c_out_group());
     let par = inner_parallelism(s);
     let row_scales = vec![sc; cig];
     if s.is_pointwise() {
-        // The transposed weight is packed once per group and serves every image of the batch.
-        let packed = (0..s.groups)
-            .map(|g| {
-                PackedA::new(
-                    path,
-                    MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t(),
-                    Parallelism::Rayon,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // SAFETY: as in `conv2d_fwd_i8`: the groups' rows tile each image's chunk, and each GEMM
-        // writes every element of its view.
+        let pointwise = pointwise_dx(path, s, w, sc)?;
+        // SAFETY: as in `conv2d_fwd_i8`: each GEMM writes every element of its image's chunk.
         let chunks = unsafe { dx.par_chunks_unzeroed(s.c_in * s.in_plane()) };
-        return chunks.zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| {
-            for (g, a) in packed.iter().enumerate() {
-                let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
-                let out = MatMut::row_major(&mut dx[g * cig * s.in_plane()..][..cig * s.in_plane()], kg, p)?;
-                gemm_i8_scaled_packed_from(a, &b, out, &row_scales, par)?;
-            }
-            Ok(())
-        });
+        return chunks.zip(dy.codes.par_chunks(s.c_out * p)).try_for_each(|(dx, dy)| pointwise.image(dy, dx));
     }
     // Strided (or over-padded) convolutions: one GEMM per phase of the input (see [`phase`]),
     // each phase's weight packed once for the batch.
@@ -227,6 +232,43 @@ pub fn conv2d_dx_i8<'x>(path: Int8Path, s: &ConvShape, w: QView, dy: QView, dx: 
     )
 }
 
+/// The input gradient of a 1x1 stride-1 convolution `s`, one image at a time: per group,
+/// `dX_g = scale * W_g^T dY_g`, the transposed weight packed once per group for the whole batch.
+struct PointwiseDx<'a> {
+    s: &'a ConvShape,
+    packed: Vec<PackedA>,
+    row_scales: Vec<f32>,
+    par: Parallelism,
+}
+
+fn pointwise_dx<'a>(path: Int8Path, s: &'a ConvShape, w: QView, scale: f32) -> Result<PointwiseDx<'a>> {
+    let (kg, cog) = (s.k_group(), s.c_out_group());
+    let packed = (0..s.groups)
+        .map(|g| {
+            PackedA::new(
+                path,
+                MatRef::row_major(&w.codes[g * cog * kg..][..cog * kg], cog, kg)?.t(),
+                Parallelism::Rayon,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PointwiseDx { s, packed, row_scales: vec![scale; s.c_in_group()], par: inner_parallelism(s) })
+}
+
+impl PointwiseDx<'_> {
+    /// One image: `dy` its output gradient's codes, `dx` its `c_in x plane` input gradient, every
+    /// element of which is written.
+    fn image(&self, dy: &[i8], dx: &mut [std::mem::MaybeUninit<f32>]) -> Result<()> {
+        let (p, cig, cog) = (self.s.out_plane(), self.s.c_in_group(), self.s.c_out_group());
+        for (g, a) in self.packed.iter().enumerate() {
+            let b = MatRef::row_major(&dy[g * cog * p..][..cog * p], cog, p)?;
+            let out = MatMut::row_major(&mut dx[g * cig * p..][..cig * p], cig, p)?;
+            gemm_i8_scaled_packed_from(a, &b, out, &self.row_scales, self.par)?;
+        }
+        Ok(())
+    }
+}
+
 /// Weight gradient: `dw = (s_dy * s_x) * sum over the batch of dyq * im2col(xq)^T`, overwriting
 /// `dw`. Each image's sums are exact in `i32`; the batch sum is carried in `i64`.
 pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut [f32]) -> Result<()> {
@@ -246,9 +288,38 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
     if amx::applies(path, s) && path.is_available() {
         return amx::weight_grad(s, x.codes, dy.codes, dw, sc);
     }
-    let lower = Lowering::new(s);
+    if amx::pointwise_weight_grad_applies(path, s) && path.is_available() {
+        return amx::pointwise_weight_grad(s, x.codes, dy.codes, dw, sc);
+    }
     let par = inner_parallelism(s);
-    let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
+    if s.is_pointwise() {
+        // One product per run of images and group, over the run's positions laid side by side
+        // (`dW_g = dY_g X_g^T`, the sum over images being the sum over those positions): on small
+        // planes a product per image cost more in packing and calls than in multiplying.
+        let (p, cig, cog) = (s.out_plane(), s.c_in_group(), s.c_out_group());
+        return weight_grad_in_runs(
+            s,
+            (x.codes, dy.codes),
+            dw,
+            sc,
+            || (Vec::new(), Vec::new(), vec![0i32; s.w_len()]),
+            |(xs_row, dys_row, acc), xs, dys| {
+                let k = xs.len() / s.c_in;
+                side_by_side(xs, s.c_in, p, xs_row);
+                side_by_side(dys, s.c_out, p, dys_row);
+                for g in 0..s.groups {
+                    let a = MatRef::row_major(&dys_row[g * cog * k..][..cog * k], cog, k)?;
+                    let b = MatRef::row_major(&xs_row[g * cig * k..][..cig * k], cig, k)?.t();
+                    let c = MatMut::row_major(&mut acc[g * cog * cig..][..cog * cig], cog, cig)?;
+                    gemm_i8(path, a, b, c, false, par)?;
+                }
+                Ok(())
+            },
+            |(_, _, acc), total| widen_add(total, acc),
+        );
+    }
+    let lower = Lowering::new(s);
+    let col_len = lower.buffer_len();
     weight_grad_in_runs(
         s,
         (x.codes, dy.codes),
@@ -263,6 +334,18 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         },
         |(_, acc), total| widen_add(total, acc),
     )
+}
+
+/// Lays whole images of `rows x plane` values side by side: `out[r][i * plane + q] =
+/// images[i][r][q]`, a `rows x (images * plane)` matrix.
+fn side_by_side(images: &[i8], rows: usize, plane: usize, out: &mut Vec<i8>) {
+    let k = images.len() / rows;
+    out.resize(images.len(), 0);
+    for (i, image) in images.chunks_exact(rows * plane).enumerate() {
+        for (r, row) in image.chunks_exact(plane).enumerate() {
+            out[r * k + i * plane..][..plane].copy_from_slice(row);
+        }
+    }
 }
 
 /// The batch loop of an INT8 weight gradient: `dw = scale * sum over the batch`, each sum exact.

@@ -216,65 +216,114 @@ pub fn strided_pointwise(s: &ConvShape) -> Option<ConvShape> {
 /// `out[n][c][i][j] = x[n][c][i * sh][j * sw]`, `out_h x out_w` per plane.
 pub fn subsample<T: Copy + Default + Send + Sync>(s: &ConvShape, x: &[T]) -> Vec<T> {
     use rayon::prelude::*;
-    let (oh, ow, (sh, sw)) = (s.out_h(), s.out_w(), s.stride);
-    let mut out = vec![T::default(); s.n * s.c_in * oh * ow];
-    out.par_chunks_mut(oh * ow).zip(x.par_chunks(s.in_plane())).for_each(|(dst, plane)| {
-        for (i, dst) in dst.chunks_exact_mut(ow).enumerate() {
-            stride2::gather_strided(&plane[i * sh * s.w..][..s.w], dst, sw);
-        }
+    let mut out = vec![T::default(); s.n * s.c_in * s.out_plane()];
+    out.par_chunks_mut(s.out_plane()).zip(x.par_chunks(s.in_plane())).for_each(|(dst, plane)| {
+        subsample_plane(s, plane, dst);
     });
     out
 }
 
-/// The per-tensor INT8 codes of [`subsample`]`(s, x)` at their own largest magnitude, exactly
-/// `quantize(name, &subsample(s, x), PerTensor, 1, Nearest)`, with one pass fewer: the gathering
-/// pass finds the largest magnitude of each plane it writes (while the plane is in L1), so that
-/// the codes need only the quantizing pass. An error names `name` where a pixel read is not finite.
-pub fn quantize_subsample(name: &str, s: &ConvShape, x: &[f32]) -> Result<crate::quant::QTensor> {
-    use std::mem::MaybeUninit;
-
-    use crate::quant::{Granularity, Rounding, max_abs_finite, quantize, quantize_with_clip};
-    use rayon::prelude::*;
-    crate::error::check_len("strided 1x1 input", x.len(), s.x_len())?;
+/// One plane of [`subsample`]: `dst` (`out_h x out_w`) gets the pixels of `plane` on `s`'s grid.
+fn subsample_plane<T: Copy>(s: &ConvShape, plane: &[T], dst: &mut [T]) {
     let (oh, ow, (sh, sw)) = (s.out_h(), s.out_w(), s.stride);
-    let (plane, n) = (oh * ow, s.n * s.c_in * oh * ow);
-    let mut sub = Vec::<f32>::with_capacity(n);
-    let (clip, finite) = sub.spare_capacity_mut()[..n]
-        .par_chunks_mut(plane)
-        .zip(x.par_chunks(s.in_plane()))
-        .map(|(dst, src)| {
-            // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and initialised values are valid
-            // `MaybeUninit` values; the gather only copies.
-            let src: &[MaybeUninit<f32>] = unsafe { std::slice::from_raw_parts(src.as_ptr().cast(), src.len()) };
-            for (i, row) in dst.chunks_exact_mut(ow).enumerate() {
-                let written = stride2::gather_strided(&src[i * sh * s.w..][..s.w], row, sw);
-                assert_eq!(written, ow, "quantize_subsample: a row of the subsample was not filled");
-            }
-            // SAFETY: the rows above wrote all of `dst` (`oh` rows of `ow` pixels, each checked).
-            max_abs_finite(unsafe { &*(dst as *const [MaybeUninit<f32>] as *const [f32]) })
-        })
-        .reduce(|| (0.0, true), |a, b| (a.0.max(b.0), a.1 && b.1));
-    // SAFETY: every plane's chunk was written above, and the chunks cover the first `n` values.
-    unsafe { sub.set_len(n) };
-    if finite {
-        quantize_with_clip(name, &sub, clip, Rounding::Nearest)
-    } else {
-        // `quantize`'s error, which names the first value that is not finite.
-        quantize(name, &sub, Granularity::PerTensor, 1, Rounding::Nearest)
+    if (sh, sw) == (2, 2) {
+        return stride2::gather_plane(plane, s.w, oh, ow, dst);
+    }
+    for (i, row) in dst[..oh * ow].chunks_exact_mut(ow).enumerate() {
+        let written = stride2::gather_strided(&plane[i * sh * s.w..][..s.w], row, sw);
+        assert_eq!(written, ow, "subsample: a row of the subsample was not filled");
     }
 }
 
+/// The per-tensor INT8 codes of [`subsample`]`(s, x)` at their own largest magnitude, exactly
+/// `quantize(name, &subsample(s, x), PerTensor, 1, Nearest)`, without the subsample in memory:
+/// one pass gathers each plane into a buffer that stays in L1 and finds its largest magnitude,
+/// a second gathers it again and quantizes it from there. An error names `name` where a pixel
+/// read is not finite.
+pub fn quantize_subsample(name: &str, s: &ConvShape, x: &[f32]) -> Result<crate::quant::QTensor> {
+    use crate::quant::{Granularity, Rounding, max_abs_finite, quantize};
+    use rayon::prelude::*;
+    crate::error::check_len("strided 1x1 input", x.len(), s.x_len())?;
+    let plane = s.out_plane();
+    let (clip, finite) = x
+        .par_chunks(s.in_plane())
+        .map_init(
+            || vec![0f32; plane],
+            |buf, src| {
+                subsample_plane(s, src, buf);
+                max_abs_finite(buf)
+            },
+        )
+        .reduce(|| (0.0, true), |a, b| (a.0.max(b.0), a.1 && b.1));
+    if !finite {
+        // `quantize`'s error, which names the first value that is not finite.
+        return quantize(name, &subsample(s, x), Granularity::PerTensor, 1, Rounding::Nearest);
+    }
+    quantize_subsample_with_clip(name, s, x, clip)
+}
+
+/// The codes of [`subsample`]`(s, x)` at clip value `clip`, exactly `quantize_with_clip(name,
+/// &subsample(s, x), clip, Nearest)`, in one pass over the pixels read: what a strided 1x1
+/// convolution quantizes when the op that wrote X found max|X| (the paper's per-tensor scale of
+/// X; the subsample's own maximum may be smaller). An error names `name` where a pixel read is not
+/// finite, or where `clip` is not a finite value >= 0.
+pub fn quantize_subsample_with_clip(name: &str, s: &ConvShape, x: &[f32], clip: f32) -> Result<crate::quant::QTensor> {
+    use crate::quant::{QTensor, Rounding, quantize_slice, quantize_with_clip, scale_for_clip};
+    use rayon::prelude::*;
+    crate::error::check_len("strided 1x1 input", x.len(), s.x_len())?;
+    if !clip.is_finite() || clip < 0.0 {
+        // `quantize_with_clip`'s error for such a clip value.
+        return quantize_with_clip(name, &[], clip, Rounding::Nearest);
+    }
+    let (plane, n) = (s.out_plane(), s.n * s.c_in * s.out_plane());
+    let mut data = Vec::with_capacity(n);
+    let (saturated, finite) = data.spare_capacity_mut()[..n]
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(s.in_plane()))
+        .enumerate()
+        .map_init(
+            || vec![0f32; plane],
+            |buf, (i, (codes, src))| {
+                subsample_plane(s, src, buf);
+                let stats = quantize_slice::<false>(buf, clip, Rounding::Nearest, i * plane, codes);
+                (stats.saturated, stats.finite)
+            },
+        )
+        .reduce(|| (0, true), |a, b| (a.0 + b.0, a.1 && b.1));
+    if !finite {
+        // `quantize_with_clip`'s error, which names the first value that is not finite.
+        return quantize_with_clip(name, &subsample(s, x), clip, Rounding::Nearest);
+    }
+    // SAFETY: `quantize_slice` wrote every code of each plane's chunk (it asserts equal lengths),
+    // and the chunks cover the first `n`.
+    unsafe { data.set_len(n) };
+    Ok(QTensor { data, scales: vec![scale_for_clip(clip)], saturated })
+}
+
 /// The inverse placement of [`subsample`] for gradients: `dx` (`n x c_in x h x w`) gets `sub` at
-/// the pixels the convolution read and zero everywhere else.
+/// the pixels the convolution read and zero everywhere else, each value written once.
 pub fn upsample<'x>(s: &ConvShape, sub: &[f32], dx: impl Into<crate::out::Out<'x>>) {
     use rayon::prelude::*;
+    // SAFETY: `upsample_plane` writes every value of each plane.
+    let planes = unsafe { dx.into().par_chunks_unzeroed(s.in_plane()) };
+    planes.zip(sub.par_chunks(s.out_plane())).for_each(|(plane, src)| upsample_plane(s, src, plane));
+}
+
+/// One plane of [`upsample`]: every pixel of `dst` (`h x w`), `src`'s values on `s`'s grid.
+fn upsample_plane(s: &ConvShape, src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
     let (oh, ow, (sh, sw)) = (s.out_h(), s.out_w(), s.stride);
-    // Each plane comes zeroed from `par_chunks`.
-    dx.into().par_chunks(s.in_plane()).zip(sub.par_chunks(oh * ow)).for_each(|(plane, src)| {
-        for (i, src) in src.chunks_exact(ow).enumerate() {
-            stride2::scatter_strided(src, &mut plane[i * sh * s.w..][..s.w], sw);
+    if (sh, sw) == (2, 2) {
+        return stride2::place_plane(src, oh, ow, s.h, s.w, dst);
+    }
+    for (r, row) in dst[..s.in_plane()].chunks_exact_mut(s.w).enumerate() {
+        let from = (r % sh == 0).then(|| &src[r / sh * ow..][..ow]);
+        for (j, d) in row.iter_mut().enumerate() {
+            d.write(match from {
+                Some(from) if j % sw == 0 => from[j / sw],
+                _ => 0.0,
+            });
         }
-    });
+    }
 }
 
 /// The weight-gradient products of a run of images (`xs`, `dys`: whole images, one after the

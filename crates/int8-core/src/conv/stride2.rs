@@ -12,6 +12,8 @@
 //! are merged by one two-source permute (`vpermt2d`). Everything else takes the scalar loop, which
 //! defines the meaning.
 
+use std::mem::MaybeUninit;
+
 /// `dst[v] = src[2 * v]` for `v < n`, `n = min(dst.len(), ceil(src.len() / 2))`; returns `n`.
 pub(crate) fn gather<T: Copy>(src: &[T], dst: &mut [T]) -> usize {
     let n = dst.len().min(src.len().div_ceil(2));
@@ -87,6 +89,64 @@ pub(crate) fn scatter_strided<T: Copy>(src: &[T], dst: &mut [T], stride: usize) 
     }
     for (d, &v) in dst.iter_mut().step_by(stride).zip(src) {
         *d = v;
+    }
+}
+
+/// One plane's stride-2 subsample in one call: `dst[i * ow + v] = src[2 i * w + 2 v]` for
+/// `i < oh`, `v < ow`, where `w` is the source's row length (`ow <= ceil(w / 2)`, `src` holds row
+/// `2 (oh - 1)`; checked). On the 16x16 subsamples of CIFAR networks a call per row cost more
+/// than the moves.
+pub(crate) fn gather_plane<T: Copy>(src: &[T], w: usize, oh: usize, ow: usize, dst: &mut [T]) {
+    assert!(
+        ow <= w.div_ceil(2) && (oh == 0 || src.len() >= (2 * oh - 1) * w) && dst.len() >= oh * ow,
+        "gather_plane: {oh}x{ow} from rows of {w} do not fit"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && std::mem::size_of::<T>() == 4 {
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 4-byte `Copy` type
+        // moved as u32; the assertion above is the kernel's contract.
+        unsafe { gather_plane_u32(src.as_ptr().cast(), w, oh, ow, dst.as_mut_ptr().cast()) };
+        return;
+    }
+    gather_plane_scalar(src, w, oh, ow, dst);
+}
+
+/// The scalar [`gather_plane`].
+fn gather_plane_scalar<T: Copy>(src: &[T], w: usize, oh: usize, ow: usize, dst: &mut [T]) {
+    for (i, row) in dst[..oh * ow].chunks_exact_mut(ow.max(1)).enumerate() {
+        gather_scalar(&src[2 * i * w..][..w], row);
+    }
+}
+
+/// The inverse of [`gather_plane`] for gradients, writing every element of the `h x w` plane
+/// `dst`: `src[i * ow + v]` at `(2 i, 2 v)`, zero at every other pixel (`h <= 2 oh`,
+/// `w <= 2 ow`, `src` holds `oh * ow`; checked). Each row is written once, so `dst` needs no
+/// zeroing first.
+pub(crate) fn place_plane(src: &[f32], oh: usize, ow: usize, h: usize, w: usize, dst: &mut [MaybeUninit<f32>]) {
+    assert!(
+        h <= 2 * oh && w <= 2 * ow && src.len() >= oh * ow && dst.len() >= h * w,
+        "place_plane: {oh}x{ow} do not fill a {h}x{w} plane"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); the assertion above is the
+        // kernel's contract; `MaybeUninit<f32>` has `f32`'s layout and only values are written.
+        unsafe { place_plane_u32(src.as_ptr().cast(), ow, h, w, dst.as_mut_ptr().cast()) };
+        return;
+    }
+    place_plane_scalar(src, ow, h, w, dst);
+}
+
+/// The scalar [`place_plane`].
+fn place_plane_scalar(src: &[f32], ow: usize, h: usize, w: usize, dst: &mut [MaybeUninit<f32>]) {
+    for (r, row) in dst[..h * w].chunks_exact_mut(w.max(1)).enumerate() {
+        let from = (r % 2 == 0).then(|| &src[r / 2 * ow..][..ow]);
+        for (j, d) in row.iter_mut().enumerate() {
+            d.write(match from {
+                Some(from) if j % 2 == 0 => from[j / 2],
+                _ => 0.0,
+            });
+        }
     }
 }
 
@@ -328,6 +388,80 @@ unsafe fn gather_u32(src: *const u32, src_len: usize, dst: *mut u32, n: usize) {
         // SAFETY: the mask limits the store to `dst[v .. v + m]`, `v + m <= n`.
         unsafe { _mm256_mask_storeu_epi32(dst.add(v).cast(), low_bits(m) as u8, even) };
         v += m;
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL; `src` valid for reads of rows `0, 2, .., 2 (oh - 1)` of `w` elements,
+/// `dst` for `oh * ow` writes, `ow <= ceil(w / 2)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gather_plane_u32(src: *const u32, w: usize, oh: usize, ow: usize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    // Lane `l` takes element `2 l` of the 32 that two registers hold.
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for i in 0..oh {
+        // SAFETY: row `2 i` lies inside `src` (the contract).
+        let (row, out) = unsafe { (src.add(2 * i * w), dst.add(i * ow)) };
+        let mut v = 0;
+        while v < ow {
+            let m = (ow - v).min(16);
+            let avail = w - 2 * v;
+            // SAFETY: the masks limit the loads to `row[2v .. 2v + min(32, avail)]`, inside the
+            // row, and the store to `out[v .. v + m]`, `v + m <= ow`.
+            unsafe {
+                let lo = _mm512_maskz_loadu_epi32(low_bits(avail.min(16)) as u16, row.add(2 * v).cast());
+                let hi = _mm512_maskz_loadu_epi32(
+                    low_bits(avail.saturating_sub(16).min(16)) as u16,
+                    row.add(2 * v + 16).cast(),
+                );
+                _mm512_mask_storeu_epi32(
+                    out.add(v).cast(),
+                    low_bits(m) as u16,
+                    _mm512_permutex2var_epi32(lo, even, hi),
+                );
+            }
+            v += m;
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL; `src` valid for `oh * ow` reads, `dst` for `h * w` writes, `h <= 2 oh`,
+/// `w <= 2 ow`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn place_plane_u32(src: *const u32, ow: usize, h: usize, w: usize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    for r in 0..h {
+        // SAFETY: row `r < h` of `dst` (the contract).
+        let out = unsafe { dst.add(r * w) };
+        if r % 2 == 1 {
+            let mut j = 0;
+            while j < w {
+                let k = (w - j).min(16);
+                // SAFETY: the mask limits the store to `out[j .. j + k]`, inside the row.
+                unsafe { _mm512_mask_storeu_epi32(out.add(j).cast(), low_bits(k) as u16, _mm512_setzero_si512()) };
+                j += k;
+            }
+            continue;
+        }
+        // SAFETY: `r / 2 < oh` since `r < h <= 2 oh`.
+        let from = unsafe { src.add(r / 2 * ow) };
+        let mut v = 0;
+        while 2 * v < w {
+            let m = (ow - v).min(8);
+            // SAFETY: the masks limit the load to `from[v .. v + m]`, inside the source row, and
+            // the store to `out[2v .. min(2v + 16, w)]`, inside the row.
+            unsafe {
+                let x = _mm256_maskz_loadu_epi32(low_bits(m) as u8, from.add(v).cast());
+                // Each element in the low half of a 64-bit lane, zero in the high half: the pixel
+                // and its odd neighbour.
+                let wide = _mm512_cvtepu32_epi64(x);
+                _mm512_mask_storeu_epi32(out.add(2 * v).cast(), low_bits((w - 2 * v).min(16)) as u16, wide);
+            }
+            v += m;
+        }
     }
 }
 
@@ -630,6 +764,42 @@ mod tests {
         scatter_scalar(&even, &mut row);
         scatter_scalar(&odd, &mut row[1..]);
         assert_eq!(row, src, "the scalar loops define the same moves");
+    }
+
+    /// Whole planes, the fast paths (where this CPU has them) and the scalar loops, against the
+    /// definition at even and odd sizes: the subsample, and the placement back with zeros at every
+    /// other pixel, written whole over a plane of NaN.
+    #[test]
+    fn planes_gather_their_subsample_and_place_it_back() {
+        type Place = fn(&[f32], usize, usize, usize, usize, &mut [MaybeUninit<f32>]);
+        type Gather = fn(&[f32], usize, usize, usize, &mut [f32]);
+        let gathers: [Gather; 2] = [gather_plane, gather_plane_scalar];
+        let places: [Place; 2] = [place_plane, |src, _, ow, h, w, dst| place_plane_scalar(src, ow, h, w, dst)];
+        for (h, w) in [(1usize, 1usize), (2, 2), (3, 5), (32, 32), (16, 33), (7, 40), (4, 64), (5, 65), (2, 31)] {
+            let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+            let src: Vec<f32> = (0..h * w).map(|i| i as f32 * 0.5 - 3.0).collect();
+            for (gather, place) in gathers.iter().zip(places) {
+                let mut sub = vec![f32::NAN; oh * ow + 3];
+                gather(&src, w, oh, ow, &mut sub);
+                for i in 0..oh {
+                    for v in 0..ow {
+                        assert_eq!(sub[i * ow + v], src[2 * i * w + 2 * v], "{h}x{w} gather ({i}, {v})");
+                    }
+                }
+                assert!(sub[oh * ow..].iter().all(|v| v.is_nan()), "{h}x{w}: written past the subsample");
+                let mut back = vec![MaybeUninit::new(f32::NAN); h * w + 3];
+                place(&sub, oh, ow, h, w, &mut back);
+                // SAFETY: every element was initialised (NaN) before the call.
+                let back: Vec<f32> = back.iter().map(|v| unsafe { v.assume_init() }).collect();
+                for r in 0..h {
+                    for j in 0..w {
+                        let want = if r % 2 == 0 && j % 2 == 0 { src[r * w + j] } else { 0.0 };
+                        assert_eq!(back[r * w + j].to_bits(), want.to_bits(), "{h}x{w} place ({r}, {j})");
+                    }
+                }
+                assert!(back[h * w..].iter().all(|v| v.is_nan()), "{h}x{w}: written past the plane");
+            }
+        }
     }
 
     fn check(

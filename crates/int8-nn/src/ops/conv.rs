@@ -6,7 +6,7 @@
 
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8, output_scale,
-    quantize_subsample, strided_pointwise, subsample, upsample,
+    quantize_subsample, quantize_subsample_with_clip, strided_pointwise, subsample, upsample,
 };
 use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
@@ -124,10 +124,14 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
             (y, saved, None)
         }
         Precision::Int8(cfg) => {
-            // The op that wrote X may have found max|X| on the way (batch norm does): the codes
-            // are then one pass, and the same as `quantize`'s.
+            // The op that wrote X may have found max|X| on the way (batch norm and the residual
+            // add do): the codes are then one pass, and the same as `quantize`'s. A strided 1x1
+            // convolution then quantizes the pixels it reads at X's scale, as the convolution
+            // beside it on the same input does (the subsample's own maximum, when it is not known,
+            // takes a pass of its own).
             let xname = format!("{}.input", a.name);
             let xq = match (x.known_max_abs(), pointwise) {
+                (Some(clip), Some(_)) if sub.is_none() => quantize_subsample_with_clip(&xname, &full, xv, clip)?,
                 (_, Some(_)) if sub.is_none() => quantize_subsample(&xname, &full, xv)?,
                 (Some(clip), None) => quantize_with_clip(&xname, xv, clip, Rounding::Nearest)?,
                 _ => quantize(&xname, xv, Granularity::PerTensor, 1, Rounding::Nearest)?,
@@ -205,7 +209,7 @@ impl Backward for ConvBackward {
         let Self { layer, full, pointwise, path, quant, saved } = *self;
         let s = pointwise.unwrap_or(full);
         let g = grad.cpu()?;
-        let (mut dx, dw) = match saved {
+        let (dx, dw) = match saved {
             Saved::Fp32 { x, w } => {
                 let dx = match &w {
                     Some(w) => {
@@ -229,7 +233,8 @@ impl Backward for ConvBackward {
                 let dyq = quant.lock().quantize_grad(&layer, g, &cfg)?;
                 let dx = if needs[0] {
                     let wq = input_grad_weight(&layer, &w, w_f32.as_ref(), s.is_depthwise())?;
-                    Some(fresh(s.x_len(), |dx| conv2d_dx_i8(path, &s, (&*wq).into(), (&dyq).into(), dx))?.0)
+                    // A strided 1x1 convolution's kernel places its gradient back itself.
+                    Some(fresh(full.x_len(), |dx| conv2d_dx_i8(path, &full, (&*wq).into(), (&dyq).into(), dx))?.0)
                 } else {
                     None
                 };
@@ -258,7 +263,19 @@ impl Backward for ConvBackward {
                     } else {
                         input_grad_weight(&layer, &w, Some(&w_f32), s.is_depthwise())?.dequantize()
                     };
-                    Some(fresh(s.x_len(), |dx| conv2d_dx_f32(&s, &ws, &gs, dx))?.0)
+                    let dx = fresh(s.x_len(), |dx| conv2d_dx_f32(&s, &ws, &gs, dx))?.0;
+                    Some(match pointwise {
+                        // `upsample` writes every pixel, the ones the convolution never read as
+                        // zero.
+                        Some(_) => {
+                            fresh(full.x_len(), |placed| {
+                                upsample(&full, &dx, placed);
+                                Ok(())
+                            })?
+                            .0
+                        }
+                        None => dx,
+                    })
                 } else {
                     None
                 };
@@ -272,16 +289,6 @@ impl Backward for ConvBackward {
                 (dx, dw)
             }
         };
-        if let (Some(_), Some(sub)) = (pointwise, dx.as_ref()) {
-            // `upsample` writes every pixel, the ones the convolution never read as zero.
-            dx = Some(
-                fresh(full.x_len(), |placed| {
-                    upsample(&full, sub, placed);
-                    Ok(())
-                })?
-                .0,
-            );
-        }
         let x_shape = Shape::from([full.n, full.c_in, full.h, full.w]);
         let w_shape = Shape::from([full.c_out, full.c_in / full.groups, full.kh, full.kw]);
         Ok(vec![dx.map(|v| cpu_out(v, x_shape)), dw.map(|v| cpu_out(v, w_shape))])
