@@ -5,11 +5,11 @@ use std::time::Duration;
 use anyhow::Result;
 use int8_core::conv::{
     ConvShape, conv2d_dw_f32, conv2d_dw_i8, conv2d_dx_f32, conv2d_dx_i8, conv2d_fwd_f32, conv2d_fwd_i8,
-    quantize_subsample_with_clip, strided_pointwise,
+    quantize_subsample_with_clip, strided_pointwise, subsample,
 };
 use int8_core::dsgc::{ClipMode, ClipState, search_clip};
 use int8_core::gemm::{Int8Path, MatMut, MatRef, Parallelism, gemm_f32, gemm_i8};
-use int8_core::quant::{Granularity, Rounding, max_abs, quantize, quantize_with_clip};
+use int8_core::quant::{Granularity, QTensor, Rounding, max_abs, quantize, quantize_with_clip};
 use int8_core::rng::CounterRng;
 
 use crate::timing::{median_ms, median_pair_ms};
@@ -197,8 +197,10 @@ const PARTS: [&str; 6] = ["quantize x", "quantize w", "forward", "dsgc + q(dy)",
 /// value, with the cosine distance measured in the same pass (the search itself is due every 100
 /// steps and is not part of a step here). max|X| comes with X, as in training, where the op that
 /// writes a convolution's input (batch norm, add, ReLU) finds it on the way at both precisions.
-/// A strided 1x1 convolution works in INT8 on its input's subsample (only that is quantized, at
-/// X's scale), with the input gradient placed back; FP32 reads in place.
+/// A strided 1x1 convolution works in INT8 on its input's subsample, with the input gradient placed
+/// back; FP32 reads in place. Its codes are the subsample of the codes that the convolution beside
+/// it in the block (which runs first, on the same input) made of X at max|X|, as in training
+/// (`int8-nn`'s conv op keeps them with X); that convolution's row pays for quantizing X.
 struct LayerWork {
     s: ConvShape,
     /// The shape the INT8 kernels run: `s`, or the stride-1 shape over the subsample.
@@ -209,6 +211,9 @@ struct LayerWork {
     x: Vec<f32>,
     /// max|X|, which the op that wrote X found.
     x_max: f32,
+    /// For a strided 1x1 convolution, the codes of X at `x_max` that the block's first
+    /// convolution made.
+    x_codes: Option<QTensor>,
     w: Vec<f32>,
     dy: Vec<f32>,
     y: Vec<f32>,
@@ -231,6 +236,10 @@ impl LayerWork {
             path: Int8Path::detect(),
             clip,
             x_max: max_abs("x", &x)?,
+            x_codes: match pointwise {
+                Some(_) => Some(quantize_with_clip("x", &x, max_abs("x", &x)?, Rounding::Nearest)?),
+                None => None,
+            },
             x,
             w: random_f32(s.w_len(), 12),
             dy,
@@ -256,7 +265,11 @@ impl LayerWork {
     fn int8(&mut self, lap: &mut impl FnMut(usize)) -> Result<()> {
         let (s, k, path) = (&self.s, &self.k, self.path);
         let xq = if self.pointwise {
-            quantize_subsample_with_clip("x", s, &self.x, self.x_max)?
+            match &self.x_codes {
+                // The block's first convolution's codes of X, subsampled (as in training).
+                Some(codes) => QTensor { data: subsample(s, &codes.data), scales: codes.scales.clone(), saturated: 0 },
+                None => quantize_subsample_with_clip("x", s, &self.x, self.x_max)?,
+            }
         } else {
             quantize_with_clip("x", &self.x, self.x_max, Rounding::Nearest)?
         };

@@ -11,7 +11,9 @@
 //! and consume them (`int8_core::quant::QTensor`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use int8_core::quant::QTensor;
 
 use int8_core::rng::CounterRng;
 
@@ -227,6 +229,22 @@ struct Inner {
     /// (`int8_core::nn::batchnorm::SumsSaved`). Cleared, as `max_abs` is, when the values are
     /// written in place, and by a change of shape.
     sum_scales: Option<Arc<[f32]>>,
+    /// The per-tensor INT8 codes of these values at `max_abs` (nearest rounding), where an INT8
+    /// convolution made them: a second INT8 convolution reading the same tensor (a residual
+    /// block's strided 1x1 shortcut beside its first convolution) takes them instead of reading
+    /// the values again. Cleared, as `max_abs` is, when the values are written in place.
+    codes: OnceLock<(f32, Arc<QTensor>)>,
+}
+
+impl Inner {
+    /// Forgets what was recorded about the values (`max_abs`, `f16_ok`, `sum_scales`, `codes`),
+    /// before they are written in place.
+    fn forget_derived(&mut self) {
+        self.max_abs = None;
+        self.f16_ok = false;
+        self.sum_scales = None;
+        self.codes = OnceLock::new();
+    }
 }
 
 impl std::fmt::Debug for Tensor {
@@ -265,6 +283,7 @@ impl Tensor {
                 max_abs: None,
                 f16_ok: false,
                 sum_scales: None,
+                codes: OnceLock::new(),
             }),
         }
     }
@@ -438,6 +457,7 @@ impl Tensor {
                 max_abs: self.inner.max_abs,
                 f16_ok: self.inner.f16_ok,
                 sum_scales: None,
+                codes: OnceLock::new(),
             }),
         }
     }
@@ -478,6 +498,26 @@ impl Tensor {
         self.inner.max_abs
     }
 
+    /// The per-tensor codes of these values at clip value `clip` = [`Tensor::known_max_abs`]
+    /// (nearest rounding): those an earlier INT8 convolution made of this tensor, or `make`'s,
+    /// which are kept for the next (see `Inner`). `make` must quantize these values at `clip`.
+    pub(crate) fn codes_at_max(&self, clip: f32, make: impl FnOnce() -> Result<QTensor>) -> Result<Arc<QTensor>> {
+        debug_assert_eq!(Some(clip), self.inner.max_abs);
+        if let Some((c, q)) = self.inner.codes.get()
+            && c.to_bits() == clip.to_bits()
+        {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(make()?);
+        let _ = self.inner.codes.set((clip, q.clone()));
+        Ok(q)
+    }
+
+    /// The codes of [`Tensor::codes_at_max`] at `clip`, where an INT8 convolution made them.
+    pub(crate) fn known_codes(&self, clip: f32) -> Option<Arc<QTensor>> {
+        self.inner.codes.get().filter(|(c, _)| c.to_bits() == clip.to_bits()).map(|(_, q)| q.clone())
+    }
+
     pub(crate) fn with_track(&self, track: Track) -> Tensor {
         Tensor { inner: Arc::new(Inner { track, ..(*self.inner).clone() }) }
     }
@@ -486,9 +526,7 @@ impl Tensor {
     /// parameters update in place. `None` when shared.
     pub(crate) fn unique_cpu_mut(&mut self) -> Option<&mut [f32]> {
         let inner = Arc::get_mut(&mut self.inner)?;
-        inner.max_abs = None;
-        inner.f16_ok = false;
-        inner.sum_scales = None;
+        inner.forget_derived();
         match Arc::get_mut(&mut inner.storage)? {
             Storage::Cpu(b) => Some(b.as_mut_slice()),
             #[cfg(feature = "cuda")]
@@ -505,9 +543,7 @@ impl Tensor {
             *self = host.with_track(self.inner.track.clone());
         }
         let inner = Arc::make_mut(&mut self.inner);
-        inner.max_abs = None;
-        inner.f16_ok = false;
-        inner.sum_scales = None;
+        inner.forget_derived();
         match Arc::make_mut(&mut inner.storage) {
             Storage::Cpu(b) => b.as_mut_slice(),
             #[cfg(feature = "cuda")]
@@ -526,6 +562,7 @@ impl Tensor {
                 max_abs: None,
                 f16_ok: false,
                 sum_scales: None,
+                codes: OnceLock::new(),
             }),
         }
     }
@@ -535,9 +572,7 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     pub(crate) fn unique_storage_mut(&mut self) -> Option<&mut Storage> {
         let inner = Arc::get_mut(&mut self.inner)?;
-        inner.max_abs = None;
-        inner.f16_ok = false;
-        inner.sum_scales = None;
+        inner.forget_derived();
         Arc::get_mut(&mut inner.storage)
     }
 
@@ -545,9 +580,7 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     pub(crate) fn make_storage_mut(&mut self) -> &mut Storage {
         let inner = Arc::make_mut(&mut self.inner);
-        inner.max_abs = None;
-        inner.f16_ok = false;
-        inner.sum_scales = None;
+        inner.forget_derived();
         Arc::make_mut(&mut inner.storage)
     }
 
@@ -648,6 +681,27 @@ mod tests {
         let mut unique = Tensor::from_vec(vec![1.0, -3.0], [2]).unwrap().with_max_abs(3.0);
         unique.unique_cpu_mut().unwrap()[0] = 7.0;
         assert_eq!(unique.known_max_abs(), None);
+    }
+
+    /// Codes made at the recorded maximum are kept for the next reader at that clip value, for
+    /// no other, and are dropped when the values are written in place.
+    #[test]
+    fn codes_at_the_maximum_are_kept_until_the_values_change() {
+        let t = Tensor::from_vec(vec![1.0, -3.0], [2]).unwrap().with_max_abs(3.0);
+        let make = || Ok(QTensor { data: vec![42, -127], scales: vec![3.0 / 127.0], saturated: 0 });
+        assert!(t.known_codes(3.0).is_none());
+        let first = t.codes_at_max(3.0, make).unwrap();
+        let again = t.codes_at_max(3.0, || panic!("the kept codes are taken")).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(t.known_codes(3.0).is_some_and(|q| Arc::ptr_eq(&q, &first)));
+        assert!(t.known_codes(2.0).is_none(), "codes at another clip value");
+        let mut shared = t.clone();
+        shared.make_cpu_mut()[1] = -5.0;
+        assert!(shared.known_codes(3.0).is_none() && t.known_codes(3.0).is_some());
+        let mut unique = t.detach();
+        drop(t);
+        unique.unique_cpu_mut().unwrap()[0] = 7.0;
+        assert!(unique.known_codes(3.0).is_none());
     }
 
     #[test]

@@ -277,6 +277,38 @@ fn int8_strided_pointwise_layer_tracks_fp32_and_leaves_unread_pixels_zero() {
     }
 }
 
+/// A residual block's strided 1x1 shortcut that runs after the block's first INT8 convolution of
+/// the same input takes that convolution's codes of it: its output and its gradients (of the
+/// weight, and through X of the add that wrote X) are exactly those of the shortcut alone.
+#[test]
+fn a_shortcut_after_its_blocks_first_convolution_computes_the_same() {
+    let xd = [2, 8, 9, 9];
+    let n: usize = xd.iter().product();
+    let (av, bv) = (uniform(n, 21), uniform(n, 22));
+    let (w3, w1) = (uniform(8 * 8 * 9, 23), uniform(12 * 8, 24));
+    let r = laplace(2 * 12 * 5 * 5, 25);
+    let int8 = Precision::Int8(Int8Config::default());
+    let go = |first_conv: bool| {
+        let g3 = ConvGeometry { stride: 2, padding: (1, 1), ..Default::default() };
+        let conv1 = Conv2d::new("conv1", tensor(w3.clone(), &[8, 8, 3, 3]), g3, int8).unwrap();
+        let g1 = ConvGeometry { stride: 2, ..Default::default() };
+        let shortcut = Conv2d::new("shortcut", tensor(w1.clone(), &[12, 8, 1, 1]), g1, int8).unwrap();
+        let a = var(av.clone(), &xd);
+        // `add_relu` records max|X|, at which INT8 convolutions quantize X.
+        let x = int8_nn::ops::add_relu(&a, &tensor(bv.clone(), &xd)).unwrap();
+        if first_conv {
+            conv1.forward(&x).unwrap();
+        }
+        let y = shortcut.forward(&x).unwrap();
+        let rt = Tensor::from_vec(r.clone(), y.dims()).unwrap();
+        let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.to_vec(), grads.get(&a).unwrap().to_vec(), grads.of(shortcut.weight()).unwrap().to_vec())
+    };
+    let (alone, after) = (go(false), go(true));
+    assert!(alone.0.iter().any(|&v| v != 0.0) && alone.2.iter().any(|&v| v != 0.0));
+    assert_eq!(after, alone);
+}
+
 /// The f64 values of the codes `quantize` gives `v` per tensor (or per output channel).
 fn dequantized(v: &[f32], granularity: Granularity, channels: usize) -> Vec<f64> {
     quantize("t", v, granularity, channels, Rounding::Nearest).unwrap().dequantize().iter().map(|&x| x as f64).collect()

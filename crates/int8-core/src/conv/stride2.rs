@@ -102,11 +102,15 @@ pub(crate) fn gather_plane<T: Copy>(src: &[T], w: usize, oh: usize, ow: usize, d
         "gather_plane: {oh}x{ow} from rows of {w} do not fit"
     );
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() && std::mem::size_of::<T>() == 4 {
-        // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 4-byte `Copy` type
-        // moved as u32; the assertion above is the kernel's contract.
-        unsafe { gather_plane_u32(src.as_ptr().cast(), w, oh, ow, dst.as_mut_ptr().cast()) };
-        return;
+    if has_avx512() {
+        match std::mem::size_of::<T>() {
+            // SAFETY: the CPU has AVX-512 F, BW and VL (checked above); `T` is a 1-byte `Copy`
+            // type moved as u8; the assertion above is the kernel's contract.
+            1 => unsafe { return gather_plane_u8(src.as_ptr().cast(), w, oh, ow, dst.as_mut_ptr().cast()) },
+            // SAFETY: as above, for a 4-byte `Copy` type moved as u32.
+            4 => unsafe { return gather_plane_u32(src.as_ptr().cast(), w, oh, ow, dst.as_mut_ptr().cast()) },
+            _ => {}
+        }
     }
     gather_plane_scalar(src, w, oh, ow, dst);
 }
@@ -423,6 +427,19 @@ unsafe fn gather_plane_u32(src: *const u32, w: usize, oh: usize, ow: usize, dst:
             }
             v += m;
         }
+    }
+}
+
+/// # Safety
+/// AVX-512 F, BW and VL; `src` valid for reads of rows `0, 2, .., 2 (oh - 1)` of `w` bytes, `dst`
+/// for `oh * ow` writes, `ow <= ceil(w / 2)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gather_plane_u8(src: *const u8, w: usize, oh: usize, ow: usize, dst: *mut u8) {
+    for i in 0..oh {
+        // SAFETY: row `2 i` lies inside `src` and output row `i` inside `dst` (the contract);
+        // `gather_u8` reads at most the row's `w` bytes and writes its `ow <= ceil(w / 2)`.
+        unsafe { gather_u8(src.add(2 * i * w), w, dst.add(i * ow), ow) };
     }
 }
 
@@ -778,6 +795,17 @@ mod tests {
         for (h, w) in [(1usize, 1usize), (2, 2), (3, 5), (32, 32), (16, 33), (7, 40), (4, 64), (5, 65), (2, 31)] {
             let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
             let src: Vec<f32> = (0..h * w).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let bytes: Vec<i8> = (0..h * w).map(|i| (i * 37 % 251) as i8).collect();
+            for gather in [gather_plane::<i8> as fn(&[i8], usize, usize, usize, &mut [i8]), gather_plane_scalar] {
+                let mut sub = vec![99i8; oh * ow + 3];
+                gather(&bytes, w, oh, ow, &mut sub);
+                for i in 0..oh {
+                    for v in 0..ow {
+                        assert_eq!(sub[i * ow + v], bytes[2 * i * w + 2 * v], "{h}x{w} i8 gather ({i}, {v})");
+                    }
+                }
+                assert!(sub[oh * ow..].iter().all(|&v| v == 99), "{h}x{w}: i8 written past the subsample");
+            }
             for (gather, place) in gathers.iter().zip(places) {
                 let mut sub = vec![f32::NAN; oh * ow + 3];
                 gather(&src, w, oh, ow, &mut sub);

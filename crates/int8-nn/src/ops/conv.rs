@@ -10,6 +10,8 @@ use int8_core::conv::{
 };
 use int8_core::gemm::Int8Path;
 use int8_core::out::fresh;
+use std::sync::Arc;
+
 use int8_core::quant::{Granularity, QTensor, Rounding, quantize, quantize_with_clip};
 
 use super::{cpu_out, input_grad_weight, zeros};
@@ -129,12 +131,24 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
             // convolution then quantizes the pixels it reads at X's scale, as the convolution
             // beside it on the same input does (the subsample's own maximum, when it is not known,
             // takes a pass of its own).
+            // Codes made at X's maximum are kept with X, so that a residual block's strided 1x1
+            // shortcut takes the subsample of its first convolution's codes (the same values at
+            // the same scale, none saturated) rather than reading X again.
             let xname = format!("{}.input", a.name);
             let xq = match (x.known_max_abs(), pointwise) {
-                (Some(clip), Some(_)) if sub.is_none() => quantize_subsample_with_clip(&xname, &full, xv, clip)?,
-                (_, Some(_)) if sub.is_none() => quantize_subsample(&xname, &full, xv)?,
-                (Some(clip), None) => quantize_with_clip(&xname, xv, clip, Rounding::Nearest)?,
-                _ => quantize(&xname, xv, Granularity::PerTensor, 1, Rounding::Nearest)?,
+                (Some(clip), Some(_)) if sub.is_none() => match x.known_codes(clip) {
+                    Some(codes) => Arc::new(QTensor {
+                        data: subsample(&full, &codes.data),
+                        scales: codes.scales.clone(),
+                        saturated: 0,
+                    }),
+                    None => Arc::new(quantize_subsample_with_clip(&xname, &full, xv, clip)?),
+                },
+                (_, Some(_)) if sub.is_none() => Arc::new(quantize_subsample(&xname, &full, xv)?),
+                (Some(clip), None) => {
+                    x.codes_at_max(clip, || Ok(quantize_with_clip(&xname, xv, clip, Rounding::Nearest)?))?
+                }
+                _ => Arc::new(quantize(&xname, xv, Granularity::PerTensor, 1, Rounding::Nearest)?),
             };
             let wq = quantize(&format!("{}.weight", a.name), wv, cfg.weight, s.c_out, Rounding::Nearest)?;
             {
@@ -151,7 +165,7 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, a: ConvArgs<'_>) -> Result<Tensor> 
                 let saved = rec.as_ref().map(|_| Saved::Simulated { x: xs, w: wq, w_f32: w.detach(), cfg, keep });
                 (y, saved, None)
             } else {
-                let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&xq).into(), (&wq).into(), y))?;
+                let (y, ()) = fresh(s.y_len(), |y| conv2d_fwd_i8(a.path, &s, (&*xq).into(), (&wq).into(), y))?;
                 // The input gradient needs the f32 weights only to quantize them per tensor again.
                 let keep_w = wq.channels() > 1 && !s.is_depthwise();
                 // Each output value is an integer sum times its channel's scale: a batch norm that
@@ -189,7 +203,7 @@ enum Saved {
     Fp32 { x: Option<Tensor>, w: Option<Tensor> },
     /// INT8: the codes of X (its subsample for a strided 1x1) and W, and the f32 weights when
     /// the input gradient must quantize them again.
-    Int8 { x: QTensor, w: QTensor, w_f32: Option<Tensor>, cfg: Int8Config },
+    Int8 { x: Arc<QTensor>, w: QTensor, w_f32: Option<Tensor>, cfg: Int8Config },
     /// INT8 with one operand in FP32 (`Int8Config::fp32_operand`): X as the forward pass read
     /// it, W's codes and its f32 values.
     Simulated { x: Vec<f32>, w: QTensor, w_f32: Tensor, cfg: Int8Config, keep: Operand },
@@ -240,7 +254,7 @@ impl Backward for ConvBackward {
                 };
                 let dw = if needs[1] {
                     let mut dw = zeros(s.w_len());
-                    conv2d_dw_i8(path, &s, (&x).into(), (&dyq).into(), &mut dw)?;
+                    conv2d_dw_i8(path, &s, (&*x).into(), (&dyq).into(), &mut dw)?;
                     Some(dw)
                 } else {
                     None
