@@ -292,7 +292,7 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         return amx::pointwise_weight_grad(s, x.codes, dy.codes, dw, sc);
     }
     let par = inner_parallelism(s);
-    if s.is_pointwise() {
+    if s.is_pointwise() && s.out_plane() < SIDE_BY_SIDE_BELOW {
         // One product per run of images and group, over the run's positions laid side by side
         // (`dW_g = dY_g X_g^T`, the sum over images being the sum over those positions): on small
         // planes a product per image cost more in packing and calls than in multiplying.
@@ -319,7 +319,7 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         );
     }
     let lower = Lowering::new(s);
-    let col_len = lower.buffer_len();
+    let col_len = if s.is_pointwise() { 0 } else { lower.buffer_len() };
     weight_grad_in_runs(
         s,
         (x.codes, dy.codes),
@@ -335,6 +335,11 @@ pub fn conv2d_dw_i8(path: Int8Path, s: &ConvShape, x: QView, dy: QView, dw: &mut
         |(_, acc), total| widen_add(total, acc),
     )
 }
+
+/// Planes (of positions) below which a 1x1 weight gradient off AMX multiplies a run of images laid
+/// side by side rather than each image: measured on the VNNI path, the copies cost less than the
+/// per-image calls at 4x4 planes, as much at 16x16, more at 32x32 (`docs/performance.md`).
+const SIDE_BY_SIDE_BELOW: usize = 256;
 
 /// Lays whole images of `rows x plane` values side by side: `out[r][i * plane + q] =
 /// images[i][r][q]`, a `rows x (images * plane)` matrix.
