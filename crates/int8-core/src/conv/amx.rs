@@ -12,6 +12,10 @@
 //! A tile. Positions with `ow >= out_w` wrap onto the next row: computed, never written out
 //! (`wp / out_w` of the work: 6% more at 32x32, 25% at 8x8).
 //!
+//! The weight gradient of the same convolutions takes the zero-padded input planes as A tiles and
+//! the output gradient, packed as a GEMM panel, as B tiles; that of 1x1 convolutions
+//! ([`pointwise_weight_grad`]) the output gradient's rows as A tiles as they lie.
+//!
 //! The sums are exact INT32 (the same products as the GEMM paths, in another order, with wrapping
 //! adds), dequantized per output channel as they are written.
 
